@@ -1,0 +1,33 @@
+"""The position-wise feed-forward network of a Transformer block.
+
+GELU MLP (GPT-2):   y = W2 gelu(W1 x)                    hidden = 4 * n_embd
+SwiGLU   (Llama):   y = W2 (silu(Wg x) * Wu x)            hidden ~ 8/3 * n_embd
+(Shazeer 2020, "GLU Variants Improve Transformer"). The gate and up projections are stored
+fused in one `c_fc` matrix ([gate; up] along the output dimension): one matmul instead of two.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, hidden: int, kind: str = "gelu", bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.kind = kind
+        self.hidden = hidden
+        n_in = 2 * hidden if kind == "swiglu" else hidden
+        self.c_fc = nn.Linear(n_embd, n_in, bias=bias)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2*hidden)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2 uses the tanh approximation
+        return self.dropout(self.c_proj(h))
