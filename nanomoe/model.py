@@ -97,6 +97,14 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @classmethod
+    def from_pretrained(cls, name_or_folder: str) -> "GPT":
+        """GPT-2 weights ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local folder) loaded
+        exactly into the gpt2 preset (chapter 05; see `nanomoe.hf.from_pretrained`)."""
+        from .hf import from_pretrained  # transformers is imported only when needed
+
+        return from_pretrained(name_or_folder)
+
     # ---- sizes -------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = True, active: bool = False) -> int:
         """Parameter count. non_embedding drops the position table (and the token table when it
