@@ -1,0 +1,136 @@
+"""Matplotlib figures that the chapter scripts and notebooks share.
+
+Every function returns a `matplotlib.figure.Figure` and never calls `plt.show()`: in a notebook
+the inline backend shows the figure at the end of the cell; a script saves it with `save_path`.
+Without a display (CI, ssh) matplotlib falls back to the non-interactive Agg backend by itself,
+so importing this module never needs a screen.
+
+Histories are lists of dicts, one dict per logged step, e.g.
+`[{"step": 0, "train_loss": 3.9, "val_loss": 3.9}, {"step": 100, ...}]` (what `nanomoe.train`
+returns in `TrainResult.history`); a key missing from a dict is simply not plotted there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+PathLike = Union[str, os.PathLike]
+
+# readable names for the usual history keys
+LABELS = {
+    "step": "passo",
+    "epoch": "época",
+    "tokens": "tokens vistos",
+    "train_loss": "loss de treino",
+    "val_loss": "loss de validação",
+    "loss": "loss",
+    "ppl": "perplexidade",
+    "val_ppl": "perplexidade (validação)",
+    "train_ppl": "perplexidade (treino)",
+    "lr": "taxa de aprendizado",
+    "tokens_per_s": "tokens/s",
+}
+
+
+def _label(key: str) -> str:
+    return LABELS.get(key, key)
+
+
+def save_figure(fig: Figure, save_path: Optional[PathLike], dpi: int = 120) -> Optional[Path]:
+    """Save `fig` to save_path (creating the folder); returns the path, or None when not saving."""
+    if save_path is None:
+        return None
+    p = Path(save_path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=dpi, bbox_inches="tight")
+    return p
+
+
+def plot_curves(
+    histories: Union[Mapping[str, Sequence[Mapping]], Sequence[Mapping]],
+    x: str = "step",
+    y: Union[str, Sequence[str]] = ("train_loss", "val_loss"),
+    *,
+    logy: Union[bool, Sequence[bool]] = False,
+    title: Optional[str] = None,
+    hlines: Optional[Mapping[str, Mapping[str, float]]] = None,
+    ncols: Optional[int] = None,
+    figsize: Optional[tuple] = None,
+    save_path: Optional[PathLike] = None,
+) -> Figure:
+    """One panel per key in `y`, one line per run in `histories` ({run name: history}).
+
+    A single history (a list of dicts) is accepted too. `logy` is one flag or one per panel;
+    `hlines` draws reference lines, e.g. `{"loss": {"ln(V)": 4.0}}`. Same run, same colour
+    in every panel."""
+    if not isinstance(histories, Mapping):
+        histories = {"": histories}
+    ys = [y] if isinstance(y, str) else list(y)
+    if not ys:
+        raise ValueError("plot_curves: give at least one key in y")
+    logys = [logy] * len(ys) if isinstance(logy, bool) else list(logy)
+    if len(logys) != len(ys):
+        raise ValueError(f"plot_curves: logy has {len(logys)} entries for {len(ys)} panels")
+    ncols = ncols or min(len(ys), 3)
+    nrows = math.ceil(len(ys) / ncols)
+    figsize = figsize or (4.6 * ncols, 3.4 * nrows)
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0", "C1", "C2", "C3"])
+    for pi, (key, log) in enumerate(zip(ys, logys)):
+        ax = axes[pi // ncols][pi % ncols]
+        for ri, (name, hist) in enumerate(histories.items()):
+            pts = [(h[x], h[key]) for h in hist if x in h and key in h and h[key] is not None]
+            if not pts:
+                continue
+            xs, vs = zip(*pts)
+            style = "-o" if len(pts) <= 12 else "-"
+            ax.plot(xs, vs, style, ms=3, color=colors[ri % len(colors)], label=name or _label(key))
+        for lname, val in (hlines or {}).get(key, {}).items():
+            ax.axhline(val, ls="--", lw=1, color="gray")
+            ax.annotate(lname, (1.0, val), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=8, color="gray")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel(_label(x))
+        ax.set_ylabel(_label(key))
+        ax.grid(alpha=0.3)
+        if len(histories) > 1:
+            ax.legend(fontsize=8)
+    for pi in range(len(ys), nrows * ncols):
+        axes[pi // ncols][pi % ncols].set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, save_path)
+    return fig
+
+
+def plot_loss_ppl(
+    history: Sequence[Mapping],
+    vocab_size: Optional[int] = None,
+    *,
+    x: str = "step",
+    loss_key: str = "loss",
+    ppl_key: str = "ppl",
+    target_ppl: Optional[float] = None,
+    title: Optional[str] = None,
+    save_path: Optional[PathLike] = None,
+) -> Figure:
+    """Chapter 01: loss and perplexity of one run side by side (perplexity on a log scale).
+
+    With `vocab_size` the chance level is drawn: loss ln(V) and perplexity V, where a randomly
+    initialized model starts (uniform prediction over V tokens). `target_ppl` draws a goal line."""
+    hlines: dict[str, dict[str, float]] = {loss_key: {}, ppl_key: {}}
+    if vocab_size:
+        hlines[loss_key][f"ln(V) = {math.log(vocab_size):.2f}"] = math.log(vocab_size)
+        hlines[ppl_key][f"V = {vocab_size}"] = float(vocab_size)
+    if target_ppl:
+        hlines[ppl_key][f"PPL = {target_ppl:g}"] = float(target_ppl)
+    return plot_curves(
+        {"": history}, x=x, y=(loss_key, ppl_key), logy=(False, True), title=title, hlines=hlines, save_path=save_path
+    )
