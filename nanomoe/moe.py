@@ -1,0 +1,304 @@
+"""Mixture-of-Experts feed-forward layer: router, experts, balance losses, capacity, two dispatches.
+
+A token x (C,) picks k of E experts (Shazeer et al. 2017, "Outrageously Large Neural Networks"):
+
+    logits = W_r x                       (E,)   router, float32, no bias
+    p      = softmax(logits)             (E,)   full softmax over experts
+    S      = top-k(p)                           chosen experts (Switch 2021: k=1; Mixtral 2024: k=2)
+    g_i    = p_i / sum_{j in S} p_j             gates renormalized over the chosen k (Mixtral;
+                                                 switch with `moe_renormalize`)
+    y      = sum_{i in S} g_i * E_i(x)  (+ shared(x))
+                                                 summed, never overwritten: the gates multiply the
+                                                 expert outputs, which is what gives the router a
+                                                 gradient from the language-model loss.
+
+Each expert E_i is a small MLP of the config's kind (SwiGLU or GELU) with `expert_hidden_dim`
+hidden units; by default k experts together have the dense MLP's width, so an MoE model has the
+same *active* parameters (compute per token) as its dense twin.
+
+Auxiliary losses (returned already weighted; the model adds them to the cross-entropy):
+    balance = N * sum_i f_i * P_i                Switch Transformer (Fedus et al. 2021), eq. 4
+        f_i = (assignments routed to i) / (tokens * k)    fraction, sums to 1 for any k
+        P_i = mean over tokens of the FULL softmax p_i    (differentiable part)
+        = 1 at perfect balance (or uniform p), = N when every token goes to one expert.
+    z      = mean_tokens( logsumexp(logits)^2 )  ST-MoE router z-loss (Zoph et al. 2022, eq. 5)
+    aux    = moe_aux_loss_coef * balance + moe_z_loss_coef * z
+
+Aux-loss-free balancing (DeepSeek-V3, 2024, section 2.1.2), `moe_bias_balance=True`: a per-expert
+bias b_i is added to p_i *for the top-k selection only*; gates still come from the unbiased p.
+After each optimizer step the training loop calls `update_moe_bias(model)`, which moves
+b_i <- b_i + rate * sign(mean_load - load_i): overloaded experts become less attractive.
+
+Capacity (Switch Transformer; `moe_capacity_factor=None` is dropless, the default):
+    capacity = max(moe_min_capacity, ceil(cf * T * k / E))      per sequence of T tokens
+Tokens claim an expert's slots in position order, so a token's fate depends only on itself and
+earlier tokens of its own sequence (no causality leak, no dependence on the rest of the batch).
+A dropped assignment contributes zero: the token goes on through the residual connection.
+The minimum capacity means a 1-token prompt (and every 1-token decode step) is never dropped.
+Note: with capacity, a KV-cached decode step sees one token at a time and never drops, while a
+full-sequence pass may drop later tokens; dropless MoE (the default) has no such difference.
+
+Two dispatches with identical results (tests check outputs and gradients):
+    "reference": a loop over experts, each gathering its tokens (index_select) and adding its
+                 weighted output back (index_add). Easy to read.
+    "fast":      sort the (token, expert) assignments by expert, then one grouped matmul
+                 (`torch.nn.functional.grouped_mm`) or one matmul per expert over
+                 `W.unbind(0)` (not `W[e]`: each `W[e]`'s backward writes a full-size zero
+                 tensor), then scatter back. No host sync on the dropless grouped path.
+
+The experts are stored as stacked 3-D parameters `c_fc` (E, C, 2H or H) and `c_proj` (E, H, C),
+not a ModuleList: an expert that gets no tokens still has a (zero) gradient, so DDP never waits
+for a gradient that does not come.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+from .mlp import MLP
+
+
+def expert_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, kind: str) -> torch.Tensor:
+    """One expert: x (n, C) @ w_fc (C, 2H | H) -> activation -> @ w_proj (H, C) -> (n, C)."""
+    h = x @ w_fc
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)  # [gate | up] along the last dim, like the dense MLP's c_fc
+        h = F.silu(gate) * up
+    else:
+        h = F.gelu(h, approximate="tanh")
+    return h @ w_proj
+
+
+class Experts(nn.Module):
+    """E expert MLPs stored as stacked weights: `c_fc` (E, C, 2H | H), `c_proj` (E, H, C); y = x @ W.
+
+    Expert e's `c_fc[e]` is the transpose of a dense `MLP.c_fc.weight` (rows [gate; up])."""
+
+    def __init__(self, n_experts: int, n_embd: int, hidden: int, kind: str):
+        super().__init__()
+        self.n_experts, self.n_embd, self.hidden, self.kind = n_experts, n_embd, hidden, kind
+        n_in = 2 * hidden if kind == "swiglu" else hidden
+        self.c_fc = nn.Parameter(torch.empty(n_experts, n_embd, n_in))
+        self.c_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
+        # N(0, 0.02) like every Linear; GPT's init then rescales every "c_proj" by 1/sqrt(2 n_layer).
+        nn.init.normal_(self.c_fc, mean=0.0, std=0.02)
+        nn.init.normal_(self.c_proj, mean=0.0, std=0.02)
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, n_embd={self.n_embd}, hidden={self.hidden}, kind={self.kind!r}"
+
+
+def capacity(tokens: int, n_experts: int, top_k: int, factor: float, min_capacity: int) -> int:
+    """Slots per expert for one sequence of `tokens` tokens (Switch Transformer, eq. 3, with a floor)."""
+    return max(min_capacity, math.ceil(factor * tokens * top_k / n_experts))
+
+
+def capacity_keep(topk_idx: torch.Tensor, n_experts: int, cap: int) -> torch.Tensor:
+    """topk_idx (B, T, k) -> keep (B, T, k) bool: assignment kept iff fewer than `cap` EARLIER
+    tokens of the same sequence chose that expert. Tokens claim slots in position order, so
+    nothing a later token does (or another sequence does) can drop an earlier token."""
+    chosen = F.one_hot(topk_idx, n_experts).sum(2)  # (B, T, E) 0/1: the k experts of a token are distinct
+    earlier = chosen.cumsum(1) - chosen  # (B, T, E) how many earlier tokens chose each expert
+    return earlier.gather(-1, topk_idx) < cap  # (B, T, k)
+
+
+def _grouped_mm_pays(x: torch.Tensor, hidden: int) -> bool:
+    """Use F.grouped_mm when it exists, handles the dtype/strides, and is worth it: on CUDA it is
+    the fused MoE kernel (bf16, sm80+/Hopper); on CPU it is exact and (measured with torch 2.15,
+    scripts/bench_03_moe.py) faster than a Python loop of matmuls."""
+    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if (x.size(-1) * x.element_size()) % 16 or (hidden * x.element_size()) % 16:
+        return False  # its kernels need 16-byte aligned rows
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu"
+
+
+class MoE(nn.Module):
+    """Top-k routed Mixture-of-Experts MLP. forward(x (B, T, C)) -> (y (B, T, C), aux_loss, stats).
+
+    `aux_loss` is the weighted scalar moe_aux_loss_coef * balance + moe_z_loss_coef * z_loss;
+    `stats` a dict of detached tensors: load (E,) routed assignments per expert (before capacity),
+    importance (E,) mean full-softmax probability, tokens, dropped (assignments), entropy
+    (mean router entropy / log E), top1_prob, balance_loss, z_loss (raw, before coefficients),
+    topk_idx (B, T, k) the chosen experts."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.n_experts < 1:
+            raise ValueError("MoE needs config.n_experts >= 1 (n_experts=0 builds a dense MLP instead)")
+        self.n_experts = config.n_experts
+        self.top_k = config.moe_top_k
+        self.kind = config.mlp
+        self.renormalize = config.moe_renormalize
+        self.aux_coef = config.moe_aux_loss_coef
+        self.z_coef = config.moe_z_loss_coef
+        self.capacity_factor = config.moe_capacity_factor
+        self.min_capacity = config.moe_min_capacity
+        self.impl = config.moe_impl
+        self.bias_update_rate = config.moe_bias_update_rate
+        # None = decide per call (_grouped_mm_pays); True/False force it (benchmarks, tests).
+        self.use_grouped_mm: Optional[bool] = None
+
+        self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.experts = Experts(config.n_experts, config.n_embd, config.expert_hidden_dim, config.mlp)
+        self.shared = None
+        if config.n_shared_experts > 0:
+            # DeepSeekMoE: always-on experts that hold the common knowledge.
+            self.shared = MLP(config.n_embd, config.n_shared_experts * config.expert_hidden_dim, config.mlp, config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        if config.moe_bias_balance:
+            # DeepSeek-V3 selection bias: a buffer (not a parameter, no gradient), saved in checkpoints.
+            self.register_buffer("expert_bias", torch.zeros(config.n_experts))
+        else:
+            self.expert_bias = None
+        # Load accumulated over training forwards since the last `update_moe_bias` call. A plain
+        # attribute, not a buffer: DDP would broadcast rank 0's buffer over the others'.
+        self._load_since_update: Optional[torch.Tensor] = None
+
+    # ---- routing -------------------------------------------------------------------------------
+    def route(self, x: torch.Tensor):
+        """x (B, T, C) -> logits (B, T, E) fp32, probs (B, T, E), topk_idx (B, T, k), gates (B, T, k)."""
+        with torch.autocast(x.device.type, enabled=False):  # the router stays in float32 under AMP
+            logits = F.linear(x.float(), self.router.weight.float())
+        probs = logits.softmax(dim=-1)
+        scores = probs if self.expert_bias is None else probs + self.expert_bias  # bias: selection only
+        topk_idx = scores.topk(self.top_k, dim=-1).indices  # (B, T, k)
+        gates = probs.gather(-1, topk_idx)  # (B, T, k) from the unbiased probabilities
+        if self.renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return logits, probs, topk_idx, gates
+
+    def forward(self, x: torch.Tensor):
+        B, T, C = x.shape
+        E, k = self.n_experts, self.top_k
+        logits, probs, topk_idx, gates = self.route(x)
+
+        keep = None
+        if self.capacity_factor is not None:
+            keep = capacity_keep(topk_idx, E, capacity(T, E, k, self.capacity_factor, self.min_capacity))
+
+        x_flat = x.reshape(B * T, C)
+        if self.impl == "reference":
+            y = self._dispatch_reference(x_flat, topk_idx.reshape(-1, k), gates.reshape(-1, k), keep)
+        else:
+            y = self._dispatch_fast(x_flat, topk_idx.reshape(-1), gates.reshape(-1), keep)
+        y = y.view(B, T, C)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        y = self.dropout(y)
+
+        # ---- auxiliary losses (from the full softmax, before any dropping) ----
+        N = B * T
+        load = torch.zeros(E, device=x.device, dtype=torch.float32)
+        load.scatter_add_(0, topk_idx.reshape(-1), torch.ones(N * k, device=x.device))  # (E,) assignments
+        f = load / (N * k)  # fraction of assignments, sums to 1 for any k (no gradient: top-k)
+        P = probs.reshape(N, E).mean(0)  # (E,) mean full-softmax probability (carries the gradient)
+        balance = E * (f * P).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        aux = self.aux_coef * balance + self.z_coef * z_loss
+
+        if self.expert_bias is not None and self.training:
+            acc = self._load_since_update
+            self._load_since_update = load.detach() if acc is None else acc + load.detach()
+
+        with torch.no_grad():
+            p = probs.reshape(N, E)
+            entropy = torch.special.entr(p).sum(-1).mean() / math.log(E) if E > 1 else p.new_zeros(())
+            stats = {
+                "load": load.detach(),
+                "importance": P.detach(),
+                "tokens": torch.tensor(N, device=x.device),
+                "dropped": (~keep).sum() if keep is not None else torch.zeros((), dtype=torch.long, device=x.device),
+                "entropy": entropy,
+                "top1_prob": p.max(-1).values.mean(),
+                "balance_loss": balance.detach(),
+                "z_loss": z_loss.detach(),
+                "topk_idx": topk_idx.detach(),
+            }
+        return y, aux, stats
+
+    # ---- dispatch: readable reference --------------------------------------------------------
+    def _dispatch_reference(self, x, topk_idx, gates, keep):
+        """x (N, C), topk_idx (N, k), gates (N, k), keep (B, T, k) or None -> y (N, C)."""
+        y = torch.zeros_like(x)
+        if keep is not None:
+            keep = keep.reshape(topk_idx.shape)
+        for e in range(self.n_experts):
+            chosen = topk_idx == e  # (N, k): at most one True per row
+            if keep is not None:
+                chosen = chosen & keep  # a dropped assignment is simply not computed
+            tok, slot = torch.where(chosen)  # tokens routed to e, and which of their k choices it was
+            out = expert_mlp(x.index_select(0, tok), self.experts.c_fc[e], self.experts.c_proj[e], self.kind)
+            g = gates[tok, slot].unsqueeze(1).to(out.dtype)  # (n_e, 1)
+            y.index_add_(0, tok, (out * g).to(y.dtype))  # add (never overwrite): a token sums its k experts
+        return y
+
+    # ---- dispatch: sorted, one (grouped) matmul per expert ----------------------------------
+    def _dispatch_fast(self, x, expert_of, gates, keep):
+        """x (N, C), expert_of (N*k,), gates (N*k,), keep (B, T, k) or None -> y (N, C)."""
+        E, k = self.n_experts, self.top_k
+        token_of = torch.arange(expert_of.numel(), device=x.device) // k  # (N*k,) assignment -> token
+        if keep is not None:  # capacity: remove dropped assignments before dispatch
+            kept = keep.reshape(-1).nonzero().squeeze(1)
+            expert_of, gates, token_of = expert_of[kept], gates[kept], token_of[kept]
+        order = torch.argsort(expert_of, stable=True)  # group assignments by expert
+        token_sorted = token_of[order]
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert_of, torch.ones_like(expert_of))
+        xs = x.index_select(0, token_sorted)  # (M, C) tokens in expert order
+        w_fc, w_proj = self.experts.c_fc, self.experts.c_proj
+        grouped = self.use_grouped_mm if self.use_grouped_mm is not None else _grouped_mm_pays(xs, self.experts.hidden)
+        if grouped:
+            if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's lists
+                dt = torch.get_autocast_dtype(x.device.type)
+                xs, w_fc, w_proj = xs.to(dt), w_fc.to(dt), w_proj.to(dt)
+            offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
+            h = F.grouped_mm(xs, w_fc, offs=offs)  # (M, 2H | H)
+            if self.kind == "swiglu":
+                g_, u_ = h.chunk(2, dim=-1)
+                h = F.silu(g_) * u_
+            else:
+                h = F.gelu(h, approximate="tanh")
+            out = F.grouped_mm(h, w_proj, offs=offs)  # (M, C)
+        else:
+            chunks = xs.split(counts.tolist())  # host sync: one chunk per expert (some may be empty)
+            outs = [expert_mlp(c, wf, wp, self.kind) for c, wf, wp in zip(chunks, w_fc.unbind(0), w_proj.unbind(0))]
+            out = torch.cat(outs)  # (M, C)
+        out = out * gates[order].unsqueeze(1).to(out.dtype)
+        return torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add_(0, token_sorted, out).to(x.dtype)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """The MoE layers of a model, in order (the order of `model.last_moe_stats`)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+@torch.no_grad()
+def update_moe_bias(model: nn.Module) -> int:
+    """DeepSeek-V3 auxiliary-loss-free balancing: call once after each optimizer step.
+
+    For every MoE layer with `moe_bias_balance`, b_i += rate * sign(mean_load - load_i) using the
+    load accumulated by the training forwards since the previous call (all micro-batches; summed
+    over ranks under torch.distributed so every rank keeps the same bias), then resets it.
+    Returns the number of layers updated (0 for a model without bias balancing)."""
+    model = getattr(model, "module", model)  # DDP wrapper
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    n = 0
+    for m in moe_layers(model):
+        if m.expert_bias is None or m._load_since_update is None:
+            continue
+        load = m._load_since_update.to(m.expert_bias.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        m.expert_bias.add_(m.bias_update_rate * torch.sign(load.mean() - load))
+        m._load_since_update = None
+        n += 1
+    return n
