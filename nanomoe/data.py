@@ -690,3 +690,97 @@ def write_document_shards(documents: Iterable[str], tok: Tokenizer, out_dir: Uni
     }
     _write_json(out / "meta.json", meta)
     return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line front ends of the data/prepare_*.py scripts (kept here so the scripts stay thin)
+
+DATA_ROOT = REPO_ROOT / "data"
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """tiktoken's GPT-2 BPE; offline, tiktoken's cache is filled from shared_data_dir()/gpt2 when
+    that folder exists (TIKTOKEN_CACHE_DIR is then set to ~/.cache/nanomoe/tiktoken)."""
+    from .tokenizer import TokenizerError, fill_tiktoken_cache
+
+    try:
+        return get_tokenizer("gpt2")
+    except TokenizerError:
+        shared = shared_data_dir()
+        if shared is None or not (shared / "gpt2" / "encoder.json").is_file():
+            raise
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(fill_tiktoken_cache(shared / "gpt2", cache_dir() / "tiktoken"))
+        return get_tokenizer("gpt2")
+
+
+def _parser(description: str):
+    import argparse
+
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def prepare_corpus_cli(corpus: str, argv: Optional[Sequence[str]] = None) -> dict:
+    """`uv run -m data.prepare_<corpus> [--tokenizer char|bytes|gpt2|bpe] [--vocab_size 4096]
+    [--source PATH] [--out_dir DIR] [--val_fraction 0.1]`: read, tokenize, write shards, print a summary."""
+    p = _parser(f"Tokenize the {corpus} corpus into token shards + meta.json (nanomoe.data.prepare).")
+    p.add_argument("--tokenizer", default="char", choices=["char", "bytes", "gpt2", "bpe"])
+    p.add_argument("--vocab_size", type=int, default=4096, help="vocabulary of the trained BPE (--tokenizer bpe)")
+    p.add_argument("--source", default=None,
+                   help="local file or folder to read instead of ../shared/data or the canonical URL")
+    p.add_argument("--out_dir", default=None, help="output folder (default: data/<corpus>_<tokenizer>/)")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of the characters kept for validation")
+    p.add_argument("--shard_size", type=int, default=0, help="tokens per shard (0: one shard per split)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    try:
+        if a.vocab_size < 257 and a.tokenizer == "bpe":
+            raise DataError(f"--vocab_size must exceed the 256 byte symbols of a byte-level BPE, got {a.vocab_size}")
+        name = a.tokenizer if a.tokenizer != "bpe" or a.vocab_size == 4096 else f"bpe{a.vocab_size}"
+        out_dir = Path(a.out_dir) if a.out_dir else DATA_ROOT / f"{corpus}_{name}"
+        t0 = time.perf_counter()
+        text = read_corpus(corpus, a.source)
+        print(f"{corpus}: {len(text):,} characters, {len(text.encode('utf-8')):,} UTF-8 bytes, "
+              f"{len(set(text))} distinct characters")
+        tok: Union[str, Tokenizer] = gpt2_tokenizer() if a.tokenizer == "gpt2" else a.tokenizer
+        meta = prepare(text, tok, out_dir, a.val_fraction, vocab_size=a.vocab_size, shard_size=a.shard_size or None,
+                       corpus=corpus, progress=not a.no_progress)
+    except (DataError, ValueError) as e:  # TokenizerError is a ValueError too
+        raise SystemExit(f"error: {e}") from None
+    print(summary(meta))
+    print(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
+    return meta
+
+
+def prepare_fineweb_cli(argv: Optional[Sequence[str]] = None) -> dict:
+    """`uv run -m data.prepare_fineweb`: FineWeb-Edu sample-10BT (HF `datasets`, streaming) or a local
+    `--source` folder of .parquet/.jsonl/.txt, into build-nanogpt's layout of uint16 GPT-2 shards."""
+    p = _parser("Tokenize FineWeb-Edu (sample-10BT) with GPT-2's BPE into shards of --shard_size tokens "
+                "(first shard = val), like build-nanogpt's fineweb.py.")
+    p.add_argument("--tokenizer", default="gpt2", choices=["gpt2"],
+                   help="GPT-2's BPE (documents are delimited by its <|endoftext|> token)")
+    p.add_argument("--source", default=None, help="local .parquet/.jsonl/.txt file or folder (offline)")
+    p.add_argument("--out_dir", default=str(DATA_ROOT / FINEWEB_DIR))
+    p.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--max_tokens", type=int, default=0, help="stop after this many tokens (0: all)")
+    p.add_argument("--remote_name", default="sample-10BT", help="FineWeb-Edu subset on the Hugging Face hub")
+    p.add_argument("--no_progress", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        if a.source:
+            docs: Iterable[str] = iter_documents(a.source)
+        else:
+            try:
+                import datasets  # optional: not a dependency of nanomoe
+            except ImportError:
+                raise DataError("streaming FineWeb-Edu needs the `datasets` package: `uv pip install datasets` "
+                                "(or pass --source with local .parquet/.jsonl/.txt files)") from None
+            ds = datasets.load_dataset("HuggingFaceFW/fineweb-edu", name=a.remote_name, split="train", streaming=True)
+            docs = (row["text"] for row in ds)
+        t0 = time.perf_counter()
+        meta = write_document_shards(docs, gpt2_tokenizer(), a.out_dir, shard_size=a.shard_size,
+                                     max_tokens=a.max_tokens or None, progress=not a.no_progress)
+    except (DataError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(summary(meta))
+    print(f"{meta['documents']:,} documents; wrote {a.out_dir} in {time.perf_counter() - t0:.1f} s")
+    return meta
