@@ -6,7 +6,9 @@ A token x (C,) picks k of E experts (Shazeer et al. 2017, "Outrageously Large Ne
     p      = softmax(logits)             (E,)   full softmax over experts
     S      = top-k(p)                           chosen experts (Switch 2021: k=1; Mixtral 2024: k=2)
     g_i    = p_i / sum_{j in S} p_j             gates renormalized over the chosen k (Mixtral;
-                                                 switch with `moe_renormalize`)
+                                                 switch with `moe_renormalize`; with k = 1 the
+                                                 gate stays p_i as in Switch: p_i/p_i = 1 would
+                                                 cut the router off from the loss)
     y      = sum_{i in S} g_i * E_i(x)  (+ shared(x))
                                                  summed, never overwritten: the gates multiply the
                                                  expert outputs, which is what gives the router a
@@ -138,7 +140,9 @@ class MoE(nn.Module):
         self.n_experts = config.n_experts
         self.top_k = config.moe_top_k
         self.kind = config.mlp
-        self.renormalize = config.moe_renormalize
+        # With k = 1 a renormalized gate is p/p = 1: the router would get no gradient from the
+        # language-model loss. Switch (k = 1) uses the raw probability, so we do too.
+        self.renormalize = config.moe_renormalize and config.moe_top_k > 1
         self.aux_coef = config.moe_aux_loss_coef
         self.z_coef = config.moe_z_loss_coef
         self.capacity_factor = config.moe_capacity_factor
