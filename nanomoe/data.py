@@ -396,7 +396,7 @@ def load_split(folder: Union[str, os.PathLike], split: str) -> list[np.ndarray]:
         for f in files:
             try:
                 a = np.load(f, mmap_mode="r", allow_pickle=False)
-            except ValueError as e:  # np.load refuses to mmap an empty or corrupt file with ValueError
+            except (ValueError, EOFError, OSError) as e:  # an empty, truncated or corrupt file
                 raise DataError(f"shard {f} is not a readable .npy file ({e}); prepare the folder again") from None
             if a.ndim != 1 or a.dtype.kind not in "ui":
                 raise DataError(f"shard {f} should be a 1-D integer array, got {a.dtype} with shape {a.shape}")
@@ -422,6 +422,7 @@ def load_split(folder: Union[str, os.PathLike], split: str) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # The batch loader
 
+# a 1-D array / tensor of token ids, or a list of them (shards)
 TokenSource = Union[np.ndarray, torch.Tensor, Sequence[Union[np.ndarray, torch.Tensor]]]
 
 
