@@ -1,0 +1,261 @@
+"""Checkpoints that never lose work and never run code.
+
+A checkpoint is one file written by `torch.save`, holding a plain dict:
+
+    {"format": "nanomoe", "version": 1,
+     "model": state_dict (no "_orig_mod." / "module." prefixes), "config": GPTConfig.to_dict(),
+     "tokenizer": tokenizer.info() or None (files such as tokenizer.json copied beside it, path relative),
+     ... and, for training checkpoints: "train_config", "optimizer", "scaler", "step", "tokens",
+     "rng" (CPU/CUDA/numpy/python generator states), "loader", "history", "best_val_loss", ...}
+
+Writing is atomic: the bytes go to a temporary file in the same folder, are flushed and fsync'ed
+to disk, and only then `os.replace` renames it over the old file. A crash or a SIGKILL at any
+moment leaves either the old checkpoint or the new one, never half of one.
+
+Reading uses `torch.load(weights_only=True)`: the unpickler only rebuilds tensors and plain Python
+data (dict, list, tuple, str, numbers, None). A pickle is a small program; a checkpoint that carries
+an object with a `__reduce__` could run arbitrary code when loaded with `weights_only=False`.
+Everything this module saves is plain data, so nothing legitimate is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .config import GPTConfig
+
+FORMAT = "nanomoe"
+VERSION = 1
+LATEST = "latest.pt"
+BEST = "best.pt"
+PREFIXES = ("_orig_mod.", "module.")
+
+# Test hook: seconds to sleep between writing the temporary file and renaming it, so a test can
+# kill the process in the middle of a save. Never set in normal use.
+_SLEEP_ENV = "NANOMOE_CKPT_SLEEP_BEFORE_REPLACE"
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be used; the message says why and what to do."""
+
+
+# ---- state dict hygiene -----------------------------------------------------------------------
+
+
+def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Remove the wrapper prefixes that torch.compile ("_orig_mod.") and DDP ("module.") add to
+    every key, in any nesting ("module._orig_mod.transformer..." -> "transformer...")."""
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p) :], True
+        out[k] = v
+    return out
+
+
+def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model under any DDP / torch.compile wrapper, with clean keys."""
+    from .distributed import unwrap
+
+    return strip_prefixes(unwrap(model).state_dict())
+
+
+# ---- save ---------------------------------------------------------------------------------------
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: PathLike, state: dict[str, Any]) -> Path:
+    """Atomically write `state` to `path`: temp file in the same folder + flush + fsync + os.replace.
+
+    `state` gets "format" and "version" added when missing; its "model" keys are cleaned of
+    wrapper prefixes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = dict(state)
+    state.setdefault("format", FORMAT)
+    state.setdefault("version", VERSION)
+    if "model" in state:
+        state["model"] = strip_prefixes(state["model"])
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        delay = float(os.environ.get(_SLEEP_ENV, "0") or 0)
+        if delay > 0:
+            time.sleep(delay)
+        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see old or new, never half
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def copy_checkpoint(src: PathLike, dst: PathLike) -> Path:
+    """Atomically copy a checkpoint file (e.g. latest.pt -> best.pt)."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            while chunk := fi.read(1 << 24):
+                fo.write(chunk)
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+    return dst
+
+
+def remove_stale_tmp(folder: PathLike) -> None:
+    """Delete temporary files left by a save that was killed before its rename."""
+    for p in Path(folder).glob(".*.pt.tmp.*"):
+        p.unlink(missing_ok=True)
+
+
+# ---- load ---------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint_path(path: PathLike) -> Path:
+    """A checkpoint file, or a run folder (then its latest.pt)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / LATEST
+    return p
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a nanomoe checkpoint safely (`torch.load(weights_only=True)`).
+
+    `path` is a .pt file or a run folder (its latest.pt). Raises CheckpointError for a missing
+    file, a file that is not a nanomoe checkpoint, a corrupt/truncated file, or a file that holds
+    Python objects other than tensors and plain data (refused: loading it could run code)."""
+    p = resolve_checkpoint_path(path)
+    if not p.is_file():
+        hint = f" (the folder {Path(path)} has no {LATEST})" if Path(path).is_dir() else ""
+        raise CheckpointError(f"checkpoint {p} not found{hint}; train first or check the path")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {p} is empty (0 bytes): the file is corrupt; use another checkpoint")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e) or "weights_only" in str(e):
+            raise CheckpointError(
+                f"refused to load {p}: it contains Python objects that are not tensors or plain data, and "
+                f"unpickling them could run arbitrary code (torch.load weights_only=True stopped it: {first[:200]}). "
+                "nanomoe checkpoints never contain such objects; do not load this file unless you made it."
+            ) from None
+        raise CheckpointError(f"checkpoint {p} is corrupt ({first[:200]}); use another checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {p} is corrupt or truncated and cannot be read ({type(e).__name__}: {msg[:200]}); "
+            "use another checkpoint (best.pt, or an earlier copy)"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        what = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"a dict with keys {sorted(map(str, ckpt))[:8]}"
+        raise CheckpointError(
+            f"{p} is not a nanomoe checkpoint (it holds {what}, without format='nanomoe'). "
+            "For Hugging Face weights use nanomoe.hf.load_hf; for a raw state_dict build GPT(config) and "
+            "call load_state_dict yourself."
+        )
+    if ckpt.get("version", 0) > VERSION:
+        raise CheckpointError(
+            f"{p} is a nanomoe checkpoint of version {ckpt.get('version')}, newer than this code "
+            f"understands ({VERSION}); update nanomoe"
+        )
+    for key in ("model", "config"):
+        if key not in ckpt:
+            raise CheckpointError(f"{p} is a nanomoe checkpoint without '{key}': the file is incomplete")
+    ckpt["model"] = strip_prefixes(ckpt["model"])
+    ckpt["_path"] = str(p)  # where it came from (not saved): lets tokenizer files be found beside it
+    return ckpt
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two config dicts, one 'field: a -> b' per field."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
+        if a != b:
+            out.append(f"{k}: checkpoint has {a!r}, this run has {b!r}")
+    return out
+
+
+def check_config(ckpt: dict[str, Any], config: GPTConfig) -> None:
+    """Refuse a checkpoint that was built for another model config, naming the differing fields."""
+    diffs = config_diff(ckpt["config"], config.to_dict())
+    if diffs:
+        where = ckpt.get("_path", "the checkpoint")
+        raise CheckpointError(
+            f"{where} was saved for a different model config ({len(diffs)} field(s) differ):\n  "
+            + "\n  ".join(diffs)
+            + "\nUse the same config to resume, or a new out_dir to start a new run."
+        )
+
+
+def model_from_checkpoint(ckpt: Union[dict[str, Any], PathLike], device: str = "cpu"):
+    """Build the GPT a checkpoint describes and load its weights (strictly: every key must match).
+
+    `ckpt` is a dict from `load_checkpoint`, or a path (then it is loaded first). The model is
+    returned in eval mode on `device`."""
+    from .model import GPT
+
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    try:
+        config = GPTConfig.from_dict(dict(ckpt["config"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's config is not valid for this nanomoe: {e}") from None
+    model = GPT(config)
+    missing, unexpected = model.load_state_dict(strip_prefixes(ckpt["model"]), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the checkpoint's weights do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.to(device).eval()
+
+
+def tokenizer_from_checkpoint(ckpt: dict[str, Any], base_dir: Optional[PathLike] = None):
+    """Rebuild the tokenizer recorded in a checkpoint (None when it recorded none). Relative file
+    paths (a trained BPE's tokenizer.json) are looked up beside the checkpoint file."""
+    from .tokenizer import load_tokenizer
+
+    info = ckpt.get("tokenizer")
+    if not info:
+        return None
+    if base_dir is None and ckpt.get("_path"):
+        base_dir = Path(ckpt["_path"]).parent
+    return load_tokenizer(info, base_dir)
