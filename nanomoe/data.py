@@ -383,7 +383,7 @@ def load_split(folder: Union[str, os.PathLike], split: str) -> list[np.ndarray]:
     `edufineweb_train_...`, directly in `folder` or in `folder/edu_fineweb10B/`) and nanoGPT's
     `train.bin` (uint16 unless meta.json says otherwise)."""
     folder = Path(folder)
-    hint = "prepare it first, e.g. `uv run -m data.prepare_machado` (see data/README or --help)"
+    hint = "prepare it first, e.g. `uv run -m data.prepare_machado` (options: --help)"
     if not folder.exists():
         raise DataError(f"data folder {folder} does not exist: {hint}")
     if not folder.is_dir():
@@ -600,30 +600,43 @@ def compare_tokenizers(text: str, tokenizers: Union[dict[str, Tokenizer], Sequen
 
 def iter_documents(source: Union[str, os.PathLike]) -> Iterator[str]:
     """Documents from a local file or folder: .jsonl (a "text" field per line), .parquet (a "text"
-    column; needs pyarrow), .txt (the whole file is one document). Folders are read in sorted order."""
+    column; needs pyarrow), .txt (the whole file is one document). Folders are read in sorted order.
+    A missing or empty source raises DataError at once (before anything is written)."""
     src = Path(source)
     if not src.exists():
         raise DataError(f"source {src} does not exist")
-    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.suffix in (".jsonl", ".parquet", ".txt"))
+    kinds = (".jsonl", ".parquet", ".txt")
+    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.suffix in kinds)
     if not files:
         raise DataError(f"no .jsonl, .parquet or .txt files in {src}")
+    bad = [f for f in files if f.suffix not in kinds]
+    if bad:
+        raise DataError(f"{bad[0]}: expected a .jsonl, .parquet or .txt file")
+    if any(f.suffix == ".parquet" for f in files):
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise DataError("reading .parquet files needs pyarrow: `uv pip install pyarrow` (or convert them to .jsonl)") from None
+    return _read_documents(files)
+
+
+def _read_documents(files: list[Path]) -> Iterator[str]:
     for f in files:
         if f.suffix == ".jsonl":
             with open(f, encoding="utf-8") as fh:
-                for line in fh:
+                for n, line in enumerate(fh, 1):
                     if line.strip():
-                        yield json.loads(line)["text"]
+                        try:
+                            yield json.loads(line)["text"]
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise DataError(f"{f}:{n}: expected a JSON object with a \"text\" field") from None
         elif f.suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise DataError(f"reading {f} needs pyarrow: `uv pip install pyarrow` (or convert it to .jsonl)") from None
+            import pyarrow.parquet as pq
+
             for batch in pq.ParquetFile(f).iter_batches(columns=["text"]):
                 yield from batch.column(0).to_pylist()
-        elif f.suffix == ".txt":
-            yield _read_text_file(f)
         else:
-            raise DataError(f"{f}: expected a .jsonl, .parquet or .txt file")
+            yield _read_text_file(f)
 
 
 def write_document_shards(documents: Iterable[str], tok: Tokenizer, out_dir: Union[str, os.PathLike], *,
@@ -673,6 +686,8 @@ def write_document_shards(documents: Iterable[str], tok: Tokenizer, out_dir: Uni
         if max_tokens is not None and total >= max_tokens:
             break
     bar.close()
+    if total == 0:
+        raise DataError("no documents to tokenize (the source yielded nothing)")
     if filled:
         flush(filled)
     meta = {
@@ -784,4 +799,7 @@ def prepare_fineweb_cli(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(f"error: {e}") from None
     print(summary(meta))
     print(f"{meta['documents']:,} documents; wrote {a.out_dir} in {time.perf_counter() - t0:.1f} s")
+    if not meta["shards"]["train"]:
+        print(f"note: everything fit in the first (val) shard; use a smaller --shard_size or more --max_tokens "
+              f"to get train shards")
     return meta

@@ -331,7 +331,11 @@ def test_prepare_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="vocab_size"):
         D.prepare_corpus_cli("machado", ["--tokenizer", "bpe", "--vocab_size", "100", "--source", str(tmp_path)])
     with pytest.raises(SystemExit, match="no .jsonl, .parquet or .txt"):
-        D.prepare_fineweb_cli(["--source", str(tmp_path)])
+        D.prepare_fineweb_cli(["--source", str(tmp_path), "--out_dir", str(tmp_path / "fw")])
+    assert not (tmp_path / "fw").exists()  # nothing written before the source is checked
+    (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: expected a JSON object with a \"text\" field"):
+        D.prepare_fineweb_cli(["--source", str(tmp_path), "--out_dir", str(tmp_path / "fw"), "--no_progress"])
 
 
 def test_prepare_scripts_run(tmp_path, tiktoken_cache, monkeypatch, capsys):
