@@ -25,9 +25,9 @@ micro-batch of the run is drawn by a generator seeded with (seed, g), and the dr
 reseeded with (seed, rank, step) at the start of every step. So training N steps, stopping and
 resuming for N more replays exactly the same batches and dropout masks as 2N steps straight, and on
 CPU the losses and the final weights are bitwise identical (tests/test_04_resume.py).
-The same trick makes DDP with W ranks and `grad_accum` micro-batches read exactly the batches that
-one process with `grad_accum` micro-batches reads: rank r takes micro-batches r*A .. r*A+A-1 of
-every step (A = grad_accum / W).
+The same trick makes W ranks under DDP read exactly the batches one process reads with the same
+`grad_accum`: rank r's n-th batch is global batch n*W + r (`nanomoe.data.BatchLoader`), so each step
+consumes global batches step*grad_accum .. step*grad_accum + grad_accum - 1 whatever W is.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -47,9 +46,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import checkpoint as ck
+from .data import BatchLoader, DataError
 from .device import Precision, peak_flops, pick_precision
+from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup_distributed, setup_distributed,
+                          unwrap)
 
-TokenData = Union[np.ndarray, torch.Tensor, Sequence[Union[np.ndarray, torch.Tensor]]]
+TokenData = Union[np.ndarray, torch.Tensor, Sequence[Union[np.ndarray, torch.Tensor]]]  # 1-D ids or shards
 
 
 class TrainingError(RuntimeError):
@@ -161,82 +164,19 @@ def get_lr(step: int, tcfg: TrainConfig) -> float:
     return tcfg.min_lr + coeff * (tcfg.lr - tcfg.min_lr)
 
 
-# ---- batches --------------------------------------------------------------------------------------
-
-
-def _as_shards(data: TokenData, what: str, block_size: int) -> list[np.ndarray]:
-    """A 1-D token array, tensor, or list of them -> list of 1-D numpy arrays (memmaps stay memmaps)."""
-    if data is None:
-        raise ValueError(f"{what} is None: pass a 1-D array of token ids (or a list of shards)")
-    items = list(data) if isinstance(data, (list, tuple)) else [data]
-    shards = []
-    for a in items:
-        if isinstance(a, torch.Tensor):
-            a = a.detach().cpu().numpy()
-        a = np.asarray(a) if not isinstance(a, np.ndarray) else a
-        if a.ndim != 1:
-            raise ValueError(f"{what} shards must be 1-D arrays of token ids, got shape {a.shape}")
-        if not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"{what} must hold integer token ids, got dtype {a.dtype}")
-        if len(a) > block_size:
-            shards.append(a)
-    if not shards:
-        n = sum(len(np.asarray(a)) for a in items) if items else 0
-        raise ValueError(
-            f"{what} has no shard longer than block_size + 1 = {block_size + 1} tokens (got {n} tokens in "
-            f"{len(items)} shard(s)); use more data or a smaller block_size"
-        )
-    return shards
-
-
-class RandomBatches:
-    """Random (B, T) windows from token shards, where batch number `index` depends only on
-    (seed, index): `batch(index)` can be replayed, resumed and split across ranks exactly.
-
-    Like nanoGPT's get_batch: x = data[i : i+T], y = data[i+1 : i+T+1] for a uniform random i;
-    with several shards, a shard is chosen per row with probability proportional to its length."""
-
-    def __init__(self, data: TokenData, batch_size: int, block_size: int, seed: int = 0, what: str = "data"):
-        self.shards = _as_shards(data, what, block_size)
-        self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
-        spans = np.array([len(s) - block_size for s in self.shards], dtype=np.float64)
-        self.p = spans / spans.sum()
-
-    @property
-    def num_tokens(self) -> int:
-        return int(sum(len(s) for s in self.shards))
-
-    def batch(self, index: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        B, T = self.batch_size, self.block_size
-        rng = np.random.default_rng([self.seed, index])
-        if len(self.shards) == 1:
-            which = np.zeros(B, dtype=np.int64)
-        else:
-            which = rng.choice(len(self.shards), size=B, p=self.p)
-        rows = []
-        for s in which:
-            shard = self.shards[s]
-            i = int(rng.integers(0, len(shard) - T))
-            rows.append(np.asarray(shard[i : i + T + 1], dtype=np.int64))
-        xy = torch.from_numpy(np.stack(rows))  # (B, T+1)
-        x, y = xy[:, :-1], xy[:, 1:]
-        if device.startswith("cuda"):
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
-
-
 # ---- evaluation -----------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def _eval_sums(model, batches: RandomBatches, indices, device: str, precision: Precision) -> tuple[float, int]:
-    """Sum of per-batch mean CE over `indices`, and how many batches."""
-    from .distributed import unwrap
-
+def _eval_sums(model, data, tcfg_bs: int, T: int, iters: int, device: str, precision: Precision, seed: int,
+               rank: int = 0, world: int = 1) -> tuple[float, int]:
+    """Sum of the per-batch mean CE over this rank's share of `iters` fixed validation batches
+    (global batches 0 .. iters-1 of a loader seeded with `seed`; rank r takes r, r+world, ...)."""
     raw = unwrap(model)
+    loader = BatchLoader(data, tcfg_bs, T, seed=seed, rank=rank, world_size=world)
     total, n = 0.0, 0
-    for i in indices:
-        x, y = batches.batch(i, device)
+    for _ in range(rank, iters, world):
+        x, y = loader.next_batch(device)
         with precision.autocast():
             _, loss = model(x, y)
         ce = raw.last_ce_loss if raw.last_ce_loss is not None else loss  # CE only, never CE + aux
@@ -264,11 +204,10 @@ def evaluate(
         raise ValueError(f"iters must be >= 1, got {iters}")
     dev = device or str(next(model.parameters()).device)
     prec = precision or Precision(dev, torch.float32)
-    batches = RandomBatches(data, batch_size, block_size, seed=seed, what="evaluation data")
     was_training = model.training
     model.eval()
     try:
-        total, n = _eval_sums(model, batches, range(iters), dev, prec)
+        total, n = _eval_sums(model, data, batch_size, block_size, iters, dev, prec, seed)
     finally:
         model.train(was_training)
     return total / n
@@ -322,33 +261,24 @@ def _plain(x: Any) -> Any:
 # ---- plots ----------------------------------------------------------------------------------------
 
 
-def plot_curves(history: list[dict], log: list[dict], path: Union[str, os.PathLike], title: str = "") -> Optional[Path]:
-    """Train loss (per log record) and validation loss (per evaluation) against tokens seen."""
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def save_curves(history: list[dict], log: list[dict], path: Union[str, os.PathLike], title: str = "") -> Optional[Path]:
+    """Save the train (per log record) and validation (per evaluation) cross-entropy curves."""
     if not history and not log:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if log:
-        ax.plot([r["step"] for r in log], [r["ce"] for r in log], label="train (CE)", alpha=0.6)
-    ev = [r for r in history if r.get("val_loss") is not None]
-    if ev:
-        ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", label="validation (CE)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    import matplotlib.pyplot as plt
+
+    from .plots import plot_curves
+
+    runs = {
+        "treino": [{"step": r["step"], "loss": r["ce"]} for r in log],
+        "validação": [{"step": r["step"], "loss": r["val_loss"]} for r in history if r.get("val_loss") is not None],
+    }
+    fig = plot_curves(runs, x="step", y="loss", title=title or None, figsize=(7, 4))
+    fig.axes[0].set_ylabel("entropia cruzada (nats/token)")
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)  # a reader never sees a half-written image
     plt.close(fig)
     return path
 
@@ -379,11 +309,9 @@ def _sample(raw_model, tokenizer, tcfg: TrainConfig, precision: Precision, devic
     return tokenizer.decode(out[0, len(ids) :].tolist())
 
 
-def _moe_bias_modules(raw_model) -> list:
+def _uses_moe_bias(raw_model) -> bool:
     cfg = raw_model.config
-    if not (cfg.n_experts > 0 and getattr(cfg, "moe_bias_balance", False)):
-        return []
-    return [b.mlp for b in raw_model.transformer.h if getattr(b, "is_moe", False)]
+    return cfg.n_experts > 0 and bool(getattr(cfg, "moe_bias_balance", False))
 
 
 def _prepare_out_dir(out: Path, tokenizer) -> Optional[dict]:
@@ -436,20 +364,16 @@ def train(
     (1 .. max_steps), `model` is the plain (unwrapped) model, `loss` the step's loss (CE + aux).
     extra_state: plain data stored in the checkpoints (e.g. where the data came from).
     Under torchrun, every rank calls train() with the same arguments."""
-    from . import checkpoint as ck
-    from .distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup_distributed, setup_distributed
-
     tcfg = tcfg or TrainConfig()
     dist_info = setup_distributed(tcfg.device)
     try:
-        return _train(model, train_data, val_data, tcfg, dist_info, tokenizer, on_step, progress, extra_state, ck,
-                      all_reduce_mean, all_reduce_sum, barrier)
+        return _train(model, train_data, val_data, tcfg, dist_info, tokenizer, on_step, progress, extra_state)
     finally:
         cleanup_distributed(dist_info)
 
 
-def _train(model, train_data, val_data, tcfg, dist_info, tokenizer, on_step, progress, extra_state, ck,
-           all_reduce_mean, all_reduce_sum, barrier) -> TrainResult:
+def _train(model, train_data, val_data, tcfg: TrainConfig, dist_info: DistInfo, tokenizer, on_step, progress: bool,
+           extra_state: Optional[dict]) -> TrainResult:
     rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
     if tcfg.grad_accum % world != 0:
         raise ValueError(
@@ -464,10 +388,12 @@ def _train(model, train_data, val_data, tcfg, dist_info, tokenizer, on_step, pro
     T = tcfg.block_size or cfg.block_size
     if T > cfg.block_size:
         raise ValueError(f"TrainConfig.block_size={T} exceeds the model's block_size={cfg.block_size}")
-    train_batches = RandomBatches(train_data, tcfg.batch_size, T, seed=tcfg.seed, what="train_data")
-    val_batches = None
-    if val_data is not None and tcfg.eval_iters > 0:
-        val_batches = RandomBatches(val_data, tcfg.batch_size, T, seed=0, what="val_data")
+    # Global batch g of the run is drawn from a generator seeded with (seed, g); rank r's n-th batch is
+    # g = n * world + r, so W ranks x A micro-batches read what 1 process x W*A micro-batches reads.
+    loader = BatchLoader(train_data, tcfg.batch_size, T, seed=tcfg.seed, rank=rank, world_size=world)
+    has_val = val_data is not None and tcfg.eval_iters > 0
+    if has_val:
+        BatchLoader(val_data, tcfg.batch_size, T)  # fail now, not at the first evaluation, on bad val data
 
     out = Path(tcfg.out_dir) if tcfg.out_dir else None
     tok_info = tokenizer.info() if tokenizer is not None else None
@@ -493,6 +419,12 @@ def _train(model, train_data, val_data, tcfg, dist_info, tokenizer, on_step, pro
             if state.get("scaler") and precision.use_scaler:
                 scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
+            try:
+                loader.load_state_dict(state["loader"])
+            except DataError as e:  # batch size / data changed: continue at the same step count
+                loader.global_batches = int(state["step"]) * tcfg.grad_accum
+                if main:
+                    print(f"note: {e}; continuing at global batch {loader.global_batches}")
             start_step = int(state["step"])
             res.history, res.losses, res.log = list(state["history"]), list(state["losses"]), list(state["log"])
             res.tokens, res.train_time_s = int(state["tokens"]), float(state["train_time_s"])
@@ -521,8 +453,7 @@ def _train(model, train_data, val_data, tcfg, dist_info, tokenizer, on_step, pro
 
         ddp_ids = [torch.device(device).index or 0] if precision.device_type == "cuda" else None
         fwd = DDP(fwd, device_ids=ddp_ids)
-    moe_bias = _moe_bias_modules(raw)
-    update_moe_bias = None
+    moe_bias = _uses_moe_bias(raw)
     if moe_bias:
         from .moe import update_moe_bias  # chapter 03: DeepSeek-V3 bias balancing
 
@@ -555,7 +486,7 @@ def _train(model, train_data, val_data, tcfg, dist_info, tokenizer, on_step, pro
             "best_val_loss": res.best_val_loss,
             "lr": get_lr(max(step - 1, 0), tcfg),
             "rng": rng_state(),
-            "loader": {"kind": "random", "seed": tcfg.seed, "next_batch": step * tcfg.grad_accum},
+            "loader": loader.state_dict(),
             "history": _plain(res.history),
             "losses": list(res.losses),
             "log": _plain(res.log),
@@ -575,10 +506,11 @@ def _train(model, train_data, val_data, tcfg, dist_info, tokenizer, on_step, pro
         rec: dict[str, Any] = {"kind": "eval", "step": step, "tokens": res.tokens, "train_loss": train_ce,
                                "lr": get_lr(max(step - 1, 0), tcfg), "tokens_per_s": tps, "mfu": mfu(tps),
                                "elapsed_s": res.train_time_s}
-        if val_batches is not None:
+        if has_val:
             fwd.eval()
             # Each rank evaluates every world-th batch; the sums are all-reduced: the same value everywhere.
-            s, n = _eval_sums(fwd if world == 1 else raw, val_batches, range(rank, tcfg.eval_iters, world), device, precision)
+            s, n = _eval_sums(fwd if world == 1 else raw, val_data, tcfg.batch_size, T, tcfg.eval_iters, device,
+                              precision, seed=0, rank=rank, world=world)
             fwd.train()
             t = torch.tensor([s, float(n)], dtype=torch.float64, device=device)
             all_reduce_sum(t, dist_info)
@@ -607,7 +539,7 @@ def _train(model, train_data, val_data, tcfg, dist_info, tokenizer, on_step, pro
         _write(f"{precision.describe()} | {world} process(es) | {n_p / 1e6:.2f}M params | "
                f"{tokens_per_step:,} tokens/step ({tcfg.batch_size} x {T} x {tcfg.grad_accum} micro-batches)")
 
-    if start_step == 0 and tcfg.eval_iters > 0 and val_batches is not None and tcfg.max_steps > 0:
+    if start_step == 0 and has_val and tcfg.max_steps > 0:
         do_eval(0, None, 0.0)
     win_ce, win_n, win_time, win_tokens = 0.0, 0, 0.0, 0  # since the last log record
     ev_ce, ev_n, ev_time, ev_tokens = 0.0, 0, 0.0, 0  # since the last evaluation
@@ -622,7 +554,7 @@ def _train(model, train_data, val_data, tcfg, dist_info, tokenizer, on_step, pro
         loss_sum = torch.zeros((), device=device)
         ce_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            x, y = train_batches.batch(step * tcfg.grad_accum + rank * accum + micro, device)
+            x, y = loader.next_batch(device)
             last = micro == accum - 1
             sync = fwd.no_sync() if (world > 1 and not last) else nullcontext()
             with sync:
@@ -639,11 +571,7 @@ def _train(model, train_data, val_data, tcfg, dist_info, tokenizer, on_step, pro
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if moe_bias:
-            update_moe_bias(raw)
-            for m in moe_bias:  # keep every rank's routing bias identical (each saw different tokens)
-                for b in m.buffers():
-                    if b.is_floating_point():
-                        all_reduce_mean(b.data, dist_info)
+            update_moe_bias(raw)  # sums the expert loads over ranks: every rank keeps the same bias
 
         stats = torch.stack([loss_sum / accum, ce_sum / accum])
         all_reduce_mean(stats, dist_info)  # the same numbers on every rank: same decisions everywhere
@@ -690,7 +618,7 @@ def _train(model, train_data, val_data, tcfg, dist_info, tokenizer, on_step, pro
                 res.best_val_loss = val
             save(done, is_best)
             if out is not None and main and tcfg.plot:
-                plot_curves(res.history, res.log, out / "curves.png")
+                save_curves(res.history, res.log, out / "curves.png")
         elif (tcfg.save_interval and done % tcfg.save_interval == 0) or (done == tcfg.max_steps):
             save(done, False)
     bar.close()
