@@ -603,14 +603,15 @@ def _describe_expected(model, name: str) -> str:
     return str(_shape(own[name])) if name in own else "?"
 
 
-def _load_hf_model(name_or_folder: str, **kwargs: Any):
-    """AutoModelForCausalLM.from_pretrained, turning missing / mismatched tensors into errors that
-    name the tensor and the expected vs found shape (transformers would only warn and re-init)."""
+def load_hf_model(name_or_folder: Union[str, os.PathLike], **kwargs: Any):
+    """The transformers model of a folder or hub name (AutoModelForCausalLM.from_pretrained, float32,
+    eval mode), with missing / mismatched tensors turned into errors that name the tensor and the
+    expected vs found shape (transformers itself would only warn and leave them at random init)."""
     from transformers import AutoModelForCausalLM
 
     with _quiet():
         hf, info = AutoModelForCausalLM.from_pretrained(
-            name_or_folder, output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32, **kwargs
+            str(name_or_folder), output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32, **kwargs
         )
     lines = []
     for key, found, expected in sorted(info.get("mismatched_keys", ()), key=lambda x: x[0]):
@@ -639,7 +640,7 @@ def load_hf(folder: Union[str, os.PathLike], **overrides: Any):
     if (folder / CONFIG_FILE).is_file():
         saved = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         runtime = {k: saved[k] for k in RUNTIME_FIELDS if k in saved}
-    hf = _load_hf_model(str(folder), local_files_only=True)
+    hf = load_hf_model(folder, local_files_only=True)
     model = from_hf(hf, **{**runtime, **overrides})
     tokenizer = None
     if (folder / TOKENIZER_INFO_FILE).is_file():
@@ -668,7 +669,7 @@ def from_pretrained(
         return load_hf(path, **overrides)[0]
     name = str(name_or_folder)
     try:
-        hf = _load_hf_model(name, cache_dir=cache_dir, local_files_only=local_files_only)
+        hf = load_hf_model(name, cache_dir=cache_dir, local_files_only=local_files_only)
     except HFConversionError:
         raise
     except Exception as e:  # offline, unknown name, no access...
@@ -679,3 +680,28 @@ def from_pretrained(
             "folder saved with save_pretrained or nanomoe.hf.export_hf."
         ) from None
     return from_hf(hf, **overrides)
+
+
+def save_random_gpt2(
+    folder: Union[str, os.PathLike],
+    *,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_embd: int = 64,
+    block_size: int = 256,
+    vocab_size: int = 50257,
+    seed: int = 0,
+) -> Path:
+    """Save a small randomly initialized `GPT2LMHeadModel` (GPT-2's tokenizer size by default) with
+    save_pretrained: an offline stand-in for the hub's "gpt2" folder, loaded through the very same
+    path (`from_pretrained(folder)`). Its weights are random, not OpenAI's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    eot = 50256 if vocab_size > 50256 else None
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     bos_token_id=eot, eos_token_id=eot)
+    folder = Path(folder)
+    with _quiet():
+        GPT2LMHeadModel(cfg).save_pretrained(str(folder))
+    return folder

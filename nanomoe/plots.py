@@ -134,3 +134,36 @@ def plot_loss_ppl(
     return plot_curves(
         {"": history}, x=x, y=(loss_key, ppl_key), logy=(False, True), title=title, hlines=hlines, save_path=save_path
     )
+
+
+def plot_panels(
+    panels: Mapping[str, Mapping[str, Sequence[Mapping]]],
+    x: str = "step",
+    y: str = "val_loss",
+    *,
+    title: Optional[str] = None,
+    sharey: bool = False,
+    save_path: Optional[PathLike] = None,
+) -> Figure:
+    """Chapter 05: one panel per comparison, `{panel title: {run name: history}}`, plotting `y`
+    against `x` for every run of the panel (e.g. pretrained vs from scratch, transfer vs scratch)."""
+    if not panels:
+        raise ValueError("plot_panels: give at least one panel")
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.6), squeeze=False, sharey=sharey)
+    for ax, (ptitle, runs) in zip(axes[0], panels.items()):
+        for name, hist in runs.items():
+            pts = [(h[x], h[y]) for h in hist if h.get(x) is not None and h.get(y) is not None]
+            if pts:
+                xs, vs = zip(*pts)
+                ax.plot(xs, vs, "-o" if len(pts) <= 12 else "-", ms=3, label=name)
+        ax.set_title(ptitle, fontsize=10)
+        ax.set_xlabel(_label(x))
+        ax.set_ylabel(_label(y))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, save_path)
+    return fig

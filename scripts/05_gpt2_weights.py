@@ -1,0 +1,395 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: notebooks///ipynb,scripts///py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Capítulo 05 — Pesos do GPT-2: carregar exato, ajustar ao português, transferir e fazer *upcycling* para MoE
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/05_gpt2_weights.ipynb)
+#
+# Treinar do zero custa caro. A OpenAI já pagou o pré-treino do GPT-2 (124M parâmetros, ~40 GB de
+# texto da web, quase tudo em inglês); neste capítulo reaproveitamos esses pesos de quatro jeitos:
+#
+# 1. **Carregar exato.** `from_pretrained("gpt2")` copia *cada* tensor do GPT-2 da Hugging Face
+#    para o nosso `GPT` e *prova* que os logits são os mesmos do `transformers` (diferença máxima
+#    ~1e-5 em float32). O projeto original prometia isso e copiava quase nada, escondido atrás de
+#    um `load_state_dict(strict=False)`.
+# 2. **Ajuste fino (*fine-tuning*) em Machado de Assis** com o BPE do GPT-2: partindo dos pesos
+#    pré-treinados *versus* do zero, com os mesmos passos e os mesmos lotes.
+# 3. **Transferência parcial** para a arquitetura moderna do capítulo 02 (RoPE, RMSNorm, SwiGLU,
+#    GQA, sem bias): o que tem significado é copiado ou adaptado, o resto é inicializado, e um
+#    relatório diz o que aconteceu com cada tensor.
+# 4. **Sparse upcycling** (Komatsuzaki et al., 2022): um MoE cujos especialistas nascem como
+#    cópias do MLP denso — no passo 0 ele calcula *exatamente* os mesmos logits do modelo denso.
+#
+# No fim, exportamos o MoE como uma pasta que o `transformers` abre como `MixtralForCausalLM`.
+#
+# **Pesos e internet.** Os pesos do GPT-2 vêm do Hugging Face Hub, o que exige internet na
+# primeira vez (depois ficam no cache). Sem internet — ou na configuração mínima `--tiny` para CPU
+# — o notebook usa um **substituto**: um GPT-2 minúsculo (2 camadas, 64 dimensões, o mesmo
+# tokenizador de 50.257 tokens), salvo numa pasta local com `save_pretrained` exatamente como a do
+# Hub e pré-treinado aqui mesmo por alguns segundos em TinyShakespeare (inglês, como o GPT-2). A
+# saída diz sempre qual dos dois rodou. Num T4 do Colab, com os pesos reais, o notebook inteiro
+# leva ~15 minutos.
+
+# %%
+import sys, subprocess
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/sagui-nlp/nanomoe"], check=True)
+
+# %% [markdown]
+# ## Parâmetros
+#
+# `size="auto"` escolhe `full` (GPT-2 124M do Hub) quando há GPU e `tiny` (o substituto minúsculo)
+# na CPU; `--tiny` e `--full` forçam um ou outro. Os campos `None` dependem do tamanho (tabela
+# `SIZES`). Num script: `uv run -m scripts.05_gpt2_weights --tiny --steps=200`; num notebook, edite
+# `DEFAULTS` ou use a variável de ambiente `NANOMOE_ARGS`.
+
+# %%
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanomoe import GPT, modern_config
+from nanomoe.cli import parse_args
+from nanomoe.device import pick_device
+
+DEFAULTS = dict(
+    model="gpt2",  # hub name ("gpt2", "gpt2-medium", ...) or a local save_pretrained folder
+    tiny=False,  # force the tiny CPU configuration (offline stand-in for GPT-2)
+    full=False,  # force the full configuration (real GPT-2) even without a GPU
+    quick=False,  # a few steps of everything (tests)
+    steps=None,  # fine-tuning steps of each run in parts 2 and 3
+    moe_steps=None,  # steps of the upcycled MoE and of its dense twin (part 4)
+    batch_size=None,
+    block_size=None,  # training sequence length
+    lr_finetune=None,  # peak lr when starting from pretrained weights
+    lr_scratch=None,  # peak lr when starting from random weights (and for partial transfer)
+    eval_interval=None,
+    eval_iters=None,
+    standin_steps=None,  # pre-training steps of the offline stand-in on TinyShakespeare (0 = random)
+    n_experts=4,
+    moe_top_k=2,
+    noise_std=0.0,  # relative noise added to each upcycled expert (0 = exact copies)
+    sample_tokens=None,
+    prompt="Capitu",
+    max_chars=0,  # 0 = the whole Machado corpus
+    device="auto",
+    dtype="auto",
+    seed=1337,
+    out_dir="runs/05",
+)
+SIZES = {
+    "full": dict(steps=300, moe_steps=150, batch_size=8, block_size=256, lr_finetune=1e-4, lr_scratch=6e-4,
+                 eval_interval=50, eval_iters=20, standin_steps=0, sample_tokens=60),
+    "tiny": dict(steps=60, moe_steps=30, batch_size=4, block_size=64, lr_finetune=3e-4, lr_scratch=1e-3,
+                 eval_interval=10, eval_iters=4, standin_steps=100, sample_tokens=30),
+}
+QUICK = dict(tiny=True, steps=2, moe_steps=1, batch_size=2, block_size=8, eval_interval=2, eval_iters=1,
+             standin_steps=1, sample_tokens=4, max_chars=50_000)
+args = parse_args(DEFAULTS, quick=QUICK)
+
+device = pick_device(args.device)
+size = "tiny" if args.tiny else "full" if (args.full or device.startswith("cuda")) else "tiny"
+unset = [k for k in SIZES[size] if getattr(args, k) is None]  # filled from the size's table
+for k in unset:
+    setattr(args, k, SIZES[size][k])
+out_dir = Path(args.out_dir)
+out_dir.mkdir(parents=True, exist_ok=True)
+print(f"device: {device} | configuration: {size}" + (" (quick)" if args.quick else ""))
+
+# %% [markdown]
+# ## 1. Carregar o GPT-2 exatamente
+#
+# O `GPT2LMHeadModel` da Hugging Face e o nosso `GPT` (preset `gpt2`) têm a mesma arquitetura e
+# até os mesmos nomes de parâmetros (`transformer.h.0.attn.c_attn.weight`, ...). A única pegadinha:
+# o GPT-2 original usa `Conv1D`, que guarda a matriz como (entrada, saída) e calcula `x @ W + b`;
+# o `nn.Linear` guarda (saída, entrada) e calcula `x @ Wᵀ + b`. Então toda matriz de projeção é
+# **transposta** na cópia (copiar sem transpor dá erro de forma — ou, pior, numa matriz quadrada
+# como `c_proj`, um modelo que roda e calcula outra coisa).
+#
+# `nanomoe.hf.from_hf` monta o `state_dict` de destino e carrega com checagem estrita de nomes e
+# formas: nenhum tensor fica esquecido na inicialização aleatória. Depois comparamos os logits com
+# os do próprio `transformers` na mesma entrada.
+
+# %%
+from nanomoe.data import DataError, read_corpus, gpt2_tokenizer
+from nanomoe.hf import HFConversionError, from_hf, load_hf_model, save_random_gpt2
+from nanomoe.train import TrainConfig, evaluate, train
+
+tok = gpt2_tokenizer()  # tiktoken's GPT-2 BPE (offline: filled from ../shared/data/gpt2)
+
+
+def train_run(model, train_ids, val_ids, lr, steps, name):
+    """Fine-tune `model` in place with the chapter's settings; returns TrainResult."""
+    tcfg = TrainConfig(
+        max_steps=steps, batch_size=args.batch_size, block_size=args.block_size, lr=lr, min_lr=lr / 10,
+        warmup_steps=max(1, steps // 10), weight_decay=0.1, eval_interval=args.eval_interval,
+        eval_iters=args.eval_iters, log_interval=max(1, args.eval_interval // 2), device=device,
+        dtype=args.dtype, seed=args.seed, out_dir=None, sample_tokens=0,
+    )
+    print(f"--- {name}: {model.num_params(non_embedding=False) / 1e6:.1f}M params, lr {lr:g}, {steps} steps")
+    return train(model, train_ids, val_ids, tcfg)
+
+
+def split(ids, frac=0.9):
+    ids = np.asarray(ids, dtype=np.uint16)  # GPT-2's 50257 ids fit in 16 bits
+    n = int(len(ids) * frac)
+    return ids[:n], ids[n:]
+
+
+source = None  # "hub" or "stand-in"
+hf_model, standin_trained = None, 0
+if size == "full":
+    try:
+        hf_model = load_hf_model(args.model)
+        source = "hub"
+    except HFConversionError as e:
+        print(f"!! could not load {args.model!r}: {e}\n!! falling back to the tiny offline stand-in")
+        size = "tiny"
+        for k in unset:
+            setattr(args, k, SIZES["tiny"][k])
+if hf_model is None:
+    # Offline stand-in: a tiny GPT2LMHeadModel saved with save_pretrained (like the hub's folder),
+    # optionally pre-trained here on TinyShakespeare (English), then loaded through the same path.
+    folder = save_random_gpt2(out_dir / "standin-gpt2", n_layer=2, n_head=4, n_embd=64, block_size=256, seed=args.seed)
+    source = "stand-in"
+    if args.standin_steps > 0:
+        try:
+            shakespeare = read_corpus("tinyshakespeare")
+        except DataError as e:
+            print(f"TinyShakespeare not available ({e}); the stand-in stays random")
+            shakespeare = None
+        if shakespeare is not None:
+            from nanomoe.hf import export_hf
+
+            pre = from_hf(load_hf_model(folder))
+            tr, va = split(tok.encode(shakespeare))
+            train_run(pre, tr, va, args.lr_scratch, args.standin_steps, "pre-training the stand-in on TinyShakespeare")
+            export_hf(pre.cpu(), folder, tokenizer=tok)  # back to a Hugging Face folder
+            standin_trained = args.standin_steps
+    hf_model = load_hf_model(folder)
+
+what = {
+    "hub": f"REAL pretrained weights: {args.model!r} from the Hugging Face hub",
+    "stand-in": ("STAND-IN, not OpenAI's GPT-2: a tiny GPT-2 (2 layers, 64 dims, GPT-2 tokenizer) "
+                 + (f"pre-trained here for {standin_trained} steps on TinyShakespeare" if standin_trained else "with random weights")),
+}[source]
+print("weights:", what)
+
+pretrained = from_hf(hf_model)  # every tensor copied, Conv1D transposed
+x = torch.tensor([tok.encode("Capitu tinha olhos de ressaca.")])
+with torch.no_grad():
+    diff = (pretrained(x)[0] - hf_model(x).logits).abs().max().item()
+print(f"config: {pretrained.config.n_layer} layers, {pretrained.config.n_head} heads, n_embd {pretrained.config.n_embd}, "
+      f"vocab {pretrained.config.vocab_size}, block_size {pretrained.config.block_size}")
+print(f"max |logits(nanomoe) - logits(transformers)| = {diff:.2e}")
+assert diff < 1e-4, "the conversion is not exact"
+pretrained_state = copy.deepcopy(pretrained.state_dict())  # the untouched weights, reused in parts 3 and 4
+del hf_model
+
+# %% [markdown]
+# ## 2. Ajuste fino em Machado de Assis: pré-treinado × do zero
+#
+# O BPE do GPT-2 foi treinado em inglês: em Machado ele gasta ~0,41 token por caractere, contra
+# ~0,30 de um BPE treinado no próprio Machado (capítulo 01) — palavras como "ressaca" viram vários
+# pedaços. Mesmo assim o GPT-2 viu algum português na web, e muito de "como texto funciona".
+#
+# Dois treinos com **os mesmos passos, os mesmos lotes** (a semente fixa a ordem dos dados) e o
+# mesmo modelo: um parte dos pesos pré-treinados (taxa de aprendizado menor, para não apagar o que
+# sabe), o outro da inicialização aleatória (a taxa usual de treino do zero).
+
+# %%
+text = read_corpus("machado")
+if args.max_chars:
+    text = text[: args.max_chars]
+ids = tok.encode(text)
+train_ids, val_ids = split(ids)
+print(f"Machado: {len(text):,} characters -> {len(ids):,} GPT-2 tokens ({len(ids) / len(text):.3f} tokens/char); "
+      f"train {len(train_ids):,} / val {len(val_ids):,}")
+
+
+def sample(model, n=None, seed=0):
+    """A short continuation of the prompt (temperature 0.8, top-k 50, fixed seed)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    idx = torch.tensor([tok.encode(args.prompt)], device=dev)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    out = model.generate(idx, n or args.sample_tokens, temperature=0.8, top_k=50, generator=g)
+    return tok.decode(out[0].tolist())
+
+
+print("before fine-tuning:\n ", sample(pretrained).replace("\n", "\n  "))
+
+# %%
+torch.manual_seed(args.seed)
+scratch = GPT(pretrained.config)  # same architecture, random init
+res_pre = train_run(pretrained, train_ids, val_ids, args.lr_finetune, args.steps, "GPT-2 from pretrained weights")
+res_scratch = train_run(scratch, train_ids, val_ids, args.lr_scratch, args.steps, "GPT-2 from scratch")
+print("after fine-tuning (pretrained):\n ", sample(pretrained).replace("\n", "\n  "))
+print("after training (from scratch):\n ", sample(scratch).replace("\n", "\n  "))
+del scratch
+
+# %% [markdown]
+# ## 3. Transferência parcial para a arquitetura moderna
+#
+# A arquitetura moderna (capítulo 02) não é o GPT-2, mas muita coisa tem o mesmo papel nas duas.
+# `nanomoe.transfer.transfer_weights(src, dst)` copia o que tem significado, adapta o que dá para
+# adaptar e deixa o resto com a inicialização do próprio destino:
+#
+# | tensor do destino | o que acontece |
+# |---|---|
+# | embeddings `wte` (e `lm_head`, amarrado) | **copiado**: mesmo tokenizador, mesmas linhas |
+# | atenção `c_attn` | q **copiado**; k e v **adaptados**: com GQA há menos cabeças de chave/valor, e cada uma vira a **média** das cabeças do seu grupo (Ainslie et al., 2023, "GQA", seção 2.2) |
+# | atenção `c_proj` | **copiado** |
+# | ganhos das normas | **copiados** (o ganho do LayerNorm vira o ganho do RMSNorm) |
+# | MLP SwiGLU | **inicializado**: a GELU do GPT-2 é outra função, com outra largura |
+#
+# e lista como **ignorados** (*skipped*) os tensores da origem sem destino: a tabela de posições
+# aprendidas (com RoPE a posição é uma rotação de q e k, não um vetor somado), os biases (o destino
+# tem `bias=False`) e o MLP GELU. Atenção: q e k foram treinados com posições absolutas somadas
+# à entrada, e agora são rotacionados pela RoPE — o ponto de partida é imperfeito, e o treino
+# precisa reajustá-los.
+#
+# A comparação justa é com a mesma arquitetura moderna treinada do zero, mesmos passos e mesma taxa.
+
+# %%
+from nanomoe.transfer import transfer_weights, upcycle_to_moe
+
+c = pretrained.config
+modern_cfg = modern_config(vocab_size=c.vocab_size, block_size=c.block_size, n_layer=c.n_layer, n_head=c.n_head,
+                           n_embd=c.n_embd)
+gpt2_orig = GPT(c)
+gpt2_orig.load_state_dict(pretrained_state)  # the pretrained weights, before fine-tuning
+del pretrained
+torch.manual_seed(args.seed)
+modern_transfer = GPT(modern_cfg)
+report = transfer_weights(gpt2_orig, modern_transfer)
+print(f"modern config: RoPE, RMSNorm, SwiGLU (hidden {modern_cfg.hidden_dim}), n_kv_head {modern_cfg.kv_heads} "
+      f"of {modern_cfg.n_head} heads, bias=False, tied embeddings\n")
+print(report)
+del gpt2_orig
+
+# %%
+torch.manual_seed(args.seed)
+modern_scratch = GPT(modern_cfg)
+res_transfer = train_run(modern_transfer, train_ids, val_ids, args.lr_scratch, args.steps, "modern, partial transfer from GPT-2")
+res_modern = train_run(modern_scratch, train_ids, val_ids, args.lr_scratch, args.steps, "modern, from scratch")
+print("modern after partial transfer + fine-tuning:\n ", sample(modern_transfer).replace("\n", "\n  "))
+del modern_scratch
+
+# %% [markdown]
+# ## 4. *Sparse upcycling*: do modelo denso para um MoE
+#
+# Komatsuzaki et al. (2022), "Sparse Upcycling: Training Mixture-of-Experts from Dense
+# Checkpoints": em vez de treinar um MoE do zero, cada especialista começa como uma **cópia do MLP
+# denso** e só o roteador é novo. Como os k especialistas escolhidos são idênticos e os pesos do
+# gate, renormalizados, somam 1:
+#
+# $$y = \sum_{i \in \text{top-}k} g_i\, E_i(x) = \Big(\sum_i g_i\Big)\,\text{MLP}(x) = \text{MLP}(x),$$
+#
+# ou seja, **no passo 0 o MoE calcula exatamente os logits do modelo denso** (checado abaixo). Os
+# especialistas têm a largura do MLP denso (não a largura "de ativos iguais" do capítulo 03): o
+# MoE tem ~k vezes o custo por token do denso, e E vezes os parâmetros do MLP. O treino então
+# separa os especialistas (com `noise_std > 0` eles já nascem levemente diferentes).
+#
+# A comparação justa: o mesmo modelo denso continuando o treino pelos mesmos passos.
+
+# %%
+dense = modern_transfer.cpu().eval()
+moe, moe_report = upcycle_to_moe(dense, args.n_experts, args.moe_top_k, noise_std=args.noise_std, return_report=True)
+print(moe_report, "\n")
+with torch.no_grad():
+    d = (moe.eval()(x)[0] - dense(x)[0]).abs().max().item()
+print(f"step 0: max |logits(upcycled MoE) - logits(dense)| = {d:.2e}"
+      + (" (noise_std > 0: not expected to be 0)" if args.noise_std else ""))
+print(f"params: dense {dense.num_params(non_embedding=False) / 1e6:.1f}M | MoE {moe.num_params(non_embedding=False) / 1e6:.1f}M "
+      f"total, {moe.num_params(non_embedding=False, active=True) / 1e6:.1f}M active per token")
+
+# %%
+dense_more = copy.deepcopy(dense)
+res_moe = train_run(moe, train_ids, val_ids, args.lr_finetune, args.moe_steps, f"upcycled MoE ({args.n_experts} experts, top-{args.moe_top_k})")
+res_dense = train_run(dense_more, train_ids, val_ids, args.lr_finetune, args.moe_steps, "dense, continued")
+print("upcycled MoE after fine-tuning:\n ", sample(moe).replace("\n", "\n  "))
+
+# %% [markdown]
+# ## Curvas e resumo
+#
+# Perda de validação (entropia cruzada, sem as perdas auxiliares do MoE) nos mesmos lotes de
+# validação em toda avaliação. No painel do MoE, o passo 0 das duas curvas coincide: é o mesmo
+# modelo denso, com especialistas idênticos.
+
+# %%
+from nanomoe.plots import plot_panels
+
+panels = {
+    "GPT-2: pré-treinado × do zero": {"pré-treinado": res_pre.history, "do zero": res_scratch.history},
+    "moderno: transferência × do zero": {"transferência parcial": res_transfer.history, "do zero": res_modern.history},
+    "upcycling: MoE × denso": {f"MoE {args.n_experts}x top-{args.moe_top_k}": res_moe.history, "denso": res_dense.history},
+}
+title = f"Capítulo 05 — {size} ({'GPT-2 real' if source == 'hub' else 'substituto minúsculo'}), {device}"
+fig = plot_panels(panels, x="step", y="val_loss", title=title, save_path=out_dir / "val_curves.png")
+
+rows = [
+    ("GPT-2 pretrained", res_pre), ("GPT-2 scratch", res_scratch), ("modern transfer", res_transfer),
+    ("modern scratch", res_modern), ("MoE upcycled", res_moe), ("dense continued", res_dense),
+]
+print(f"weights: {what}\n")
+print(f"{'run':<18} {'val loss @0':>11} {'val loss end':>12} {'val ppl end':>11} {'tokens/s':>9}")
+for name, r in rows:
+    h0, h1 = r.history[0], r.final
+    print(f"{name:<18} {h0['val_loss']:>11.3f} {h1['val_loss']:>12.3f} {h1['val_ppl']:>11.1f} {r.tokens_per_s:>9,.0f}")
+print(f"\nfigure: {out_dir / 'val_curves.png'}")
+
+# %% [markdown]
+# ## Exportar para o ecossistema Hugging Face
+#
+# `export_hf` escolhe a família pela configuração — GPT-2 → `GPT2LMHeadModel`, moderno denso →
+# `LlamaForCausalLM`, MoE → `MixtralForCausalLM` — e salva uma pasta (`config.json` +
+# `model.safetensors`) mais o tokenizador (`nanomoe_tokenizer.json`, e os arquivos do tokenizador
+# GPT-2 da Hugging Face). Qualquer ferramenta do ecossistema abre a pasta; conferimos que os logits
+# são os mesmos e que `load_hf` traz o modelo de volta.
+
+# %%
+from transformers import AutoModelForCausalLM
+
+from nanomoe.hf import export_hf, load_hf
+
+moe = moe.cpu().eval()
+folder = export_hf(moe, out_dir / "moe-hf", tokenizer=tok)
+hf_moe = AutoModelForCausalLM.from_pretrained(folder).eval()
+back, back_tok = load_hf(folder)
+with torch.no_grad():
+    ours = moe(x)[0]
+    print(f"{type(hf_moe).__name__}: max |logits diff| = {(ours - hf_moe(x).logits).abs().max().item():.2e}")
+    print(f"load_hf round trip: max |logits diff| = {(ours - back(x)[0]).abs().max().item():.2e}, tokenizer {back_tok}")
+print("files:", sorted(p.name for p in folder.iterdir()))
+
+# %% [markdown]
+# ## O que observar
+#
+# - **Exatidão primeiro.** A diferença de logits entre o nosso GPT-2 e o do `transformers` é da
+#   ordem de 1e-6 (arredondamento de float32); um erro de transposição daria diferenças de ordem 1.
+# - **Pré-treino vale ouro**: com os pesos reais do GPT-2, a perda de validação em Machado começa
+#   perto de ~5 nats e desce rápido, enquanto o modelo do zero começa em ln(50257) ≈ 10,8 e gasta
+#   a maior parte dos passos aprendendo o básico. Com o substituto minúsculo (pré-treinado segundos
+#   em inglês) a vantagem é pequena — é o tamanho do pré-treino que faz a diferença.
+# - **Transferência parcial** ajuda menos que o ajuste fino do mesmo modelo: o MLP (dois terços
+#   dos parâmetros de cada bloco) recomeça do zero, e q/k mudam de posições absolutas para RoPE.
+#   O relatório mostra exatamente quanto foi reaproveitado.
+# - **Upcycling** começa exatamente onde o denso estava (mesmo ponto no passo 0) e, com
+#   especialistas que podem se especializar, tende a descer mais rápido por passo — ao custo de
+#   mais parâmetros e ~k vezes a computação do MLP.
