@@ -36,9 +36,11 @@ LATEST = "latest.pt"
 BEST = "best.pt"
 PREFIXES = ("_orig_mod.", "module.")
 
-# Test hook: seconds to sleep between writing the temporary file and renaming it, so a test can
-# kill the process in the middle of a save. Never set in normal use.
+# Test hook: seconds to sleep between writing the temporary file and renaming it (for checkpoints
+# of step >= NANOMOE_CKPT_SLEEP_FROM_STEP), so a test can kill the process in the middle of a save.
+# Never set in normal use.
 _SLEEP_ENV = "NANOMOE_CKPT_SLEEP_BEFORE_REPLACE"
+_SLEEP_FROM_ENV = "NANOMOE_CKPT_SLEEP_FROM_STEP"
 
 PathLike = Union[str, os.PathLike]
 
@@ -108,7 +110,7 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         delay = float(os.environ.get(_SLEEP_ENV, "0") or 0)
-        if delay > 0:
+        if delay > 0 and int(state.get("step", 0)) >= int(os.environ.get(_SLEEP_FROM_ENV, "0") or 0):
             time.sleep(delay)
         os.replace(tmp, path)  # atomic on POSIX and Windows: readers see old or new, never half
     except BaseException:

@@ -563,32 +563,38 @@ def _train(model, train_data, val_data, tcfg: TrainConfig, dist_info: DistInfo, 
                 scaler.scale(loss / accum).backward()
             loss_sum += loss.detach().float()
             ce_sum += (raw.last_ce_loss if raw.last_ce_loss is not None else loss.detach()).float()
-        grad_norm = None
-        if tcfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tcfg.grad_clip)
+        # Decide on values all-reduced over ranks, so every rank takes the same decision.
+        stats = torch.stack([loss_sum / accum, ce_sum / accum])
+        all_reduce_mean(stats, dist_info)
+        loss_v, ce_v = (float(v) for v in stats.tolist())
+        scaler.unscale_(optimizer)  # true gradients (a no-op without fp16 loss scaling)
+        # DDP already averaged the gradients, so this norm is the same on every rank.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), tcfg.grad_clip or float("inf")))
+        done = step + 1
+        bad = None
+        if not math.isfinite(loss_v):
+            bad = f"the loss became {loss_v}"
+        elif not math.isfinite(grad_norm) and not precision.use_scaler:
+            # (with fp16 an inf gradient is routine: the GradScaler skips the step and lowers its scale)
+            bad = f"the gradient norm became {grad_norm}"
+        if bad:
+            optimizer.zero_grad(set_to_none=True)  # never apply this step: the weights stay good
+            last = f"{out / ck.LATEST} (step {saved_step})" if saved_step is not None else "none was written"
+            res.stopped = (
+                f"{bad} at step {done} (lr {lr:.3g}); training stopped before applying it. The last good "
+                f"checkpoint is {last}. Try a lower lr, a longer warmup, grad_clip=1.0, or dtype=float32."
+            )
+            if main:
+                _write("ERROR: " + res.stopped)
+            break
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if moe_bias:
             update_moe_bias(raw)  # sums the expert loads over ranks: every rank keeps the same bias
-
-        stats = torch.stack([loss_sum / accum, ce_sum / accum])
-        all_reduce_mean(stats, dist_info)  # the same numbers on every rank: same decisions everywhere
-        loss_v, ce_v = (float(v) for v in stats.tolist())
         dt = time.perf_counter() - t0
-        done = step + 1
         res.tokens += tokens_per_step
         res.train_time_s += dt
-        if not math.isfinite(loss_v):
-            last = f"{out / ck.LATEST} (step {saved_step})" if saved_step is not None else "none was written"
-            res.stopped = (
-                f"loss became {loss_v} at step {done} (lr {lr:.3g}); training stopped. The last good checkpoint "
-                f"is {last}. Try a lower lr, a longer warmup, grad_clip=1.0, or dtype=float32."
-            )
-            if main:
-                _write("ERROR: " + res.stopped)
-            break
         res.losses.append(loss_v)
         win_ce += ce_v; win_n += 1; win_time += dt; win_tokens += tokens_per_step
         ev_ce += ce_v; ev_n += 1; ev_time += dt; ev_tokens += tokens_per_step
@@ -599,7 +605,7 @@ def _train(model, train_data, val_data, tcfg: TrainConfig, dist_info: DistInfo, 
         if done % tcfg.log_interval == 0 or done == tcfg.max_steps:
             tps = win_tokens / max(win_time, 1e-9)
             rec = {"kind": "train", "step": done, "tokens": res.tokens, "loss": loss_v, "ce": win_ce / win_n,
-                   "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tps, "mfu": mfu(tps), "elapsed_s": res.train_time_s}
             if raw.last_aux_loss is not None:
                 rec["aux"] = float(raw.last_aux_loss)
@@ -632,3 +638,151 @@ def _train(model, train_data, val_data, tcfg: TrainConfig, dist_info: DistInfo, 
         print(f"done: {res.steps} steps, {res.tokens:,} tokens in {res.train_time_s:.1f}s "
               f"({res.tokens_per_s:,.0f} tok/s){vl}{where}")
     return res
+
+
+# ---- runs from a flat config (scripts/configs/*.json + --key=value) ---------------------------------
+#
+# A run is described by one flat dict: data keys, "preset" plus any GPTConfig field (None = the
+# preset's value), and any TrainConfig field. `scripts/04_train.py` reads it from a JSON file in
+# scripts/configs/ and lets `--key=value` override any key. JSON only: a config never runs code.
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "scripts" / "configs"
+CONFIGS_URL = "https://raw.githubusercontent.com/sagui-nlp/nanomoe/main/scripts/configs/{name}.json"
+DATA_KEYS = dict(data_dir="", dataset="machado", tokenizer="char", bpe_vocab=4096, max_chars=0)
+
+
+def run_defaults() -> dict[str, Any]:
+    """Every key a run config may set, with its default (model fields: None = preset default)."""
+    from .config import GPTConfig
+
+    d: dict[str, Any] = {"config": "", "quick": False, "preset": "modern", **DATA_KEYS}
+    d.update({f.name: None for f in fields(GPTConfig)})
+    t = TrainConfig().to_dict()
+    t.pop("block_size")  # the model's block_size is the training sequence length
+    t["betas"] = tuple(t["betas"])
+    d.update(t)
+    return d
+
+
+def load_run_config(name: str) -> dict[str, Any]:
+    """A run config by name (scripts/configs/NAME.json; downloaded from the repository when the
+    package was installed without the scripts folder, as in Colab) or by path to a .json file."""
+    if not name:
+        return {}
+    p = Path(name)
+    if p.suffix != ".json":
+        p = CONFIGS_DIR / f"{name}.json"
+    if p.is_file():
+        text = p.read_text(encoding="utf-8")
+    elif Path(name).suffix == ".json":
+        raise ValueError(f"config file {name} not found")
+    else:
+        import urllib.request
+
+        known = sorted(q.stem for q in CONFIGS_DIR.glob("*.json")) if CONFIGS_DIR.is_dir() else []
+        if known:
+            raise ValueError(f"unknown config {name!r}; known configs: {', '.join(known)} (or a path to a .json)")
+        try:
+            with urllib.request.urlopen(CONFIGS_URL.format(name=name), timeout=20) as r:
+                text = r.read().decode("utf-8")
+        except Exception as e:
+            raise ValueError(f"config {name!r} not found locally and the download failed ({type(e).__name__}); "
+                             f"pass a path to a .json file") from None
+    cfg = json.loads(text)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {name}: a JSON object of key: value pairs is expected")
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}  # "_comment" keys are documentation
+    known = run_defaults()
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        raise ValueError(f"config {name}: unknown key(s) {unknown}; known keys: {', '.join(sorted(known))}")
+    if "betas" in cfg:
+        cfg["betas"] = tuple(cfg["betas"])
+    return cfg
+
+
+def parse_run_args(argv=None, quick: Optional[dict] = None, defaults: Optional[dict] = None):
+    """Read a run's parameters: defaults < the JSON config named by --config < --quick values <
+    explicit --key=value. Returns a SimpleNamespace with every key (see `run_defaults`)."""
+    from .cli import parse_args
+
+    base = dict(defaults or run_defaults())
+    first = parse_args(base, argv, quick=quick)
+    merged = {**base, **load_run_config(first.config)}
+    merged["config"] = first.config
+    return parse_args(merged, argv, quick=quick)
+
+
+def model_config_from_args(args, vocab_size: int):
+    """GPTConfig from a run's preset + the model fields it sets (vocab_size from the data unless set)."""
+    from .config import GPTConfig, preset
+
+    over = {}
+    for f in fields(GPTConfig):
+        v = getattr(args, f.name, None)
+        if v is None:
+            continue
+        if isinstance(f.default, bool) and isinstance(v, str):
+            v = v.strip().lower() in ("1", "true", "yes", "y", "on")
+        over[f.name] = v
+    over.setdefault("vocab_size", vocab_size)
+    if over["vocab_size"] < vocab_size:
+        raise ValueError(f"vocab_size={over['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    return preset(args.preset, **over)
+
+
+def train_config_from_args(args) -> TrainConfig:
+    keys = {f.name for f in fields(TrainConfig)} - {"block_size"}
+    return TrainConfig(**{k: getattr(args, k) for k in keys if hasattr(args, k)})
+
+
+def resolve_data_dir(args, dist_info: Optional[DistInfo] = None) -> Path:
+    """The prepared data folder of a run: --data_dir when given (it must exist), else
+    data/<dataset>_<tokenizer>[_<max_chars>] prepared on first use (by rank 0 under torchrun)."""
+    from .data import DATA_ROOT, gpt2_tokenizer, load_split, prepare, read_corpus
+
+    if args.data_dir:
+        folder = Path(args.data_dir)
+        if not folder.is_dir():
+            raise DataError(
+                f"data folder {folder} does not exist: prepare it (e.g. `uv run -m data.prepare_machado "
+                f"--out_dir {folder}`), or leave --data_dir empty to prepare --dataset/--tokenizer automatically"
+            )
+        load_split(folder, "train")  # a clear DataError when the folder holds no token shards
+        return folder
+    tok = args.tokenizer if args.tokenizer != "bpe" or args.bpe_vocab == 4096 else f"bpe{args.bpe_vocab}"
+    name = f"{args.dataset}_{tok}" + (f"_{args.max_chars}" if args.max_chars else "")
+    folder = DATA_ROOT / name
+    main = dist_info is None or dist_info.is_main
+    if main and not (folder / "meta.json").is_file():
+        print(f"preparing {folder} ({args.dataset}, tokenizer {args.tokenizer}) ...")
+        text = read_corpus(args.dataset)
+        if args.max_chars:
+            text = text[: args.max_chars]
+        t = gpt2_tokenizer() if args.tokenizer == "gpt2" else args.tokenizer
+        prepare(text, t, folder, vocab_size=args.bpe_vocab, corpus=args.dataset, progress=False)
+    if dist_info is not None:
+        barrier(dist_info)
+    return folder
+
+
+def short_errors() -> None:
+    """In a script, print the clear ValueErrors that nanomoe raises (DataError, CheckpointError,
+    CLIError, bad configs) as one line instead of a traceback. Every other exception, and a
+    ValueError raised outside the nanomoe package, keeps its full traceback."""
+    import sys
+
+    previous = sys.excepthook
+    pkg = str(Path(__file__).resolve().parent)
+
+    def hook(kind, value, tb):
+        last = tb
+        while last is not None and last.tb_next is not None:
+            last = last.tb_next
+        where = str(Path(last.tb_frame.f_code.co_filename).resolve()) if last is not None else ""
+        if issubclass(kind, ValueError) and where.startswith(pkg):
+            print(f"error: {value}", file=sys.stderr)
+            return
+        previous(kind, value, tb)
+
+    sys.excepthook = hook

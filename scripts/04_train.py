@@ -1,0 +1,274 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: notebooks///ipynb,scripts///py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Capítulo 04 — Treinar de verdade: dados, um script do notebook a várias GPUs, retomada exata
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/04_train.ipynb)
+#
+# Nos capítulos anteriores treinamos modelos pequenos em poucos segundos. Agora o treino fica
+# sério: milhões de tokens, minutos ou horas, talvez várias GPUs. Três coisas passam a importar:
+#
+# 1. **Dados em disco**: o corpus é tokenizado uma vez em *shards* `.npy` (uint16) e lido por
+#    *memory map*; o carregador sorteia janelas aleatórias e sabe quantos lotes já entregou.
+# 2. **Um laço de treino só**, `nanomoe.train.train`, para CPU, uma GPU ou várias com
+#    `torchrun`: warmup + decaimento cosseno, *gradient clipping*, acumulação de gradiente,
+#    precisão mista escolhida pelo dispositivo (bf16 em Ampere/Hopper, fp16 + `GradScaler` na T4,
+#    fp32 na CPU), `torch.compile` opcional, avaliação periódica, amostras de texto, `metrics.jsonl`
+#    e gráfico das curvas.
+# 3. **Nunca perder trabalho**: checkpoints `latest.pt` e `best.pt` escritos de forma atômica,
+#    com tudo o que é preciso para **retomar exatamente** (`--resume`): pesos, estado do AdamW,
+#    do `GradScaler`, passo, estados dos geradores aleatórios e posição do carregador. Um treino
+#    interrompido e retomado dá, na CPU, **as mesmas losses bit a bit** que um treino direto.
+#
+# O mesmo código é o script `scripts/04_train.py`, pareado com este notebook pelo jupytext:
+#
+# ```bash
+# uv run -m scripts.04_train                                   # Machado, ~10 min na CPU
+# uv run -m scripts.04_train --config=shakespeare_char_gpt2    # a receita de CPU do nanoGPT
+# uv run -m scripts.04_train --config=machado_moe --max_steps=500
+# uv run -m scripts.04_train --resume                          # continua do último checkpoint
+# torchrun --standalone --nproc_per_node=2 -m scripts.04_train --config=machado_char_modern  # DDP
+# ```
+
+# %%
+# Colab: installs the nanomoe package (locally this cell does nothing)
+import sys, subprocess
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/sagui-nlp/nanomoe"], check=True)
+
+# %% [markdown]
+# ## Parâmetros: um arquivo de configuração + `--chave=valor`
+#
+# Cada receita é um JSON em `scripts/configs/` (só dados, nunca código executável): o
+# pré-ajuste do modelo (`preset`: `gpt2`, `modern` ou `moe`), qualquer campo de `GPTConfig`
+# (`n_layer`, `n_embd`, `n_experts`...), qualquer campo de `TrainConfig` (`max_steps`, `lr`,
+# `batch_size`, `grad_accum`...) e os dados (`dataset` + `tokenizer`, ou `data_dir`). A ordem de
+# precedência é: padrões < JSON < `--quick` < `--chave=valor` explícito.
+#
+# | config | o que é |
+# |---|---|
+# | `machado_char_modern` | **padrão**: modelo moderno (RoPE, RMSNorm, SwiGLU, GQA) em Machado, por caractere, ~10 min na CPU |
+# | `shakespeare_char_gpt2` | a receita de CPU do README do nanoGPT (4 camadas, 4 cabeças, 128 dims, bloco 64, lote 12, 2000 passos) |
+# | `shakespeare_char_modern` | a mesma receita e os mesmos tokens, com a arquitetura moderna |
+# | `machado_moe` | Mixture-of-Experts (8 especialistas, top-2) em Machado |
+#
+# Dados: `--data_dir=PASTA` usa uma pasta preparada por `data/prepare_*.py`; sem ela, o par
+# `--dataset` (`machado`, `tinyshakespeare`) + `--tokenizer` (`char`, `gpt2`, `bpe`) é preparado
+# na primeira vez em `data/<dataset>_<tokenizer>/`.
+
+# %%
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from nanomoe import GPT
+from nanomoe.cli import in_notebook
+from nanomoe.data import compare_tokenizers, data_tokenizer, load_meta, load_split
+from nanomoe.distributed import cleanup_distributed, setup_distributed
+from nanomoe.train import (
+    model_config_from_args,
+    parse_run_args,
+    resolve_data_dir,
+    run_defaults,
+    short_errors,
+    train,
+    train_config_from_args,
+)
+
+DEFAULTS = {
+    **run_defaults(),
+    "config": "machado_char_modern",  # scripts/configs/<name>.json, or a path to a .json
+    "out_dir": "runs/04",
+    "compare_chars": 500_000,  # characters of Machado used in the tokenizer comparison (0 = skip it)
+}
+QUICK = dict(  # --quick: a few seconds, for the tests
+    max_chars=200_000, n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, grad_accum=1,
+    max_steps=20, warmup_steps=5, eval_interval=10, eval_iters=2, log_interval=5, sample_tokens=40,
+    out_dir="runs/04_quick", compare_chars=20_000, compile=False,
+)
+if not in_notebook():
+    short_errors()  # a bad path or config prints one clear line, not a traceback
+args = parse_run_args(quick=QUICK, defaults=DEFAULTS)
+dist_info = setup_distributed(args.device)  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
+main = dist_info.is_main
+if main:
+    given = {k: v for k, v in vars(args).items() if v != DEFAULTS.get(k) and v is not None}
+    print("run parameters (differing from the defaults):", json.dumps(given, ensure_ascii=False, default=str))
+
+# %% [markdown]
+# ## Dados
+#
+# A pasta de dados tem `train_000000.npy`, `val_000000.npy` (tokens uint16) e `meta.json` (qual
+# tokenizador, quantos tokens). `load_split` abre os shards como *memory maps*: nada é lido para a
+# memória até um lote precisar daqueles bytes, então o mesmo código serve para 5 MB de Machado
+# e para os 10 bilhões de tokens do FineWeb-Edu.
+
+# %%
+data_dir = resolve_data_dir(args, dist_info)
+meta = load_meta(data_dir)
+tokenizer = data_tokenizer(data_dir)
+train_tokens, val_tokens = load_split(data_dir, "train"), load_split(data_dir, "val")
+if main:
+    n_train, n_val = sum(len(s) for s in train_tokens), sum(len(s) for s in val_tokens)
+    print(f"{data_dir}: tokenizer {meta['tokenizer']['name']} (vocab {tokenizer.vocab_size}), "
+          f"{n_train:,} train tokens, {n_val:,} val tokens")
+
+# %% [markdown]
+# ## O modelo
+#
+# `model_config_from_args` parte do *preset* e aplica os campos que a receita define; o tamanho
+# do vocabulário vem dos dados. A semente fixa garante o mesmo modelo inicial em todos os
+# processos (o DDP ainda copia os pesos do processo 0 para os outros, por garantia).
+
+# %%
+config = model_config_from_args(args, tokenizer.vocab_size)
+torch.manual_seed(args.seed)
+model = GPT(config)
+tcfg = train_config_from_args(args)
+tokens_per_step = tcfg.batch_size * config.block_size * tcfg.grad_accum
+if main:
+    kind = f"MoE {config.n_experts} experts top-{config.moe_top_k}" if config.n_experts else "dense"
+    print(f"preset {args.preset} ({kind}): {config.n_layer} layers, {config.n_head} heads "
+          f"({config.kv_heads} kv), n_embd {config.n_embd}, block {config.block_size}, "
+          f"{model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M active)")
+    print(f"{tcfg.max_steps} steps x {tokens_per_step:,} tokens = {tcfg.max_steps * tokens_per_step / 1e6:.2f}M tokens "
+          f"(~{tcfg.max_steps * tokens_per_step / max(n_train, 1):.2f} epochs)")
+
+# %% [markdown]
+# ## Treinar
+#
+# O que acontece a cada passo está no docstring de `nanomoe/train.py`. Duas escolhas tornam a
+# retomada exata: o lote número *g* da corrida é sorteado por um gerador semeado com
+# `(seed, g)`, e o gerador do dropout é ressemeado com `(seed, rank, passo)` no início de cada
+# passo. Nada depende do que foi sorteado antes, então parar e retomar não muda nada.
+#
+# A cada `eval_interval` passos: loss de validação (**só a entropia cruzada**: a loss auxiliar
+# das MoE não entra, e a perplexidade é `exp(CE)`), uma amostra de texto, uma linha em
+# `metrics.jsonl`, o gráfico `curves.png` e os checkpoints. Se a loss virar NaN ou infinito, o
+# treino para com uma mensagem clara e o último checkpoint bom fica intacto.
+
+# %%
+t0 = time.perf_counter()
+result = train(model, train_tokens, val_tokens, tcfg, tokenizer=tokenizer,
+               extra_state={"data_dir": str(data_dir), "config_name": args.config})
+wall = time.perf_counter() - t0
+if main:
+    print(f"wall time {wall:.1f} s (training {result.train_time_s:.1f} s, the rest is evaluation, samples, checkpoints)")
+    if result.stopped:
+        print("STOPPED:", result.stopped)
+if result.stopped and not in_notebook():
+    cleanup_distributed(dist_info)
+    raise SystemExit(1)
+
+# %% [markdown]
+# ## Curvas e amostras
+#
+# `out_dir` guarda tudo o que a corrida produziu: `metrics.jsonl` (uma linha por registro de
+# treino e por avaliação, acrescentadas ao longo da corrida), `curves.png`, `latest.pt`,
+# `best.pt` e, para um BPE treinado, o `tokenizer.json` (o checkpoint aponta para ele).
+
+# %%
+if main and result.history:
+    from nanomoe.plots import plot_curves
+
+    runs = {"treino": [{"step": r["step"], "loss": r["ce"]} for r in result.log],
+            "validação": [{"step": r["step"], "loss": r["val_loss"]} for r in result.history if "val_loss" in r]}
+    fig = plot_curves(runs, y="loss", title=f"{args.config}: entropia cruzada", figsize=(7, 4))
+    if not in_notebook():
+        print(f"curves: {Path(tcfg.out_dir) / 'curves.png'}")
+    print(f"{'step':>6} {'tokens':>11} {'train':>7} {'val':>7} {'ppl':>7} {'tok/s':>8}")
+    for r in result.history:
+        tl = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "-"
+        print(f"{r['step']:>6} {r['tokens']:>11,} {tl:>7} {r.get('val_loss', float('nan')):>7.4f} "
+              f"{r.get('val_ppl', float('nan')):>7.2f} {r['tokens_per_s']:>8,.0f}")
+    print("\nsample at the last evaluation:\n" + (result.final.get("sample") or "(no tokenizer)"))
+
+# %% [markdown]
+# ### Resultado de referência (CPU de 2 núcleos, compartilhada)
+#
+# Com a configuração padrão (`machado_char_modern`) registramos aqui a corrida de ~10 minutos:
+# os números ficam em `docs/benchmarks.md` ("Chapter 04 — training"). Uma loss de validação
+# por caractere perto de 1,5 nats (perplexidade ~4,5) já dá palavras e pontuação de português, com
+# frases que lembram Machado mas ainda sem sentido.
+
+# %% [markdown]
+# ## Retomar, interromper, várias GPUs
+#
+# - `--resume` continua de `out_dir/latest.pt`. O teste `tests/test_04_resume.py` treina 2N passos
+#   direto e N + N com retomada, para um modelo denso e um MoE, e exige losses e pesos finais
+#   **idênticos bit a bit**. Outro teste mata o processo com `SIGKILL` no meio do treino e no meio
+#   da escrita de um checkpoint: o `latest.pt` continua legível e a retomada funciona, porque o
+#   checkpoint é escrito num arquivo temporário, sincronizado no disco (`fsync`) e só então
+#   renomeado por cima do antigo (`os.replace` é atômico).
+# - Os checkpoints são carregados com `torch.load(weights_only=True)`: um pickle pode executar
+#   código arbitrário ao ser lido, e este modo só reconstrói tensores e dados simples. Um
+#   checkpoint de outra configuração é recusado com a lista dos campos diferentes.
+# - `torchrun --standalone --nproc_per_node=N -m scripts.04_train ...` roda N processos com DDP
+#   (NCCL nas GPUs, gloo na CPU). `grad_accum` conta os micro-lotes de todos os processos: com
+#   `grad_accum=8` e 4 GPUs, cada uma faz 2 micro-lotes por passo, e o gradiente só é sincronizado
+#   no último (`no_sync` nos outros). Os processos leem lotes disjuntos, e o conjunto de lotes de um
+#   passo é o mesmo que um processo só leria com o mesmo `grad_accum`: o teste
+#   `tests/test_04_ddp.py` confere que 2 processos na CPU seguem a mesma trajetória de loss que 1
+#   processo com 2 micro-lotes. Só o processo 0 escreve logs e checkpoints; decisões de parada
+#   usam valores somados entre os processos, então todos decidem igual.
+# - FSDP2 (modelos que não cabem numa GPU) não está implementado: os modelos do curso cabem com folga.
+
+# %% [markdown]
+# ## Quantos tokens por caractere? char, GPT-2 e um BPE treinado no Machado
+#
+# O tokenizador decide quantos passos o modelo dá para ler um texto. Por caractere, cada letra é
+# um token; o BPE do GPT-2 foi treinado em inglês e parte palavras portuguesas (e acentos) em
+# muitos pedaços; um BPE byte-level treinado no próprio Machado (4096 tokens) junta os pedaços
+# mais frequentes do português. Contamos no trecho de validação (não visto pelo BPE).
+
+# %%
+if main and args.compare_chars:
+    from nanomoe.data import gpt2_tokenizer, read_corpus
+    from nanomoe.tokenizer import BPETokenizer, get_tokenizer
+
+    text = read_corpus("machado")
+    cut = int(len(text) * 0.9)
+    train_text, sample = text[:cut], text[cut:cut + args.compare_chars]
+    bpe_train = train_text[: 20 * args.compare_chars]
+    toks = {"char": get_tokenizer("char", text=text), "bytes": get_tokenizer("bytes")}
+    try:
+        toks["gpt2"] = gpt2_tokenizer()
+    except Exception as e:  # offline without the GPT-2 files
+        print(f"(GPT-2 BPE unavailable: {type(e).__name__})")
+    toks["bpe (Machado, 4096)"] = BPETokenizer.train([bpe_train[i:i + 65536] for i in range(0, len(bpe_train), 65536)], 4096)
+    rows = compare_tokenizers(sample, toks)
+    print(f"{len(sample):,} characters of Machado (validation part)")
+    print(f"{'tokenizer':<22} {'vocab':>7} {'tokens':>9} {'tokens/char':>12} {'chars/token':>12}")
+    for r in rows:
+        print(f"{r['tokenizer']:<22} {r['vocab_size']:>7,} {r['tokens']:>9,} {r['tokens_per_char']:>12.3f} "
+              f"{r['chars_per_token']:>12.2f}")
+    print("exemplo:", [toks["bpe (Machado, 4096)"].decode([i]) for i in toks["bpe (Machado, 4096)"].encode(sample[:60])])
+
+# %% [markdown]
+# Menos tokens por caractere significa contexto mais longo no mesmo `block_size` e menos passos
+# para ler o corpus, ao preço de um vocabulário maior (embedding e cabeça de saída maiores) e de
+# uma loss por token que não se compara diretamente com a loss por caractere: para comparar
+# modelos com tokenizadores diferentes, converta para *bits por caractere* (loss × tokens/char ÷ ln 2).
+
+# %% [markdown]
+# ## Gerar texto de um checkpoint
+#
+# *Esta seção está chegando*: o script `scripts/generate.py` (e `nanomoe.inference`) carrega um
+# checkpoint deste capítulo (ou a pasta `out_dir`) e gera texto a partir de um prompt.
+
+# %%
+cleanup_distributed(dist_info)
