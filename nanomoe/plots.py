@@ -167,3 +167,109 @@ def plot_panels(
     fig.tight_layout()
     save_figure(fig, save_path)
     return fig
+
+
+def plot_expert_load(
+    loads: Sequence,
+    steps: Sequence[int],
+    *,
+    title: Optional[str] = None,
+    save_path: Optional[PathLike] = None,
+) -> Figure:
+    """Chapter 03: heatmap of the expert load over training, one panel per MoE layer.
+
+    `loads[w]` is the (n_layers, E) load fraction of logging window w (`MoEMetrics.load_fractions()`),
+    `steps[w]` the step at the end of that window. Colour = share of the layer's assignments the
+    expert got; 1/E everywhere is perfect balance (the colour scale is centred on it)."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    arr = np.stack([np.asarray(l, dtype=float) for l in loads])  # (W, L, E)
+    if arr.ndim != 3 or arr.shape[0] != len(steps):
+        raise ValueError(f"plot_expert_load: loads must be {len(steps)} arrays of shape (layers, experts), got {arr.shape}")
+    W, L, E = arr.shape
+    fig, axes = plt.subplots(1, L, figsize=(min(4.2 * L, 16), 3.2), squeeze=False)
+    # white = 1/E (balanced), blue = starved, red = overloaded
+    norm = TwoSlopeNorm(vcenter=1.0 / E, vmin=0.0, vmax=max(2.0 / E, float(arr.max())))
+    for li, ax in enumerate(axes[0]):
+        im = ax.imshow(arr[:, li, :].T, aspect="auto", origin="lower", cmap="RdBu_r", norm=norm,
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, E - 0.5), interpolation="nearest")
+        ax.set_title(f"camada MoE {li}", fontsize=10)
+        ax.set_xlabel(_label("step"))
+        ax.set_ylabel("especialista")
+        ax.set_yticks(range(E))
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label=f"fração da carga (equilíbrio = 1/{E})")
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, save_path)
+    return fig
+
+
+def plot_token_routing(
+    tokens: Sequence[str],
+    experts: Sequence[Sequence[int]],
+    n_experts: int,
+    *,
+    title: Optional[str] = None,
+    save_path: Optional[PathLike] = None,
+) -> Figure:
+    """Chapter 03: which expert each token of a sentence goes to (its top-1 choice).
+
+    `tokens`: the T token strings; `experts`: (n_layers, T) expert ids. One row per MoE layer,
+    one cell per token, coloured by expert, with the token written in it."""
+    import numpy as np
+
+    ids = np.asarray(experts, dtype=int)  # (L, T)
+    L, T = ids.shape
+    if T != len(tokens):
+        raise ValueError(f"plot_token_routing: {len(tokens)} tokens but expert ids for {T}")
+    fig, ax = plt.subplots(figsize=(min(0.32 * T + 1.5, 24), 0.55 * L + 1.2))
+    cmap = plt.get_cmap("tab10" if n_experts <= 10 else "tab20", n_experts)
+    ax.imshow(ids, aspect="auto", cmap=cmap, vmin=-0.5, vmax=n_experts - 0.5, interpolation="nearest")
+    for li in range(L):
+        for t, s in enumerate(tokens):
+            shown = {" ": "␣", "\n": "⏎"}.get(s, s)
+            ax.text(t, li, shown, ha="center", va="center", fontsize=9, color="white")
+    ax.set_yticks(range(L))
+    ax.set_yticklabels([f"camada {i}" for i in range(L)])
+    ax.set_xticks([])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(e)) for e in range(n_experts)]
+    ax.legend(handles, [f"E{e}" for e in range(n_experts)], ncol=min(n_experts, 8), fontsize=8,
+              loc="upper center", bbox_to_anchor=(0.5, -0.05), frameon=False)
+    ax.set_title(title or "especialista escolhido (top-1) por token")
+    fig.tight_layout()
+    save_figure(fig, save_path)
+    return fig
+
+
+def plot_balance_sweep(
+    coefs: Sequence[float],
+    load_cv: Sequence[float],
+    val_loss: Sequence[float],
+    *,
+    title: Optional[str] = None,
+    save_path: Optional[PathLike] = None,
+) -> Figure:
+    """Chapter 03: the balance-loss coefficient against the load imbalance (coefficient of
+    variation of the expert load) and the validation loss. A coefficient of 0 is drawn at the
+    left end of the log axis."""
+    xs = list(coefs)
+    pos = [c for c in xs if c > 0]
+    zero_at = (min(pos) / 10) if pos else 1e-4
+    px = [c if c > 0 else zero_at for c in xs]
+    labels = [f"{c:g}" for c in xs]
+    fig, axes = plt.subplots(1, 2, figsize=(9.2, 3.4))
+    for ax, ys, name in ((axes[0], load_cv, "CV da carga (0 = equilibrado)"), (axes[1], val_loss, _label("val_loss"))):
+        ax.plot(px, ys, "-o")
+        ax.set_xscale("log")
+        ax.set_xticks(px)
+        ax.set_xticklabels(labels)
+        ax.minorticks_off()
+        ax.set_xlabel("coeficiente da loss de balanceamento")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, save_path)
+    return fig
