@@ -78,6 +78,11 @@ def _find_checkpoint(folder: Path) -> Path:
 def _load_checkpoint_file(path: Path) -> tuple[GPT, Tokenizer]:
     from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive (b"PK\x03\x04"); very old PyTorch wrote a pickle (b"\x80").
+    if magic and not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):
+        raise InferenceError(f"{path} is not a PyTorch checkpoint (not a file written by torch.save): {_describe_sources()}")
     try:
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt)
@@ -132,12 +137,38 @@ def _load_hf_folder(folder: Path) -> tuple[GPT, Tokenizer]:
     return model, tok
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we open a connection to the Hugging Face hub? (A quick check, so that offline we fail
+    in a second with a clear message instead of after transformers' minute of retries.)"""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_hub(name: str) -> tuple[GPT, Tokenizer]:
-    from . import hf
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if not cached and not _hub_reachable():
+        raise InferenceError(
+            f"{name!r} is not in the Hugging Face cache and the hub cannot be reached (offline?): "
+            "downloading it needs internet once (then it is cached); or pass a local checkpoint or folder"
+        )
+    from . import hf  # imports transformers: only now that we need it
 
     try:
         model = hf.from_pretrained(name)
-    except hf.HFConversionError as e:  # offline, unknown name, weights that do not fit
+    except hf.HFConversionError as e:  # unknown name, no access, weights that do not fit
         raise InferenceError(" ".join(str(e).split())) from None
     info = {"name": "gpt2"} if name in GPT2_NAMES else {"name": "hf", "path": name}
     return model, _tokenizer_from_info(info, Path("."), Path(name))
