@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -170,14 +171,18 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e) or "weights_only" in str(e):
+        text = str(e)
+        m = re.search(r"Unsupported (global|class)[^\n]*", text)
+        if m:  # the file asks the unpickler to import and call something: code, not data
             raise CheckpointError(
-                f"refused to load {p}: it contains Python objects that are not tensors or plain data, and "
-                f"unpickling them could run arbitrary code (torch.load weights_only=True stopped it: {first[:200]}). "
-                "nanomoe checkpoints never contain such objects; do not load this file unless you made it."
+                f"refused to load {p}: it holds Python objects that are not tensors or plain data, and "
+                f"unpickling them could run arbitrary code (torch.load with weights_only=True stopped it: "
+                f"{m.group(0)[:160]}). nanomoe checkpoints never contain such objects; do not load this file "
+                "unless you made it yourself."
             ) from None
-        raise CheckpointError(f"checkpoint {p} is corrupt ({first[:200]}); use another checkpoint") from None
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        why = reason.group(1).strip() if reason else type(e).__name__
+        raise CheckpointError(f"checkpoint {p} is corrupt ({why[:160]}); use another checkpoint") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
