@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -267,8 +269,76 @@ if main and args.compare_chars:
 # %% [markdown]
 # ## Gerar texto de um checkpoint
 #
-# *Esta seção está chegando*: o script `scripts/generate.py` (e `nanomoe.inference`) carrega um
-# checkpoint deste capítulo (ou a pasta `out_dir`) e gera texto a partir de um prompt.
+# O treino deixou `latest.pt` (e `best.pt`) em `out_dir`. Para gerar texto basta apontar para
+# ele: `load_model` lê do checkpoint a configuração do modelo **e o tokenizador** (o alfabeto do
+# tokenizador por caractere, o `tokenizer.json` do BPE treinado que está ao lado do checkpoint, ou
+# o GPT-2), então nada precisa ser repetido à mão. O mesmo `load_model` abre uma pasta exportada
+# para o Hugging Face (`nanomoe.hf.export_hf`, capítulo 05) ou baixa o GPT-2 pelo nome (`"gpt2"`).
+#
+# `generate_text` escreve o texto à medida que os tokens saem (`stream_to=sys.stdout`). Um token
+# de um BPE byte-level pode carregar só metade de um caractere UTF-8 (o "ã" são dois bytes); por
+# isso o texto é decodificado numa janela dos últimos tokens e só é impresso quando o último
+# caractere está completo. No fim, `out.stats` diz o tempo até o primeiro token (o *prefill* do
+# prompt inteiro + o primeiro sorteio) e quantos tokens por segundo saíram.
+#
+# Pelo terminal, o mesmo:
+#
+# ```bash
+# uv run -m scripts.generate runs/04 "Capitu" --temperature 0             # greedy: sempre o mesmo texto
+# uv run -m scripts.generate runs/04 "Capitu" --temperature 0.8 --top-k 50 --num-samples 3 --seed 1
+# uv run -m scripts.generate runs/04/best.pt "Capitu" --top-p 0.9 --max-new-tokens 100
+# uv run -m scripts.generate runs/04 "Capitu" --no-cache                  # sem KV cache (bem mais lento)
+# ```
+#
+# O texto vai para a saída padrão; o resumo (tokens/s, tempo até o primeiro token) vai para a saída
+# de erro, então `> texto.txt` guarda só o texto. Entrada inválida (arquivo inexistente, arquivo que
+# não é um checkpoint, prompt maior que o contexto, caractere que o tokenizador por caractere não
+# conhece, `--temperature -1`...) termina com uma linha de erro clara e código de saída 2.
+
+# %%
+ckpt_file = Path(tcfg.out_dir or ".") / "latest.pt"
+if main and ckpt_file.is_file():
+    from nanomoe.inference import generate_text, load_model
+
+    gen_model, gen_tok = load_model(tcfg.out_dir, device=args.device)  # latest.pt and its tokenizer
+    prompt = {"machado": "Capitu", "tinyshakespeare": "ROMEO:"}.get(args.dataset, "")
+    try:
+        prompt_ids = gen_tok.encode(prompt) if prompt else []
+    except ValueError:  # a char tokenizer built from another corpus may not know these letters
+        prompt_ids = []
+    if not prompt_ids:  # then start from the first tokens of the validation text
+        prompt_ids = [int(i) for i in val_tokens[0][:8]]
+        prompt = gen_tok.decode(prompt_ids)
+    # with the KV cache, prompt + new tokens must fit in the context (block_size)
+    n_new = min(300, gen_model.config.block_size - len(prompt_ids))
+
+    print("greedy (temperature 0):")
+    out = generate_text(gen_model, gen_tok, prompt, max_new_tokens=n_new, temperature=0, stream_to=sys.stdout)
+    print(out.stats.summary())
+    print("\n3 samples, temperature 0.8, top-k 50, seed 1:")
+    out = generate_text(gen_model, gen_tok, prompt, max_new_tokens=n_new, temperature=0.8, top_k=50,
+                        num_samples=3, seed=1, stream_to=sys.stdout)
+    print(out.stats.summary())
+
+# %% [markdown]
+# ### KV cache: quanto ele economiza
+#
+# Sem cache (o laço do nanoGPT), cada novo token roda o modelo sobre o contexto inteiro de novo:
+# o passo *t* custa O(*t*) nas projeções e MLPs e O(*t*²) na atenção. Com o cache, as chaves e
+# valores de todas as posições anteriores ficam guardados (`nanomoe/kv_cache.py`) e cada passo
+# roda só o token novo. O texto é o mesmo (greedy), só a velocidade muda, e a diferença cresce
+# com o comprimento gerado.
+
+# %%
+if main and ckpt_file.is_file():
+    texts = {}
+    for use_cache in (True, False):
+        res = generate_text(gen_model, gen_tok, prompt, max_new_tokens=n_new, temperature=0, use_cache=use_cache)
+        texts[use_cache] = res[0]
+        s = res.stats
+        print(f"KV cache {'on ' if use_cache else 'off'}: {s.new_tokens} tokens, {s.tokens_per_s:8.1f} tokens/s, "
+              f"time to first token {1000 * s.ttft_s:.1f} ms")
+    print("same text with and without the cache:", texts[True] == texts[False])
 
 # %%
 cleanup_distributed(dist_info)
