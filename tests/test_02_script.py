@@ -7,18 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
-MACHADO = ROOT.parent / "shared" / "data" / "machado"
 
 
-@pytest.mark.skipif(not MACHADO.is_dir() and not os.environ.get("NANOMOE_DATA"), reason="no offline Machado corpus")
-def test_02_script_quick(tmp_path):
+def test_02_script_quick(tmp_path, shared_data):
     out = tmp_path / "runs02"
     env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "scripts.02_modern_gpt", "--quick", f"--out_dir={out}"],
+        [sys.executable, "-m", "scripts.02_modern_gpt", "--quick", f"--out_dir={out}",
+         f"--source={shared_data / 'machado'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
