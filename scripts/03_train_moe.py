@@ -1,0 +1,627 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: notebooks///ipynb,scripts///py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Capítulo 03 — Mistura de Especialistas (MoE) que aprende de verdade
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/03_train_moe.ipynb)
+#
+# Num modelo denso, cada token passa por **todos** os pesos do MLP de cada camada. Numa
+# Mistura de Especialistas (*Mixture of Experts*, MoE) o MLP vira $E$ MLPs menores — os
+# **especialistas** — e um **roteador** escolhe, para cada token, só $k$ deles. O modelo pode ter
+# muito mais parâmetros sem gastar mais contas por token: o Mixtral 8x7B tem 47 bilhões de
+# parâmetros, mas cada token usa 13 bilhões.
+#
+# A ideia é simples; os detalhes são traiçoeiros. O MoE do repositório original deste curso não
+# aprendia: as probabilidades do roteador nunca multiplicavam a saída dos especialistas (então o
+# roteador não recebia gradiente da loss do modelo de linguagem), o segundo especialista do top-2
+# **sobrescrevia** o primeiro em vez de somar, a loss de balanceamento tinha a escala errada e a
+# capacidade podia chegar a zero na geração. Aqui fazemos cada peça certo — e provamos.
+#
+# | ideia | artigo |
+# |---|---|
+# | roteador top-k esparso, loss de balanceamento | Shazeer et al. 2017, *Outrageously Large Neural Networks* |
+# | top-1, loss $N\sum_i f_i P_i$, fator de capacidade | Fedus, Zoph & Shazeer 2021, *Switch Transformers* |
+# | *router z-loss* (estabilidade) | Zoph et al. 2022, *ST-MoE* |
+# | 8 especialistas, top-2, pesos renormalizados, sem descarte | Jiang et al. 2024, *Mixtral of Experts* |
+# | especialistas finos + compartilhados | Dai et al. 2024, *DeepSeekMoE* |
+# | balanceamento sem loss auxiliar (viés por especialista) | DeepSeek-AI 2024, *DeepSeek-V3* (seção 2.1.2) |
+#
+# O código mora em `nanomoe/moe.py` (a camada) e `nanomoe/moe_metrics.py` (as métricas); aqui
+# lemos esse código, verificamos cada equação e, no fim, treinamos no Machado de Assis um modelo
+# denso contra MoEs com **o mesmo número de parâmetros ativos**. Cada afirmação tem um teste em
+# `tests/test_03_*.py` (`uv run pytest tests/test_03_*.py`).
+
+# %%
+import sys, subprocess  # noqa: E401
+
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/sagui-nlp/nanomoe"], check=True)
+
+# %%
+import inspect
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nanomoe import GPT, get_tokenizer, modern_config, moe_config
+from nanomoe.cli import parse_args
+from nanomoe.data import encode_text, read_corpus
+from nanomoe.mlp import MLP
+from nanomoe.moe import MoE, Experts, capacity, capacity_keep, expert_mlp, moe_layers, update_moe_bias
+from nanomoe.moe_metrics import MoEMetrics
+from nanomoe.plots import plot_balance_sweep, plot_curves, plot_expert_load, plot_token_routing, save_figure
+from nanomoe.train import TrainConfig, train
+
+
+def show_source(*objs) -> None:
+    """Print the source code of package functions/classes: the notebook reads the real code."""
+    for obj in objs:
+        print(inspect.getsource(obj))
+
+
+# %% [markdown]
+# ## Parâmetros
+#
+# Os valores abaixo dão o experimento completo (8 treinos) em ~10 minutos numa CPU de 2 núcleos
+# livre (e poucos minutos numa T4). Como script: `uv run -m scripts.03_train_moe --steps=600`;
+# num notebook, edite o dicionário ou defina `NANOMOE_ARGS="--steps=600"`. `--quick` roda tudo
+# em segundos (é o que os testes usam).
+
+# %%
+DEFAULTS = dict(
+    quick=False,
+    corpus="machado",
+    source="",  # a local copy of the corpus (a folder of .txt files) when offline
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    block_size=128,
+    batch_size=16,
+    steps=300,  # optimizer steps per run (same token budget for every run)
+    lr=2e-3,
+    min_lr=2e-4,
+    warmup_steps=30,
+    eval_interval=25,
+    eval_iters=10,
+    n_experts=8,
+    aux_coefs="0,0.001,0.01,0.1",  # balance-loss sweep (top-2); 0.01 is also the main MoE run
+    main_aux=0.01,  # balance-loss coefficient of the dense-vs-MoE comparison
+    z_coef=0.001,
+    capacity_factor=1.0,  # the capacity run; 0 = skip it
+    bias_rate=0.001,  # DeepSeek-V3 bias run (no aux loss); 0 = skip it
+    load_every=10,  # steps per window of the expert-load heatmap
+    seed=1337,
+    device="auto",
+    out_dir="runs/03",
+    threads=0,  # torch CPU threads; 0 = torch's default (all cores)
+)
+QUICK = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, steps=6, warmup_steps=2, eval_interval=3,
+             eval_iters=2, n_experts=4, aux_coefs="0,0.01", load_every=2, threads=1)
+args = parse_args(DEFAULTS, quick=QUICK)
+out_dir = Path(args.out_dir)
+out_dir.mkdir(parents=True, exist_ok=True)
+if args.threads > 0:
+    torch.set_num_threads(args.threads)
+torch.manual_seed(args.seed)
+print(args)
+
+# %% [markdown]
+# ## 1. O roteador: softmax, top-k e os pesos das portas
+#
+# Para um token $x \in \mathbb{R}^C$ o roteador é uma camada linear **sem viés**
+# $W_r \in \mathbb{R}^{E\times C}$ (calculada em float32 mesmo com precisão mista: os logits
+# passam por exponenciais e por um top-k, onde o arredondamento do bfloat16 troca especialistas):
+#
+# $$ \ell = W_r\,x, \qquad p = \text{softmax}(\ell), \qquad S = \text{top-}k(p) $$
+#
+# $$ g_i = \frac{p_i}{\sum_{j \in S} p_j}\ (i \in S) \qquad
+#    y = \sum_{i \in S} g_i\, E_i(x) $$
+#
+# A renormalização sobre os $k$ escolhidos é a do Mixtral (`moe_renormalize=True`). Com $k = 1$
+# ela daria $g = p_i/p_i = 1$ — uma constante, e o roteador ficaria sem gradiente da loss do
+# modelo; por isso, com $k=1$, usamos $g = p_i$ como o Switch Transformer.
+#
+# **Por que a porta precisa multiplicar a saída.** O top-k é uma escolha discreta: não tem
+# derivada. O único caminho do gradiente da loss até $W_r$ é o fator $g_i$ em $y$. Um MoE que
+# escolhe os especialistas pelo roteador mas soma as saídas sem $g_i$ tem um roteador que nunca
+# aprende (foi o erro do repositório original).
+
+# %%
+show_source(MoE.route)
+
+# %%
+toy = moe_config(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16, n_experts=4, moe_top_k=2)
+torch.manual_seed(0)
+moe = MoE(toy)
+x = torch.randn(1, 3, 16)  # 3 tokens
+logits, probs, topk_idx, gates = moe.route(x)
+for t in range(3):
+    print(f"token {t}: p = {[round(v, 3) for v in probs[0, t].tolist()]}  top-2 = {topk_idx[0, t].tolist()}  "
+          f"g = {[round(v, 3) for v in gates[0, t].tolist()]}  (soma {gates[0, t].sum():.3f})")
+
+# %% [markdown]
+# A saída é a **soma** ponderada dos $k$ especialistas — não a saída do último. Conferimos contra
+# a fórmula, token a token, usando cada especialista como um MLP denso comum:
+
+# %%
+with torch.no_grad():
+    y, aux, stats = moe(x)
+
+
+def expert_as_mlp(moe: MoE, e: int) -> MLP:
+    mlp = MLP(moe.experts.n_embd, moe.experts.hidden, moe.kind, bias=False)
+    with torch.no_grad():
+        mlp.c_fc.weight.copy_(moe.experts.c_fc[e].T)
+        mlp.c_proj.weight.copy_(moe.experts.c_proj[e].T)
+    return mlp
+
+
+with torch.no_grad():
+    formula = torch.stack([sum(gates[0, t, j] * expert_as_mlp(moe, int(topk_idx[0, t, j]))(x[0, t]) for j in range(2))
+                           for t in range(3)])
+print("max |MoE - soma ponderada| =", float((y[0] - formula).abs().max()))
+
+# %% [markdown]
+# E o gradiente: com as losses auxiliares **desligadas**, só a entropia cruzada chega ao roteador —
+# pelas portas. Se somássemos as saídas sem as portas, o gradiente do roteador seria nulo:
+
+# %%
+small_lm = moe_config(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, n_experts=4,
+                      moe_aux_loss_coef=0.0, moe_z_loss_coef=0.0)
+for k in (2, 1):
+    torch.manual_seed(0)
+    lm = GPT(small_lm.replace(moe_top_k=k))
+    idx = torch.randint(0, 32, (2, 16))
+    _, loss = lm(idx, idx)
+    loss.backward()
+    norms = [f"{float(m.router.weight.grad.norm()):.2e}" for m in moe_layers(lm)]
+    print(f"top-{k}: ||grad W_r|| por camada (só entropia cruzada) = {norms}")
+
+moe.zero_grad()
+_, _, idx, _ = moe.route(x)
+no_gate = sum(expert_mlp(x[0], moe.experts.c_fc[e], moe.experts.c_proj[e], moe.kind)
+              * (idx[0] == e).any(-1, keepdim=True) for e in range(4))  # the chosen experts, summed without g
+no_gate.square().sum().backward()
+print("sem portas: grad W_r =", moe.router.weight.grad, "(o roteador nem entra no grafo do gradiente)")
+
+# %% [markdown]
+# ## 2. Os especialistas, empilhados, e a comparação justa
+#
+# Cada especialista é um MLP SwiGLU (o mesmo tipo do modelo denso do capítulo 02). Guardamos os
+# $E$ especialistas como **dois tensores 3-D**: `c_fc` $(E, C, 2H)$ e `c_proj` $(E, H, C)$, com
+# $y = x\,W$. Uma `ModuleList` de MLPs parece mais natural, mas quebra o treino distribuído
+# (DDP): um especialista que não recebeu nenhum token no lote fica sem gradiente e o DDP espera
+# por ele para sempre. Empilhados, ele recebe um gradiente **zero** (teste
+# `test_ddp_with_an_expert_that_gets_no_tokens`).
+#
+# **Parâmetros ativos iguais.** Se cada especialista fosse tão largo quanto o MLP denso, o top-2
+# dobraria as contas por token e "o MoE ganhou" não diria nada. Por padrão
+# `expert_hidden_dim = hidden_dim // (k + n_shared_experts)`: os $k$ especialistas de um token
+# somam a largura do MLP denso. O modelo tem $E/k$ vezes mais pesos de MLP, mas cada token usa
+# a mesma quantidade.
+
+# %%
+show_source(Experts)
+print(inspect.getsource(type(toy).expert_hidden_dim.fget))
+
+# %%
+for k in (1, 2):
+    cfg = moe_config(n_embd=args.n_embd, n_head=args.n_head, n_experts=8, moe_top_k=k)
+    layer, dense = MoE(cfg), MLP(cfg.n_embd, cfg.hidden_dim, "swiglu", bias=False)
+    per_expert = sum(p.numel() for p in layer.experts.parameters()) // cfg.n_experts
+    print(f"top-{k}: MLP denso H={cfg.hidden_dim}: {sum(p.numel() for p in dense.parameters()):,} pesos | "
+          f"especialista H={cfg.expert_hidden_dim}: {per_expert:,} pesos x 8 = {8 * per_expert:,} no total, "
+          f"{k * per_expert:,} ativos por token (+ roteador {layer.router.weight.numel():,})")
+
+# %% [markdown]
+# ## 3. A loss de balanceamento (Switch Transformer)
+#
+# Sem incentivo, o roteador tende ao colapso: os especialistas que recebem mais tokens aprendem
+# mais rápido, ficam melhores e recebem ainda mais tokens. O Switch Transformer (eq. 4) soma à
+# loss
+#
+# $$ \mathcal{L}_{bal} = N \sum_{i=1}^{N} f_i\, P_i, \qquad
+#    f_i = \frac{\#\{\text{atribuições ao especialista } i\}}{T\cdot k}, \qquad
+#    P_i = \frac{1}{T}\sum_{x} p_i(x) $$
+#
+# com $N = E$ especialistas e $T$ tokens. $f_i$ é a fração das $T\cdot k$ **atribuições** que
+# foram para $i$ (soma 1 para qualquer $k$); $f$ vem de um top-k e não tem gradiente, o
+# gradiente passa por $P_i$, a probabilidade média do softmax **completo** (não dos $k$
+# renormalizados: esses somam 1 entre os escolhidos e não dizem nada dos outros).
+# Com carga equilibrada $f_i = 1/N$ e $\mathcal{L}_{bal} = \sum_i P_i = 1$; com roteador uniforme
+# $P_i = 1/N$ e de novo $\mathcal{L}_{bal} = 1$; se tudo vai para um especialista,
+# $f = P = (1, 0, \dots)$ e $\mathcal{L}_{bal} = N$. Dois erros comuns: tirar a média em vez de
+# multiplicar por $N$ (a loss vira 1/N do valor e o coeficiente perde o sentido) e normalizar
+# $f$ para somar $k$ (o valor passa a depender de $k$).
+#
+# ## 4. A *router z-loss* (ST-MoE)
+#
+# Logits do roteador que crescem sem limite tornam o softmax instável (exponenciais enormes,
+# arredondamento em bfloat16). O ST-MoE (eq. 5) penaliza o log-sum-exp dos logits:
+#
+# $$ \mathcal{L}_z = \frac{1}{T}\sum_x \Big(\log \sum_{i=1}^{N} e^{\ell_i(x)}\Big)^2 $$
+#
+# A loss total é $\mathcal{L} = \text{CE} + \alpha\,\mathcal{L}_{bal} + \beta\,\mathcal{L}_z$
+# (`moe_aux_loss_coef` $=\alpha$, `moe_z_loss_coef` $=\beta$). O modelo devolve essa soma como
+# `loss` (é o que o treino otimiza), e guarda a entropia cruzada sozinha em
+# `model.last_ce_loss`: validação e perplexidade usam só ela, nunca CE + losses auxiliares.
+
+# %%
+show_source(MoE.forward)
+
+# %%
+E, T = 4, 16
+
+
+def balanced(w):  # token t prefers expert t % 4 (logit 1 + t % 4), then (t + 1) % 4 (logit 0.5)
+    w.zero_()
+    w[:, :E] = torch.eye(E)
+
+
+def uniform(w):  # every probability 1/4
+    w.zero_()
+
+
+def collapsed(w):  # logit 100 for expert 0
+    w.zero_()
+    w[0, E] = 100.0
+
+
+xs = torch.zeros(1, T, 16)
+for t in range(T):
+    xs[0, t, t % E] = 1.0 + t % E
+    xs[0, t, (t + 1) % E] = 0.5
+xs[0, :, E] = 1.0
+for name, setup in [("carga equilibrada", balanced), ("roteador uniforme", uniform), ("colapso no especialista 0", collapsed)]:
+    for k in (1, 2):
+        m = MoE(toy.replace(moe_top_k=k))
+        with torch.no_grad():
+            setup(m.router.weight)
+            _, _, st = m(xs)
+        print(f"{name:26s} k={k}: carga={[int(v) for v in st['load'].tolist()]}  "
+              f"P={[round(v, 2) for v in st['importance'].tolist()]}  L_bal={st['balance_loss']:.4f}  L_z={st['z_loss']:.1f}")
+
+# %% [markdown]
+# Com o roteador uniforme, $P_i = 1/N$ e $\mathcal{L}_{bal} = 1$ qualquer que seja a carga (aqui os
+# empates do top-k mandam tudo para os mesmos especialistas): é o ponto de partida de um roteador
+# recém-inicializado. Com $k=2$ o colapso máximo é em dois especialistas, $\mathcal{L}_{bal} = N/2$.
+# E a z-loss explode com o logit 100 do colapso ($100^2$): é exatamente o crescimento que ela pune.
+
+# %% [markdown]
+# ## 5. Capacidade: descartar tokens, sem espiar o futuro
+#
+# Em hardware com formas fixas (TPU, o Switch original) cada especialista processa no máximo
+#
+# $$ \text{capacidade} = \max\!\Big(c_{min},\ \Big\lceil \text{cf}\cdot\frac{T\,k}{N}\Big\rceil\Big) $$
+#
+# tokens; o que passa disso é **descartado**: a atribuição contribui zero e o token segue só pela
+# conexão residual (nunca por uma camada aprendida). Três detalhes fazem diferença:
+#
+# 1. **Mínimo.** Sem $c_{min}$, um prompt de 1 token com $N=8$, $k=2$, cf $=1$ teria capacidade
+#    $\lfloor 2/8\rfloor = 0$ e seria descartado inteiro na geração.
+# 2. **Por sequência e em ordem de posição.** Calculamos a capacidade para cada sequência
+#    ($T$ = seu tamanho) e os tokens ocupam as vagas na ordem em que aparecem. Se a disputa fosse
+#    no lote inteiro, ou ordenada pela confiança do roteador, a saída de um token dependeria dos
+#    tokens **seguintes** — um vazamento de causalidade no treino (o modelo "vê" o futuro).
+# 3. **Dropless é o padrão** (`moe_capacity_factor=None`, como o Mixtral): com capacidade, um
+#    passo de decodificação com cache vê 1 token e nunca descarta, enquanto a passagem pela
+#    sequência inteira pode descartar — sem capacidade as duas coincidem.
+
+# %%
+show_source(capacity, capacity_keep)
+
+# %%
+route = [0, 0, 0, 1, 1, 2, 0, 3]  # the top-1 expert of 8 tokens, crafted
+m = MoE(toy.replace(moe_top_k=1, moe_capacity_factor=1.0, moe_min_capacity=1))
+with torch.no_grad():
+    m.router.weight.zero_()
+    m.router.weight[:, :4] = 10 * torch.eye(4)
+xs = torch.zeros(1, 8, 16)
+for t, e in enumerate(route):
+    xs[0, t, e] = 1.0
+xs[0, :, 4:] = torch.randn(8, 12)
+y, _, st = m(xs)
+print("capacidade por especialista:", capacity(8, 4, 1, 1.0, 1))
+print("especialista de cada token: ", st["topk_idx"][0, :, 0].tolist())
+print("token descartado (y == 0):  ", (y[0].abs().sum(-1) == 0).tolist(), "-> descartes:", int(st["dropped"]))
+print("1 token, cf=1, N=8, k=2: capacidade =", capacity(1, 8, 2, 1.0, 1), "com mínimo 1,", capacity(1, 8, 2, 1.0, 4),
+      "com o mínimo padrão 4; int(cf * T * k / N) daria", int(1.0 * 1 * 2 / 8))
+
+# %% [markdown]
+# ## 6. Balanceamento sem loss auxiliar (DeepSeek-V3)
+#
+# A loss de balanceamento briga com a entropia cruzada: um $\alpha$ grande equilibra a carga mas
+# piora o modelo. O DeepSeek-V3 soma um **viés** $b_i$ às afinidades *só para escolher* os
+# especialistas; as portas continuam vindo das probabilidades sem viés:
+#
+# $$ S = \text{top-}k(p_i + b_i), \qquad g_i = \frac{p_i}{\sum_{j\in S} p_j} $$
+#
+# Depois de cada passo do otimizador, $b_i \leftarrow b_i + \gamma\,\text{sign}(\bar c - c_i)$,
+# onde $c_i$ é a carga do especialista $i$ no passo e $\bar c$ a média: especialistas
+# sobrecarregados ficam menos atraentes. Ligue com `moe_bias_balance=True`; o laço de treino
+# (`nanomoe.train.train`) chama `update_moe_bias(model)` depois de cada `optimizer.step()`
+# (somando as cargas de todos os micro-lotes e, com DDP, de todos os processos).
+
+# %%
+show_source(update_moe_bias)
+
+# %%
+m = MoE(toy.replace(moe_bias_balance=True))
+xs = torch.randn(1, 6, 16)
+_, p0, idx0, g0 = m.route(xs)
+with torch.no_grad():
+    m.expert_bias[3] = 1.0  # make expert 3 attractive
+_, p1, idx1, g1 = m.route(xs)
+print("escolhidos sem viés:", idx0[0].tolist())
+print("escolhidos com viés:", idx1[0].tolist())
+print("probabilidades iguais:", torch.equal(p0, p1), "| portas = p renormalizado sem viés:",
+      torch.allclose(g1, p1.gather(-1, idx1) / p1.gather(-1, idx1).sum(-1, keepdim=True)))
+
+# %% [markdown]
+# ## 7. Duas implementações: a de referência e a rápida
+#
+# `moe_impl="reference"` percorre os especialistas: cada um junta seus tokens (`index_select`),
+# calcula, multiplica pela porta e **soma** de volta (`index_add_`). É fácil de ler, e é o que
+# usamos para conferir a outra.
+#
+# `moe_impl="fast"` (padrão) ordena as $T\cdot k$ atribuições por especialista, de modo que os
+# tokens de cada especialista fiquem contíguos, e faz **uma** multiplicação agrupada
+# (`torch.nn.functional.grouped_mm`, o kernel de MoE do PyTorch) ou uma multiplicação por
+# especialista sobre `W.unbind(0)`. Um detalhe medido: indexar `W[e]` dentro do laço faz o
+# backward de cada `W[e]` escrever um tensor de zeros do tamanho de `W` inteiro; `unbind` não.
+# Com capacidade, as atribuições descartadas saem da lista antes do despacho.
+
+# %%
+show_source(MoE._dispatch_reference, MoE._dispatch_fast)
+
+# %%
+cfg = moe_config(vocab_size=16, block_size=64, n_layer=1, n_head=2, n_embd=64, n_experts=8, moe_top_k=2)
+for cf in (None, 1.0):
+    torch.manual_seed(0)
+    m = MoE(cfg.replace(moe_capacity_factor=cf))
+    xs = torch.randn(4, 64, 64, requires_grad=True)
+    res = {}
+    for impl in ("reference", "fast"):
+        m.impl = impl
+        m.zero_grad()
+        xs.grad = None
+        y, aux, st = m(xs)
+        (y.square().sum() + aux).backward()
+        res[impl] = (y.detach(), xs.grad.clone(), m.experts.c_fc.grad.clone(), m.router.weight.grad.clone())
+    diffs = [float((a - b).abs().max()) for a, b in zip(res["reference"], res["fast"])]
+    print(f"capacidade={cf}: max |ref - fast| em y, dL/dx, dL/dW_fc, dL/dW_r = {[f'{d:.1e}' for d in diffs]}")
+
+# %% [markdown]
+# O benchmark `uv run -m scripts.bench_03_moe` mede lado a lado o tempo de forward+backward de
+# uma camada MoE (8 especialistas, top-2, mesmos parâmetros ativos) contra o MLP denso; os
+# números estão em `docs/benchmarks.md`.
+#
+# ## 8. Métricas de roteamento
+#
+# Depois de cada forward, `model.last_moe_stats` tem um dicionário por camada MoE (tensores
+# desligados do grafo). `MoEMetrics` acumula essas estatísticas numa janela e resume:
+# fração da carga por especialista, coeficiente de variação (CV) da carga, carga máxima / média
+# (o fator de capacidade que teria evitado todo descarte), especialistas mortos, fração
+# descartada, entropia normalizada do roteador, probabilidade média do top-1 e as losses
+# $\mathcal{L}_{bal}$ e $\mathcal{L}_z$ antes dos coeficientes.
+
+# %%
+show_source(MoEMetrics.summary)
+
+# %% [markdown]
+# ## 9. O experimento: denso contra MoE no Machado de Assis
+#
+# Corpus: as obras de Machado de Assis, tokenizador de caracteres, 90% para treino e os 10%
+# finais para validação. Todos os treinos usam a mesma semente (os mesmos lotes, na mesma ordem),
+# o mesmo número de passos e de tokens, e a mesma receita (AdamW, warmup + cosseno).
+#
+# 1. **denso**: o modelo moderno do capítulo 02;
+# 2. **MoE top-2** e **MoE top-1**: 8 especialistas em todas as camadas, com os mesmos
+#    parâmetros ativos do denso ($\alpha = 0.01$, $\beta = 0.001$);
+# 3. **varredura de $\alpha$** (top-2): 0, 0.001, 0.01, 0.1 — efeito na carga e na validação;
+# 4. **capacidade** (top-2, cf $=1$): quanto se descarta e quanto custa;
+# 5. **viés DeepSeek-V3** (top-2, $\alpha = 0$): balanceamento sem loss auxiliar.
+
+# %%
+text = read_corpus(args.corpus, source=args.source or None)
+if args.quick:
+    text = text[:200_000]
+tok = get_tokenizer("char", text=text)
+cut = int(0.9 * len(text))
+train_ids = encode_text(tok, text[:cut], progress=False)
+val_ids = encode_text(tok, text[cut:], progress=False)
+print(f"{len(text):,} caracteres, vocabulário de {tok.vocab_size} símbolos; "
+      f"{len(train_ids):,} tokens de treino, {len(val_ids):,} de validação")
+
+# %%
+shape = dict(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+             n_embd=args.n_embd, dropout=0.0)
+moe_shape = dict(shape, n_experts=args.n_experts, moe_z_loss_coef=args.z_coef)
+aux_coefs = [float(c) for c in str(args.aux_coefs).split(",")]
+runs = {"denso": modern_config(**shape)}
+runs["MoE top-2"] = moe_config(**moe_shape, moe_top_k=2, moe_aux_loss_coef=args.main_aux)
+runs["MoE top-1"] = moe_config(**moe_shape, moe_top_k=1, moe_aux_loss_coef=args.main_aux)
+for c in aux_coefs:
+    if c != args.main_aux:
+        runs[f"MoE top-2 α={c:g}"] = moe_config(**moe_shape, moe_top_k=2, moe_aux_loss_coef=c)
+if args.capacity_factor > 0:
+    runs[f"MoE top-2 cf={args.capacity_factor:g}"] = moe_config(
+        **moe_shape, moe_top_k=2, moe_aux_loss_coef=args.main_aux, moe_capacity_factor=args.capacity_factor)
+if args.bias_rate > 0:
+    runs["MoE top-2 viés (α=0)"] = moe_config(**moe_shape, moe_top_k=2, moe_aux_loss_coef=0.0, moe_bias_balance=True,
+                                                moe_bias_update_rate=args.bias_rate)
+
+tcfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                   warmup_steps=args.warmup_steps, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+                   weight_decay=0.1, grad_clip=1.0, seed=args.seed, device=args.device, sample_tokens=0)
+print(f"{len(runs)} treinos x {tcfg.max_steps * tcfg.batch_size * args.block_size:,} tokens de treino cada")
+
+
+# %%
+def run_one(name: str, cfg) -> dict:
+    """Train one configuration; collect the routing metrics over windows of `load_every` steps."""
+    torch.manual_seed(args.seed)  # same initialization stream for every run
+    model = GPT(cfg)
+    window, loads, load_steps, summaries = MoEMetrics(), [], [], []
+
+    def on_step(step: int, model, loss: float) -> None:
+        window.update(model.last_moe_stats)
+        if window.steps and (step % args.load_every == 0 or step == args.steps):
+            loads.append(window.load_fractions().numpy())
+            load_steps.append(step)
+            summaries.append(window.summary())
+            window.reset()
+
+    res = train(model, train_ids, val_ids, tcfg, on_step=on_step if cfg.n_experts else None,
+                progress=not args.quick)
+    last = summaries[-1] if summaries else {}
+    return dict(
+        model=model.cpu().eval(), history=res.history, loads=loads, load_steps=load_steps,
+        active=model.num_params(active=True), total=model.num_params(),
+        val_loss=res.final.get("val_loss"), train_loss=res.final.get("train_loss"),
+        tokens_per_s=res.tokens_per_s, seconds=res.train_time_s,
+        load_cv=last.get("load_cv"), max_over_mean=last.get("max_over_mean"), dead=last.get("dead"),
+        dropped=last.get("dropped_frac"), entropy=last.get("entropy"), top1=last.get("top1_prob"),
+        balance=last.get("balance_loss"), z=last.get("z_loss"),
+    )
+
+
+results = {}
+t_all = time.perf_counter()
+for name, cfg in runs.items():
+    print(f"\n=== {name} ===")
+    results[name] = run_one(name, cfg)
+total_s = time.perf_counter() - t_all
+print(f"\n{len(runs)} treinos em {total_s:.0f} s")
+
+
+# %%
+def fmt(v, spec):
+    return "—" if v is None else format(v, spec)
+
+
+rows = ["| treino | params ativos | params totais | loss validação | CV carga | max/média | mortos | descartados | "
+        "L_bal | tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+for name, r in results.items():
+    rows.append(f"| {name} | {r['active']:,} | {r['total']:,} | {fmt(r['val_loss'], '.4f')} | {fmt(r['load_cv'], '.3f')} | "
+                f"{fmt(r['max_over_mean'], '.2f')} | {fmt(r['dead'], 'd')} | "
+                f"{fmt(None if r['dropped'] is None else 100 * r['dropped'], '.1f')}{'' if r['dropped'] is None else '%'} | "
+                f"{fmt(r['balance'], '.3f')} | {r['tokens_per_s']:,.0f} |")
+table = "\n".join(rows)
+print(table)
+(out_dir / "results.md").write_text(table + "\n", encoding="utf-8")
+print("\n(métricas de roteamento: média das camadas na última janela de", args.load_every, "passos)")
+
+# %% [markdown]
+# ### Curvas de validação: denso contra MoE (mesmos parâmetros ativos, mesmos tokens)
+
+# %%
+main_runs = [n for n in ("denso", "MoE top-2", "MoE top-1") if n in results]
+fig = plot_curves({n: results[n]["history"] for n in main_runs}, x="tokens", y="val_loss",
+                  title="Machado de Assis: denso vs MoE (validação)", figsize=(8, 4.5))
+save_figure(fig, out_dir / "val_dense_vs_moe.png")
+fig
+
+# %% [markdown]
+# ### A carga dos especialistas ao longo do treino (MoE top-2, α = 0.01)
+#
+# Cada painel é uma camada MoE; cada linha, um especialista; a cor, a fração das atribuições da
+# janela que ele recebeu (branco = $1/8$, equilíbrio perfeito; vermelho = sobrecarga; azul = fome).
+
+# %%
+r = results["MoE top-2"]
+fig = plot_expert_load(r["loads"], r["load_steps"], title="MoE top-2, α = 0.01: carga por especialista")
+save_figure(fig, out_dir / "expert_load_top2.png")
+fig
+
+# %%
+no_aux = f"MoE top-2 α={0:g}"
+if no_aux in results:
+    r = results[no_aux]
+    fig = plot_expert_load(r["loads"], r["load_steps"], title="MoE top-2, α = 0 (sem loss de balanceamento)")
+    save_figure(fig, out_dir / "expert_load_top2_alpha0.png")
+fig
+
+# %% [markdown]
+# ### A varredura do coeficiente de balanceamento
+
+# %%
+sweep = {c: results["MoE top-2" if c == args.main_aux else f"MoE top-2 α={c:g}"] for c in sorted(aux_coefs)}
+fig = plot_balance_sweep(list(sweep), [s["load_cv"] for s in sweep.values()], [s["val_loss"] for s in sweep.values()],
+                         title="Loss de balanceamento: carga vs qualidade (MoE top-2)")
+save_figure(fig, out_dir / "balance_sweep.png")
+fig
+
+# %% [markdown]
+# ### Para qual especialista vai cada caractere?
+#
+# Uma frase de *Dom Casmurro* passa pelo MoE top-2 treinado; cada célula mostra o especialista
+# top-1 do caractere em cada camada.
+
+# %%
+sentence = "Olhos de cigana oblíqua e dissimulada." if not args.quick else text[:24]
+model = results["MoE top-2"]["model"]
+ids = torch.tensor([tok.encode(sentence)])
+with torch.no_grad():
+    model(ids)
+experts = [st["topk_idx"][0, :, 0].tolist() for st in model.last_moe_stats]  # (layers, T)
+fig = plot_token_routing(list(sentence), experts, model.config.n_experts)
+save_figure(fig, out_dir / "token_routing.png")
+fig
+
+# %% [markdown]
+# E em muitos caracteres de validação: para cada especialista da última camada, os caracteres que
+# ele mais recebe (em proporção das ocorrências do caractere). Especialização aparece como
+# grupos — espaços e pontuação, vogais, consoantes, maiúsculas.
+
+# %%
+n_chars = 4096 if not args.quick else 256
+chunk = torch.tensor(val_ids[: n_chars], dtype=torch.long).view(-1, min(args.block_size, n_chars))
+with torch.no_grad():
+    model(chunk)
+top1 = model.last_moe_stats[-1]["topk_idx"][..., 0].flatten().tolist()
+chars = [tok.decode([i]) for i in chunk.flatten().tolist()]
+per_char = Counter(chars)
+pairs = Counter(zip(top1, chars))
+for e in range(model.config.n_experts):
+    share = sorted(((n / per_char[c], c) for (ee, c), n in pairs.items() if ee == e and per_char[c] >= 10), reverse=True)
+    shown = " ".join(f"{({' ': '␣', chr(10): '⏎'}).get(c, c)}:{s:.0%}" for s, c in share[:8])
+    print(f"E{e}: {sum(n for (ee, _), n in pairs.items() if ee == e) / len(chars):5.1%} dos tokens | {shown}")
+
+# %% [markdown]
+# ## 10. Resultados
+#
+# Tabela gerada por uma execução com os parâmetros padrão (`uv run -m scripts.03_train_moe`,
+# 300 passos × 16 × 128 = 614 mil tokens de treino por configuração), numa CPU de 2 núcleos
+# **compartilhada** com outros processos (os tokens/s dependem da carga da máquina):
+#
+# RESULTS_PLACEHOLDER
+#
+# ## Para lembrar
+#
+# - A porta $g_i$ multiplica a saída do especialista: é o único caminho do gradiente até o
+#   roteador. Com top-2 as saídas se **somam**.
+# - $\mathcal{L}_{bal} = N\sum_i f_i P_i$ vale 1 no equilíbrio e $N$ no colapso, para qualquer $k$;
+#   $P_i$ vem do softmax completo.
+# - Capacidade: com mínimo, por sequência e em ordem de posição — nunca zero, nunca espiando o
+#   futuro; os descartados seguem pela residual.
+# - Compare MoE e denso com os mesmos **parâmetros ativos** e os mesmos tokens, e meça a
+#   validação só com a entropia cruzada.
+
+# %%
+print(f"tempo total dos treinos: {total_s:.0f} s; figuras e tabela em {out_dir}/")
