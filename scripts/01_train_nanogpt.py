@@ -1,0 +1,366 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: notebooks///ipynb,scripts///py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Capítulo 01 — Um nanoGPT que decora um parágrafo
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/01_train_nanogpt.ipynb)
+#
+# Antes de treinar um modelo de linguagem em milhões de tokens, vale um teste simples: **ele
+# consegue decorar um único parágrafo?** Se a loss de um só exemplo não vai a quase zero, algo
+# está quebrado (o modelo, a loss, os alvos ou o otimizador) e não adianta escalar.
+#
+# Neste capítulo pegamos o GPT-2 do nanoGPT (o `GPT` do pacote `nanomoe`, com a arquitetura do
+# GPT-2: embeddings de posição aprendidos, LayerNorm antes de cada subcamada, atenção causal,
+# MLP com GELU e pesos de entrada e saída compartilhados) em versão mini, e o treinamos num
+# parágrafo em português. O roteiro segue o primeiro post da série *Do nanoGPT ao nanoMoE*:
+#
+# 1. tokenizar um único texto;
+# 2. criar os alvos deslocando 1 token (a tarefa é prever o **próximo** token);
+# 3. medir a loss e a perplexidade do modelo ainda aleatório;
+# 4. treinar por algumas épocas e, a cada 25%, imprimir loss, perplexidade, a **reconstrução**
+#    (o palpite do modelo para cada token do texto) e a **continuação** (o texto que ele gera a
+#    partir dos primeiros tokens);
+# 5. plotar as curvas e fazer os experimentos rápidos do fim.
+#
+# Roda em CPU em poucos segundos. O mesmo código é o script `scripts/01_train_nanogpt.py`
+# (`uv run -m scripts.01_train_nanogpt --epochs=300`), pareado com este notebook pelo jupytext.
+
+# %%
+# Colab: installs the nanomoe package (locally this cell does nothing)
+import sys, subprocess
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/sagui-nlp/nanomoe"], check=True)
+
+# %% [markdown]
+# ## Parâmetros
+#
+# Todos os hiperparâmetros ficam num dicionário. No notebook, edite a célula abaixo; no
+# terminal, sobrescreva qualquer um com `--chave=valor` (`uv run -m scripts.01_train_nanogpt
+# --help` lista todos). `--quick` é o modo rápido que os testes usam.
+#
+# | parâmetro | padrão | o que faz |
+# |---|---|---|
+# | `epochs` | 100 | passos de treino; cada passo vê o parágrafo inteiro (por isso "épocas", como no post) |
+# | `lr` | 1e-3 | taxa de aprendizado do AdamW |
+# | `weight_decay` | 1e-2 | puxa os pesos para zero (só matrizes e embeddings), freia o sobreajuste |
+# | `betas` | (0.9, 0.95) | a "inércia" do AdamW: médias móveis do gradiente e do seu quadrado |
+# | `cont_prefix_tokens` | 10 | quantos tokens iniciais o modelo recebe para gerar a continuação |
+# | `n_layer`, `n_head`, `n_embd` | 4, 4, 128 | o tamanho do modelo (como no post) |
+# | `dropout` | 0.2 | como no post: desliga 20% das ativações ao acaso durante o treino |
+# | `tokenizer` | `char` | um token por caractere (offline); também `bytes`, `gpt2`, `hf:NOME` |
+#
+# O post usava `EPOCHS = 500` e `LR = 1e-4` com o tokenizador BPE do
+# `pierreguillou/gpt2-small-portuguese` (cerca de 100 tokens). Aqui o padrão é um token por
+# caractere (~500 tokens e nada para baixar), e com uma taxa 10x maior 100 passos bastam para
+# decorar o parágrafo em segundos. Com `--tokenizer=hf:pierreguillou/gpt2-small-portuguese
+# --lr=1e-4 --epochs=500` você refaz o experimento original (precisa de internet).
+
+# %%
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from nanomoe import GPT, get_tokenizer, gpt2_config, pick_precision
+from nanomoe.cli import describe, parse_args
+from nanomoe.overfit import (
+    continue_text, overfit_sequence, read_text, reconstruct, run_overfit, set_cpu_threads, shift_targets,
+)
+from nanomoe.plots import plot_curves, plot_loss_ppl
+
+DEFAULTS = dict(
+    text_file="data/paragrafo.txt",  # the paragraph (any UTF-8 text file works)
+    text_chars=0,  # keep only the first N characters of the file (0 = all)
+    tokenizer="char",  # char | bytes | gpt2 | hf:NAME_OR_FOLDER
+    epochs=100,
+    lr=1e-3,
+    weight_decay=1e-2,
+    betas=(0.9, 0.95),
+    cont_prefix_tokens=10,
+    cont_new_tokens=0,  # tokens to generate at each checkpoint (0 = the rest of the text)
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    dropout=0.2,
+    bias=True,
+    block_size=0,  # 0 = exactly the length of the text in tokens
+    eval_every=5,  # measure the dropout-free loss every N steps (for the curves)
+    seed=1337,
+    device="auto",  # auto | cpu | cuda | mps
+    dtype="auto",  # auto | float32 | bfloat16 | float16
+    threads=0,  # CPU threads for torch (0 = automatic: fewer when the CPU is busy)
+    out_dir="runs/01",
+    exercises=False,  # also run the "experimentos rápidos" at the end (a few minutes on CPU)
+    quick=False,  # tiny run for tests
+)
+QUICK = dict(epochs=12, eval_every=3)
+args = parse_args(DEFAULTS, quick=QUICK)
+print(describe(args, DEFAULTS))
+
+precision = pick_precision(args.device, args.dtype)  # prints the device and precision it chose
+device = precision.device
+if precision.device_type == "cpu":
+    set_cpu_threads(args.threads)
+torch.manual_seed(args.seed)
+t_start = time.perf_counter()
+
+# %% [markdown]
+# ## 1. O texto e o tokenizador
+#
+# O parágrafo está em `data/paragrafo.txt` (escrito para este curso). O tokenizador padrão dá
+# um id para cada caractere distinto do texto, em ordem alfabética: o vocabulário é pequeno
+# (algumas dezenas de símbolos) e tudo funciona offline.
+
+# %%
+text = read_text(args.text_file, args.text_chars)
+tok = get_tokenizer(args.tokenizer, text=text)
+ids = torch.tensor([tok.encode(text)], dtype=torch.long, device=device)  # (1, T)
+T, V = ids.size(1), tok.vocab_size
+print(f"texto: {len(text)} caracteres -> {T} tokens | tokenizador {args.tokenizer!r}, vocabulário V = {V}")
+print(text)
+print("primeiros ids:", ids[0, :20].tolist())
+
+# %% [markdown]
+# ## 2. Alvos: o próximo token
+#
+# Um modelo de linguagem aprende a **prever o próximo token**. O alvo da posição `t` é o token
+# `t+1`: basta deslocar a sequência uma casa para a esquerda. A última posição não tem próximo
+# token; como no post, marcamos o alvo dela com `-1`, que a `cross_entropy` ignora
+# (`ignore_index=-1`):
+#
+# ```python
+# targets = ids.clone()
+# targets[:, :-1] = ids[:, 1:]
+# targets[:, -1] = -1   # ignora a última posição na loss
+# ```
+#
+# É o mesmo que treinar com `x = ids[:, :-1]` e `y = ids[:, 1:]`; o truque do `-1` mantém `x`
+# inteiro e apresenta o índice ignorado, que mais tarde serve para máscaras e padding.
+
+# %%
+targets = shift_targets(ids)
+for t in range(6):
+    nxt = "(ignorado)" if targets[0, t] < 0 else repr(tok.decode([targets[0, t].item()]))
+    print(f"posição {t}: entrada {tok.decode(ids[0, : t + 1].tolist())!r:>10} -> alvo {nxt}")
+print("...")
+print(f"posição {T - 1}: alvo {targets[0, -1].item()} (ignorado: não há token depois do último)")
+
+# %% [markdown]
+# ## 3. O modelo
+#
+# A configuração do post: 4 camadas, 4 cabeças de atenção, embeddings de 128 dimensões e
+# dropout 0.2. A janela de contexto (`block_size`) precisa caber o texto inteiro, então ela é
+# exatamente o número de tokens.
+
+# %%
+config = gpt2_config(
+    vocab_size=V,
+    block_size=args.block_size or T,
+    n_layer=args.n_layer,
+    n_head=args.n_head,
+    n_embd=args.n_embd,
+    dropout=args.dropout,
+    bias=args.bias,
+)
+model = GPT(config).to(device)
+print(config)
+print(f"parâmetros: {model.num_params(non_embedding=False):,} no total, "
+      f"{model.num_params():,} sem a tabela de posições")
+
+# %% [markdown]
+# ## 4. Antes de treinar: loss ≈ ln(V), perplexidade ≈ V
+#
+# Com pesos aleatórios pequenos (o GPT-2 inicializa com desvio 0.02), os logits saem quase
+# todos iguais e o softmax dá probabilidade ≈ 1/V a cada um dos V tokens. A cross-entropy de
+# acertar o token certo é então −ln(1/V) = **ln(V)**, e a perplexidade, exp(loss), é ≈ **V**:
+# o modelo está "em dúvida" entre todos os tokens do vocabulário, como um dado de V faces.
+# A perplexidade se lê como "entre quantos tokens o modelo hesita"; decorar o texto é chegar a 1.
+#
+# A **reconstrução** é o palpite (argmax) do modelo para cada token, dado o que vem antes; a
+# **continuação** é o texto que ele gera sozinho, de forma gulosa (`temperature=0`: sempre o token
+# mais provável, sem sorteio), a partir dos primeiros `cont_prefix_tokens` tokens.
+
+# %%
+n_new = args.cont_new_tokens or None
+model.eval()
+with torch.no_grad():
+    _, loss0 = model(ids, targets)
+print(f"loss inicial {loss0.item():.4f} (ln V = {math.log(V):.4f}) | "
+      f"perplexidade {math.exp(loss0.item()):.2f} (V = {V})")
+print("[reconstrução]", tok.decode(reconstruct(model, ids).tolist()))
+print("[continuação] ", tok.decode(continue_text(model, ids, args.cont_prefix_tokens, n_new).tolist()))
+
+# %% [markdown]
+# ## 5. Treino
+#
+# O laço é o mais simples possível: a cada passo, o parágrafo inteiro entra no modelo, a loss
+# é calculada sobre todas as posições, `backward()` e um passo do AdamW
+# (`model.configure_optimizers`, com weight decay só nas matrizes). O código está em
+# `nanomoe/overfit.py` (`overfit_sequence`).
+#
+# A loss "de treino" de cada passo é medida com dropout ligado, por isso oscila; a cada
+# `eval_every` passos medimos também a loss sem dropout (modo `eval`), que é a que vale para
+# a reconstrução e a geração.
+
+# %%
+def show(rep):
+    print(f"\n=== Passo {rep.step:>4}/{args.epochs} | loss {rep.loss:.4f} | perplexidade {rep.ppl:.4f} "
+          f"| loss de treino (com dropout) {rep.train_loss:.4f} | {rep.seconds:.1f}s ===")
+    print(f"[reconstrução] ({rep.errors} de {T} tokens errados)")
+    print(tok.decode(rep.reconstruction.tolist()))
+    print(f"[continuação a partir de {args.cont_prefix_tokens} tokens]")
+    print(tok.decode(rep.continuation.tolist()))
+
+
+model.train()
+result = overfit_sequence(
+    model,
+    ids,
+    epochs=args.epochs,
+    lr=args.lr,
+    weight_decay=args.weight_decay,
+    betas=args.betas,
+    precision=precision,
+    cont_prefix_tokens=args.cont_prefix_tokens,
+    cont_new_tokens=n_new,
+    eval_every=args.eval_every,
+    on_report=show,
+)
+
+# %% [markdown]
+# ## 6. Resumo
+
+# %%
+final = result.final
+cont_exact = final.continuation.tolist()[: T] == ids[0].tolist() if n_new is None else None
+print("\n=== Resumo ===")
+print(f"loss final {final.loss:.4f} | perplexidade final {final.ppl:.4f} (inicial {math.exp(loss0.item()):.2f})")
+print(f"reconstrução idêntica ao texto: {'sim' if final.exact else 'não'} ({final.errors} tokens errados de {T})")
+if cont_exact is not None:
+    print(f"continuação gulosa reescreve o texto inteiro: {'sim' if cont_exact else 'não'}")
+for thr in (2.0, 1.5):
+    step = result.first_ppl_below.get(thr)
+    print(f"perplexidade < {thr}: {'no passo ' + str(step) if step else 'não atingida'}")
+print(f"reconstrução exata desde o passo: {result.first_exact_step or '—'}")
+print(f"tempo de treino {result.seconds:.1f}s ({result.seconds / args.epochs * 1000:.0f} ms/passo) | "
+      f"tempo total {time.perf_counter() - t_start:.1f}s")
+
+# %% [markdown]
+# ## 7. Curvas de loss e perplexidade
+#
+# As linhas tracejadas marcam o ponto de partida teórico: ln(V) para a loss e V para a
+# perplexidade. A perplexidade está em escala logarítmica.
+
+# %%
+out_dir = Path(args.out_dir)
+fig = plot_loss_ppl(result.history, vocab_size=V, target_ppl=1.5, title="Capítulo 01: decorando um parágrafo",
+                    save_path=out_dir / "loss_ppl.png")
+print(f"figura salva em {out_dir / 'loss_ppl.png'}")
+
+# %% [markdown]
+# ## 8. Experimentos rápidos
+#
+# Os cinco experimentos do post. Cada um é uma flag do script (ou uma mudança nos `DEFAULTS`
+# lá em cima); `--exercises` roda os quatro primeiros de uma vez (alguns minutos em CPU) e
+# imprime as tabelas. Tente prever o resultado antes de abrir a resposta: os números nas
+# respostas foram medidos com o parágrafo do curso, numa CPU de 2 núcleos.
+#
+# **1. Capacidade vs. velocidade.** Suba `n_embd` (32, 64, 128, 256) e meça em quantos passos
+# a perplexidade fica abaixo de 2.
+# `uv run -m scripts.01_train_nanogpt --n_embd=256`
+#
+# <details><summary>Resposta</summary>
+#
+# RESPOSTA_1
+#
+# </details>
+#
+# **2. Dropout zero.** Compare a convergência com `--dropout=0`.
+#
+# <details><summary>Resposta</summary>
+#
+# RESPOSTA_2
+#
+# </details>
+#
+# **3. Prefixo curto.** Gere a continuação a partir de só 3 tokens: `--cont_prefix_tokens=3`.
+# A geração se perde?
+#
+# <details><summary>Resposta</summary>
+#
+# RESPOSTA_3
+#
+# </details>
+#
+# **4. LR alto.** Rode com `--lr=5e-3` e observe as curvas.
+#
+# <details><summary>Resposta</summary>
+#
+# RESPOSTA_4
+#
+# </details>
+#
+# **5. Texto maior.** Use um texto de uns três parágrafos, por exemplo
+# `--text_file=meu_texto.txt` (ou `--text_chars=1500` com um livro) e, se precisar, mais
+# camadas (`--n_layer=6`).
+#
+# <details><summary>Resposta</summary>
+#
+# RESPOSTA_5
+#
+# </details>
+
+# %%
+def experiment(label, **overrides):
+    """One run of this chapter with some parameters changed; returns a summary row."""
+    kw = dict(
+        tokenizer=args.tokenizer, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+        dropout=args.dropout, bias=args.bias, seed=args.seed, precision=precision, epochs=args.epochs,
+        lr=args.lr, weight_decay=args.weight_decay, betas=args.betas, cont_prefix_tokens=args.cont_prefix_tokens,
+        eval_every=args.eval_every,
+    )
+    kw.update(overrides)
+    _, _, _, res = run_overfit(text, **kw)
+    row = dict(
+        exp=label, ppl2=res.first_ppl_below.get(2.0), exact=res.first_exact_step,
+        final_ppl=res.final.ppl, errors=res.final.errors, s=res.seconds, history=res.history, result=res,
+    )
+    print(f"{label:<22} PPL<2 no passo {str(row['ppl2']):>5} | exata no passo {str(row['exact']):>5} | "
+          f"PPL final {row['final_ppl']:.4f} | erros {row['errors']:>3} | {row['s']:.1f}s")
+    return row
+
+
+if args.exercises:
+    print("1. capacidade vs. velocidade")
+    rows = [experiment(f"n_embd={e}", n_embd=e, epochs=300, stop_ppl=2.0) for e in (32, 64, 128, 256)]
+    print("2. dropout zero")
+    base = experiment(f"dropout={args.dropout}")
+    no_drop = experiment("dropout=0", dropout=0.0)
+    print("3. prefixo de 3 tokens")
+    short = experiment("cont_prefix_tokens=3", cont_prefix_tokens=3)
+    print(tok.decode(short["result"].final.continuation.tolist()))
+    print("4. lr alto")
+    high_lr = experiment("lr=5e-3", lr=5e-3)
+    fig_ex = plot_curves(
+        {f"lr={args.lr:g}": base["history"], "lr=5e-3": high_lr["history"], "dropout=0": no_drop["history"]},
+        y=("train_loss", "loss"), logy=True, title="Experimentos 2 e 4", save_path=out_dir / "experimentos.png",
+    )
+
+# %% [markdown]
+# ## Próximo capítulo
+#
+# Decorar um parágrafo prova que as peças funcionam, mas não ensina o modelo a generalizar. No
+# capítulo 02 treinamos num corpus de verdade, com validação, e trocamos as peças do GPT-2
+# pelas de um LLM moderno (RoPE, RMSNorm, SwiGLU, GQA) uma de cada vez.
