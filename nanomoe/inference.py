@@ -230,6 +230,22 @@ def compile_for_generation(model: GPT) -> GPT:
     return model
 
 
+def warm_up(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, use_cache: bool = True,
+            steps: int = 3) -> float:
+    """Run the prefill and the first `steps` decode steps once, with the same shapes as the real
+    generation (same prompt, same cache size), and return the seconds it took. For a compiled
+    model that is the compilation (prefill, first decode step, then the step where the position
+    becomes dynamic), so the timed generation that follows measures the compiled speed."""
+    ids = encode_prompt(tokenizer, prompt, model.config.block_size)
+    idx = torch.tensor([ids], dtype=torch.long, device=model.transformer.wte.weight.device)
+    t0 = time.perf_counter()
+    it = model.stream(idx, max_new_tokens, temperature=0, use_cache=use_cache)
+    for _, nxt in zip(range(min(steps, max_new_tokens)), it):
+        nxt.item()
+    it.close()
+    return time.perf_counter() - t0
+
+
 # ---- streaming decode -----------------------------------------------------------------------------
 
 

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
 
     # Imported after parsing so that --help and option errors answer at once.
     from nanomoe.checkpoint import CheckpointError
-    from nanomoe.inference import InferenceError, encode_prompt, generate_text, load_model
+    from nanomoe.inference import InferenceError, encode_prompt, generate_text, load_model, warm_up
     from nanomoe.tokenizer import TokenizerError
 
     use_cache = not args.no_cache
@@ -133,6 +133,10 @@ def main(argv=None) -> int:
                         "or use --no-cache to slide the context window"
                     )
                 print(f"[generate] --max-new-tokens {n_new}: what fits in the context of {bs} tokens", file=sys.stderr)
+        if args.compile:  # compile now, so the timing below is the compiled model's
+            print("[generate] compiling (prefill + 3 decode steps)...", file=sys.stderr, flush=True)
+            secs = warm_up(model, tok, args.prompt, n_new, use_cache)
+            print(f"[generate] compiled in {secs:.1f} s", file=sys.stderr)
         out = generate_text(
             model, tok, args.prompt, max_new_tokens=n_new, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, num_samples=args.num_samples, seed=args.seed, use_cache=use_cache, stream_to=sys.stdout,
