@@ -104,7 +104,8 @@ def _tokenizer_from_info(info: dict, base_dir: Path, owner: Path) -> Tokenizer:
     name, rel = info.get("name"), info.get("path")
     if name == "bpe":
         p = Path(rel) if rel else None
-        if p is None or not ((base_dir / p).exists() or p.exists()):
+        # a relative path is relative to the checkpoint's folder, never to the current directory
+        if p is None or not (p.exists() if p.is_absolute() else (base_dir / p).exists()):
             raise InferenceError(
                 f"{owner} was trained with a BPE tokenizer whose file is missing ({rel or 'no path recorded'}, "
                 f"looked in {base_dir}): copy its tokenizer.json next to the checkpoint"
@@ -158,7 +159,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _load_hub(name: str) -> tuple[GPT, Tokenizer]:
     from huggingface_hub import try_to_load_from_cache
 
-    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError as e:  # huggingface_hub's HFValidationError: not a valid repo id
+        raise InferenceError(f"{name!r} is not a valid Hugging Face model name ({_one_line(e)})") from None
     if not cached and not _hub_reachable():
         raise InferenceError(
             f"{name!r} is not in the Hugging Face cache and the hub cannot be reached (offline?): "

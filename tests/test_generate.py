@@ -147,7 +147,7 @@ def _err(capsys, argv) -> str:
     return lines[0]
 
 
-def test_bad_checkpoints(char_run, bpe_run, tmp_path, capsys):
+def test_bad_checkpoints(char_run, bpe_run, tmp_path, capsys, monkeypatch):
     not_ckpt = tmp_path / "state_dict.pt"
     torch.save({"weight": torch.zeros(2)}, not_ckpt)
     assert "not a nanomoe checkpoint" in _err(capsys, [not_ckpt, "oi"])
@@ -170,6 +170,13 @@ def test_bad_checkpoints(char_run, bpe_run, tmp_path, capsys):
     shutil.copy(bpe_run[0] / "latest.pt", lonely / "latest.pt")
     msg = _err(capsys, [lonely / "latest.pt", "oi"])
     assert "tokenizer" in msg and "missing" in msg and "tokenizer.json" in msg
+    # ... even when the current directory happens to hold some other tokenizer.json
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    shutil.copy(bpe_run[0] / "tokenizer.json", decoy / "tokenizer.json")
+    monkeypatch.chdir(decoy)
+    assert "missing" in _err(capsys, [lonely / "latest.pt", "oi"])
+    monkeypatch.chdir(REPO)
 
     # an exported folder without a tokenizer
     from nanomoe.hf import export_hf
