@@ -46,7 +46,9 @@ Two dispatches with identical results (tests check outputs and gradients):
     "fast":      sort the (token, expert) assignments by expert, then one grouped matmul
                  (`torch.nn.functional.grouped_mm`) or one matmul per expert over
                  `W.unbind(0)` (not `W[e]`: each `W[e]`'s backward writes a full-size zero
-                 tensor), then scatter back. No host sync on the dropless grouped path.
+                 tensor), then scatter back. The dropless grouped path has no host sync and
+                 compiles (torch.compile) to one graph; capacity (`nonzero`) and the loop
+                 (`counts.tolist()`) break the graph at a host sync.
 
 The experts are stored as stacked 3-D parameters `c_fc` (E, C, 2H or H) and `c_proj` (E, H, C),
 not a ModuleList: an expert that gets no tokens still has a (zero) gradient, so DDP never waits
@@ -111,17 +113,18 @@ def capacity_keep(topk_idx: torch.Tensor, n_experts: int, cap: int) -> torch.Ten
     return earlier.gather(-1, topk_idx) < cap  # (B, T, k)
 
 
-def _grouped_mm_pays(x: torch.Tensor, hidden: int) -> bool:
-    """Use F.grouped_mm when it exists, handles the dtype/strides, and is worth it: on CUDA it is
-    the fused MoE kernel (bf16, sm80+/Hopper); on CPU it is exact and (measured with torch 2.15,
-    scripts/bench_03_moe.py) faster than a Python loop of matmuls."""
-    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+def _grouped_mm_pays(dtype: torch.dtype, device: torch.device, n_embd: int, hidden: int) -> bool:
+    """Use F.grouped_mm when it exists, handles the dtype and strides, and is worth it: on CUDA it
+    is the fused MoE kernel (bf16, sm80+: Ampere/Hopper); on CPU it is exact, at least as fast as a
+    Python loop of matmuls (scripts/bench_03_moe.py) and leaves no graph break for torch.compile."""
+    if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    if (x.size(-1) * x.element_size()) % 16 or (hidden * x.element_size()) % 16:
+    size = torch.finfo(dtype).bits // 8
+    if (n_embd * size) % 16 or (hidden * size) % 16:
         return False  # its kernels need 16-byte aligned rows
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return x.device.type == "cpu"
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu"
 
 
 class MoE(nn.Module):
@@ -259,10 +262,13 @@ class MoE(nn.Module):
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert_of, torch.ones_like(expert_of))
         xs = x.index_select(0, token_sorted)  # (M, C) tokens in expert order
         w_fc, w_proj = self.experts.c_fc, self.experts.c_proj
-        grouped = self.use_grouped_mm if self.use_grouped_mm is not None else _grouped_mm_pays(xs, self.experts.hidden)
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype  # compute dtype
+        grouped = self.use_grouped_mm
+        if grouped is None:
+            grouped = _grouped_mm_pays(dt, x.device, x.size(1), self.experts.hidden)
         if grouped:
-            if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's lists
-                dt = torch.get_autocast_dtype(x.device.type)
+            if dt != xs.dtype or dt != w_fc.dtype:  # grouped_mm is not on autocast's lists: cast by hand
                 xs, w_fc, w_proj = xs.to(dt), w_fc.to(dt), w_proj.to(dt)
             offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
             h = F.grouped_mm(xs, w_fc, offs=offs)  # (M, 2H | H)

@@ -211,6 +211,22 @@ def test_reference_equals_fast_outputs_and_gradients(kw):
         assert torch.equal(fast[3]["load"], ref[3]["load"]) and fast[3]["dropped"] == ref[3]["dropped"]
 
 
+def test_autocast_keeps_router_fp32_and_paths_agree():
+    moe = make_moe(n_embd=64, moe_top_k=2)
+    x = torch.randn(2, 16, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, probs, _, gates = moe.route(x)
+        assert logits.dtype == probs.dtype == gates.dtype == torch.float32  # router in fp32 under AMP
+        outs = {}
+        for impl, grouped in (("reference", None), ("fast", False), ("fast", True)):
+            moe.impl, moe.use_grouped_mm = impl, grouped
+            outs[(impl, grouped)] = moe(x)[0].float()
+    ref = outs[("reference", None)]
+    for key, y in outs.items():
+        torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-3, msg=str(key))
+    assert (ref - moe(x)[0]).abs().max() > 0  # bf16 really was used
+
+
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_expert_without_tokens_gets_zero_gradient(impl):
     moe = make_moe(moe_impl=impl, moe_top_k=1)
