@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="weights dtype (auto: bf16 on Ampere+ GPUs, fp16 on older GPUs, fp32 on CPU)",
     )
+    p.add_argument(
+        "--threads", type=_positive_int(), default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models, "
+        "and on a CPU shared with other jobs)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off for long runs on a GPU)")
     p.add_argument(
         "--no-cache", action="store_true",
@@ -117,6 +122,10 @@ def main(argv=None) -> int:
     from nanomoe.tokenizer import TokenizerError
 
     use_cache = not args.no_cache
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         model, tok = load_model(args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile)
         print(f"[generate] {args.checkpoint}: {describe(model, tok)}", file=sys.stderr)

@@ -210,6 +210,7 @@ def test_bad_prompts(char_run, capsys):
         ("--max-new-tokens", "0", ">= 1"),
         ("--max-new-tokens", "ten", "must be an integer"),
         ("--dtype", "half", "invalid choice"),
+        ("--threads", "0", ">= 1"),
     ],
 )
 def test_bad_options(option, value, words, capsys):
