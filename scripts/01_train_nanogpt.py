@@ -105,7 +105,7 @@ DEFAULTS = dict(
     exercises=False,  # also run the "experimentos rápidos" at the end (a few minutes on CPU)
     quick=False,  # tiny run for tests
 )
-QUICK = dict(epochs=12, eval_every=3)
+QUICK = dict(epochs=12, eval_every=3, cont_new_tokens=40)
 args = parse_args(DEFAULTS, quick=QUICK)
 print(describe(args, DEFAULTS))
 
