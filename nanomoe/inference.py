@@ -241,6 +241,7 @@ def warm_up(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, 
     model that is the compilation (prefill, first decode step, then the step where the position
     becomes dynamic), so the timed generation that follows measures the compiled speed."""
     ids = encode_prompt(tokenizer, prompt, model.config.block_size)
+    check_fits(len(ids), max_new_tokens, model.config.block_size, use_cache)
     idx = torch.tensor([ids], dtype=torch.long, device=model.transformer.wte.weight.device)
     t0 = time.perf_counter()
     it = model.stream(idx, max_new_tokens, temperature=0, use_cache=use_cache)
@@ -373,9 +374,15 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[in
     return ids
 
 
-def fit_max_new_tokens(prompt_tokens: int, block_size: int, use_cache: bool, wanted: int) -> int:
-    """How many new tokens fit: with the KV cache, prompt + new tokens must fit in block_size."""
-    return min(wanted, block_size - prompt_tokens) if use_cache else wanted
+def check_fits(prompt_tokens: int, max_new_tokens: int, block_size: int, use_cache: bool) -> None:
+    """With the KV cache, prompt + new tokens must fit in the context (the cache holds block_size positions)."""
+    T, n, bs = prompt_tokens, max_new_tokens, block_size
+    if use_cache and T + n > bs:
+        raise InferenceError(
+            f"prompt ({T} tokens) + max_new_tokens ({n}) = {T + n} exceeds the model's context of {bs} tokens, "
+            f"all the KV cache can hold: generate at most {bs - T} new tokens, or turn the cache off "
+            f"(use_cache=False / --no-cache) to slide a {bs}-token window as nanoGPT does"
+        )
 
 
 @contextmanager
@@ -425,12 +432,7 @@ def generate_text(
     bs = model.config.block_size
     ids = encode_prompt(tokenizer, prompt, bs)
     T = len(ids)
-    if use_cache and T + max_new_tokens > bs:
-        raise InferenceError(
-            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} exceeds the model's "
-            f"context of {bs} tokens, all the KV cache can hold: generate at most {bs - T} new tokens, "
-            f"or turn the cache off (use_cache=False / --no-cache) to slide a {bs}-token window as nanoGPT does"
-        )
+    check_fits(T, max_new_tokens, bs, use_cache)
     device = model.transformer.wte.weight.device
     dtype = str(model.transformer.wte.weight.dtype).replace("torch.", "")
     generator = None
