@@ -200,7 +200,7 @@ def plot_expert_load(
         ax.set_yticks(range(E))
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label=f"fração da carga (equilíbrio = 1/{E})")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.04)
     save_figure(fig, save_path)
     return fig
 
