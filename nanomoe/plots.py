@@ -93,7 +93,7 @@ def plot_curves(
             ax.plot(xs, vs, style, ms=3, color=colors[ri % len(colors)], label=name or _label(key))
         for lname, val in (hlines or {}).get(key, {}).items():
             ax.axhline(val, ls="--", lw=1, color="gray")
-            ax.annotate(lname, (1.0, val), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=8, color="gray")
+            ax.annotate(lname, (0.99, val), xycoords=("axes fraction", "data"), ha="right", va="top", fontsize=8, color="gray")
         if log:
             ax.set_yscale("log")
         ax.set_xlabel(_label(x))
@@ -117,6 +117,7 @@ def plot_loss_ppl(
     x: str = "step",
     loss_key: str = "loss",
     ppl_key: str = "ppl",
+    train_key: Optional[str] = "train_loss",
     target_ppl: Optional[float] = None,
     title: Optional[str] = None,
     save_path: Optional[PathLike] = None,
@@ -124,16 +125,30 @@ def plot_loss_ppl(
     """Chapter 01: loss and perplexity of one run side by side (perplexity on a log scale).
 
     With `vocab_size` the chance level is drawn: loss ln(V) and perplexity V, where a randomly
-    initialized model starts (uniform prediction over V tokens). `target_ppl` draws a goal line."""
+    initialized model starts (uniform prediction over V tokens). `target_ppl` draws a goal line.
+    `train_key` (when present in the history) adds the per-step training loss, measured with
+    dropout on, as a thin line beside the evaluated loss."""
     hlines: dict[str, dict[str, float]] = {loss_key: {}, ppl_key: {}}
     if vocab_size:
         hlines[loss_key][f"ln(V) = {math.log(vocab_size):.2f}"] = math.log(vocab_size)
         hlines[ppl_key][f"V = {vocab_size}"] = float(vocab_size)
     if target_ppl:
         hlines[ppl_key][f"PPL = {target_ppl:g}"] = float(target_ppl)
-    return plot_curves(
-        {"": history}, x=x, y=(loss_key, ppl_key), logy=(False, True), title=title, hlines=hlines, save_path=save_path
+    fig = plot_curves(
+        {"": history}, x=x, y=(loss_key, ppl_key), logy=(False, True), title=title, hlines=hlines,
     )
+    pts = [(h[x], h[train_key]) for h in history if train_key and x in h and h.get(train_key) is not None]
+    if pts:
+        xs, vs = zip(*pts)
+        ax_loss, ax_ppl = fig.axes[0], fig.axes[1]
+        ax_loss.lines[0].set_label("sem dropout (modo eval)")
+        ax_loss.plot(xs, vs, "-", lw=0.8, alpha=0.6, color="C1", label="treino (com dropout)")
+        ax_ppl.lines[0].set_label("sem dropout (modo eval)")
+        ax_ppl.plot(xs, [math.exp(v) for v in vs], "-", lw=0.8, alpha=0.6, color="C1", label="treino (com dropout)")
+        for ax in (ax_loss, ax_ppl):
+            ax.legend(fontsize=8, loc="center right")
+    save_figure(fig, save_path)
+    return fig
 
 
 def plot_panels(
