@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -95,7 +97,7 @@ DEFAULTS = dict(
 SIZES = {
     "full": dict(steps=300, moe_steps=150, batch_size=8, block_size=256, lr_finetune=1e-4, lr_scratch=6e-4,
                  eval_interval=50, eval_iters=20, standin_steps=0, sample_tokens=60),
-    "tiny": dict(steps=60, moe_steps=30, batch_size=4, block_size=64, lr_finetune=3e-4, lr_scratch=1e-3,
+    "tiny": dict(steps=60, moe_steps=30, batch_size=4, block_size=64, lr_finetune=1e-3, lr_scratch=1e-3,
                  eval_interval=10, eval_iters=4, standin_steps=100, sample_tokens=30),
 }
 QUICK = dict(tiny=True, steps=2, moe_steps=1, batch_size=2, block_size=8, eval_interval=2, eval_iters=1,
@@ -209,8 +211,10 @@ del hf_model
 # pedaços. Mesmo assim o GPT-2 viu algum português na web, e muito de "como texto funciona".
 #
 # Dois treinos com **os mesmos passos, os mesmos lotes** (a semente fixa a ordem dos dados) e o
-# mesmo modelo: um parte dos pesos pré-treinados (taxa de aprendizado menor, para não apagar o que
-# sabe), o outro da inicialização aleatória (a taxa usual de treino do zero).
+# mesmo modelo: um parte dos pesos pré-treinados, o outro da inicialização aleatória. Com o GPT-2
+# real, o ajuste fino usa uma taxa de aprendizado menor (1e-4, para não apagar o que o modelo sabe)
+# que o treino do zero (6e-4, a do nanoGPT); o substituto minúsculo, pré-treinado só por alguns
+# segundos, usa a mesma taxa (1e-3) nos dois — aí a única diferença é o ponto de partida.
 
 # %%
 text = read_corpus("machado")
@@ -383,13 +387,40 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 #
 # - **Exatidão primeiro.** A diferença de logits entre o nosso GPT-2 e o do `transformers` é da
 #   ordem de 1e-6 (arredondamento de float32); um erro de transposição daria diferenças de ordem 1.
-# - **Pré-treino vale ouro**: com os pesos reais do GPT-2, a perda de validação em Machado começa
-#   perto de ~5 nats e desce rápido, enquanto o modelo do zero começa em ln(50257) ≈ 10,8 e gasta
-#   a maior parte dos passos aprendendo o básico. Com o substituto minúsculo (pré-treinado segundos
-#   em inglês) a vantagem é pequena — é o tamanho do pré-treino que faz a diferença.
+#   O mesmo vale para o MoE exportado como Mixtral e para a volta com `load_hf`.
+# - **Pré-treino vale ouro.** Com os pesos reais do GPT-2 a perda de validação em Machado começa
+#   bem abaixo de ln(50257) ≈ 10,8 (o "chute uniforme" de um modelo aleatório), e o modelo do zero
+#   gasta a maior parte dos passos aprendendo o básico que o pré-treinado já sabe.
 # - **Transferência parcial** ajuda menos que o ajuste fino do mesmo modelo: o MLP (dois terços
 #   dos parâmetros de cada bloco) recomeça do zero, e q/k mudam de posições absolutas para RoPE.
-#   O relatório mostra exatamente quanto foi reaproveitado.
-# - **Upcycling** começa exatamente onde o denso estava (mesmo ponto no passo 0) e, com
-#   especialistas que podem se especializar, tende a descer mais rápido por passo — ao custo de
-#   mais parâmetros e ~k vezes a computação do MLP.
+#   Por isso o passo 0 pode ser *pior* que o de um modelo aleatório — pesos pré-treinados
+#   combinados com um MLP novo dão previsões confiantes e erradas —, mas em poucos passos o
+#   modelo transferido passa o do zero. O relatório mostra exatamente o que foi reaproveitado.
+# - **Upcycling** começa exatamente onde o denso estava. E no início *continua* igual a ele: com
+#   especialistas idênticos a saída não depende dos pesos do gate, então o roteador não recebe
+#   gradiente da entropia cruzada (só das perdas auxiliares); os especialistas só se afastam porque
+#   cada um recebe o gradiente dos *seus* tokens. Com mais passos (ou `noise_std > 0`, que quebra a
+#   simetria desde o início) eles se especializam e o MoE desce mais rápido por passo — ao custo de
+#   E vezes os parâmetros do MLP e ~k vezes a sua computação.
+#
+# ### Resultados registrados neste notebook
+#
+# Sem GPU e sem internet nesta máquina, as saídas acima vêm da configuração **`--tiny` na CPU**
+# (2 núcleos compartilhados, ~13 minutos) com o **substituto** — um GPT-2 de 2 camadas e 64
+# dimensões pré-treinado aqui por 100 passos em TinyShakespeare —, **não** do GPT-2 da OpenAI.
+# Cada treino: 60 passos de 4 × 64 tokens (15.360 tokens; upcycling: 30 passos), taxa 1e-3,
+# mesma semente e mesmos lotes; perda de validação em 4 lotes fixos:
+#
+# | execução | val. no passo 0 | val. no fim | perplexidade no fim |
+# |---|---:|---:|---:|
+# | GPT-2 (substituto) pré-treinado | 9,472 | 7,530 | 1.864 |
+# | GPT-2 do zero | 10,837 | 8,095 | 3.277 |
+# | moderno, transferência parcial | 12,295 | 7,793 | 2.423 |
+# | moderno do zero | 10,838 | 8,308 | 4.056 |
+# | MoE por upcycling (4 especialistas, top-2) | 7,793 | 7,141 | 1.262 |
+# | denso continuado | 7,793 | 7,139 | 1.260 |
+#
+# Mesmo um pré-treino de segundos, em outra língua, dá ~0,56 nat de vantagem depois de 60 passos,
+# e a transferência parcial ~0,52 nat sobre o moderno do zero. Em 30 passos o MoE ainda não se
+# separou do denso (7,141 × 7,139: a simetria descrita acima). Num T4 com os pesos reais
+# (`--full`, o padrão quando há GPU) os números são outros — rode e compare.

@@ -100,7 +100,7 @@ def test_vocab_mismatch_and_extra_layers():
     assert "tokenizer" in rep.entry("lm_head.weight").note or "vocab" in rep.entry("lm_head.weight").note
 
 
-@pytest.mark.parametrize("n_experts,top_k", [(4, 2), (8, 2), (3, 3)])
+@pytest.mark.parametrize("n_experts,top_k", [(4, 2), (3, 3)])
 def test_upcycled_moe_equals_dense_at_step_zero(n_experts, top_k):
     dense = modern(n_kv_head=2).eval()
     with torch.no_grad():

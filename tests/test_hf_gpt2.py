@@ -86,10 +86,10 @@ def test_greedy_generation_equals_hf_generate(hf_folder):
     ref = GPT2LMHeadModel.from_pretrained(hf_folder).eval()
     model = from_pretrained(hf_folder)
     prompt = ids(n=5, b=1, seed=3)
-    out_hf = ref.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0,
+    out_hf = ref.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0,
                           attention_mask=torch.ones_like(prompt))
     for use_cache in (True, False):
-        out = model.generate(prompt, 24, temperature=0.0, use_cache=use_cache)
+        out = model.generate(prompt, 16, temperature=0.0, use_cache=use_cache)
         assert out.tolist() == out_hf.tolist()
 
 

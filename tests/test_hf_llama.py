@@ -131,3 +131,27 @@ def test_incompatible_switches_are_named():
     ))
     with pytest.raises(HFConversionError, match="rope_type='llama3'"):
         from_hf(llama3)
+
+
+@torch.no_grad()
+def test_compiled_model_exports_without_orig_mod_prefix(tmp_path):
+    """torch.compile wraps the model in a module whose parameters are named `_orig_mod.*`
+    (checkpoints saved from it carry the prefix): export unwraps it. The wrapper is mimicked
+    here so the test does not pay for importing torch._dynamo."""
+    model = tiny(2)
+
+    class Compiled(torch.nn.Module):  # the structure of torch._dynamo's OptimizedModule
+        def __init__(self, mod):
+            super().__init__()
+            self._orig_mod = mod
+
+    compiled = Compiled(model)
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    folder = export_hf(compiled, tmp_path / "compiled")
+    from safetensors.torch import load_file
+
+    keys = load_file(folder / "model.safetensors").keys()
+    assert keys and not any("_orig_mod" in k for k in keys)
+    back, _ = load_hf(folder)
+    x = ids()
+    assert max_diff(back(x)[0], model(x)[0]) == 0.0

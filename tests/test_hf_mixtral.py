@@ -38,8 +38,7 @@ def max_diff(a, b) -> float:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("impl", ["fast", "reference"])
-@pytest.mark.parametrize("top_k", [2, 3])
+@pytest.mark.parametrize("impl,top_k", [("fast", 2), ("reference", 3)])
 def test_to_mixtral_equal_logits_and_round_trip(impl, top_k):
     model = tiny(moe_impl=impl, moe_top_k=top_k, tie_embeddings=top_k == 2)
     assert hf_family(model.config) == "mixtral"
