@@ -140,8 +140,23 @@ def test_sigkill_during_training_and_during_save(tmp_path):
         _wait_for(lambda: (a / "latest.pt").is_file(), pa, "the first checkpoint")
         time.sleep(0.3)
         pa.send_signal(signal.SIGKILL)
-        # (b) kill while the step-3 checkpoint is written: its temp file exists, the rename did not happen
-        _wait_for(lambda: any(b.glob(".latest.pt.tmp.*")), pb, "the step-3 checkpoint's temp file")
+        # (b) kill while the step-3 checkpoint is written: its temp file exists, the rename did not happen.
+        # The saves of steps 1 and 2 also have a temp file, for milliseconds; the step-3 one stays.
+        seen: dict = {}
+
+        def stuck_tmp() -> bool:
+            now = time.time()
+            names = {p.name for p in b.glob(".latest.pt.tmp.*")}
+            for n in list(seen):
+                if n not in names:
+                    del seen[n]
+            for n in names:
+                seen.setdefault(n, now)
+            if not any(now - t0 > 1.0 for t0 in seen.values()) or not (b / "latest.pt").is_file():
+                return False
+            return load_checkpoint(b)["step"] == 2  # safe to read at any time: os.replace is atomic
+
+        _wait_for(stuck_tmp, pb, "the step-3 checkpoint's temp file")
         pb.send_signal(signal.SIGKILL)
     finally:
         for p in (pa, pb):
