@@ -83,6 +83,8 @@ DEFAULTS = dict(
     eval_interval=None,
     eval_iters=None,
     standin_steps=None,  # pre-training steps of the offline stand-in on TinyShakespeare (0 = random)
+    standin_layers=2,  # size of the offline stand-in GPT-2
+    standin_embd=64,
     n_experts=4,
     moe_top_k=2,
     noise_std=0.0,  # relative noise added to each upcycled expert (0 = exact copies)
@@ -101,7 +103,7 @@ SIZES = {
                  eval_interval=10, eval_iters=4, standin_steps=100, sample_tokens=30),
 }
 QUICK = dict(tiny=True, steps=2, moe_steps=1, batch_size=2, block_size=8, eval_interval=2, eval_iters=1,
-             standin_steps=1, sample_tokens=4, max_chars=50_000)
+             standin_steps=1, standin_layers=1, standin_embd=32, sample_tokens=4, max_chars=50_000)
 args = parse_args(DEFAULTS, quick=QUICK)
 
 device = pick_device(args.device)
@@ -167,7 +169,8 @@ if size == "full":
 if hf_model is None:
     # Offline stand-in: a tiny GPT2LMHeadModel saved with save_pretrained (like the hub's folder),
     # optionally pre-trained here on TinyShakespeare (English), then loaded through the same path.
-    folder = save_random_gpt2(out_dir / "standin-gpt2", n_layer=2, n_head=4, n_embd=64, block_size=256, seed=args.seed)
+    folder = save_random_gpt2(out_dir / "standin-gpt2", n_layer=args.standin_layers, n_head=4, n_embd=args.standin_embd,
+                              block_size=256, seed=args.seed)
     source = "stand-in"
     if args.standin_steps > 0:
         try:
@@ -187,7 +190,8 @@ if hf_model is None:
 
 what = {
     "hub": f"REAL pretrained weights: {args.model!r} from the Hugging Face hub",
-    "stand-in": ("STAND-IN, not OpenAI's GPT-2: a tiny GPT-2 (2 layers, 64 dims, GPT-2 tokenizer) "
+    "stand-in": (f"STAND-IN, not OpenAI's GPT-2: a tiny GPT-2 ({args.standin_layers} layers, {args.standin_embd} dims, "
+                 "GPT-2 tokenizer) "
                  + (f"pre-trained here for {standin_trained} steps on TinyShakespeare" if standin_trained else "with random weights")),
 }[source]
 print("weights:", what)
