@@ -124,7 +124,8 @@ class Report:
 
 @dataclass
 class OverfitResult:
-    history: list[dict] = field(default_factory=list)  # one dict per step: step, train_loss (+ loss, ppl when evaluated)
+    # one dict per step: step, train_loss (+ loss, ppl, errors when evaluated); step 0 = before training
+    history: list[dict] = field(default_factory=list)
     reports: list[Report] = field(default_factory=list)
     seconds: float = 0.0
     first_exact_step: Optional[int] = None  # first evaluated step with an exact reconstruction
@@ -173,6 +174,8 @@ def overfit_sequence(
     autocast = precision.autocast if precision is not None else nullcontext
     report_at = set(checkpoint_steps(epochs))
     result = OverfitResult()
+    loss0, rec0 = evaluate_sequence(model, seq, targets, precision)  # step 0: before any update
+    result.history.append({"step": 0, "loss": loss0, "ppl": math.exp(loss0), "errors": int((rec0 != seq[0]).sum())})
     t0 = time.perf_counter()
     bar = tqdm(range(1, epochs + 1), desc="treino", disable=not progress, leave=False, mininterval=0.5)
     model.train()
@@ -188,7 +191,7 @@ def overfit_sequence(
             loss.backward()
             optimizer.step()
         row = {"step": step, "train_loss": float(loss.detach())}
-        if step % eval_every == 0 or step in report_at or step == 1:
+        if step % eval_every == 0 or step in report_at:
             row["loss"], rec = evaluate_sequence(model, seq, targets, precision)
             row["ppl"] = math.exp(row["loss"])
             for thr in ppl_thresholds:

@@ -110,7 +110,8 @@ def test_training_memorizes_the_paragraph():
     assert tok.decode(final.continuation.tolist()) == text  # 10 chars of prompt -> the whole paragraph
     assert final.ppl < 1.5
     assert res.first_exact_step is not None and res.first_exact_step <= 60
-    assert res.history[0]["step"] == 1 and res.history[-1]["step"] == 60
+    assert [h["step"] for h in res.history] == list(range(61))  # step 0 = before training
+    assert res.history[0]["loss"] > 3 * res.history[-1]["loss"] and "train_loss" not in res.history[0]
     assert torch.equal(reconstruct(model, ids), ids[0])
 
 
@@ -142,6 +143,36 @@ def test_set_cpu_threads_requested():
         assert 1 <= set_cpu_threads(0, verbose=False) <= n
     finally:
         torch.set_num_threads(n)
+
+
+# ---- plots -----------------------------------------------------------------------------------------
+
+
+def test_plots_save_and_draw_what_they_say(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from nanomoe.plots import plot_curves, plot_loss_ppl
+
+    h1 = [{"step": s, "train_loss": 3.0 / (s + 1), "val_loss": 3.2 / (s + 1)} for s in range(10)]
+    h2 = [{"step": s, "train_loss": 2.0 / (s + 1)} for s in range(5)]
+    fig = plot_curves({"a": h1, "b": h2}, y=("train_loss", "val_loss"), save_path=tmp_path / "sub" / "c.png")
+    assert (tmp_path / "sub" / "c.png").stat().st_size > 1000
+    ax_train, ax_val = fig.axes
+    assert [len(l.get_xdata()) for l in ax_train.lines] == [10, 5]
+    assert [len(l.get_xdata()) for l in ax_val.lines] == [10]  # run b has no val_loss
+    with pytest.raises(ValueError, match="at least one key"):
+        plot_curves(h1, y=())
+    hist = [{"step": 0, "loss": 3.5, "ppl": 33.1}] + [
+        {"step": s, "train_loss": 3.0 / s, **({"loss": 2.5 / s, "ppl": 2.718 ** (2.5 / s)} if s % 5 == 0 else {})}
+        for s in range(1, 21)
+    ]
+    fig = plot_loss_ppl(hist, vocab_size=36, target_ppl=1.5, save_path=tmp_path / "lp.png")
+    ax_loss, ax_ppl = fig.axes
+    assert ax_ppl.get_yscale() == "log"
+    assert len(ax_loss.lines[0].get_xdata()) == 5  # steps 0, 5, 10, 15, 20
+    assert any(abs(l.get_ydata()[0] - 3.5835) < 1e-3 for l in ax_loss.lines)  # ln(36) reference line
+    assert any(l.get_label() == "treino (com dropout)" for l in ax_loss.lines)
 
 
 # ---- the script end to end --------------------------------------------------------------------------
