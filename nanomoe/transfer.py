@@ -28,6 +28,7 @@ at step 0, and training then lets the experts diverge.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -123,8 +124,6 @@ def _numel(shape: Optional[tuple[int, ...]]) -> int:
 
 def _collapse(entries: list[TransferEntry]) -> list[tuple]:
     """Merge entries that differ only by the layer index into one row `h.{0-11}.attn.c_proj.weight`."""
-    import re
-
     groups: dict[tuple, list[int]] = {}
     order = []
     for e in entries:
