@@ -22,7 +22,8 @@ tokenizer is given, a line in `out_dir/metrics.jsonl`, the curves plot, and the 
 
 Exact resume. The randomness of a step is a function of (seed, step) only: the batch of the g-th
 micro-batch of the run is drawn by a generator seeded with (seed, g), and the dropout generator is
-reseeded with (seed, rank, step) at the start of every step. So training N steps, stopping and
+reseeded with (seed, rank, step) at the start of every step (when the model has dropout, the only
+other user of randomness in a step). So training N steps, stopping and
 resuming for N more replays exactly the same batches and dropout masks as 2N steps straight, and on
 CPU the losses and the final weights are bitwise identical (tests/test_04_resume.py).
 The same trick makes W ranks under DDP read exactly the batches one process reads with the same
@@ -311,6 +312,29 @@ def _sample(raw_model, tokenizer, tcfg: TrainConfig, precision: Precision, devic
     return tokenizer.decode(out[0, len(ids) :].tolist())
 
 
+def _progress_bar(total: int, initial: int, enabled: bool):
+    """tqdm where it reads well: a widget in notebooks with ipywidgets (Colab), a live bar in a
+    terminal, a bar refreshed every 30 s when the output goes to a file, and none in a notebook
+    without widgets (its text bar would fill the saved notebook; the evaluation lines remain)."""
+    import sys
+
+    from tqdm import tqdm as text_tqdm
+
+    from .cli import in_notebook
+
+    kw = dict(total=total, initial=initial, desc="train", dynamic_ncols=True)
+    if in_notebook():
+        try:
+            import ipywidgets  # noqa: F401
+            from tqdm.notebook import tqdm as widget_tqdm
+
+            return widget_tqdm(disable=not enabled, **kw)
+        except ImportError:
+            return text_tqdm(disable=True, **kw)
+    interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return text_tqdm(disable=not enabled, mininterval=1.0 if interactive else 30.0, **kw)
+
+
 def _uses_moe_bias(raw_model) -> bool:
     cfg = raw_model.config
     return cfg.n_experts > 0 and bool(getattr(cfg, "moe_bias_balance", False))
@@ -538,10 +562,7 @@ def _train(model, train_data, val_data, tcfg: TrainConfig, dist_info: DistInfo, 
                 _write("  sample: " + rec["sample"].replace("\n", "\n          ")[:600])
         return rec
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=tcfg.max_steps, initial=min(start_step, tcfg.max_steps), desc="train", dynamic_ncols=True,
-               disable=not (progress and main), mininterval=1.0)
+    bar = _progress_bar(tcfg.max_steps, min(start_step, tcfg.max_steps), enabled=progress and main)
     _write = bar.write if (progress and main) else print
     if main and progress:
         n_p = raw.num_params(non_embedding=False)
@@ -552,11 +573,12 @@ def _train(model, train_data, val_data, tcfg: TrainConfig, dist_info: DistInfo, 
         do_eval(0, None, 0.0)
     win_ce, win_n, win_time, win_tokens = 0.0, 0, 0.0, 0  # since the last log record
     ev_ce, ev_n, ev_time, ev_tokens = 0.0, 0, 0.0, 0  # since the last evaluation
+    reseed = cfg.dropout > 0  # nothing else in a training step draws from the global generator
     step = start_step
     for step in range(start_step, tcfg.max_steps):
         t0 = time.perf_counter()
-        # Randomness of this step depends on (seed, rank, step) only: exact resume, rank-distinct dropout.
-        torch.manual_seed(tcfg.seed * 1_000_003 + rank * 7919 + step)
+        if reseed:  # dropout's randomness depends on (seed, rank, step) only: exact resume, distinct ranks
+            torch.manual_seed(tcfg.seed * 1_000_003 + rank * 7919 + step)
         lr = get_lr(step, tcfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
