@@ -177,7 +177,7 @@ config = gpt2_config(
     bias=args.bias,
 )
 model = GPT(config).to(device)
-print(config)
+print("config:", {k: getattr(config, k) for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")})
 print(f"parâmetros: {model.num_params(non_embedding=False):,} no total, "
       f"{model.num_params():,} sem a tabela de posições")
 
@@ -297,16 +297,16 @@ print(f"figura salva em {out_dir / 'loss_ppl.png'}")
 # Medimos com `--exercises` (até 280 passos, parando quando a perplexidade sem dropout fica
 # abaixo de 2; ela é medida a cada 5 passos; semente 1337; demais parâmetros padrão):
 #
-# | `n_embd` | parâmetros | passos até PPL < 2 | tempo (CPU de 2 núcleos, compartilhada) |
+# | `n_embd` | parâmetros | passos até PPL < 2 | tempo (CPU de 2 núcleos compartilhada; varia com a carga) |
 # |---|---|---|---|
-# | 32 | 67 mil | 135 | 20 s |
-# | 64 | 232 mil | 60 | 9 s |
-# | 128 | 857 mil | 30 | 7 s |
-# | 256 | 3,3 milhões | 35 | 15 s |
+# | 32 | 67 mil | 135 | 17 a 20 s |
+# | 64 | 232 mil | 60 | 7 a 9 s |
+# | 128 | 857 mil | 30 | 5 a 7 s |
+# | 256 | 3,3 milhões | 35 | 12 a 15 s |
 #
 # Mais largura aprende em menos passos, até um ponto: com 256 o modelo não chega mais rápido
 # (com a mesma taxa de aprendizado, modelos maiores costumam pedir uma taxa menor) e cada passo
-# custa o dobro. O modelo de 67 mil parâmetros também decora, só que leva 4x mais passos.
+# custa o dobro. O modelo de 67 mil parâmetros também chega lá, só que leva 4,5x mais passos.
 #
 # </details>
 #
@@ -316,7 +316,7 @@ print(f"figura salva em {out_dir / 'loss_ppl.png'}")
 #
 # Com `--dropout=0`: a perplexidade passa de 2 no mesmo passo 30, mas a reconstrução fica exata
 # no passo 40 em vez de 52, a perplexidade final em 70 passos é 1,039 em vez de 1,058, e cada
-# passo em CPU fica uns 35% mais barato (10 s contra 16 s nos 70 passos): o dropout sorteia
+# passo em CPU fica mais barato (medimos ~180 ms contra ~250 a 300 ms): o dropout sorteia
 # máscaras e tira a atenção do caminho rápido do `scaled_dot_product_attention`.
 #
 # O dropout desliga neurônios ao acaso justamente para o modelo **não** depender de detalhes
@@ -346,9 +346,10 @@ print(f"figura salva em {out_dir / 'loss_ppl.png'}")
 #
 # <details><summary>Resposta</summary>
 #
-# Com `--lr=5e-3` a loss de treino **sobe** logo no início (de 3,6 para 5,0 no passo 4), depois
-# empaca num platô perto de 2,96 por uns 15 passos, e só então volta a cair: a perplexidade passa
-# de 2 no passo 65 (contra 30), e em 70 passos a reconstrução ainda tem 86 erros (PPL 1,74). O
+# Com `--lr=5e-3` a loss de treino **sobe** logo no início (de 3,62 para 5,06 no passo 4), depois
+# empaca num platô perto de 2,96 (20 passos a menos de 0,15 dele, contra 2 com `lr=1e-3`), e só
+# então volta a cair: a perplexidade passa de 2 no passo 65 (contra 30), e em 70 passos a
+# reconstrução ainda tem 86 erros (PPL 1,74). O
 # platô tem explicação: 2,96 é a entropia das frequências dos caracteres do parágrafo (PPL ≈ 19).
 # É a loss de um modelo que só sabe "quais letras são comuns" e ignora o contexto. Passos grandes
 # demais derrubam o modelo nessa solução preguiçosa, e ele demora a sair dela. É por isso que
@@ -413,9 +414,9 @@ if args.exercises:
     unigram = float(-(p * p.log()).sum())  # the loss of a model that only knows how often each token occurs
     print(f"  entropia das frequências dos tokens (prever sem olhar o contexto): {unigram:.3f}")
     for name, res in ((f"lr={args.lr:g}", base), ("lr=5e-3", high)):
-        tl = [h["train_loss"] for h in res.history]
+        tl = [h["train_loss"] for h in res.history if "train_loss" in h]  # steps 1, 2, ...
         peak = max(range(len(tl)), key=tl.__getitem__)
-        flat = sum(abs(h["train_loss"] - unigram) < 0.15 for h in res.history)
+        flat = sum(abs(v - unigram) < 0.15 for v in tl)
         print(f"  {name}: pico da loss de treino {tl[peak]:.2f} no passo {peak + 1} (inicial {tl[0]:.2f}); "
               f"{flat} passos com a loss a menos de 0.15 dessa entropia")
     fig_ex = plot_curves(

@@ -11,6 +11,7 @@ mode gets a warning in the test summary: make its `--quick` smaller.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -51,10 +52,15 @@ def test_notebook_in_sync_with_script(nb_path):
     py = jupytext.read(script, fmt="py:percent")
     a, b = _cells(nb), _cells(py)
     for i, (ca, cb) in enumerate(zip(a, b)):
-        assert ca == cb, (
-            f"cell {i} differs between {nb_path.name} and {script.name}; "
-            f"run `uv run jupytext --sync {script.relative_to(REPO)}`\nnotebook: {ca!r:.300}\nscript:   {cb!r:.300}"
-        )
+        if ca != cb:
+            diff = "\n".join(
+                list(difflib.unified_diff(ca[1].splitlines(), cb[1].splitlines(), "notebook", "script", lineterm="", n=1))[:20]
+            )
+            pytest.fail(
+                f"cell {i} ({ca[0]} in the notebook, {cb[0]} in the script) differs between {nb_path.name} and "
+                f"{script.name}; run `uv run jupytext --sync {script.relative_to(REPO)}`\n{diff}",
+                pytrace=False,
+            )
     assert len(a) == len(b), f"{len(a)} cells in the notebook, {len(b)} in the script: run jupytext --sync"
 
 
@@ -114,5 +120,9 @@ def test_notebook_executes(nb_path, kernel_spec_dir, monkeypatch):
     assert all(c.get("execution_count") for c in nb.cells if c.cell_type == "code" and c.source.strip()), (
         f"not every code cell of {nb_path.name} ran ({n_code} code cells)"
     )
+    if nb_path.stem == "01_train_nanogpt":
+        # chapter 01 prints its parameters: proves that nanomoe.cli read NANOMOE_ARGS inside a real kernel
+        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+        assert "quick=True" in text and "=== Resumo ===" in text
     if elapsed > SLOW_S:
         warnings.warn(f"{nb_path.name} took {elapsed:.0f}s with --quick (> {SLOW_S:.0f}s): make its quick mode smaller")
