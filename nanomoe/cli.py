@@ -164,8 +164,11 @@ def parse_args(
     if isinstance(argv, str):
         argv = shlex.split(argv)
     prog = ""
-    if from_script and sys.argv:
-        prog = sys.argv[0]
+    if from_script and sys.argv and sys.argv[0]:
+        p = os.path.abspath(sys.argv[0])
+        parent = os.path.basename(os.path.dirname(p))
+        stem = os.path.splitext(os.path.basename(p))[0]
+        prog = f"uv run -m {parent}.{stem}" if parent == "scripts" else f"python {sys.argv[0]}"
     if quick:
         unknown_q = sorted(set(quick) - set(defaults))
         if unknown_q or "quick" not in defaults:
