@@ -12,7 +12,8 @@ slows both sides alike):
    position table excluded);
 2. decode time per token at position 64 and at position 1023 (~1024), with and without the KV
    cache (4 layers, n_embd 128, block_size 1024, batch 1);
-3. total time to generate 1000 tokens with and without the cache;
+3. total time to generate 1000 tokens with and without the cache (median of 3 cached runs,
+   one uncached run);
 4. KV-cache bytes for MHA, GQA and MQA;
 5. peak memory (RSS high-water mark, reset through /proc/self/clear_refs) during a 1000-token
    generation with the cache, compared to the cache's own size, and without the cache. Each
@@ -182,7 +183,8 @@ def bench_decode(args, V: int) -> dict:
     times: dict = {c: [] for c in cells}
     for _ in range(args.decode_reps):  # every rep visits every cell: drifts in machine load hit all alike
         for c, fn in cells.items():
-            times[c].append(median_time(fn, 1))
+            fn()  # a step like the one before it (as in a real generation), then time three in a row
+            times[c].append(median_time(fn, 3))
     out: dict = {p: {f"{kind}_ms": 1e3 * statistics.median(times[(p, kind)]) for kind in ("cache", "no_cache")}
                  for p in positions}
     # the output layer for one token: the same work with or without the cache (Amdahl's bound)
@@ -198,9 +200,12 @@ def bench_generate(args, V: int) -> dict:
     n = args.gen_tokens
     model.generate(prompt, 8, temperature=0.0)  # warm-up
     model.generate(prompt, 8, temperature=0.0, use_cache=False)
-    t0 = time.perf_counter()
-    a = model.generate(prompt, n, temperature=0.0, use_cache=True)
-    t_cache = time.perf_counter() - t0
+    runs = []
+    for _ in range(3):  # cheap: the median of three
+        t0 = time.perf_counter()
+        a = model.generate(prompt, n, temperature=0.0, use_cache=True)
+        runs.append(time.perf_counter() - t0)
+    t_cache = statistics.median(runs)
     t0 = time.perf_counter()
     b = model.generate(prompt, n, temperature=0.0, use_cache=False)
     t_plain = time.perf_counter() - t0
