@@ -322,7 +322,8 @@ for bias in (True, False):
 # o que impede logits explosivos. O detalhe que importa: o cap tem de valer **igual** no treino,
 # na avaliação e na geração — senão as losses de treino e validação não são comparáveis e o
 # modelo gera com uma distribuição diferente da que aprendeu. Por isso ele mora num único lugar,
-# `GPT.logits`, pelo qual passam `forward` e `generate`.
+# `GPT.logits`, pelo qual passam `forward` e `generate`. (O Gemma 2 também limita os scores da
+# atenção, com $c = 50$; aqui implementamos só o cap dos logits finais.)
 
 # %%
 show_source(GPT.logits)
