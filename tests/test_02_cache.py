@@ -19,14 +19,6 @@ from nanomoe.sampling import sample_next
 KV_HEADS = [4, 2, 1]  # n_head=4: MHA, GQA, MQA
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(**kw) -> GPTConfig:
     base = dict(vocab_size=61, block_size=24, n_layer=2, n_head=4, n_embd=32, dropout=0.0)

@@ -25,16 +25,7 @@ from nanomoe.norm import LayerNorm, RMSNorm
 from nanomoe.rope import apply_rope, rope_tables, rotate_half
 
 KV_HEADS = [4, 2, 1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, busy CPU where
-    a second OpenMP thread waits for a core at every op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)  # with n_head=4: MHA, GQA (2 query heads per kv head), MQA
+  # with n_head=4: MHA, GQA (2 query heads per kv head), MQA
 
 
 def tiny(**kw) -> GPTConfig:
