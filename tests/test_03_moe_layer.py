@@ -12,15 +12,6 @@ from nanomoe.moe import MoE, capacity, capacity_keep, moe_layers, update_moe_bia
 from nanomoe.moe_metrics import MoEMetrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast and does not fight the other tests for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def layer_config(**kw) -> GPTConfig:
     base = dict(vocab_size=32, block_size=32, n_layer=2, n_head=4, n_embd=32, n_experts=4, moe_top_k=2)
     return moe_config(**{**base, **kw})

@@ -11,15 +11,6 @@ from nanomoe.tokenizer import get_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast and does not fight the other tests for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw):
     base = dict(vocab_size=48, block_size=64, n_layer=2, n_head=4, n_embd=32, n_experts=4, moe_top_k=2)
     return moe_config(**{**base, **kw})
