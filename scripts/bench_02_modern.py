@@ -62,8 +62,8 @@ DEFAULTS = dict(
     json_out="",  # optional path for the raw figures
     sections="train,decode,generate,bytes,memory",  # which parts to run
 )
-QUICK = dict(train_steps=3, decode_reps=3, gen_tokens=60, block_size=128, positions="16,100", train_seq=64, train_batch=2,
-             vocabs="128,4096", vocab_size=4096)
+QUICK = dict(train_steps=2, decode_reps=2, gen_tokens=40, block_size=64, positions="8,60", train_seq=32, train_batch=2,
+             vocabs="128,4096", vocab_size=4096, n_layer=2, n_embd=64, threads=1)
 
 
 def median_time(fn: Callable[[], object], reps: int) -> float:
