@@ -459,9 +459,12 @@ def _train(model, train_data, val_data, tcfg: TrainConfig, dist_info: DistInfo, 
             res.history, res.losses, res.log = list(state["history"]), list(state["losses"]), list(state["log"])
             res.tokens, res.train_time_s = int(state["tokens"]), float(state["train_time_s"])
             res.best_val_loss = float(state["best_val_loss"])
+            exact_keys = ["batch_size", "block_size", "grad_accum", "seed", "lr", "min_lr", "warmup_steps",
+                          "decay_steps", "weight_decay", "betas", "dtype"]
+            if tcfg.decay_steps is None:
+                exact_keys.append("max_steps")  # the cosine decay ends at max_steps: a new one reshapes it
             changed = [d for d in ck.config_diff(state.get("train_config", {}), tcfg.to_dict())
-                       if d.split(":")[0] in ("batch_size", "block_size", "grad_accum", "seed", "lr", "min_lr",
-                                              "warmup_steps", "decay_steps", "weight_decay", "betas", "dtype")]
+                       if d.split(":")[0] in exact_keys]
             if main:
                 print(f"resuming from {ckpt_path} at step {start_step} ({res.tokens:,} tokens seen)")
                 if changed:
