@@ -43,12 +43,14 @@ full-sequence pass may drop later tokens; dropless MoE (the default) has no such
 Two dispatches with identical results (tests check outputs and gradients):
     "reference": a loop over experts, each gathering its tokens (index_select) and adding its
                  weighted output back (index_add). Easy to read.
-    "fast":      sort the (token, expert) assignments by expert, then one grouped matmul
-                 (`torch.nn.functional.grouped_mm`) or one matmul per expert over
-                 `W.unbind(0)` (not `W[e]`: each `W[e]`'s backward writes a full-size zero
-                 tensor), then scatter back. The dropless grouped path has no host sync and
-                 compiles (torch.compile) to one graph; capacity (`nonzero`) and the loop
-                 (`counts.tolist()`) break the graph at a host sync.
+    "fast":      sort the (token, expert) assignments by expert so each expert's tokens are
+                 contiguous, run the experts with one of three kernels (`pick_kernel`):
+                 `F.grouped_mm` (PyTorch's MoE kernel), a loop of matmuls over `W.unbind(0)`
+                 (not `W[e]`: each `W[e]`'s backward writes a full-size zero tensor), or two
+                 `bmm` over the experts padded to the largest count; then scatter back.
+                 The dropless grouped path has no host sync and compiles (torch.compile) to
+                 one graph; capacity (`nonzero`), the loop and the padding read a count on the
+                 host and break the graph there.
 
 The experts are stored as stacked 3-D parameters `c_fc` (E, C, 2H or H) and `c_proj` (E, H, C),
 not a ModuleList: an expert that gets no tokens still has a (zero) gradient, so DDP never waits
@@ -69,15 +71,17 @@ from .config import GPTConfig
 from .mlp import MLP
 
 
+def _activation(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """SwiGLU: silu(gate) * up with h = [gate | up] along the last dim (like MLP.c_fc); or GELU."""
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h, approximate="tanh")
+
+
 def expert_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, kind: str) -> torch.Tensor:
     """One expert: x (n, C) @ w_fc (C, 2H | H) -> activation -> @ w_proj (H, C) -> (n, C)."""
-    h = x @ w_fc
-    if kind == "swiglu":
-        gate, up = h.chunk(2, dim=-1)  # [gate | up] along the last dim, like the dense MLP's c_fc
-        h = F.silu(gate) * up
-    else:
-        h = F.gelu(h, approximate="tanh")
-    return h @ w_proj
+    return _activation(x @ w_fc, kind) @ w_proj
 
 
 class Experts(nn.Module):
@@ -113,18 +117,60 @@ def capacity_keep(topk_idx: torch.Tensor, n_experts: int, cap: int) -> torch.Ten
     return earlier.gather(-1, topk_idx) < cap  # (B, T, k)
 
 
-def _grouped_mm_pays(dtype: torch.dtype, device: torch.device, n_embd: int, hidden: int) -> bool:
-    """Use F.grouped_mm when it exists, handles the dtype and strides, and is worth it: on CUDA it
-    is the fused MoE kernel (bf16, sm80+: Ampere/Hopper); on CPU it is exact, at least as fast as a
-    Python loop of matmuls (scripts/bench_03_moe.py) and leaves no graph break for torch.compile."""
-    if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    size = torch.finfo(dtype).bits // 8
-    if (n_embd * size) % 16 or (hidden * size) % 16:
-        return False  # its kernels need 16-byte aligned rows
+# Three ways to run E experts over rows already sorted by expert (counts[e] consecutive rows each).
+# Same numbers (tests check it); they differ in how many kernels they launch.
+
+
+def experts_grouped(xs, expert_sorted, counts, w_fc, w_proj, kind):
+    """Two `F.grouped_mm` calls: PyTorch's MoE kernel (fused on CUDA, no host sync)."""
+    offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
+    return F.grouped_mm(_activation(F.grouped_mm(xs, w_fc, offs=offs), kind), w_proj, offs=offs)
+
+
+def experts_loop(xs, expert_sorted, counts, w_fc, w_proj, kind):
+    """One matmul per expert over `W.unbind(0)` (indexing `W[e]` instead would make each
+    backward write a full-size zero tensor of W)."""
+    chunks = xs.split(counts.tolist())  # host sync; some chunks may be empty
+    return torch.cat([expert_mlp(c, wf, wp, kind) for c, wf, wp in zip(chunks, w_fc.unbind(0), w_proj.unbind(0))])
+
+
+def experts_padded(xs, expert_sorted, counts, w_fc, w_proj, kind):
+    """Pad every expert's rows with zeros up to the largest count, then two `torch.bmm` over
+    (E, max_count, .): few, big kernels (good with several CPU threads or small GPU models), at
+    the price of computing the padding (max/mean load - 1, ~10-20% once the router is balanced).
+    Padded rows are zero in and never read out, so outputs and gradients are exact."""
+    E, C = w_fc.size(0), xs.size(1)
+    start = counts.cumsum(0) - counts
+    slot = torch.arange(xs.size(0), device=xs.device) - start[expert_sorted]  # row within its expert
+    buf = xs.new_zeros(E, int(counts.max()) if xs.size(0) else 0, C).index_put((expert_sorted, slot), xs)
+    out = torch.bmm(_activation(torch.bmm(buf, w_fc), kind), w_proj)  # (E, max_count, C)
+    return out[expert_sorted, slot]  # (M, C)
+
+
+KERNELS = {"grouped": experts_grouped, "loop": experts_loop, "padded": experts_padded}
+
+
+def pick_kernel(dtype: torch.dtype, device: torch.device, n_embd: int, hidden: int) -> str:
+    """The expert kernel for the fast path (measured with scripts/bench_03_moe.py, torch 2.15):
+    - `F.grouped_mm` where it is the fused kernel (CUDA bf16, sm80+) and on a 1-thread CPU, where
+      it is exact and the fastest (it also leaves no graph break for torch.compile);
+    - padded `bmm` elsewhere: with several CPU threads each of grouped_mm's per-expert matmuls is
+      a parallel region the threads must synchronize on, and a busy machine makes every one of
+      them wait; on other GPUs (a T4 runs fp16) two bmm launches replace 2E small matmuls
+      (the GPU choices are not measured here: the course machine has no GPU)."""
+    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 0
+    grouped_ok = (
+        hasattr(F, "grouped_mm")
+        and dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and (n_embd * size) % 16 == 0
+        and (hidden * size) % 16 == 0  # its kernels need 16-byte aligned rows
+    )
     if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
-    return device.type == "cpu"
+        fused = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+        return "grouped" if grouped_ok and fused else "padded"
+    if device.type == "cpu" and grouped_ok and torch.get_num_threads() == 1:
+        return "grouped"
+    return "padded"
 
 
 class MoE(nn.Module):
@@ -152,8 +198,9 @@ class MoE(nn.Module):
         self.min_capacity = config.moe_min_capacity
         self.impl = config.moe_impl
         self.bias_update_rate = config.moe_bias_update_rate
-        # None = decide per call (_grouped_mm_pays); True/False force it (benchmarks, tests).
-        self.use_grouped_mm: Optional[bool] = None
+        # Expert kernel of the fast path: None = `pick_kernel` decides per call; or force one of
+        # KERNELS ("grouped", "loop", "padded") for benchmarks and tests.
+        self.kernel: Optional[str] = None
 
         self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)
         self.experts = Experts(config.n_experts, config.n_embd, config.expert_hidden_dim, config.mlp)
@@ -264,24 +311,10 @@ class MoE(nn.Module):
         w_fc, w_proj = self.experts.c_fc, self.experts.c_proj
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype  # compute dtype
-        grouped = self.use_grouped_mm
-        if grouped is None:
-            grouped = _grouped_mm_pays(dt, x.device, x.size(1), self.experts.hidden)
-        if grouped:
-            if dt != xs.dtype or dt != w_fc.dtype:  # grouped_mm is not on autocast's lists: cast by hand
-                xs, w_fc, w_proj = xs.to(dt), w_fc.to(dt), w_proj.to(dt)
-            offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
-            h = F.grouped_mm(xs, w_fc, offs=offs)  # (M, 2H | H)
-            if self.kind == "swiglu":
-                g_, u_ = h.chunk(2, dim=-1)
-                h = F.silu(g_) * u_
-            else:
-                h = F.gelu(h, approximate="tanh")
-            out = F.grouped_mm(h, w_proj, offs=offs)  # (M, C)
-        else:
-            chunks = xs.split(counts.tolist())  # host sync: one chunk per expert (some may be empty)
-            outs = [expert_mlp(c, wf, wp, self.kind) for c, wf, wp in zip(chunks, w_fc.unbind(0), w_proj.unbind(0))]
-            out = torch.cat(outs)  # (M, C)
+        kernel = self.kernel or pick_kernel(dt, x.device, x.size(1), self.experts.hidden)
+        if kernel == "grouped" and (dt != xs.dtype or dt != w_fc.dtype):
+            xs, w_fc, w_proj = xs.to(dt), w_fc.to(dt), w_proj.to(dt)  # grouped_mm is not on autocast's lists
+        out = KERNELS[kernel](xs, expert_of[order], counts, w_fc, w_proj, self.kind)  # (M, C)
         out = out * gates[order].unsqueeze(1).to(out.dtype)
         return torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add_(0, token_sorted, out).to(x.dtype)
 

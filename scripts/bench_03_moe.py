@@ -7,7 +7,10 @@ expert is half as wide), so ideally it costs the same. We time, side by side and
     dense        nanomoe.mlp.MLP (SwiGLU)
     reference    MoE, loop over experts with index_select / index_add
     fast-loop    MoE, tokens sorted by expert, one matmul per expert over W.unbind(0)
+    fast-padded  MoE, tokens sorted by expert, padded to the largest expert, two torch.bmm
     fast-grouped MoE, tokens sorted by expert, torch.nn.functional.grouped_mm (when available)
+
+"(auto)" marks the kernel `moe_impl="fast"` picks by itself here (`nanomoe.moe.pick_kernel`).
 
     uv run -m scripts.bench_03_moe                 # d_model 256 and 512, 4096 tokens, 2 threads
     uv run -m scripts.bench_03_moe --quick         # seconds
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from nanomoe import moe_config
 from nanomoe.cli import parse_args
 from nanomoe.mlp import MLP
-from nanomoe.moe import MoE
+from nanomoe.moe import MoE, pick_kernel
 
 DEFAULTS = dict(
     quick=False,
@@ -60,20 +63,22 @@ def make_variants(d: int, args, device: str, dtype: torch.dtype) -> dict:
     torch.nn.init.normal_(moe.router.weight, std=0.02)
     variants = {"dense": (dense, lambda x: dense(x))}
 
-    def moe_fn(impl: str, grouped):
+    def moe_fn(impl: str, kernel):
         def fn(x):
-            moe.impl, moe.use_grouped_mm = impl, grouped
+            moe.impl, moe.kernel = impl, kernel
             y, aux, _ = moe(x)
             return y, aux
         return fn
 
-    variants["reference"] = (moe, moe_fn("reference", False))
-    variants["fast-loop"] = (moe, moe_fn("fast", False))
+    variants["reference"] = (moe, moe_fn("reference", None))
+    variants["fast-loop"] = (moe, moe_fn("fast", "loop"))
+    variants["fast-padded"] = (moe, moe_fn("fast", "padded"))
     if hasattr(F, "grouped_mm"):
-        variants["fast-grouped"] = (moe, moe_fn("fast", True))
+        variants["fast-grouped"] = (moe, moe_fn("fast", "grouped"))
+    auto = pick_kernel(dtype, torch.device(device), d, cfg.expert_hidden_dim)
     n_active = args.top_k * sum(p.numel() for p in moe.experts.parameters()) // args.n_experts
     n_dense = sum(p.numel() for p in dense.parameters())
-    return variants, cfg, n_active, n_dense
+    return variants, cfg, n_active, n_dense, f"fast-{auto}"
 
 
 def step(fn, x, g) -> None:
@@ -86,7 +91,7 @@ def step(fn, x, g) -> None:
 
 
 def bench_one(d: int, args, device: str, dtype: torch.dtype) -> list[dict]:
-    variants, cfg, n_active, n_dense = make_variants(d, args, device, dtype)
+    variants, cfg, n_active, n_dense, auto = make_variants(d, args, device, dtype)
     B = max(1, args.tokens // args.seq_len)
     x = torch.randn(B, args.tokens // B, d, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn_like(x)
@@ -107,7 +112,7 @@ def bench_one(d: int, args, device: str, dtype: torch.dtype) -> list[dict]:
     rows = []
     for name, ts in times.items():
         ms = 1000 * statistics.median(ts)
-        rows.append(dict(d_model=d, variant=name, ms=ms, ratio=ms / dense_ms, hidden=cfg.expert_hidden_dim if name != "dense" else cfg.hidden_dim,
+        rows.append(dict(d_model=d, variant=name + (" (auto)" if name == auto else ""), ms=ms, ratio=ms / dense_ms, hidden=cfg.expert_hidden_dim if name != "dense" else cfg.hidden_dim,
                          active_params=n_dense if name == "dense" else n_active))
     return rows
 

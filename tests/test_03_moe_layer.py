@@ -164,8 +164,8 @@ def test_single_expert_model_equals_dense_model():
 # ---- reference == fast ----------------------------------------------------------------------
 
 
-def _run(moe, x, impl, grouped):
-    moe.impl, moe.use_grouped_mm = impl, grouped
+def _run(moe, x, impl, kernel):
+    moe.impl, moe.kernel = impl, kernel
     moe.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     y, aux, st = moe(x)
@@ -192,8 +192,8 @@ def test_reference_equals_fast_outputs_and_gradients(kw):
     ref = _run(moe, x, "reference", None)
     if kw.get("moe_capacity_factor"):
         assert ref[3]["dropped"] > 0  # capacity really drops something here
-    for grouped in (False, True):
-        fast = _run(moe, x, "fast", grouped)
+    for kernel in ("grouped", "loop", "padded"):
+        fast = _run(moe, x, "fast", kernel)
         torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fast[1], ref[1], rtol=1e-5, atol=1e-6)
         assert fast[2].keys() == ref[2].keys()
@@ -209,18 +209,19 @@ def test_autocast_keeps_router_fp32_and_paths_agree():
         logits, probs, _, gates = moe.route(x)
         assert logits.dtype == probs.dtype == gates.dtype == torch.float32  # router in fp32 under AMP
         outs = {}
-        for impl, grouped in (("reference", None), ("fast", False), ("fast", True)):
-            moe.impl, moe.use_grouped_mm = impl, grouped
-            outs[(impl, grouped)] = moe(x)[0].float()
+        for impl, kernel in (("reference", None), ("fast", "grouped"), ("fast", "loop"), ("fast", "padded")):
+            moe.impl, moe.kernel = impl, kernel
+            outs[(impl, kernel)] = moe(x)[0].float()
     ref = outs[("reference", None)]
     for key, y in outs.items():
         torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-3, msg=str(key))
     assert (ref - moe(x)[0]).abs().max() > 0  # bf16 really was used
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_expert_without_tokens_gets_zero_gradient(impl):
+@pytest.mark.parametrize("impl,kernel", [("reference", None), ("fast", "grouped"), ("fast", "loop"), ("fast", "padded")])
+def test_expert_without_tokens_gets_zero_gradient(impl, kernel):
     moe = make_moe(moe_impl=impl, moe_top_k=1)
+    moe.kernel = kernel
     with torch.no_grad():  # x > 0 below and a negative row: expert 3 is never chosen
         moe.router.weight[3] = -1.0
         moe.router.weight[:3].abs_()
