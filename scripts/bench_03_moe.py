@@ -15,6 +15,12 @@ expert is half as wide), so ideally it costs the same. We time, side by side and
     uv run -m scripts.bench_03_moe                 # d_model 256 and 512, 4096 tokens, 2 threads
     uv run -m scripts.bench_03_moe --quick         # seconds
     uv run -m scripts.bench_03_moe --device=cuda --dtype=bfloat16
+
+On a CPU shared with other jobs, run it as `OMP_WAIT_POLICY=PASSIVE uv run -m scripts.bench_03_moe`:
+by default OpenMP threads spin while they wait for each other, and when the machine is busy the
+second thread is often descheduled, so every parallel op waits a scheduler time slice. The MoE
+layer runs ~10x more ops than the dense MLP (one matmul per expert), so spinning inflates its
+time far more (measured here: 2-6x the dense MLP instead of ~1.05x).
 """
 
 from __future__ import annotations
@@ -127,6 +133,8 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     where = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    if device == "cpu":
+        where += f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     print(f"torch {torch.__version__} | {device} ({where}) | {args.dtype} | {args.tokens} tokens | "
           f"{args.n_experts} experts top-{args.top_k} | median of {args.runs} after {args.warmup} warm-up")
     if load:
