@@ -64,7 +64,8 @@ from nanomoe import GPT, get_tokenizer, modern_config, moe_config
 from nanomoe.cli import parse_args
 from nanomoe.data import encode_text, read_corpus
 from nanomoe.mlp import MLP
-from nanomoe.moe import MoE, Experts, capacity, capacity_keep, expert_mlp, moe_layers, update_moe_bias
+from nanomoe.moe import (MoE, Experts, capacity, capacity_keep, expert_mlp, experts_grouped, experts_loop,
+                         experts_padded, moe_layers, pick_kernel, update_moe_bias)
 from nanomoe.moe_metrics import MoEMetrics
 from nanomoe.plots import plot_balance_sweep, plot_curves, plot_expert_load, plot_token_routing, save_figure
 from nanomoe.train import TrainConfig, train
@@ -79,10 +80,11 @@ def show_source(*objs) -> None:
 # %% [markdown]
 # ## Parâmetros
 #
-# Os valores abaixo dão o experimento completo (8 treinos) em ~10 minutos numa CPU de 2 núcleos
-# livre (e poucos minutos numa T4). Como script: `uv run -m scripts.03_train_moe --steps=600`;
-# num notebook, edite o dicionário ou defina `NANOMOE_ARGS="--steps=600"`. `--quick` roda tudo
-# em segundos (é o que os testes usam).
+# Os valores abaixo dão o experimento completo: 8 treinos de 300 passos. Na nossa CPU de 2
+# núcleos, com a máquina pouco ocupada, um treino denso levou 72 s e um MoE 83–89 s (1 thread):
+# ~12 minutos ao todo; numa T4, poucos minutos. Como script:
+# `uv run -m scripts.03_train_moe --steps=900`; num notebook, edite o dicionário ou defina
+# `NANOMOE_ARGS="--steps=900"`. `--quick` roda tudo em segundos (é o que os testes usam).
 
 # %%
 DEFAULTS = dict(
@@ -382,14 +384,22 @@ print("probabilidades iguais:", torch.equal(p0, p1), "| portas = p renormalizado
 # usamos para conferir a outra.
 #
 # `moe_impl="fast"` (padrão) ordena as $T\cdot k$ atribuições por especialista, de modo que os
-# tokens de cada especialista fiquem contíguos, e faz **uma** multiplicação agrupada
-# (`torch.nn.functional.grouped_mm`, o kernel de MoE do PyTorch) ou uma multiplicação por
-# especialista sobre `W.unbind(0)`. Um detalhe medido: indexar `W[e]` dentro do laço faz o
-# backward de cada `W[e]` escrever um tensor de zeros do tamanho de `W` inteiro; `unbind` não.
+# tokens de cada especialista fiquem contíguos, e roda os especialistas com um de três kernels
+# (`pick_kernel` escolhe):
+#
+# - `grouped`: **uma** multiplicação agrupada por matriz (`torch.nn.functional.grouped_mm`, o
+#   kernel de MoE do PyTorch; na GPU é um kernel só, e o `torch.compile` gera um grafo sem
+#   quebras);
+# - `loop`: uma multiplicação por especialista sobre `W.unbind(0)`. Um detalhe medido: indexar
+#   `W[e]` dentro do laço faz o backward de cada `W[e]` escrever um tensor de zeros do tamanho de
+#   `W` inteiro; `unbind` não;
+# - `padded`: completa com zeros os tokens de cada especialista até o tamanho do maior e faz duas
+#   `bmm` — poucos kernels grandes, pagando as contas do enchimento.
+#
 # Com capacidade, as atribuições descartadas saem da lista antes do despacho.
 
 # %%
-show_source(MoE._dispatch_reference, MoE._dispatch_fast)
+show_source(MoE._dispatch_reference, MoE._dispatch_fast, experts_grouped, experts_loop, experts_padded, pick_kernel)
 
 # %%
 cfg = moe_config(vocab_size=16, block_size=64, n_layer=1, n_head=2, n_embd=64, n_experts=8, moe_top_k=2)
@@ -398,20 +408,26 @@ for cf in (None, 1.0):
     m = MoE(cfg.replace(moe_capacity_factor=cf))
     xs = torch.randn(4, 64, 64, requires_grad=True)
     res = {}
-    for impl in ("reference", "fast"):
-        m.impl = impl
+    for impl, kernel in (("reference", None), ("fast", "grouped"), ("fast", "loop"), ("fast", "padded")):
+        m.impl, m.kernel = impl, kernel
         m.zero_grad()
         xs.grad = None
         y, aux, st = m(xs)
         (y.square().sum() + aux).backward()
-        res[impl] = (y.detach(), xs.grad.clone(), m.experts.c_fc.grad.clone(), m.router.weight.grad.clone())
-    diffs = [float((a - b).abs().max()) for a, b in zip(res["reference"], res["fast"])]
-    print(f"capacidade={cf}: max |ref - fast| em y, dL/dx, dL/dW_fc, dL/dW_r = {[f'{d:.1e}' for d in diffs]}")
+        res[kernel] = (y.detach(), xs.grad.clone(), m.experts.c_fc.grad.clone(), m.router.weight.grad.clone())
+    for kernel in ("grouped", "loop", "padded"):
+        diffs = [float((a - b).abs().max()) for a, b in zip(res[None], res[kernel])]
+        print(f"capacidade={cf}, fast/{kernel:7s}: max |ref - fast| em y, dL/dx, dL/dW_fc, dL/dW_r = "
+              f"{[f'{d:.1e}' for d in diffs]}")
 
 # %% [markdown]
 # O benchmark `uv run -m scripts.bench_03_moe` mede lado a lado o tempo de forward+backward de
-# uma camada MoE (8 especialistas, top-2, mesmos parâmetros ativos) contra o MLP denso; os
-# números estão em `docs/benchmarks.md`.
+# uma camada MoE (8 especialistas, top-2, mesmos parâmetros ativos) contra o MLP denso. Na nossa
+# CPU de 2 núcleos (4096 tokens): `grouped` custa 1,04–1,10× o MLP denso, o laço 1,01–1,07×, o
+# `padded` 1,16–1,27× e a referência 1,08–1,13× (detalhes em `docs/benchmarks.md`). Numa máquina
+# compartilhada, rode com `OMP_WAIT_POLICY=PASSIVE`: com as threads do OpenMP girando à espera
+# umas das outras, o MoE (8× mais multiplicações de matrizes que o MLP denso: uma por especialista) chega a
+# custar 1,5–6×.
 #
 # ## 8. Métricas de roteamento
 #
@@ -608,11 +624,68 @@ for e in range(model.config.n_experts):
 # %% [markdown]
 # ## 10. Resultados
 #
-# Tabela gerada por uma execução com os parâmetros padrão (`uv run -m scripts.03_train_moe`,
-# 300 passos × 16 × 128 = 614 mil tokens de treino por configuração), numa CPU de 2 núcleos
-# **compartilhada** com outros processos (os tokens/s dependem da carga da máquina):
+# Execução de referência: `uv run -m scripts.03_train_moe --threads=1` (parâmetros padrão:
+# 4 camadas, C = 128, 4 cabeças, contexto 128; 300 passos × 16 × 128 = 614 mil tokens de treino
+# por configuração; semente 1337), PyTorch 2.15 em CPU, numa máquina de 2 núcleos (AMD EPYC)
+# compartilhada com outros processos (load average entre 4 e 9): 1404 s para os 8 treinos. As
+# métricas de roteamento são a média das 4 camadas na última janela de 10 passos; omitimos os
+# tokens/s, que aqui mediam a carga da máquina e não os modelos (a velocidade da camada está no
+# benchmark).
 #
-# RESULTS_PLACEHOLDER
+# | treino | params ativos | params totais | loss validação | CV carga | max/média | mortos | descartados | L_bal |
+# |---|---:|---:|---:|---:|---:|---:|---:|---:|
+# | denso | 721,792 | 721,792 | 2.0101 | — | — | — | — | — |
+# | MoE top-2 | 725,888 | 2,347,904 | 2.0087 | 0.123 | 1.18 | 0 | 0.0% | 1.004 |
+# | MoE top-1 | 725,888 | 4,510,592 | 2.1451 | 0.257 | 1.49 | 0 | 0.0% | 1.008 |
+# | MoE top-2 α=0 | 725,888 | 2,347,904 | 2.0310 | 1.379 | 3.77 | 2 | 0.0% | 2.565 |
+# | MoE top-2 α=0.001 | 725,888 | 2,347,904 | 2.0173 | 0.378 | 1.56 | 0 | 0.0% | 1.058 |
+# | MoE top-2 α=0.1 | 725,888 | 2,347,904 | 2.0408 | 0.040 | 1.06 | 0 | 0.0% | 1.001 |
+# | MoE top-2 cf=1 | 725,888 | 2,347,904 | 2.0882 | 0.079 | 1.11 | 0 | 6.4% | 1.001 |
+# | MoE top-2 viés (α=0) | 725,888 | 2,347,904 | 1.9970 | 0.186 | 1.38 | 1 | 0.0% | 1.196 |
+#
+# **Denso contra MoE: o MoE não vence no orçamento padrão.** Com 614 mil tokens o MoE top-2 ficou
+# 0,0014 nats abaixo do denso nesta semente — nada, diante da variação entre sementes. Repetimos
+# denso, top-2 e top-1 com outras sementes (`--seed=1`, `--seed=2`) e com 3× mais tokens
+# (`--steps=900 --eval_interval=50 --load_every=30`, 1,84 milhão de tokens por treino):
+#
+# | passos (tokens) | semente | denso | MoE top-2 | MoE top-1 | MoE top-2 viés (α=0) |
+# |---|---:|---:|---:|---:|---:|
+# | 300 (614 mil) | 1337 | 2.0101 | 2.0087 | 2.1451 | 1.9970 |
+# | 300 (614 mil) | 1 | **1.9765** | 1.9998 | 2.1019 | — |
+# | 300 (614 mil) | 2 | **1.9722** | 2.0035 | 2.3310 | — |
+# | 900 (1,84 milhão) | 1337 | 1.6680 | **1.6456** | 1.7458 | 1.6468 |
+# | 900 (1,84 milhão) | 1 | 1.6548 | **1.6328** | 1.7133 | — |
+#
+# Com 300 passos o denso ganha em média (1,986 contra 2,004 do top-2, três sementes); com 900
+# passos o MoE top-2 ganha por 0,022 nats nas duas sementes, e a curva de validação mostra a
+# diferença crescendo ao longo do treino. Faz sentido: cada especialista só vê ~1/4 dos tokens
+# (top-2 de 8), então precisa de mais dados para aprender; o MoE tem 3,3× mais parâmetros, mas
+# eles só pagam quando o modelo denso começa a ficar limitado pela sua capacidade, não no começo
+# do treino, quando os dois ainda estão aprendendo o básico (letras, sílabas, espaços).
+#
+# **Top-1 perde sempre** (e foi instável numa semente): cada especialista é tão largo quanto o MLP
+# denso, mas vê só 1/8 dos tokens, e sua saída é multiplicada por $p_i$, que começa perto de
+# $1/8$ — o MLP contribui pouco no início. O Switch Transformer usa top-1 numa escala em que cada
+# especialista recebe bilhões de tokens.
+#
+# **Varredura de α.** Sem a loss de balanceamento (α = 0) o roteador colapsa: CV 1,38, o
+# especialista mais carregado de cada camada com 3,8× a carga média e 2 especialistas mortos nas
+# 4 camadas (o mapa de calor mostra camadas inteiras usando 2 ou 3 dos 8). α = 0,001 já reduz o CV a 0,38; α = 0,01 (o valor do Switch)
+# chega a 0,12 com a melhor validação; α = 0,1 equilibra quase perfeitamente (CV 0,04) mas piora
+# a validação: forte demais, a loss de balanceamento briga com a entropia cruzada.
+#
+# **Capacidade** (cf = 1): 6,4% das atribuições descartadas e +0,08 nats de validação — o descarte
+# vale também na avaliação, e cada descarte tira metade do MLP de um token. É por isso que o
+# Mixtral (e o nosso padrão) não descarta nada.
+#
+# **Viés do DeepSeek-V3** (α = 0): equilibra sem nenhuma loss auxiliar (CV 0,19 em 300 passos,
+# 0,013 em 900) e empata com o melhor α (1,9970 contra 2,0087; 1,6468 contra 1,6456), sem
+# precisar escolher um coeficiente.
+#
+# **Especialização.** Na execução de referência, na última camada do MoE top-2, um especialista
+# recebeu 100% dos espaços e quebras de linha; outro, a pontuação e o "q"; outros, grupos de
+# consoantes (j, f, t, h, v, d) ou de vogais (e, é, a, o). Ninguém programou isso: o roteador aprendeu com o gradiente que chega
+# pelas portas.
 #
 # ## Para lembrar
 #

@@ -19,8 +19,8 @@ expert is half as wide), so ideally it costs the same. We time, side by side and
 On a CPU shared with other jobs, run it as `OMP_WAIT_POLICY=PASSIVE uv run -m scripts.bench_03_moe`:
 by default OpenMP threads spin while they wait for each other, and when the machine is busy the
 second thread is often descheduled, so every parallel op waits a scheduler time slice. The MoE
-layer runs ~10x more ops than the dense MLP (one matmul per expert), so spinning inflates its
-time far more (measured here: 2-6x the dense MLP instead of ~1.05x).
+layer runs ~8x more matmuls than the dense MLP (one per expert), so spinning inflates its
+time far more (measured here: 1.5-6x the dense MLP instead of ~1.05x).
 """
 
 from __future__ import annotations
