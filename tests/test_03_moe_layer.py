@@ -80,6 +80,28 @@ def test_balance_loss_gradient_reaches_router_through_full_softmax():
     assert moe.router.weight.grad.abs().sum() > 0
 
 
+def test_balance_loss_uses_full_softmax_and_assignment_fractions():
+    moe = make_moe(n_experts=4, moe_top_k=2)
+    x = torch.randn(3, 10, 32)
+    _, _, st = moe(x)
+    p = F.linear(x, moe.router.weight.detach()).softmax(-1).reshape(-1, 4)  # full softmax, not the top-k gates
+    f = torch.bincount(p.topk(2, dim=-1).indices.flatten(), minlength=4).float() / (30 * 2)
+    torch.testing.assert_close(st["importance"], p.mean(0))
+    assert st["balance_loss"].item() == pytest.approx(4 * float((f * p.mean(0)).sum()), rel=1e-5)
+
+
+def test_model_loss_is_ce_plus_aux_and_ce_is_kept_apart():
+    torch.manual_seed(0)
+    model = GPT(layer_config(moe_aux_loss_coef=0.5, moe_z_loss_coef=0.1))
+    idx = torch.randint(0, 32, (2, 16))
+    logits, loss = model(idx, idx)
+    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), idx.view(-1))
+    assert model.last_ce_loss.item() == pytest.approx(ce.item(), rel=1e-6)  # perplexity = exp(this)
+    aux = sum(0.5 * st["balance_loss"] + 0.1 * st["z_loss"] for st in model.last_moe_stats)
+    assert model.last_aux_loss.item() == pytest.approx(float(aux), rel=1e-5) and aux > 0.5
+    assert loss.item() == pytest.approx(ce.item() + float(aux), rel=1e-6)
+
+
 def test_z_loss_and_aux_weighting():
     moe = make_moe(moe_aux_loss_coef=0.3, moe_z_loss_coef=0.7)
     x = torch.randn(2, 8, 32)
