@@ -4,7 +4,6 @@ wrapper prefixes; clear messages for missing data."""
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
