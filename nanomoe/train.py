@@ -56,10 +56,6 @@ from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, cl
 TokenData = Union[np.ndarray, torch.Tensor, Sequence[Union[np.ndarray, torch.Tensor]]]  # 1-D ids or shards
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN); the message says what to do."""
-
-
 @dataclass
 class TrainConfig:
     """Everything about *how* to train (the model's shape lives in GPTConfig)."""
