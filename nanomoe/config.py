@@ -25,6 +25,7 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 ATTNS = ("sdpa", "manual")
 MOE_IMPLS = ("reference", "fast")
+GELU_APPROXIMATES = ("tanh", "none")
 
 
 @dataclass
@@ -46,6 +47,9 @@ class GPTConfig:
     mlp: str = "gelu"  # "gelu" (4x, GPT-2) | "swiglu" (Shazeer 2020, Llama)
     mlp_hidden: Optional[int] = None  # None: 4*n_embd for gelu, ~8/3*n_embd for swiglu
     mlp_multiple_of: int = 32  # swiglu hidden width is rounded up to a multiple of this
+    # GELU flavour: "tanh" is GPT-2's approximation (HF "gelu_new", needed for exact GPT-2 logits);
+    # "none" is the exact erf GELU that nanoGPT uses (nn.GELU()), ~35% cheaper on CPU.
+    gelu_approximate: str = "tanh"
     # n_kv_head is a *head count*, not a group size: the number of key/value heads.
     # None (= n_head) is multi-head attention, 1 is multi-query (MQA), values in between are
     # grouped-query attention (GQA, Ainslie et al. 2023) with n_head // n_kv_head query heads per group.
@@ -87,6 +91,10 @@ class GPTConfig:
         need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
         need(self.mlp in MLPS, f"mlp must be one of {MLPS}, got {self.mlp!r}")
         need(self.attn in ATTNS, f"attn must be one of {ATTNS}, got {self.attn!r}")
+        need(
+            self.gelu_approximate in GELU_APPROXIMATES,
+            f"gelu_approximate must be one of {GELU_APPROXIMATES}, got {self.gelu_approximate!r}",
+        )
         if self.pos_emb == "rope":
             need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.n_kv_head is not None:
@@ -113,6 +121,10 @@ class GPTConfig:
             need(self.moe_min_capacity >= 1, f"moe_min_capacity must be >= 1, got {self.moe_min_capacity}")
             if self.moe_hidden is not None:
                 need(self.moe_hidden > 0, f"moe_hidden must be positive, got {self.moe_hidden}")
+            need(
+                not (self.mlp == "gelu" and self.gelu_approximate != "tanh"),
+                "MoE experts use the tanh GELU: set gelu_approximate='tanh' (or mlp='swiglu')",
+            )
 
     # ---- derived sizes (one place, so every module agrees) -----------------------------------
     @property

@@ -200,7 +200,8 @@ def gpt2_hf_config(config: GPTConfig):
         n_layer=config.n_layer,
         n_head=config.n_head,
         n_inner=None if config.hidden_dim == 4 * config.n_embd else config.hidden_dim,
-        activation_function="gelu_new",  # GPT-2's tanh approximation, = F.gelu(approximate="tanh")
+        # GPT-2's tanh approximation is "gelu_new" (= F.gelu(approximate="tanh")); "gelu" is exact erf
+        activation_function="gelu_new" if config.gelu_approximate == "tanh" else "gelu",
         resid_pdrop=config.dropout,
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,
@@ -235,8 +236,8 @@ def to_hf_gpt2(model: GPT):
 
 def _gpt2_config_from_hf(c, overrides: dict[str, Any]) -> GPTConfig:
     bad = []
-    if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        bad.append(f"activation_function={c.activation_function!r} (nanomoe's GELU is the tanh approximation, gelu_new)")
+    if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        bad.append(f"activation_function={c.activation_function!r} (nanomoe supports gelu_new/gelu_pytorch_tanh and gelu)")
     if getattr(c, "scale_attn_by_inverse_layer_idx", False):
         bad.append("scale_attn_by_inverse_layer_idx=True")
     if not getattr(c, "scale_attn_weights", True):
@@ -249,7 +250,7 @@ def _gpt2_config_from_hf(c, overrides: dict[str, Any]) -> GPTConfig:
     base = dict(
         vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
         dropout=0.0, bias=True, pos_emb="learned", norm="layernorm", norm_eps=c.layer_norm_epsilon, mlp="gelu",
-        mlp_hidden=hidden, n_kv_head=None, logit_softcap=None, tie_embeddings=bool(c.tie_word_embeddings),
+        gelu_approximate="none" if c.activation_function == "gelu" else "tanh", mlp_hidden=hidden, n_kv_head=None, logit_softcap=None, tie_embeddings=bool(c.tie_word_embeddings),
     )
     return _hidden_or_none(GPTConfig(**{**base, **overrides}), hidden)
 

@@ -1,6 +1,7 @@
 """The position-wise feed-forward network of a Transformer block.
 
 GELU MLP (GPT-2):   y = W2 gelu(W1 x)                    hidden = 4 * n_embd
+                    (GPT-2 uses GELU's tanh approximation; nanoGPT the exact erf form)
 SwiGLU   (Llama):   y = W2 (silu(Wg x) * Wu x)            hidden ~ 8/3 * n_embd
 (Shazeer 2020, "GLU Variants Improve Transformer"). The gate and up projections are stored
 fused in one `c_fc` matrix ([gate; up] along the output dimension): one matmul instead of two.
@@ -14,9 +15,13 @@ import torch.nn.functional as F
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, hidden: int, kind: str = "gelu", bias: bool = True, dropout: float = 0.0):
+    def __init__(
+        self, n_embd: int, hidden: int, kind: str = "gelu", bias: bool = True, dropout: float = 0.0,
+        gelu_approximate: str = "tanh",
+    ):
         super().__init__()
         self.kind = kind
+        self.gelu_approximate = gelu_approximate
         self.hidden = hidden
         n_in = 2 * hidden if kind == "swiglu" else hidden
         self.c_fc = nn.Linear(n_embd, n_in, bias=bias)
@@ -29,5 +34,5 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2 uses the tanh approximation
+            h = F.gelu(h, approximate=self.gelu_approximate)  # GPT-2: tanh; nanoGPT: exact ("none")
         return self.dropout(self.c_proj(h))

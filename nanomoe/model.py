@@ -42,7 +42,9 @@ class Block(nn.Module):
 
             self.mlp = MoE(config)
         else:
-            self.mlp = MLP(config.n_embd, config.hidden_dim, config.mlp, config.bias, config.dropout)
+            self.mlp = MLP(
+                config.n_embd, config.hidden_dim, config.mlp, config.bias, config.dropout, config.gelu_approximate
+            )
 
     def forward(self, x: torch.Tensor, rope=None, cache: Optional[KVCache] = None):
         """Returns (x, aux_loss, moe_stats); aux_loss and moe_stats are None for a dense layer."""
@@ -213,7 +215,7 @@ class GPT(nn.Module):
     # ---- optimization ------------------------------------------------------------------------
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), device_type: str = "cpu"):
         """AdamW with weight decay on matrices and embeddings only (dim >= 2); norms' gains and
-        biases are not decayed. Fused kernel on CUDA."""
+        biases are not decayed. Fused kernel (one multi-tensor update) on CUDA and on CPU."""
         params = [p for p in self.parameters() if p.requires_grad]  # tied weights appear once
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -221,7 +223,7 @@ class GPT(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        use_fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = {"fused": True} if use_fused else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), **extra)
 

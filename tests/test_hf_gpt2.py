@@ -213,5 +213,32 @@ def test_unsupported_configs_name_the_switch():
         hf_family(mixed)
     with pytest.raises(HFConversionError, match="n_kv_head=1"):
         to_hf(GPT(gpt2_config(vocab_size=V, block_size=8, n_layer=1, n_head=2, n_embd=16, n_kv_head=1)).eval())
-    with pytest.raises(HFConversionError, match="activation_function='gelu'"):
-        from_hf(tiny_hf_gpt2(activation_function="gelu"))
+    with pytest.raises(HFConversionError, match="activation_function='relu'"):
+        from_hf(tiny_hf_gpt2(activation_function="relu"))
+
+
+@torch.no_grad()
+def test_exact_gelu_maps_to_hf_gelu_both_ways():
+    """gelu_approximate="none" (nanoGPT's exact GELU) exports as activation_function="gelu" with
+    equal logits, differs from the tanh model on the same weights, and comes back unchanged."""
+    torch.manual_seed(0)
+    cfg = gpt2_config(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=32, gelu_approximate="none")
+    model = GPT(cfg).eval()
+    for block in model.transformer.h:  # large pre-activations, where the two GELUs differ most
+        block.mlp.c_fc.weight.mul_(50)
+    hf = to_hf(model)
+    assert hf.config.activation_function == "gelu"
+    x = ids(n=16)
+    assert max_diff(model(x)[0], hf(x).logits) < 1e-5
+    tanh_model = GPT(cfg.replace(gelu_approximate="tanh")).eval()
+    tanh_model.load_state_dict(model.state_dict())
+    z = torch.randn(4, 32) * 3  # the switch really changes the function (GELUs differ up to ~1e-3)
+    mlp, tanh_mlp = model.transformer.h[0].mlp, tanh_model.transformer.h[0].mlp
+    assert max_diff(mlp(z), tanh_mlp(z)) > 1e-5  # vs < 1e-6 for the HF export above
+    assert max_diff(model(x)[0], tanh_model(x)[0]) > 0
+    assert from_hf(hf).config.gelu_approximate == "none"
+
+
+def test_gelu_approximate_is_validated():
+    with pytest.raises(ValueError, match="gelu_approximate"):
+        gpt2_config(gelu_approximate="erf")
