@@ -50,7 +50,6 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/sagui-nlp/nanomoe"], check=True)
 
 # %%
-import inspect
 import math
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ import torch.nn.functional as F
 
 from nanomoe import GPT, GPTConfig, KVCache, get_tokenizer, gpt2_config, modern_config
 from nanomoe.attention import CausalSelfAttention, manual_attention
-from nanomoe.cli import parse_args
+from nanomoe.cli import parse_args, show_source
 from nanomoe.data import encode_text, read_corpus
 from nanomoe.device import pick_precision
 from nanomoe.mlp import MLP
@@ -71,11 +70,6 @@ from nanomoe.plots import plot_curves, save_figure
 from nanomoe.rope import apply_rope, rope_tables, rotate_half
 from nanomoe.train import TrainConfig, train
 
-
-def show_source(*objs) -> None:
-    """Print the source code of package functions/classes: the notebook reads the real code."""
-    for obj in objs:
-        print(inspect.getsource(obj))
 
 
 # %% [markdown]

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from nanomoe import GPT, get_tokenizer, modern_config, moe_config
-from nanomoe.cli import parse_args
+from nanomoe.cli import parse_args, show_source
 from nanomoe.data import encode_text, read_corpus
 from nanomoe.mlp import MLP
 from nanomoe.moe import (MoE, Experts, capacity, capacity_keep, expert_mlp, experts_grouped, experts_loop,
@@ -70,11 +70,6 @@ from nanomoe.moe_metrics import MoEMetrics
 from nanomoe.plots import plot_balance_sweep, plot_curves, plot_expert_load, plot_token_routing, save_figure
 from nanomoe.train import TrainConfig, train
 
-
-def show_source(*objs) -> None:
-    """Print the source code of package functions/classes: the notebook reads the real code."""
-    for obj in objs:
-        print(inspect.getsource(obj))
 
 
 # %% [markdown]
