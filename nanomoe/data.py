@@ -255,6 +255,24 @@ def _save_shards(ids: np.ndarray, folder: Path, prefix: str, dtype: np.dtype, sh
     return names
 
 
+def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
+    """Cut a text by characters, like nanoGPT: the first (1 - val_fraction) is train, the rest val."""
+    if not isinstance(text, str) or not text:
+        raise DataError("prepare needs a non-empty text")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_train = int(len(text) * (1.0 - val_fraction))
+    if n_train == 0:
+        raise DataError("the train split is empty: use a longer text or a smaller val_fraction")
+    return text[:n_train], text[n_train:]
+
+
+def encode_splits(tok: Tokenizer, text: str, val_fraction: float = 0.1, *, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """In-memory train/val token ids of a text (the split of `split_text`), for chapter experiments."""
+    train_text, val_text = split_text(text, val_fraction)
+    return encode_text(tok, train_text, progress=progress), encode_text(tok, val_text, progress=progress)
+
+
 def prepare(text: str, tokenizer: Union[str, Tokenizer], out_dir: Union[str, os.PathLike], val_fraction: float = 0.1,
             *, vocab_size: int = 4096, shard_size: Optional[int] = None, corpus: Optional[str] = None,
             progress: bool = True) -> dict:
@@ -265,16 +283,9 @@ def prepare(text: str, tokenizer: Union[str, Tokenizer], out_dir: Union[str, os.
     `tokenizer` is a Tokenizer or a name: "char" (alphabet of the whole text, so val has no unknown
     characters), "bytes", "gpt2", or "bpe" (a byte-level BPE of `vocab_size` trained on the train part
     only, so validation stays unseen). Returns the meta dict."""
-    if not isinstance(text, str) or not text:
-        raise DataError("prepare needs a non-empty text")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    train_text, val_text = split_text(text, val_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n_train = int(len(text) * (1.0 - val_fraction))
-    train_text, val_text = text[:n_train], text[n_train:]
-    if not train_text:
-        raise DataError("the train split is empty: use a longer text or a smaller val_fraction")
 
     t0 = time.perf_counter()
     tok_files = []

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from nanomoe import GPT, GPTConfig, KVCache, get_tokenizer, gpt2_config, modern_config
 from nanomoe.attention import CausalSelfAttention, manual_attention
 from nanomoe.cli import parse_args, show_source
-from nanomoe.data import encode_text, read_corpus
+from nanomoe.data import encode_splits, read_corpus
 from nanomoe.device import pick_precision
 from nanomoe.mlp import MLP
 from nanomoe.norm import RMSNorm
@@ -347,9 +347,7 @@ text = read_corpus(args.corpus, source=args.source or None)
 if args.quick:
     text = text[:200_000]
 tok = get_tokenizer(args.tokenizer, text=text)
-cut = int(0.9 * len(text))
-train_ids = encode_text(tok, text[:cut], progress=False)
-val_ids = encode_text(tok, text[cut:], progress=False)
+train_ids, val_ids = encode_splits(tok, text)  # first 90% of the characters / last 10%
 print(f"{len(text):,} caracteres, vocabulário de {tok.vocab_size} símbolos; "
       f"{len(train_ids):,} tokens de treino, {len(val_ids):,} de validação")
 
