@@ -26,7 +26,8 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (as Llama does) and cast back to the input dtype."""
+    """RMSNorm computed in float32, normalized x cast back to the input dtype, then scaled by the
+    gain (exactly HF Llama's order: with fp32 gains and bf16 input the result is fp32)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
