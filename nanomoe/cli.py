@@ -244,10 +244,3 @@ def describe(args: SimpleNamespace, defaults: Mapping[str, Any]) -> str:
         return "parameters: defaults"
     return "parameters: " + " ".join(f"{k}={v!r}" for k, v in changed.items())
 
-
-def show_source(*objs) -> None:
-    """Print the source code of package functions/classes, so a notebook teaches from the real code."""
-    import inspect
-
-    for obj in objs:
-        print(inspect.getsource(obj))

@@ -45,10 +45,20 @@
 # `tests/test_03_*.py` (`uv run pytest tests/test_03_*.py`).
 
 # %%
-import sys, subprocess  # noqa: E401
+# Set-up: on Colab (or any Jupyter without nanomoe) install the release this notebook was written for.
+import importlib.util
+import subprocess
+import sys
 
-if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/sagui-nlp/nanomoe"], check=True)
+NANOMOE_REF = "v0.2.0"
+if importlib.util.find_spec("nanomoe") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
+    importlib.invalidate_caches()
+
+from nanomoe.notebook import setup
+
+setup("03", written_for=NANOMOE_REF)
 
 # %%
 import inspect
@@ -61,7 +71,8 @@ import torch
 import torch.nn.functional as F
 
 from nanomoe import GPT, get_tokenizer, modern_config, moe_config
-from nanomoe.cli import parse_args, show_source
+from nanomoe.cli import parse_args
+from nanomoe.notebook import show_source
 from nanomoe.data import encode_splits, read_corpus
 from nanomoe.mlp import MLP
 from nanomoe.moe import (MoE, Experts, capacity, capacity_keep, expert_mlp, experts_grouped, experts_loop,

@@ -44,9 +44,20 @@
 # leva ~15 minutos.
 
 # %%
-import sys, subprocess
-if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/sagui-nlp/nanomoe"], check=True)
+# Set-up: on Colab (or any Jupyter without nanomoe) install the release this notebook was written for.
+import importlib.util
+import subprocess
+import sys
+
+NANOMOE_REF = "v0.2.0"
+if importlib.util.find_spec("nanomoe") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
+    importlib.invalidate_caches()
+
+from nanomoe.notebook import setup
+
+setup("05", written_for=NANOMOE_REF)
 
 # %% [markdown]
 # ## Parâmetros
