@@ -134,7 +134,8 @@ def plot_moe_dispatch(
     `topk_idx`, `gates`: (T, k) from `MoE.route` (one sequence). Line width ~ gate."""
     topk_idx, gates = topk_idx.detach().cpu(), gates.detach().float().cpu()
     if topk_idx.dim() != 2 or topk_idx.shape != gates.shape:
-        raise ValueError(f"topk_idx and gates must both be (T, k), got {tuple(topk_idx.shape)} and {tuple(gates.shape)}")
+        shapes = f"{tuple(topk_idx.shape)} and {tuple(gates.shape)}"
+        raise ValueError(f"topk_idx and gates must both be (T, k), got {shapes}")
     T, k = topk_idx.shape
     labels = list(token_labels) if token_labels is not None else [f"x{t}" for t in range(T)]
     if len(labels) != T:
