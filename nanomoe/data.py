@@ -26,14 +26,13 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .paths import cache_dir, data_root, in_home, shared_data_dir
 from .tokenizer import BPETokenizer, Tokenizer, get_tokenizer, load_tokenizer
 
 
 class DataError(ValueError):
     """A data folder, corpus or loader setting is unusable; the message says what to do."""
 
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # ----------------------------------------------------------------------------------------------
 # Corpora (canonical sources: shared/data/README.md)
@@ -67,23 +66,6 @@ MACHADO_FILES = {
 MACHADO_SHA256 = "ea5647a27157101a7ba2ba7d966bcf54231cfdecc53c22b3c784e16a5281eedf"  # of the concatenation
 
 CORPORA = ("machado", "tinyshakespeare")
-
-
-def shared_data_dir() -> Optional[Path]:
-    """The offline data folder: $NANOMOE_DATA if set, else `shared/data` beside the repository
-    root (../shared/data); None when neither exists."""
-    env = os.environ.get("NANOMOE_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(REPO_ROOT.parent / "shared" / "data")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
-
-
-def cache_dir() -> Path:
-    """Where downloaded corpora are kept: $NANOMOE_CACHE or ~/.cache/nanomoe."""
-    return Path(os.environ.get("NANOMOE_CACHE", Path.home() / ".cache" / "nanomoe"))
 
 
 def _download(url: str, timeout: float = 30.0) -> bytes:
@@ -169,9 +151,9 @@ def read_corpus(name: str, source: Optional[Union[str, os.PathLike]] = None) -> 
         return _download_machado() if name == "machado" else _download_tinyshakespeare()
     except DataError as e:
         raise DataError(
-            f"corpus {name!r} is not available offline and the download failed: {e}. "
-            f"Pass a local copy with source=... (scripts: --source PATH), or set NANOMOE_DATA to a folder "
-            f"holding machado/*.txt and tinyshakespeare/input.txt."
+            f"corpus {name!r} is not available offline and its download failed ({e}); pass a local copy: "
+            f"`uv run -m data.prepare_{name} --source PATH` (a .txt file or folder), or set NANOMOE_DATA to a "
+            f"folder holding machado/*.txt and tinyshakespeare/input.txt"
         ) from None
 
 
@@ -722,9 +704,6 @@ def write_document_shards(documents: Iterable[str], tok: Tokenizer, out_dir: Uni
 # ----------------------------------------------------------------------------------------------
 # Command-line front ends of the data/prepare_*.py scripts (kept here so the scripts stay thin)
 
-DATA_ROOT = REPO_ROOT / "data"
-
-
 def gpt2_tokenizer() -> Tokenizer:
     """tiktoken's GPT-2 BPE; offline, tiktoken's cache is filled from shared_data_dir()/gpt2 when
     that folder exists (TIKTOKEN_CACHE_DIR is then set to ~/.cache/nanomoe/tiktoken)."""
@@ -763,7 +742,7 @@ def prepare_corpus_cli(corpus: str, argv: Optional[Sequence[str]] = None) -> dic
         if a.vocab_size < 257 and a.tokenizer == "bpe":
             raise DataError(f"--vocab_size must exceed the 256 byte symbols of a byte-level BPE, got {a.vocab_size}")
         name = a.tokenizer if a.tokenizer != "bpe" or a.vocab_size == 4096 else f"bpe{a.vocab_size}"
-        out_dir = Path(a.out_dir) if a.out_dir else DATA_ROOT / f"{corpus}_{name}"
+        out_dir = Path(a.out_dir) if a.out_dir else data_root() / f"{corpus}_{name}"
         t0 = time.perf_counter()
         text = read_corpus(corpus, a.source)
         print(f"{corpus}: {len(text):,} characters, {len(text.encode('utf-8')):,} UTF-8 bytes, "
@@ -786,7 +765,7 @@ def prepare_fineweb_cli(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--tokenizer", default="gpt2", choices=["gpt2"],
                    help="GPT-2's BPE (documents are delimited by its <|endoftext|> token)")
     p.add_argument("--source", default=None, help="local .parquet/.jsonl/.txt file or folder (offline)")
-    p.add_argument("--out_dir", default=str(DATA_ROOT / FINEWEB_DIR))
+    p.add_argument("--out_dir", default=f"data/{FINEWEB_DIR}", help="output folder (relative: under $NANOMOE_HOME when set)")
     p.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard")
     p.add_argument("--max_tokens", type=int, default=0, help="stop after this many tokens (0: all)")
     p.add_argument("--remote_name", default="sample-10BT", help="FineWeb-Edu subset on the Hugging Face hub")
@@ -804,7 +783,7 @@ def prepare_fineweb_cli(argv: Optional[Sequence[str]] = None) -> dict:
             ds = datasets.load_dataset("HuggingFaceFW/fineweb-edu", name=a.remote_name, split="train", streaming=True)
             docs = (row["text"] for row in ds)
         t0 = time.perf_counter()
-        meta = write_document_shards(docs, gpt2_tokenizer(), a.out_dir, shard_size=a.shard_size,
+        meta = write_document_shards(docs, gpt2_tokenizer(), in_home(a.out_dir), shard_size=a.shard_size,
                                      max_tokens=a.max_tokens or None, progress=not a.no_progress)
     except (DataError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

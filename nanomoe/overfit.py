@@ -18,10 +18,12 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from . import resources
 from .device import Precision
 from .model import GPT
 
@@ -225,39 +227,22 @@ def overfit_sequence(
     return result
 
 
-REPO_RAW_URL = "https://raw.githubusercontent.com/sagui-nlp/nanomoe/main/"
-
-
 def read_text(path: str, max_chars: int = 0) -> str:
     """Read a UTF-8 text file (stripped of surrounding whitespace), optionally only its first
     max_chars characters.
 
-    A relative path is looked up in the current folder, then in the repository root (so the
-    notebook finds data/paragrafo.txt from notebooks/), then, for files of this repository such as
-    data/paragrafo.txt, on GitHub (Colab installs the package, not the data folder)."""
-    from pathlib import Path
-
-    p = Path(path)
-    candidates = [p] if p.is_absolute() else [p, Path(__file__).resolve().parent.parent / p]
-    for c in candidates:
-        if c.is_file():
-            text = c.read_text(encoding="utf-8")
-            break
+    A file at `path` wins; otherwise a file of that name packaged in `nanomoe.resources` (chapter
+    01's "paragrafo.txt"), so the chapter runs the same from a checkout and from a pip install."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        text = p.read_text(encoding="utf-8")
+    elif resources.is_resource(p.name):
+        text = resources.resource_text(p.name)
     else:
-        text = None
-        if not p.is_absolute() and p.parts and p.parts[0] == "data":
-            import urllib.request
-
-            try:
-                with urllib.request.urlopen(REPO_RAW_URL + p.as_posix(), timeout=10) as r:
-                    text = r.read().decode("utf-8")
-            except Exception:
-                text = None
-        if text is None:
-            raise FileNotFoundError(
-                f"text file {path!r} not found (looked in {', '.join(str(c) for c in candidates)}); "
-                "pass --text_file=PATH to a UTF-8 text file"
-            )
+        raise FileNotFoundError(
+            f"text file {path!r} not found (nor a packaged file of that name); pass --text_file=PATH to a UTF-8 "
+            "text file"
+        )
     text = text.strip()
     if max_chars:
         text = text[:max_chars].strip()

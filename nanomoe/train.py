@@ -48,8 +48,10 @@ import numpy as np
 import torch
 
 from . import checkpoint as ck
+from . import resources
 from .data import BatchLoader, DataError
 from .device import Precision, peak_flops, pick_precision
+from .paths import data_root
 from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup_distributed, setup_distributed,
                           unwrap)
 
@@ -670,14 +672,12 @@ def _train(model, train_data, val_data, tcfg: TrainConfig, dist_info: DistInfo, 
     return res
 
 
-# ---- runs from a flat config (scripts/configs/*.json + --key=value) ---------------------------------
+# ---- runs from a flat config (nanomoe/resources/configs/*.json + --key=value) ------------------------
 #
 # A run is described by one flat dict: data keys, "preset" plus any GPTConfig field (None = the
-# preset's value), and any TrainConfig field. `scripts/04_train.py` reads it from a JSON file in
-# scripts/configs/ and lets `--key=value` override any key. JSON only: a config never runs code.
+# preset's value), and any TrainConfig field. `scripts/04_train.py` reads it from a packaged JSON file
+# (nanomoe/resources/configs/) or your own, and lets `--key=value` override any key. JSON only: a config never runs code.
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "scripts" / "configs"
-CONFIGS_URL = "https://raw.githubusercontent.com/sagui-nlp/nanomoe/main/scripts/configs/{name}.json"
 DATA_KEYS = dict(data_dir="", dataset="machado", tokenizer="char", bpe_vocab=4096, max_chars=0)
 
 
@@ -695,30 +695,24 @@ def run_defaults() -> dict[str, Any]:
 
 
 def load_run_config(name: str) -> dict[str, Any]:
-    """A run config by name (scripts/configs/NAME.json; downloaded from the repository when the
-    package was installed without the scripts folder, as in Colab) or by path to a .json file."""
+    """A run config: the name of a packaged one (`nanomoe.resources.config_names()`) or the path to a
+    .json file of your own (a file that exists wins over a packaged name)."""
     if not name:
         return {}
-    p = Path(name)
-    if p.suffix != ".json":
-        p = CONFIGS_DIR / f"{name}.json"
+    p = Path(name).expanduser()
     if p.is_file():
         text = p.read_text(encoding="utf-8")
-    elif Path(name).suffix == ".json":
+    elif name in resources.config_names():
+        text = resources.config_text(name)
+    elif p.suffix == ".json":
         raise ValueError(f"config file {name} not found")
     else:
-        import urllib.request
-
-        known = sorted(q.stem for q in CONFIGS_DIR.glob("*.json")) if CONFIGS_DIR.is_dir() else []
-        if known:
-            raise ValueError(f"unknown config {name!r}; known configs: {', '.join(known)} (or a path to a .json)")
-        try:
-            with urllib.request.urlopen(CONFIGS_URL.format(name=name), timeout=20) as r:
-                text = r.read().decode("utf-8")
-        except Exception as e:
-            raise ValueError(f"config {name!r} not found locally and the download failed ({type(e).__name__}); "
-                             f"pass a path to a .json file") from None
-    cfg = json.loads(text)
+        raise ValueError(f"unknown config {name!r}; packaged configs: {', '.join(resources.config_names())} "
+                         f"(or a path to a .json file)")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config {name} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"config {name}: a JSON object of key: value pairs is expected")
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}  # "_comment" keys are documentation
@@ -769,7 +763,7 @@ def train_config_from_args(args) -> TrainConfig:
 def resolve_data_dir(args, dist_info: Optional[DistInfo] = None) -> Path:
     """The prepared data folder of a run: --data_dir when given (it must exist), else
     data/<dataset>_<tokenizer>[_<max_chars>] prepared on first use (by rank 0 under torchrun)."""
-    from .data import DATA_ROOT, gpt2_tokenizer, load_split, prepare, read_corpus
+    from .data import gpt2_tokenizer, load_split, prepare, read_corpus
 
     if args.data_dir:
         folder = Path(args.data_dir)
@@ -782,7 +776,7 @@ def resolve_data_dir(args, dist_info: Optional[DistInfo] = None) -> Path:
         return folder
     tok = args.tokenizer if args.tokenizer != "bpe" or args.bpe_vocab == 4096 else f"bpe{args.bpe_vocab}"
     name = f"{args.dataset}_{tok}" + (f"_{args.max_chars}" if args.max_chars else "")
-    folder = DATA_ROOT / name
+    folder = data_root() / name
     main = dist_info is None or dist_info.is_main
     if main and not (folder / "meta.json").is_file():
         print(f"preparing {folder} ({args.dataset}, tokenizer {args.tokenizer}) ...")

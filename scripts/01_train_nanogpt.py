@@ -93,7 +93,7 @@ from nanomoe.overfit import (
 from nanomoe.plots import plot_curves, plot_loss_ppl
 
 DEFAULTS = dict(
-    text_file="data/paragrafo.txt",  # the paragraph (any UTF-8 text file works)
+    text_file="paragrafo.txt",  # the paragraph shipped with nanomoe, or a path to any UTF-8 text file
     text_chars=0,  # keep only the first N characters of the file (0 = all)
     tokenizer="char",  # char | bytes | gpt2 | hf:NAME_OR_FOLDER
     epochs=70,

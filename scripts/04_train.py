@@ -103,7 +103,7 @@ from nanomoe.train import (
 
 DEFAULTS = {
     **run_defaults(),
-    "config": "machado_char_modern",  # scripts/configs/<name>.json, or a path to a .json
+    "config": "machado_char_modern",  # a packaged config (nanomoe.resources.config_names()) or a path to a .json
     "out_dir": "runs/04",
     "compare_chars": 500_000,  # characters of Machado used in the tokenizer comparison (0 = skip it)
 }

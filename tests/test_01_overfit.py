@@ -24,7 +24,7 @@ from nanomoe.overfit import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-PARAGRAPH = REPO / "data" / "paragrafo.txt"
+PARAGRAPH = REPO / "nanomoe" / "resources" / "paragrafo.txt"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -126,9 +126,11 @@ def test_stop_ppl_stops_early():
 
 def test_read_text_from_other_cwd_and_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    text = read_text("data/paragrafo.txt")  # found relative to the repository root
+    text = read_text("paragrafo.txt")  # not in this folder: the copy packaged with nanomoe
     assert text == PARAGRAPH.read_text(encoding="utf-8").strip()
-    assert read_text("data/paragrafo.txt", max_chars=20) == text[:20].strip()
+    assert read_text("paragrafo.txt", max_chars=20) == text[:20].strip()
+    (tmp_path / "paragrafo.txt").write_text("meu texto\n", encoding="utf-8")
+    assert read_text("paragrafo.txt") == "meu texto"  # the reader's own file wins
     (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
     with pytest.raises(ValueError, match="empty"):
         read_text(str(tmp_path / "empty.txt"))
