@@ -8,6 +8,7 @@ chapter-01 behaviour (nanoGPT's GPT-2), so a chapter turns switches on one at a 
 | 01 | vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias |
 | 02 | pos_emb/rope_theta, norm/norm_eps, mlp/mlp_hidden, n_kv_head, attn, logit_softcap, tie_embeddings |
 | 03 | n_experts, moe_top_k, moe_every, moe_hidden, n_shared_experts, moe_* (router, losses, capacity) |
+| 06 | moe_router, moe_routed_scaling, moe_balance_scope, moe_dense_layers (modern routers) |
 
 `GPTConfig.__post_init__` validates everything with messages that say what to change, and the
 named presets at the bottom (`gpt2_config`, `modern_config`, `moe_config`) build the three
@@ -25,6 +26,8 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 ATTNS = ("sdpa", "manual")
 MOE_IMPLS = ("reference", "fast")
+MOE_ROUTERS = ("softmax", "sigmoid")
+MOE_BALANCE_SCOPES = ("micro_batch", "sequence", "global")
 GELU_APPROXIMATES = ("tanh", "none")
 
 
@@ -72,6 +75,15 @@ class GPTConfig:
     moe_impl: str = "fast"  # "reference" (loop, readable) | "fast" (sorted dispatch)
     moe_bias_balance: bool = False  # DeepSeek-V3 auxiliary-loss-free balancing bias
     moe_bias_update_rate: float = 1e-3  # gamma of the bias update
+
+    # ---- chapter 06: modern routers ----------------------------------------------------------
+    moe_router: str = "softmax"  # "softmax" (Mixtral) | "sigmoid" (DeepSeek-V3: gates = top-k scores renormalized)
+    moe_routed_scaling: float = 1.0  # DeepSeek-V3's routed scaling factor: multiplies the k gates
+    # Where the balance loss's f_i is counted: "micro_batch" (chapter 03), "sequence" (DeepSeek-V3's
+    # complementary sequence-wise loss) or "global" (the whole optimizer step, all micro-batches
+    # and all ranks; Qiu et al. 2025, "Demons in the Detail", arXiv 2501.11873).
+    moe_balance_scope: str = "micro_batch"
+    moe_dense_layers: int = 0  # the first layers keep a dense MLP (DeepSeek-V3: first 3)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -121,9 +133,26 @@ class GPTConfig:
             need(self.moe_min_capacity >= 1, f"moe_min_capacity must be >= 1, got {self.moe_min_capacity}")
             if self.moe_hidden is not None:
                 need(self.moe_hidden > 0, f"moe_hidden must be positive, got {self.moe_hidden}")
+            need(self.moe_router in MOE_ROUTERS, f"moe_router must be one of {MOE_ROUTERS}, got {self.moe_router!r}")
+            need(self.moe_routed_scaling > 0, f"moe_routed_scaling must be > 0, got {self.moe_routed_scaling}")
             need(
-                not (self.mlp == "gelu" and self.gelu_approximate != "tanh"),
-                "MoE experts use the tanh GELU: set gelu_approximate='tanh' (or mlp='swiglu')",
+                self.moe_balance_scope in MOE_BALANCE_SCOPES,
+                f"moe_balance_scope must be one of {MOE_BALANCE_SCOPES}, got {self.moe_balance_scope!r}",
+            )
+            need(
+                self.moe_balance_scope != "global" or self.dropout == 0.0,
+                f"moe_balance_scope='global' needs dropout=0.0 (got {self.dropout}): the step's routing pre-pass "
+                "must route exactly like the training forward",
+            )
+            need(
+                isinstance(self.moe_dense_layers, int) and 0 <= self.moe_dense_layers < self.n_layer,
+                f"moe_dense_layers must be between 0 and n_layer - 1 = {self.n_layer - 1} (at least one MoE "
+                f"layer), got {self.moe_dense_layers!r}",
+            )
+            need(
+                self.moe_dense_layers == 0 or any(self.is_moe_layer(i) for i in range(self.n_layer)),
+                f"moe_dense_layers={self.moe_dense_layers} with moe_every={self.moe_every} leaves no MoE layer "
+                f"in {self.n_layer} layers",
             )
 
     # ---- derived sizes (one place, so every module agrees) -----------------------------------
@@ -156,7 +185,7 @@ class GPTConfig:
         return max(1, self.hidden_dim // (self.moe_top_k + self.n_shared_experts))
 
     def is_moe_layer(self, layer: int) -> bool:
-        return self.n_experts > 0 and (layer + 1) % self.moe_every == 0
+        return self.n_experts > 0 and layer >= self.moe_dense_layers and (layer + 1) % self.moe_every == 0
 
     # ---- (de)serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -14,6 +14,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def activation(h: torch.Tensor, kind: str, gelu_approximate: str = "tanh") -> torch.Tensor:
+    """The MLP non-linearity, shared by the dense MLP and the MoE experts (`nanomoe.moe`).
+
+    "swiglu": h = [gate | up] along the last dim -> silu(gate) * up (half the width);
+    "gelu": GELU with `gelu_approximate` ("tanh" = GPT-2, "none" = nanoGPT's exact erf form)."""
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h, approximate=gelu_approximate)
+
+
 class MLP(nn.Module):
     def __init__(
         self, n_embd: int, hidden: int, kind: str = "gelu", bias: bool = True, dropout: float = 0.0,
@@ -29,10 +40,5 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2*hidden)
-        if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate=self.gelu_approximate)  # GPT-2: tanh; nanoGPT: exact ("none")
+        h = activation(self.c_fc(x), self.kind, self.gelu_approximate)  # (B, T, hidden)
         return self.dropout(self.c_proj(h))

@@ -26,6 +26,30 @@ Auxiliary losses (returned already weighted; the model adds them to the cross-en
     z      = mean_tokens( logsumexp(logits)^2 )  ST-MoE router z-loss (Zoph et al. 2022, eq. 5)
     aux    = moe_aux_loss_coef * balance + moe_z_loss_coef * z
 
+Sigmoid router (DeepSeek-V3, arXiv 2412.19437, eq. 15-17), `moe_router="sigmoid"`:
+    s      = sigmoid(logits)             (E,)   independent affinities, they do not sum to 1
+    S      = top-k(s (+ bias))                  the selection bias only chooses
+    g_i    = scaling * s_i / sum_{j in S} s_j   gates renormalized over the chosen k, times the
+                                                 routed scaling factor `moe_routed_scaling`
+The balance loss then uses P from the normalized scores s / sum_j s_j (eq. 19).
+
+Balance scope (`moe_balance_scope`), where f_i is counted:
+    "micro_batch"  the tokens of this forward (chapter 03, Switch);
+    "sequence"     each sequence alone, then the mean over sequences: DeepSeek-V3's
+                   complementary sequence-wise loss (eq. 17-20), which keeps even one
+                   sequence from piling onto a few experts;
+    "global"       the whole optimizer step: every micro-batch of every rank (Qiu et al. 2025,
+                   "Demons in the Detail", arXiv 2501.11873). f_i . P_i is not linear, so the
+                   counts are summed first and the loss comes after. How, exactly:
+                   - one micro-batch per step: the forward all-reduces the counts over the ranks;
+                   - with gradient accumulation: `global_balance_prepass(model, micro_batches)`
+                     runs a no-grad routing pass over the step's micro-batches before the first
+                     backward (one extra forward, ~+1/3 compute), sums the counts over ranks,
+                     and every training forward of the step uses that f. The loss of micro-batch
+                     m is then N sum_i f_i P_i^(m); averaged over equal micro-batches (the loop
+                     divides by grad_accum) and ranks (DDP) it is exactly N sum_i f_i P_i of the
+                     whole step. Tests: 2 micro-batches == 1 batch, 2 gloo ranks == 1 process.
+
 Aux-loss-free balancing (DeepSeek-V3, 2024, section 2.1.2), `moe_bias_balance=True`: a per-expert
 bias b_i is added to p_i *for the top-k selection only*; gates still come from the unbiased p.
 After each optimizer step the training loop calls `update_moe_bias(model)`, which moves
@@ -52,6 +76,10 @@ Two dispatches with identical results (tests check outputs and gradients):
                  one graph; capacity (`nonzero`), the loop and the padding read a count on the
                  host and break the graph there.
 
+Routing statistics (`stats`) are computed only when read: a `RoutingStats` mapping holds the
+tensors the forward already has and computes entropy, top-1 probability, ... on first access,
+so a training step that never logs pays nothing for them.
+
 The experts are stored as stacked 3-D parameters `c_fc` (E, C, 2H or H) and `c_proj` (E, H, C),
 not a ModuleList: an expert that gets no tokens still has a (zero) gradient, so DDP never waits
 for a gradient that does not come.
@@ -60,7 +88,8 @@ for a gradient that does not come.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from collections.abc import Mapping
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -68,20 +97,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .mlp import MLP
+from .distributed import unwrap
+from .mlp import MLP, activation
 
 
-def _activation(h: torch.Tensor, kind: str) -> torch.Tensor:
-    """SwiGLU: silu(gate) * up with h = [gate | up] along the last dim (like MLP.c_fc); or GELU."""
-    if kind == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(h, approximate="tanh")
-
-
-def expert_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, kind: str) -> torch.Tensor:
+def expert_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, kind: str, approximate: str = "tanh"):
     """One expert: x (n, C) @ w_fc (C, 2H | H) -> activation -> @ w_proj (H, C) -> (n, C)."""
-    return _activation(x @ w_fc, kind) @ w_proj
+    return activation(x @ w_fc, kind, approximate) @ w_proj
 
 
 class Experts(nn.Module):
@@ -89,9 +111,10 @@ class Experts(nn.Module):
 
     Expert e's `c_fc[e]` is the transpose of a dense `MLP.c_fc.weight` (rows [gate; up])."""
 
-    def __init__(self, n_experts: int, n_embd: int, hidden: int, kind: str):
+    def __init__(self, n_experts: int, n_embd: int, hidden: int, kind: str, gelu_approximate: str = "tanh"):
         super().__init__()
         self.n_experts, self.n_embd, self.hidden, self.kind = n_experts, n_embd, hidden, kind
+        self.gelu_approximate = gelu_approximate
         n_in = 2 * hidden if kind == "swiglu" else hidden
         self.c_fc = nn.Parameter(torch.empty(n_experts, n_embd, n_in))
         self.c_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
@@ -121,20 +144,21 @@ def capacity_keep(topk_idx: torch.Tensor, n_experts: int, cap: int) -> torch.Ten
 # Same numbers (tests check it); they differ in how many kernels they launch.
 
 
-def experts_grouped(xs, expert_sorted, counts, w_fc, w_proj, kind):
+def experts_grouped(xs, expert_sorted, counts, w_fc, w_proj, kind, approximate="tanh"):
     """Two `F.grouped_mm` calls: PyTorch's MoE kernel (fused on CUDA, no host sync)."""
     offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
-    return F.grouped_mm(_activation(F.grouped_mm(xs, w_fc, offs=offs), kind), w_proj, offs=offs)
+    return F.grouped_mm(activation(F.grouped_mm(xs, w_fc, offs=offs), kind, approximate), w_proj, offs=offs)
 
 
-def experts_loop(xs, expert_sorted, counts, w_fc, w_proj, kind):
+def experts_loop(xs, expert_sorted, counts, w_fc, w_proj, kind, approximate="tanh"):
     """One matmul per expert over `W.unbind(0)` (indexing `W[e]` instead would make each
     backward write a full-size zero tensor of W)."""
     chunks = xs.split(counts.tolist())  # host sync; some chunks may be empty
-    return torch.cat([expert_mlp(c, wf, wp, kind) for c, wf, wp in zip(chunks, w_fc.unbind(0), w_proj.unbind(0))])
+    return torch.cat([expert_mlp(c, wf, wp, kind, approximate)
+                      for c, wf, wp in zip(chunks, w_fc.unbind(0), w_proj.unbind(0))])
 
 
-def experts_padded(xs, expert_sorted, counts, w_fc, w_proj, kind):
+def experts_padded(xs, expert_sorted, counts, w_fc, w_proj, kind, approximate="tanh"):
     """Pad every expert's rows with zeros up to the largest count, then two `torch.bmm` over
     (E, max_count, .): two big kernels instead of 2E small ones, at the price of computing the
     padding (max/mean load - 1: ~10-20% once the router is balanced, much more before).
@@ -143,7 +167,7 @@ def experts_padded(xs, expert_sorted, counts, w_fc, w_proj, kind):
     start = counts.cumsum(0) - counts
     slot = torch.arange(xs.size(0), device=xs.device) - start[expert_sorted]  # row within its expert
     buf = xs.new_zeros(E, int(counts.max()) if xs.size(0) else 0, C).index_put((expert_sorted, slot), xs)
-    out = torch.bmm(_activation(torch.bmm(buf, w_fc), kind), w_proj)  # (E, max_count, C)
+    out = torch.bmm(activation(torch.bmm(buf, w_fc), kind, approximate), w_proj)  # (E, max_count, C)
     return out[expert_sorted, slot]  # (M, C)
 
 
@@ -173,14 +197,107 @@ def pick_kernel(dtype: torch.dtype, device: torch.device, n_embd: int, hidden: i
     return "grouped" if grouped_ok else "loop"
 
 
+# ---- routing: small functions, one step each (expert parallelism reuses them) ----------------------
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., C), weight (E, C) -> logits (..., E) in float32 (the router stays fp32 under AMP)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())
+
+
+def router_scores(logits: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (..., E) -> (scores, probs), both (..., E).
+
+    scores: what the top-k chooses among and the gates are read from; softmax(logits) for
+    "softmax", sigmoid(logits) for "sigmoid" (DeepSeek-V3, eq. 15).
+    probs: a distribution over experts (sums to 1) for the balance loss and the statistics;
+    the softmax itself, or the normalized sigmoid scores s / sum_j s_j (DeepSeek-V3, eq. 19)."""
+    if kind == "sigmoid":
+        s = torch.sigmoid(logits)
+        return s, s / s.sum(-1, keepdim=True)
+    p = logits.softmax(dim=-1)
+    return p, p
+
+
+def select_experts(scores: torch.Tensor, top_k: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """scores (..., E) -> topk_idx (..., k). The DeepSeek-V3 bias (E,) only changes the choice."""
+    chosen_by = scores if bias is None else scores + bias
+    return chosen_by.topk(top_k, dim=-1).indices
+
+
+def gate_weights(scores: torch.Tensor, topk_idx: torch.Tensor, renormalize: bool, scaling: float = 1.0):
+    """scores (..., E), topk_idx (..., k) -> gates (..., k): the chosen scores (never the biased
+    ones), renormalized over the chosen k when asked, times the routed scaling factor."""
+    gates = scores.gather(-1, topk_idx)
+    if renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return gates * scaling if scaling != 1.0 else gates
+
+
+def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """topk_idx (..., T, k) -> float32 counts (..., E) of assignments per expert, summed over T and k."""
+    flat = topk_idx.flatten(-2)  # (..., T*k)
+    counts = torch.zeros(*flat.shape[:-1], n_experts, device=topk_idx.device)
+    return counts.scatter_add_(-1, flat, torch.ones(flat.shape, device=topk_idx.device))  # no host sync
+
+
+def balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, scope: str, load: Optional[torch.Tensor] = None):
+    """N sum_i f_i P_i (Switch, eq. 4) with f_i counted over `scope`; probs (B, T, E), topk_idx (B, T, k).
+
+    f_i = assignments to i / all assignments (sums to 1 for any k; no gradient), P_i = mean of probs_i.
+    "micro_batch": f, P over all B*T tokens; "sequence": per sequence, then the mean over the B
+    sequences (DeepSeek-V3's sequence-wise loss); "global": P over these tokens, f from `load`,
+    the (E,) counts of the whole step (summed over micro-batches and ranks by the caller).
+    = 1 at perfect balance, = N when every token goes to one expert."""
+    E = probs.size(-1)
+    if scope == "sequence":
+        f = expert_counts(topk_idx, E)  # (B, E)
+        f = f / f.sum(-1, keepdim=True)
+        return E * (f * probs.mean(1)).sum(-1).mean()
+    if load is None:
+        load = expert_counts(topk_idx.reshape(1, -1, topk_idx.size(-1)), E)[0]
+    f = load / load.sum()
+    P = probs.reshape(-1, E).mean(0)  # (E,) carries the gradient
+    return E * (f * P).sum()
+
+
+class RoutingStats(Mapping):
+    """One MoE layer's routing statistics, read like a dict; each value is computed (detached) on
+    first access from the tensors the forward already has, so a forward nobody logs costs nothing.
+
+    Keys: load (E,) assignments per expert (before capacity), importance (E,) mean of probs, tokens,
+    dropped (assignments), entropy (mean router entropy / log E), top1_prob, balance_loss, z_loss
+    (raw, before coefficients), topk_idx (B, T, k)."""
+
+    def __init__(self, values: dict[str, Callable[[], torch.Tensor]]):
+        self._make, self._done = values, {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._done:
+            with torch.no_grad():
+                self._done[key] = self._make[key]().detach()
+        return self._done[key]
+
+    def __iter__(self):
+        return iter(self._make)
+
+    def __len__(self) -> int:
+        return len(self._make)
+
+
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the rows of probs (N, E) divided by log E (1 = uniform, 0 = one-hot)."""
+    E = probs.size(-1)
+    return torch.special.entr(probs).sum(-1).mean() / math.log(E) if E > 1 else probs.new_zeros(())
+
+
 class MoE(nn.Module):
     """Top-k routed Mixture-of-Experts MLP. forward(x (B, T, C)) -> (y (B, T, C), aux_loss, stats).
 
     `aux_loss` is the weighted scalar moe_aux_loss_coef * balance + moe_z_loss_coef * z_loss;
-    `stats` a dict of detached tensors: load (E,) routed assignments per expert (before capacity),
-    importance (E,) mean full-softmax probability, tokens, dropped (assignments), entropy
-    (mean router entropy / log E), top1_prob, balance_loss, z_loss (raw, before coefficients),
-    topk_idx (B, T, k) the chosen experts."""
+    `stats` a `RoutingStats` (computed when read): load, importance, tokens, dropped, entropy,
+    top1_prob, balance_loss, z_loss, topk_idx."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -189,6 +306,10 @@ class MoE(nn.Module):
         self.n_experts = config.n_experts
         self.top_k = config.moe_top_k
         self.kind = config.mlp
+        self.gelu_approximate = config.gelu_approximate
+        self.router_kind = config.moe_router
+        self.routed_scaling = config.moe_routed_scaling
+        self.balance_scope = config.moe_balance_scope
         # With k = 1 a renormalized gate is p/p = 1: the router would get no gradient from the
         # language-model loss. Switch (k = 1) uses the raw probability, so we do too.
         self.renormalize = config.moe_renormalize and config.moe_top_k > 1
@@ -203,11 +324,13 @@ class MoE(nn.Module):
         self.kernel: Optional[str] = None
 
         self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)
-        self.experts = Experts(config.n_experts, config.n_embd, config.expert_hidden_dim, config.mlp)
+        self.experts = Experts(config.n_experts, config.n_embd, config.expert_hidden_dim, config.mlp,
+                               config.gelu_approximate)
         self.shared = None
         if config.n_shared_experts > 0:
             # DeepSeekMoE: always-on experts that hold the common knowledge.
-            self.shared = MLP(config.n_embd, config.n_shared_experts * config.expert_hidden_dim, config.mlp, config.bias)
+            hidden = config.n_shared_experts * config.expert_hidden_dim
+            self.shared = MLP(config.n_embd, hidden, config.mlp, config.bias, gelu_approximate=config.gelu_approximate)
         self.dropout = nn.Dropout(config.dropout)
         if config.moe_bias_balance:
             # DeepSeek-V3 selection bias: a buffer (not a parameter, no gradient), saved in checkpoints.
@@ -217,19 +340,38 @@ class MoE(nn.Module):
         # Load accumulated over training forwards since the last `update_moe_bias` call. A plain
         # attribute, not a buffer: DDP would broadcast rank 0's buffer over the others'.
         self._load_since_update: Optional[torch.Tensor] = None
+        # Global balance scope: the step's counts from `global_balance_prepass` (E,), the local
+        # tokens they still cover, and the pre-pass's running sum while it runs.
+        self._step_load: Optional[torch.Tensor] = None
+        self._step_tokens_left = 0
+        self._prepass_load: Optional[torch.Tensor] = None
 
     # ---- routing -------------------------------------------------------------------------------
     def route(self, x: torch.Tensor):
-        """x (B, T, C) -> logits (B, T, E) fp32, probs (B, T, E), topk_idx (B, T, k), gates (B, T, k)."""
-        with torch.autocast(x.device.type, enabled=False):  # the router stays in float32 under AMP
-            logits = F.linear(x.float(), self.router.weight.float())
-        probs = logits.softmax(dim=-1)
-        scores = probs if self.expert_bias is None else probs + self.expert_bias  # bias: selection only
-        topk_idx = scores.topk(self.top_k, dim=-1).indices  # (B, T, k)
-        gates = probs.gather(-1, topk_idx)  # (B, T, k) from the unbiased probabilities
-        if self.renormalize:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
+        """x (B, T, C) -> logits (B, T, E) fp32, probs (B, T, E), topk_idx (B, T, k), gates (B, T, k).
+
+        probs is the distribution of the balance loss (the softmax, or the normalized sigmoid scores)."""
+        logits = router_logits(x, self.router.weight)
+        scores, probs = router_scores(logits, self.router_kind)
+        topk_idx = select_experts(scores, self.top_k, self.expert_bias)  # (B, T, k)
+        gates = gate_weights(scores, topk_idx, self.renormalize, self.routed_scaling)  # (B, T, k)
         return logits, probs, topk_idx, gates
+
+    def _global_load(self, load: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The (E,) counts of the whole optimizer step for the global balance loss (training only)."""
+        if self._step_load is not None:  # gradient accumulation: counts from the routing pre-pass
+            if tokens > self._step_tokens_left:
+                raise RuntimeError("global balance: this step has more tokens than global_balance_prepass saw; "
+                                   "call it with exactly the step's micro-batches")
+            self._step_tokens_left -= tokens
+            step_load = self._step_load
+            if self._step_tokens_left == 0:
+                self._step_load = None  # the step is over
+            return step_load
+        if dist.is_available() and dist.is_initialized():  # one micro-batch per step: sum over ranks
+            load = load.clone()
+            dist.all_reduce(load)
+        return load
 
     def forward(self, x: torch.Tensor):
         B, T, C = x.shape
@@ -250,34 +392,41 @@ class MoE(nn.Module):
             y = y + self.shared(x)
         y = self.dropout(y)
 
-        # ---- auxiliary losses (from the full softmax, before any dropping) ----
-        N = B * T
-        load = torch.zeros(E, device=x.device, dtype=torch.float32)
-        load.scatter_add_(0, topk_idx.reshape(-1), torch.ones(N * k, device=x.device))  # (E,) assignments
-        f = load / (N * k)  # fraction of assignments, sums to 1 for any k (no gradient: top-k)
-        P = probs.reshape(N, E).mean(0)  # (E,) mean full-softmax probability (carries the gradient)
-        balance = E * (f * P).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-        aux = self.aux_coef * balance + self.z_coef * z_loss
-
-        if self.expert_bias is not None and self.training:
+        # ---- auxiliary losses (from the full distribution, before any dropping) ----
+        load = expert_counts(topk_idx.reshape(1, B * T, k), E)[0]  # (E,) assignments of this forward
+        if self._prepass_load is not None:  # inside global_balance_prepass
+            self._prepass_load += load
+        if self.training and self.expert_bias is not None:
             acc = self._load_since_update
-            self._load_since_update = load.detach() if acc is None else acc + load.detach()
+            self._load_since_update = load if acc is None else acc + load
 
-        with torch.no_grad():
-            p = probs.reshape(N, E)
-            entropy = torch.special.entr(p).sum(-1).mean() / math.log(E) if E > 1 else p.new_zeros(())
-            stats = {
-                "load": load.detach(),
-                "importance": P.detach(),
-                "tokens": torch.tensor(N, device=x.device),
-                "dropped": (~keep).sum() if keep is not None else torch.zeros((), dtype=torch.long, device=x.device),
-                "entropy": entropy,
-                "top1_prob": p.max(-1).values.mean(),
-                "balance_loss": balance.detach(),
-                "z_loss": z_loss.detach(),
-                "topk_idx": topk_idx.detach(),
-            }
+        def balance() -> torch.Tensor:
+            if self.balance_scope == "global" and self.training:
+                return balance_loss(probs, topk_idx, "global", self._global_load(load, B * T))
+            return balance_loss(probs, topk_idx, self.balance_scope, load if self.balance_scope != "sequence" else None)
+
+        def z_loss() -> torch.Tensor:
+            return torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE, eq. 5
+
+        bal = balance() if (self.aux_coef or (self.balance_scope == "global" and self.training)) else None
+        z = z_loss() if self.z_coef else None
+        aux = probs.new_zeros(())
+        if bal is not None:
+            aux = aux + self.aux_coef * bal
+        if z is not None:
+            aux = aux + self.z_coef * z
+
+        stats = RoutingStats({
+            "load": lambda: load,
+            "importance": lambda: probs.reshape(-1, E).mean(0),
+            "tokens": lambda: torch.tensor(B * T, device=x.device),
+            "dropped": lambda: (~keep).sum() if keep is not None else topk_idx.new_zeros(()),
+            "entropy": lambda: _entropy(probs.reshape(-1, E)),
+            "top1_prob": lambda: probs.reshape(-1, E).max(-1).values.mean(),
+            "balance_loss": (lambda: bal) if bal is not None else balance,
+            "z_loss": (lambda: z) if z is not None else z_loss,
+            "topk_idx": lambda: topk_idx,
+        })
         return y, aux, stats
 
     # ---- dispatch: readable reference --------------------------------------------------------
@@ -291,7 +440,8 @@ class MoE(nn.Module):
             if keep is not None:
                 chosen = chosen & keep  # a dropped assignment is simply not computed
             tok, slot = torch.where(chosen)  # tokens routed to e, and which of their k choices it was
-            out = expert_mlp(x.index_select(0, tok), self.experts.c_fc[e], self.experts.c_proj[e], self.kind)
+            out = expert_mlp(x.index_select(0, tok), self.experts.c_fc[e], self.experts.c_proj[e], self.kind,
+                             self.gelu_approximate)
             g = gates[tok, slot].unsqueeze(1).to(out.dtype)  # (n_e, 1)
             y.index_add_(0, tok, (out * g).to(y.dtype))  # add (never overwrite): a token sums its k experts
         return y
@@ -306,7 +456,8 @@ class MoE(nn.Module):
             expert_of, gates, token_of = expert_of[kept], gates[kept], token_of[kept]
         order = torch.argsort(expert_of, stable=True)  # group assignments by expert
         token_sorted = token_of[order]
-        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert_of, torch.ones_like(expert_of))
+        ones = torch.ones_like(expert_of)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert_of, ones)  # no host sync
         xs = x.index_select(0, token_sorted)  # (M, C) tokens in expert order
         w_fc, w_proj = self.experts.c_fc, self.experts.c_proj
         dev = x.device.type
@@ -314,7 +465,7 @@ class MoE(nn.Module):
         kernel = self.kernel or pick_kernel(dt, x.device, x.size(1), self.experts.hidden)
         if kernel == "grouped" and (dt != xs.dtype or dt != w_fc.dtype):
             xs, w_fc, w_proj = xs.to(dt), w_fc.to(dt), w_proj.to(dt)  # grouped_mm is not on autocast's lists
-        out = KERNELS[kernel](xs, expert_of[order], counts, w_fc, w_proj, self.kind)  # (M, C)
+        out = KERNELS[kernel](xs, expert_of[order], counts, w_fc, w_proj, self.kind, self.gelu_approximate)  # (M, C)
         out = out * gates[order].unsqueeze(1).to(out.dtype)
         return torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add_(0, token_sorted, out).to(x.dtype)
 
@@ -332,10 +483,8 @@ def update_moe_bias(model: nn.Module) -> int:
     load accumulated by the training forwards since the previous call (all micro-batches; summed
     over ranks under torch.distributed so every rank keeps the same bias), then resets it.
     Returns the number of layers updated (0 for a model without bias balancing)."""
-    model = getattr(model, "module", model)  # DDP wrapper
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     n = 0
-    for m in moe_layers(model):
+    for m in moe_layers(unwrap(model)):
         if m.expert_bias is None or m._load_since_update is None:
             continue
         load = m._load_since_update.to(m.expert_bias.device)
@@ -345,3 +494,36 @@ def update_moe_bias(model: nn.Module) -> int:
         m._load_since_update = None
         n += 1
     return n
+
+
+@torch.no_grad()
+def global_balance_prepass(model: nn.Module, micro_batches: Iterable[torch.Tensor]) -> int:
+    """Global-batch balance with gradient accumulation: call once per optimizer step, before the
+    step's first forward, with the step's input micro-batches (each (B, T) token ids, on this rank).
+
+    Runs the model without gradients in eval mode (routing only; dropout must be 0, which the
+    config enforces), sums each MoE layer's expert counts over the micro-batches and over the
+    ranks, and hands them to the training forwards of the step (Qiu et al. 2025, arXiv
+    2501.11873: f_i of the whole global batch). Costs one extra forward per step. Returns the
+    number of layers prepared (0 when no layer has moe_balance_scope="global")."""
+    raw = unwrap(model)
+    layers = [m for m in moe_layers(raw) if m.balance_scope == "global"]
+    if not layers:
+        return 0
+    for m in layers:
+        m._prepass_load = torch.zeros(m.n_experts, device=m.router.weight.device)
+    tokens = 0
+    was_training = raw.training
+    raw.eval()
+    try:
+        for idx in micro_batches:
+            raw.hidden_states(idx)  # routes every layer; no lm_head, no loss
+            tokens += idx.numel()
+    finally:
+        raw.train(was_training)
+    for m in layers:
+        load, m._prepass_load = m._prepass_load, None
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        m._step_load, m._step_tokens_left = load, tokens
+    return len(layers)

@@ -1,14 +1,11 @@
 """Chapter 03: MoE inside the GPT — causality with capacity, generation, memorization."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from nanomoe import GPT, moe_config
+from nanomoe.resources import paragraph
 from nanomoe.tokenizer import get_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(**kw):
@@ -65,10 +62,7 @@ def test_kv_cache_generation_equals_uncached(impl):
 
 
 def _paragraph() -> str:
-    path = REPO / "data" / "paragrafo.txt"
-    if path.exists():
-        return path.read_text(encoding="utf-8").strip()
-    return "O roteador escolhe dois especialistas para cada letra, e a soma ponderada decide a próxima."
+    return paragraph().strip()  # chapter 01's paragraph, shipped in the package
 
 
 def test_moe_memorizes_the_paragraph():
