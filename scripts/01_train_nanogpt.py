@@ -83,6 +83,7 @@ import math
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
 from nanomoe import GPT, get_tokenizer, gpt2_config, pick_precision
@@ -90,7 +91,7 @@ from nanomoe.cli import describe, parse_args
 from nanomoe.overfit import (
     continue_text, overfit_sequence, read_text, reconstruct, run_overfit, set_cpu_threads, shift_targets,
 )
-from nanomoe.plots import plot_curves, plot_loss_ppl
+from nanomoe.plots import plot_curves, plot_loss_ppl, save_figure
 
 DEFAULTS = dict(
     text_file="paragrafo.txt",  # the paragraph shipped with nanomoe, or a path to any UTF-8 text file
@@ -132,8 +133,10 @@ t_start = time.perf_counter()
 # ## 1. O texto e o tokenizador
 #
 # O parágrafo está em `data/paragrafo.txt` (escrito para este curso). O tokenizador padrão dá
-# um id para cada caractere distinto do texto, em ordem alfabética: o vocabulário é pequeno
-# (algumas dezenas de símbolos) e tudo funciona offline. Compare com `--tokenizer=gpt2` (o BPE
+# um id para cada caractere distinto do texto, na ordem dos códigos Unicode (não é a ordem
+# alfabética: a quebra de linha e o espaço vêm primeiro, as maiúsculas antes das minúsculas e as
+# letras acentuadas no fim). O vocabulário é pequeno (algumas dezenas de símbolos) e tudo funciona
+# offline. Compare com `--tokenizer=gpt2` (o BPE
 # do GPT-2, 50257 tokens): o mesmo parágrafo vira 187 tokens, e a loss inicial passa a ser
 # ≈ ln 50257 ≈ 10,8 (seção 4).
 
@@ -189,7 +192,8 @@ config = gpt2_config(
     bias=args.bias,
 )
 model = GPT(config).to(device)
-print("config:", {k: getattr(config, k) for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")})
+shown = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+print("config:", {k: getattr(config, k) for k in shown})
 print(f"parâmetros: {model.num_params(non_embedding=False):,} no total, "
       f"{model.num_params():,} sem a tabela de posições")
 
@@ -205,10 +209,13 @@ print(f"parâmetros: {model.num_params(non_embedding=False):,} no total, "
 # A **reconstrução** é o palpite (argmax) do modelo para cada token, dado o que vem antes (o
 # primeiro token é copiado: nada vem antes dele). A **continuação** é o texto que ele gera
 # sozinho, de forma gulosa (`temperature=0`: sempre o token mais provável, sem sorteio), a partir
-# dos primeiros `cont_prefix_tokens` tokens (aqui só 40 tokens novos, como o post, que gerava 10).
+# dos primeiros `cont_prefix_tokens` tokens. Aqui, antes do treino, geramos só 40 tokens novos
+# (o post gerava 10); durante o treino, o resto do texto.
 #
 # Repare numa curiosidade: antes de treinar, a reconstrução parece o próprio texto atrasado
-# uma posição ("UUm modelo..."), e a continuação repete o último caractere. É o
+# uma posição ("UUm modelo..."), e a continuação repete o último caractere do prefixo, que é um
+# espaço. Para que os 40 espaços não passem despercebidos, a célula mostra a continuação com `repr`
+# (entre aspas) e conta quantos caracteres distintos ela tem. É o
 # **compartilhamento de pesos**: a camada de saída usa a mesma matriz dos embeddings, então o
 # logit do token `j` é o produto escalar do estado final com o embedding de `j`. No início esse
 # estado ainda é quase o embedding do token de entrada, e o maior produto escalar é o dele
@@ -223,7 +230,11 @@ with torch.no_grad():
 print(f"loss inicial {loss0.item():.4f} (ln V = {math.log(V):.4f}) | "
       f"perplexidade {math.exp(loss0.item()):.2f} (V = {V})")
 print("[reconstrução]", tok.decode(reconstruct(model, ids).tolist()))
-print("[continuação] ", tok.decode(continue_text(model, ids, args.cont_prefix_tokens, 40).tolist()))
+cont0 = tok.decode(continue_text(model, ids, args.cont_prefix_tokens, 40).tolist())
+new0 = cont0[len(tok.decode(ids[0, : args.cont_prefix_tokens].tolist())):]  # only the generated part
+print("[continuação] ", repr(cont0), f"| parte gerada: {len(set(new0))} caractere(s) distinto(s): {sorted(set(new0))}")
+with torch.no_grad():  # probability the untrained model gives each correct next token (plotted in section 7)
+    p_before = model(ids, targets)[0].softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
 
 # %% [markdown]
 # ## 5. Treino
@@ -293,6 +304,29 @@ fig = plot_loss_ppl(result.history, vocab_size=V, target_ppl=1.5, title="Capítu
 print(f"figura salva em {out_dir / 'loss_ppl.png'}")
 
 # %% [markdown]
+# E onde o modelo aprendeu? A probabilidade que ele dá ao token certo em cada posição do texto,
+# antes e depois do treino. Antes, ≈ 1/V em quase toda parte (a linha tracejada); depois, ≈ 1 em
+# quase toda parte. As posições que ficam abaixo são as que o modelo ainda confunde.
+
+# %%
+model.eval()
+with torch.no_grad():
+    p_after = model(ids, targets)[0].softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
+fig_p, ax = plt.subplots(figsize=(9, 3))
+ax.plot(p_before.numpy(), lw=0.8, label="antes do treino")
+ax.plot(p_after.numpy(), lw=0.8, label=f"depois de {args.epochs} passos")
+ax.axhline(1 / V, color="gray", ls="--", lw=0.8, label=f"1/V = 1/{V}")
+ax.set_yscale("log")
+ax.set_xlabel("posição t (prevendo o token t+1)")
+ax.set_ylabel("p(token certo)")
+ax.set_title("Capítulo 01: probabilidade do próximo token, posição a posição")
+ax.legend(fontsize=8)
+ax.grid(alpha=0.3)
+save_figure(fig_p, out_dir / "prob_por_posicao.png")
+print(f"p(token certo): mediana {p_before.median():.3f} antes, {p_after.median():.3f} depois; "
+      f"{int((p_after < 0.5).sum())} de {T - 1} posições abaixo de 0,5 depois do treino")
+
+# %% [markdown]
 # ## 8. Experimentos rápidos
 #
 # Os cinco experimentos do post. Cada um é uma flag do script (ou uma mudança nos `DEFAULTS`
@@ -328,8 +362,12 @@ print(f"figura salva em {out_dir / 'loss_ppl.png'}")
 #
 # Com `--dropout=0`: a perplexidade passa de 2 no mesmo passo 30, mas a reconstrução fica exata
 # no passo 40 em vez de 52, a perplexidade final em 70 passos é 1,039 em vez de 1,058, e cada
-# passo em CPU fica mais barato (medimos ~180 ms contra ~250 a 300 ms): o dropout sorteia
-# máscaras e tira a atenção do caminho rápido do `scaled_dot_product_attention`.
+# passo em CPU fica mais barato: o dropout sorteia máscaras e tira a atenção do caminho rápido do
+# `scaled_dot_product_attention`. Numa mesma execução, alternando as duas configurações (70 passos
+# cada, 1 thread, CPU de 2 núcleos compartilhada), medimos 244 contra 149 ms/passo na primeira
+# rodada e 326 contra 174 na segunda (1,6× e 1,9×); na terceira a máquina ficou ocupada e as duas
+# subiram para 860 e 812 ms/passo. Tempo absoluto numa CPU compartilhada mede a carga; compare
+# sempre lado a lado.
 #
 # O dropout desliga neurônios ao acaso justamente para o modelo **não** depender de detalhes
 # decorados: é um regularizador contra o sobreajuste, e aqui o sobreajuste é o objetivo. Por
@@ -365,7 +403,7 @@ print(f"figura salva em {out_dir / 'loss_ppl.png'}")
 # platô tem explicação: 2,96 é a entropia das frequências dos caracteres do parágrafo (PPL ≈ 19).
 # É a loss de um modelo que só sabe "quais letras são comuns" e ignora o contexto. Passos grandes
 # demais derrubam o modelo nessa solução preguiçosa, e ele demora a sair dela. É por isso que
-# treinos de verdade começam com *warmup* (capítulo 04).
+# treinos de verdade começam com *warmup* (capítulo 02, seção "O laço de treino").
 #
 # </details>
 #
@@ -380,8 +418,8 @@ print(f"figura salva em {out_dir / 'loss_ppl.png'}")
 # (a atenção cresce com T²). Em 70 passos, com 4 camadas: PPL 1,11 e 5 erros (quase lá). Com
 # `--n_layer=6`: PPL 1,30 e 26 erros, e cada passo quase 2x mais caro. Mais profundidade não
 # acelera a memorização; mais passos, sim: com `--epochs=120` e 4 camadas a reconstrução fica
-# exata no passo 90 e a perplexidade final é 1,012 (6 minutos nesta CPU compartilhada; segundos
-# numa GPU).
+# exata no passo 90 e a perplexidade final é 1,012 (6 minutos numa CPU de 2 núcleos compartilhada;
+# numa GPU, não medido ainda).
 #
 # </details>
 
@@ -417,7 +455,8 @@ if args.exercises:
     print("  [a partir de 3 tokens]", tok.decode(short.final.continuation.tolist()))
     middle = ids[:, T // 2 : T // 2 + 8]  # 8 tokens from the middle of the text, now at position 0
     out = m3.generate(middle, 60, temperature=0.0)
-    print(f"  [a partir de {tok.decode(middle[0].tolist())!r}, um trecho do meio do texto]", tok.decode(out[0].tolist()))
+    print(f"  [a partir de {tok.decode(middle[0].tolist())!r}, um trecho do meio do texto]",
+          tok.decode(out[0].tolist()))
 
     print("4. lr alto")
     _, high = experiment("lr=5e-3", lr=5e-3)
@@ -432,11 +471,34 @@ if args.exercises:
         print(f"  {name}: pico da loss de treino {tl[peak]:.2f} no passo {peak + 1} (inicial {tl[0]:.2f}); "
               f"{flat} passos com a loss a menos de 0.15 dessa entropia")
     fig_ex = plot_curves(
-        {f"lr={args.lr:g}, dropout={args.dropout:g}": base.history, "lr=5e-3": high.history, "dropout=0": no_drop.history},
+        {f"lr={args.lr:g}, dropout={args.dropout:g}": base.history, "lr=5e-3": high.history,
+         "dropout=0": no_drop.history},
         y=("train_loss", "loss"), logy=True, title="Experimentos 2 e 4", save_path=out_dir / "experimentos.png",
     )
 
 # %% [markdown]
+# ## O que você aprendeu
+#
+# - Um modelo de linguagem prevê o **próximo token**: os alvos são a entrada deslocada uma casa, e a
+#   última posição fica de fora (`-1`, ignorada pela `cross_entropy`).
+# - Antes de treinar, loss ≈ ln V e perplexidade ≈ V: é o chute uniforme. Uma loss inicial muito
+#   diferente disso indica um erro de inicialização ou de alvos.
+# - Decorar um texto curto é o primeiro teste de qualquer modelo: se a loss não vai a ~0, algo está
+#   quebrado antes de qualquer questão de escala.
+# - Com pesos compartilhados entre entrada e saída, um modelo recém-inicializado tende a repetir a
+#   entrada; o dropout atrasa a memorização (e deixa o passo mais caro); uma taxa de aprendizado
+#   alta demais derruba o modelo num platô que ignora o contexto.
+#
+# **Para ler.** O código deste capítulo segue o [nanoGPT](https://github.com/karpathy/nanoGPT) de
+# Andrej Karpathy. Artigos: Vaswani et al. 2017, [*Attention Is All You Need*](https://arxiv.org/abs/1706.03762)
+# (o Transformer); Radford et al. 2019, [*Language Models are Unsupervised Multitask Learners*](https://cdn.openai.com/better-language-models/language_models_are_unsupervised_multitask_learners.pdf)
+# (o GPT-2; um relatório da OpenAI, sem versão no arXiv); Ba et al. 2016, [*Layer Normalization*](https://arxiv.org/abs/1607.06450);
+# Hendrycks & Gimpel 2016, [*GELU*](https://arxiv.org/abs/1606.08415); Press & Wolf 2016,
+# [*Using the Output Embedding to Improve Language Models*](https://arxiv.org/abs/1608.05859) (pesos
+# compartilhados); Hinton et al. 2012, [*dropout*](https://arxiv.org/abs/1207.0580); Loshchilov &
+# Hutter 2017, [*Decoupled Weight Decay Regularization*](https://arxiv.org/abs/1711.05101) (AdamW).
+# Os termos do curso estão no [glossário](../docs/glossario.md).
+#
 # ## Próximo capítulo
 #
 # Decorar um parágrafo prova que as peças funcionam (dados, alvos, modelo, loss, otimizador,
