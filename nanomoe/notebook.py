@@ -9,15 +9,14 @@ was measured. Every chapter calls the same function, so the set-up is written on
 from __future__ import annotations
 
 import inspect
-import os
 import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import torch
 
 from .device import pick_precision
+from .paths import home
 
 # How long each chapter's default configuration took, and where. Only measured figures: a GPU time
 # is quoted once a run on that GPU was recorded in the chapter (`None` = not measured yet).
@@ -61,8 +60,7 @@ def setup(chapter: str, written_for: str | None = None) -> str:
         print(f"note: this notebook was written for nanomoe {written_for}; installed is {installed}")
     precision = pick_precision(verbose=False)
     print(precision.describe())
-    home = Path(os.environ.get("NANOMOE_HOME", ".")).resolve()
-    print(f"runs and prepared data are written under: {home} (data/, runs/; NANOMOE_HOME to change)")
+    print(f"runs and prepared data are written under: {home().resolve()} (data/, runs/; NANOMOE_HOME to change)")
     times = CHAPTER_TIMES.get(chapter)
     if times is not None:
         gpu = times["gpu"] or "not measured yet"
