@@ -29,16 +29,17 @@ def grad_accum_for(batch_size: int, block_size: int, world_size: int, tokens_per
     per_round = micro * world_size  # tokens when every rank runs one micro-batch
     if tokens_per_step > 0:
         if tokens_per_step % per_round:
-            lo = max(per_round, tokens_per_step // per_round * per_round)
+            fits = [b for b in range(batch_size, 0, -1) if tokens_per_step % (b * block_size * world_size) == 0]
+            up = -(-tokens_per_step // per_round) * per_round  # the next multiple
+            hint = f"--batch_size={fits[0]}" if fits else f"--tokens_per_step={up}"
             raise ValueError(
                 f"tokens_per_step={tokens_per_step:,} is not a multiple of batch_size x block_size x processes = "
-                f"{batch_size} x {block_size} x {world_size} = {per_round:,}: use --tokens_per_step={lo} or "
-                f"{lo + per_round}, or a --batch_size that divides it"
+                f"{batch_size} x {block_size} x {world_size} = {per_round:,}: try {hint}"
             )
         accum, why = tokens_per_step // micro, "from tokens_per_step"
     else:
         accum = -(-grad_accum // world_size) * world_size
-        why = "grad_accum" if accum == grad_accum else f"grad_accum={grad_accum} rounded up to a multiple of W"
+        why = "grad_accum" if accum == grad_accum else f"grad_accum={grad_accum} rounded up for {world_size} processes"
     line = (f"{accum * micro:,} tokens/step ({why}) = {world_size} process(es) x {accum // world_size} "
             f"micro-batch(es) x {batch_size} x {block_size} tokens")
     return accum, line
