@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import DistInfo, all_reduce_sum, unwrap
+from .paths import in_home
 
 URLS = {
     split: f"https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
     for split in ("train", "val", "test")
 }
-DEFAULT_PATH = Path("data") / "hellaswag" / "hellaswag_val.jsonl"  # where data/prepare_hellaswag.py writes
+DEFAULT_PATH = Path("data") / "hellaswag" / "hellaswag_val.jsonl"  # under nanomoe.paths.home()
 
 
 class HellaSwagError(ValueError):
@@ -72,10 +73,11 @@ class HellaSwagResult:
 
 
 def download(split: str = "val", dest: Union[str, os.PathLike, None] = None, timeout: float = 60.0) -> Path:
-    """Download a HellaSwag split (jsonl, from the authors' repository) to `dest`; returns the path."""
+    """Download a HellaSwag split (jsonl, from the authors' repository) to `dest` (relative paths are
+    under `nanomoe.paths.home()`; default data/hellaswag/hellaswag_SPLIT.jsonl); returns the path."""
     if split not in URLS:
         raise HellaSwagError(f"unknown HellaSwag split {split!r}; choose one of {sorted(URLS)}")
-    dest = Path(dest) if dest is not None else DEFAULT_PATH.with_name(f"hellaswag_{split}.jsonl")
+    dest = in_home(dest if dest is not None else DEFAULT_PATH.with_name(f"hellaswag_{split}.jsonl"))
     if dest.is_file():
         return dest
     try:
@@ -93,8 +95,8 @@ def download(split: str = "val", dest: Union[str, os.PathLike, None] = None, tim
 
 def load_examples(path: Union[str, os.PathLike], limit: int = 0) -> list[Example]:
     """Examples of a HellaSwag jsonl file (one JSON object per line with ctx, endings, label);
-    `limit` > 0 keeps the first `limit` of them."""
-    path = Path(path)
+    `limit` > 0 keeps the first `limit` of them. A relative path is under `nanomoe.paths.home()`."""
+    path = in_home(path)
     if not path.is_file():
         raise HellaSwagError(f"HellaSwag file {path} not found: run `uv run -m data.prepare_hellaswag` "
                              "(needs internet once)")
