@@ -18,20 +18,29 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/02_modern_gpt.ipynb)
 #
-# No capítulo 01 treinamos o GPT-2 do nanoGPT. Entre o GPT-2 (2019) e um Llama 3, Mistral ou
-# Gemma 2 (2024) a receita mudou pouco, mas mudou em lugares precisos. Neste capítulo cada
-# mudança é **um campo** de `GPTConfig` — um "interruptor" — e o modelo do capítulo 01 é
+# No capítulo 01 treinamos o GPT-2 do nanoGPT. Entre o GPT-2 (2019) e um Mistral 7B (2023), um
+# Llama 3 ou um Gemma 2 (2024) a receita mudou pouco, mas mudou em lugares precisos. Neste
+# capítulo cada mudança é **um campo** de `GPTConfig` — um "interruptor" — e o modelo do capítulo 01 é
 # exatamente a configuração com todos desligados:
 #
 # | interruptor | GPT-2 (capítulo 01) | moderno | artigo |
 # |---|---|---|---|
-# | `pos_emb` | `"learned"` (tabela de posições) | `"rope"` | Su et al. 2021 (RoFormer) |
-# | `norm` | `"layernorm"` | `"rmsnorm"` | Zhang & Sennrich 2019 |
-# | `mlp` | `"gelu"` (4× C) | `"swiglu"` (≈ 8/3 × C) | Shazeer 2020 |
-# | `n_kv_head` | `None` (= `n_head`, MHA) | divisor de `n_head` (GQA) / 1 (MQA) | Ainslie et al. 2023 / Shazeer 2019 |
-# | `attn` | `"sdpa"` ou `"manual"` | `"sdpa"` (FlashAttention quando há GPU) | Dao et al. 2022 |
-# | `bias` | `True` | `False` | PaLM (Chowdhery et al. 2022) |
-# | `logit_softcap` | `None` | `None` ou p.ex. 30.0 | Gemma 2 (2024) |
+# | `pos_emb` | `"learned"` (tabela de posições) | `"rope"` | [Su et al. 2021 (RoFormer)][rope] |
+# | `norm` | `"layernorm"` | `"rmsnorm"` | [Zhang & Sennrich 2019][rms] |
+# | `mlp` | `"gelu"` (4× C) | `"swiglu"` (≈ 8/3 × C) | [Shazeer 2020][glu] |
+# | `n_kv_head` | `None` (= `n_head`: MHA) | divisor de `n_head` (GQA); 1 (MQA) | [GQA 2023][gqa]; [MQA 2019][mqa] |
+# | `attn` | `"sdpa"` ou `"manual"` | `"sdpa"` (FlashAttention nas GPUs que o suportam) | [Dao et al. 2022][flash] |
+# | `bias` | `True` | `False` | [PaLM (Chowdhery et al. 2022)][palm] |
+# | `logit_softcap` | `None` | `None` ou p.ex. 30,0 | [Gemma 2 (2024)][gemma2] |
+#
+# [rope]: https://arxiv.org/abs/2104.09864
+# [rms]: https://arxiv.org/abs/1910.07467
+# [glu]: https://arxiv.org/abs/2002.05202
+# [gqa]: https://arxiv.org/abs/2305.13245
+# [mqa]: https://arxiv.org/abs/1911.02150
+# [flash]: https://arxiv.org/abs/2205.14135
+# [palm]: https://arxiv.org/abs/2204.02311
+# [gemma2]: https://arxiv.org/abs/2408.00118
 #
 # Para cada interruptor: a ideia, a equação, o código do pacote (`inspect.getsource`) e uma
 # verificação numérica. Depois, um **experimento de ablação** no corpus de Machado de Assis:
@@ -75,6 +84,7 @@ from nanomoe.cli import parse_args
 from nanomoe.notebook import show_source
 from nanomoe.data import encode_splits, read_corpus
 from nanomoe.device import pick_precision
+from nanomoe.diagrams import plot_gqa_heads, plot_lr_schedule, plot_rope_rotation
 from nanomoe.mlp import MLP
 from nanomoe.norm import RMSNorm
 from nanomoe.plots import plot_curves, save_figure
@@ -86,10 +96,11 @@ from nanomoe.train import TrainConfig, train
 # %% [markdown]
 # ## Parâmetros
 #
-# Os valores abaixo dão uma ablação de ~10 minutos numa CPU de 2 núcleos (e poucos minutos
-# numa T4). Rode como script com `uv run -m scripts.02_modern_gpt --steps=600`; num notebook,
-# edite o dicionário ou defina `NANOMOE_ARGS="--steps=600"`. `--quick` roda tudo em segundos
-# (é o que os testes usam).
+# Os valores abaixo são os da execução de referência (seção 10): 7 treinos de 300 passos, 17 min
+# de relógio numa CPU de 2 núcleos compartilhada com outros processos (7,6 min de CPU); numa GPU,
+# não medido ainda. Rode como script com `uv run -m scripts.02_modern_gpt`; para treinos mais longos,
+# `--steps=600`. Num notebook, edite o dicionário ou defina `NANOMOE_ARGS="--steps=600"`. `--quick`
+# roda tudo em segundos (é o que os testes usam).
 
 # %%
 DEFAULTS = dict(
@@ -174,6 +185,38 @@ for name, cfg in [("gpt2", gpt2_config(**small)), ("modern", modern_config(**sma
 show_source(rope_tables, rotate_half, apply_rope)
 
 # %% [markdown]
+# Em figura: o mesmo vetor de 16 dimensões nas posições 0 a 7. Cada painel é um par de
+# dimensões $(x_i, x_{i+8})$ visto como um ponto do plano; na posição $m$ ele está girado de
+# $m\,\theta_i$. O primeiro par gira 1 radiano por posição; o último, 0,0003: é ele que ainda
+# distingue posições a milhares de tokens de distância.
+
+# %%
+fig = plot_rope_rotation(head_dim=16, positions=range(8), pairs=(0, 2, 7), save_path=out_dir / "rope_rotation.png")
+fig
+
+# %% [markdown]
+# **Construa você mesmo.** O RoPE em sete linhas, direto da equação: uma frequência $\theta_i$ por
+# par, o ângulo $m\,\theta_i$ por posição e a rotação 2-D de cada par. Digite, rode, e a célula
+# seguinte confere que dá o mesmo que `apply_rope` do pacote.
+
+# %%
+def my_rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """x (T, D): the vector at each position m = 0..T-1, rotated pair by pair."""
+    T, D = x.shape
+    theta = base ** (-torch.arange(0, D, 2).float() / D)  # (D/2,) one frequency per pair
+    angle = torch.arange(T).float()[:, None] * theta[None, :]  # (T, D/2): m * theta_i
+    x1, x2 = x[:, : D // 2], x[:, D // 2 :]  # pair i is (x_i, x_{i+D/2}): rotate-half
+    cos, sin = angle.cos(), angle.sin()
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # rotate each pair
+
+
+# %%
+x_rope = torch.randn(10, 16)
+torch.testing.assert_close(my_rope(x_rope), apply_rope(x_rope, *rope_tables(16, 10)))
+torch.testing.assert_close(my_rope(x_rope, base=500.0), apply_rope(x_rope, *rope_tables(16, 10, theta=500.0)))
+print("my_rope == nanomoe.rope.apply_rope (base 10000 e 500)")
+
+# %% [markdown]
 # Verificação da propriedade relativa: o produto escalar depois da rotação nas posições
 # $(m, n)$ e $(m+s, n+s)$ é o mesmo, para qualquer deslocamento $s$.
 
@@ -188,7 +231,8 @@ def rope_score(m: int, n: int) -> float:
 
 
 for s in (0, 10, 100, 400):
-    print(f"s={s:3d}:  q_(5+s) . k_(2+s) = {rope_score(5 + s, 2 + s):+.5f}    q_(5+s) . k_(9+s) = {rope_score(5 + s, 9 + s):+.5f}")
+    print(f"s={s:3d}:  q_(5+s) . k_(2+s) = {rope_score(5 + s, 2 + s):+.5f}    "
+          f"q_(5+s) . k_(9+s) = {rope_score(5 + s, 9 + s):+.5f}")
 
 # %% [markdown]
 # E o score em função da distância: frequências altas (primeiras dimensões) giram rápido e
@@ -223,12 +267,23 @@ fig
 # %%
 show_source(RMSNorm)
 
+# %% [markdown]
+# **Construa você mesmo** (três linhas) e confira contra o `RMSNorm` do pacote e o `F.rms_norm` do
+# PyTorch, com um ganho $g$ aleatório para que a conferência também cubra a multiplicação por ele:
+
+# %%
+def my_rmsnorm(x: torch.Tensor, g: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # root mean square over the C channels
+    return x / rms * g
+
+
 # %%
 x = torch.randn(2, 5, 32) * 3 + 1
 norm = RMSNorm(32, eps=1e-5).requires_grad_(False)
-formula = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
-print("max |RMSNorm - fórmula|      =", float((norm(x) - formula).abs().max()))
-print("max |RMSNorm - F.rms_norm|   =", float((norm(x) - F.rms_norm(x, (32,), norm.weight, 1e-5)).abs().max()))
+torch.nn.init.normal_(norm.weight)  # a gain that is not all ones
+torch.testing.assert_close(my_rmsnorm(x, norm.weight), norm(x))
+torch.testing.assert_close(F.rms_norm(x, (32,), norm.weight, 1e-5), norm(x))
+print("my_rmsnorm == nanomoe.norm.RMSNorm == F.rms_norm")
 
 # %% [markdown]
 # ## 3. SwiGLU (Shazeer 2020)
@@ -247,12 +302,29 @@ print("max |RMSNorm - F.rms_norm|   =", float((norm(x) - F.rms_norm(x, (32,), no
 # %%
 show_source(MLP)
 
+# %% [markdown]
+# **Construa você mesmo:** o SwiGLU é uma linha. O pacote guarda $W_g$ e $W_u$ empilhados em
+# `c_fc` (linhas `[gate; up]`); `chunk` os separa.
+
+# %%
+def my_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """x (..., C); w_gate, w_up (H, C); w_down (C, H), the nn.Linear layout."""
+    return (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+
+
+# %%
+mlp = MLP(32, 88, "swiglu", bias=False).requires_grad_(False)
+w_gate, w_up = mlp.c_fc.weight.chunk(2, dim=0)
+torch.testing.assert_close(my_swiglu(x, w_gate, w_up, mlp.c_proj.weight), mlp(x))
+print("my_swiglu == nanomoe.mlp.MLP(kind='swiglu')")
+
 # %%
 for C in (128, 768, 4096):
     cfg = GPTConfig(n_embd=C, n_head=4, mlp="swiglu")
     H = cfg.hidden_dim
     gelu_p, swiglu_p = 2 * C * 4 * C, 3 * C * H
-    print(f"C={C:5d}: GELU 4C = {4 * C:6d} ({gelu_p:>11,} pesos) | SwiGLU 8C/3 -> {H:6d} ({swiglu_p:>11,} pesos, {swiglu_p / gelu_p:.3f}x)")
+    print(f"C={C:5d}: GELU 4C = {4 * C:6d} ({gelu_p:>11,} pesos) | "
+          f"SwiGLU 8C/3 -> {H:6d} ({swiglu_p:>11,} pesos, {swiglu_p / gelu_p:.3f}x)")
 
 # %% [markdown]
 # ## 4. GQA e MQA: menos cabeças de chave/valor (Ainslie et al. 2023; Shazeer 2019)
@@ -267,10 +339,46 @@ for C in (128, 768, 4096):
 # **Atenção ao nome:** `n_kv_head` é um **número de cabeças** de k/v (1 = MQA, `n_head` = MHA),
 # não o tamanho do grupo — confundir os dois é um erro comum. Ele precisa dividir `n_head`, senão
 # `GPTConfig` recusa com uma mensagem clara. O ganho principal aparece na geração: o KV cache
-# guarda só as `n_kv_head` cabeças (seção 8).
+# guarda só as `n_kv_head` cabeças (seção 9).
 
 # %%
 show_source(CausalSelfAttention.forward)
+
+# %% [markdown]
+# Em figura: 8 cabeças de consulta e as cabeças de chave/valor que elas leem. O KV cache guarda só a
+# linha de baixo.
+
+# %%
+fig = plot_gqa_heads(((8, 8), (8, 2), (8, 1)), save_path=out_dir / "gqa_heads.png")
+fig
+
+# %% [markdown]
+# **Construa você mesmo: atenção causal com GQA.** Dez linhas: repetir cada cabeça de k/v para o
+# seu grupo, os scores $qk^\top/\sqrt{d}$, a máscara causal (a consulta $t$ só vê as chaves
+# $0..t$) e o softmax. Para conferir, usamos as projeções do próprio `CausalSelfAttention` (4
+# cabeças de consulta, 2 de k/v) e comparamos a saída do módulo inteiro.
+
+# %%
+def my_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention with shared kv heads. q (H, T, D); k, v (Hkv, T, D) -> (H, T, D)."""
+    H, T, D = q.shape
+    k = k.repeat_interleave(H // k.size(0), dim=0)  # kv head j serves query heads j*H/Hkv .. (j+1)*H/Hkv - 1
+    v = v.repeat_interleave(H // v.size(0), dim=0)
+    scores = q @ k.transpose(1, 2) / math.sqrt(D)  # (H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # query t sees keys 0..t
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+
+
+# %%
+torch.manual_seed(0)
+attn = CausalSelfAttention(GPTConfig(n_head=4, n_kv_head=2, n_embd=32, block_size=16, bias=False)).requires_grad_(False)
+x_att = torch.randn(1, 12, 32)  # one sequence of 12 tokens
+Hq, Hkv, Dh = 4, 2, 8
+q_h, k_h, v_h = attn.c_attn(x_att[0]).split([Hq * Dh, Hkv * Dh, Hkv * Dh], dim=-1)  # the module's projections
+q_h, k_h, v_h = (t.view(12, -1, Dh).transpose(0, 1) for t in (q_h, k_h, v_h))  # (heads, T, D)
+y_mine = my_attention(q_h, k_h, v_h).transpose(0, 1).reshape(12, Hq * Dh)  # heads side by side again
+torch.testing.assert_close(attn.c_proj(y_mine), attn(x_att)[0])
+print("my_attention (causal, GQA 4:2) == nanomoe.attention.CausalSelfAttention")
 
 # %%
 try:
@@ -284,8 +392,11 @@ except ValueError as e:
 # A atenção é $\text{softmax}(QK^\top/\sqrt{d} + M)\,V$ com a máscara causal $M$ ($-\infty$ acima
 # da diagonal). Escrita à mão (`attn="manual"`), ela materializa a matriz $T \times T$ de scores.
 # `F.scaled_dot_product_attention` (`attn="sdpa"`) calcula o mesmo resultado, mas escolhe o
-# kernel: na GPU, o FlashAttention percorre $K, V$ em blocos com um softmax "online" e nunca
-# escreve a matriz $T\times T$ na memória — mesma conta, muito menos tráfego de memória. A
+# kernel: o FlashAttention percorre $K, V$ em blocos com um softmax "online" e nunca escreve a
+# matriz $T\times T$ na memória — mesma conta, muito menos tráfego de memória. O kernel flash do
+# PyTorch exige uma GPU Ampere ou mais nova (capacidade sm80+, fp16/bf16); numa T4 (sm75) o SDPA
+# escolhe o kernel *memory-efficient* (Rabe & Staats 2021, que também não materializa a matriz), e
+# na CPU um kernel próprio; com uma máscara explícita (o KV cache, seção 9) as opções diminuem. A
 # versão manual fica para ensinar; os testes garantem que as duas concordam (MHA/GQA/MQA, com e
 # sem cache).
 
@@ -294,7 +405,8 @@ show_source(manual_attention)
 
 # %%
 torch.manual_seed(0)
-cfg_manual = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, n_kv_head=2, pos_emb="rope", attn="manual")
+cfg_manual = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, n_kv_head=2, pos_emb="rope",
+                       attn="manual")
 m_manual = GPT(cfg_manual).eval()
 m_sdpa = GPT(cfg_manual.replace(attn="sdpa")).eval()
 m_sdpa.load_state_dict(m_manual.state_dict())
@@ -387,6 +499,39 @@ tcfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                    weight_decay=0.1, grad_clip=1.0, seed=args.seed, device=args.device, sample_tokens=0)
 print(f"{len(configs)} configurações x {tcfg.max_steps * tcfg.batch_size * args.block_size:,} tokens de treino cada")
 
+# %% [markdown]
+# ### O laço de treino: o que `nanomoe.train.train` faz a cada passo
+#
+# O capítulo 01 usou o laço mais simples possível. Daqui em diante todo treino passa por
+# `nanomoe.train.train` (o mesmo do capítulo 04, de uma CPU a várias GPUs). A cada passo do
+# otimizador ele:
+#
+# 1. **calcula a taxa de aprendizado só a partir do número do passo** (`get_lr` em
+#    `nanomoe/train.py`): *warmup* linear nos primeiros `warmup_steps` passos e depois decaimento
+#    cosseno até `min_lr` (Loshchilov & Hutter 2016, [SGDR](https://arxiv.org/abs/1608.03983)). O
+#    warmup existe porque, no início, o AdamW ainda não tem boas estimativas das médias do gradiente
+#    e do seu quadrado: passos grandes nessa hora jogam o modelo numa solução ruim (o exercício 4
+#    do capítulo 01 mostra o platô em que ele cai);
+# 2. **soma os gradientes de `grad_accum` micro-lotes**, cada loss dividida pelo número de
+#    micro-lotes: o gradiente é a média sobre o lote inteiro, mesmo quando ele não cabe de uma vez
+#    na memória (aqui `grad_accum = 1`);
+# 3. **corta o gradiente** (*gradient clipping*, `grad_clip = 1.0`): se a norma L2 de todos os
+#    gradientes juntos passa de 1, o vetor inteiro é reescalado para norma 1 — mesma direção, passo
+#    menor —, e um lote ruim não desmonta o modelo (Pascanu et al. 2012,
+#    [*On the difficulty of training RNNs*](https://arxiv.org/abs/1211.5063));
+# 4. **dá um passo do AdamW** com *weight decay* 0,1 só nas matrizes e nos embeddings
+#    (`GPT.configure_optimizers`): os ganhos das normas e os vieses não encolhem
+#    ([AdamW](https://arxiv.org/abs/1711.05101));
+# 5. a cada `eval_interval` passos, **mede a loss de validação** em lotes fixos (os mesmos em toda
+#    avaliação, para as curvas serem comparáveis entre si e entre configurações).
+#
+# A precisão mista, o DDP e os checkpoints ficam para o capítulo 04. A taxa de aprendizado de cada
+# passo destes treinos:
+
+# %%
+fig = plot_lr_schedule(tcfg, save_path=out_dir / "lr_schedule.png")
+fig
+
 # %%
 results, models = {}, {}
 t_all = time.perf_counter()
@@ -445,9 +590,11 @@ for name in results:
     results[name]["tokens_per_s"] = speed[name]
 
 # %%
-rows = ["| configuração | parâmetros | tokens/s (lado a lado) | loss treino | loss validação |", "|---|---:|---:|---:|---:|"]
+rows = ["| configuração | parâmetros | tokens/s (lado a lado) | loss treino | loss validação |",
+        "|---|---:|---:|---:|---:|"]
 for name, r in results.items():
-    rows.append(f"| {name} | {r['params']:,} | {r['tokens_per_s']:,.0f} | {r['train_loss']:.4f} | {r['val_loss']:.4f} |")
+    rows.append(f"| {name} | {r['params']:,} | {r['tokens_per_s']:,.0f} | {r['train_loss']:.4f} | "
+                f"{r['val_loss']:.4f} |")
 table = "\n".join(rows)
 print(table)
 (out_dir / "ablation.md").write_text(table + "\n", encoding="utf-8")
@@ -495,6 +642,35 @@ for name in (steps[0][0], steps[-1][0]):
 # posições ainda vazias. Repare em `mask`: com cache, a consulta $i$ está na posição `pos + i`,
 # não em $i$ — usar `is_causal=True` aqui (como fazem algumas implementações) deixaria um prefill
 # de vários tokens olhar o futuro.
+#
+# **Construa você mesmo.** Antes da versão do pacote, um cache de verdade em poucas linhas: uma lista
+# que cresce. Cada passo acrescenta a chave e o valor do token novo e deixa a consulta dele olhar
+# todas as posições guardadas; não há máscara, porque o futuro ainda não existe. Usamos as projeções
+# `q_h, k_h, v_h` da seção 4 e a `my_attention` de lá como referência (tudo de uma vez, com máscara).
+
+# %%
+def my_decode_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cache: dict) -> torch.Tensor:
+    """One new token: q_t (H, 1, D); k_t, v_t (Hkv, 1, D); cache {"k", "v"}: (Hkv, t, D) -> (H, 1, D)."""
+    cache["k"] = torch.cat((cache["k"], k_t), dim=1)  # keys and values of every position so far
+    cache["v"] = torch.cat((cache["v"], v_t), dim=1)
+    H, _, D = q_t.shape
+    k = cache["k"].repeat_interleave(H // k_t.size(0), dim=0)  # GQA: share each kv head with its group
+    v = cache["v"].repeat_interleave(H // v_t.size(0), dim=0)
+    return (q_t @ k.transpose(1, 2) / math.sqrt(D)).softmax(-1) @ v  # the newest query sees everything
+
+
+# %%
+my_cache = {"k": torch.zeros(Hkv, 0, Dh), "v": torch.zeros(Hkv, 0, Dh)}
+y_steps = torch.cat([my_decode_step(q_h[:, t : t + 1], k_h[:, t : t + 1], v_h[:, t : t + 1], my_cache)
+                     for t in range(12)], dim=1)  # (H, 12, D), one token at a time
+torch.testing.assert_close(y_steps, my_attention(q_h, k_h, v_h))  # token by token == all at once
+kv = KVCache(n_layer=1, batch_size=1, n_kv_head=Hkv, max_len=16, head_dim=Dh)  # the package's, preallocated
+y_pkg = []
+for t in range(12):
+    y_pkg.append(attn(x_att[:, t : t + 1], cache=kv))  # the module writes its k, v into the cache
+    kv.advance(1)
+torch.testing.assert_close(torch.cat(y_pkg, dim=1)[0], attn.c_proj(y_steps.transpose(0, 1).reshape(12, Hq * Dh)))
+print("my_decode_step == my_attention (sem cache) == CausalSelfAttention + KVCache, token a token")
 
 # %%
 show_source(KVCache)
@@ -520,7 +696,12 @@ print("max |prefill com cache - forward| =", float((full - pre).abs().max()))
 # %% [markdown]
 # Agora o tempo por token em função da posição, num modelo com contexto longo
 # (`kv_block_size`; pesos aleatórios bastam para medir tempo). Sem cache o custo cresce com a
-# posição; com cache fica praticamente constante.
+# posição. Com cache ele fica praticamente constante **nesta implementação**, e o motivo merece
+# atenção: a decodificação lê o buffer pré-alocado inteiro (`max_len` posições, a maioria ainda
+# vazia e escondida pela máscara), então o primeiro token paga a atenção sobre `max_len` posições
+# tanto quanto o último. Em geral a atenção de um passo de decodificação custa $O(t)$ (ela lê as
+# $t$ chaves anteriores); o custo fixo aqui é o preço das formas fixas. Num modelo pequeno como
+# este, as projeções e o MLP (que não dependem de $t$) dominam de qualquer jeito.
 
 # %%
 torch.manual_seed(0)
@@ -603,7 +784,7 @@ fig
 # ## 10. Resultados que obtivemos
 #
 # Execução de referência: `uv run -m scripts.02_modern_gpt --threads=1` (parâmetros padrão:
-# 4 camadas, 4 cabeças, C = 128, contexto 128, 300 passos × 16 sequências = 614.400 caracteres por
+# 4 camadas, 4 cabeças, C = 128, contexto 128, 300 passos × 16 sequências = 614 400 caracteres por
 # configuração, tokenizador de caracteres com 126 símbolos). Máquina: VM x86_64 de 2 núcleos
 # (AVX-512), PyTorch 2.15 só CPU, 1 thread, dividida com outros processos (carga média entre 4 e
 # 9); 17 min de relógio, 7,6 min de CPU. As losses são determinísticas (mesma semente, mesmos
@@ -612,13 +793,13 @@ fig
 #
 # | configuração | parâmetros | tokens/s (lado a lado) | loss treino | loss validação |
 # |---|---:|---:|---:|---:|
-# | gpt2 (baseline) | 825,856 | 9,104 | 2.3464 | 2.3509 |
-# | +rope | 809,472 | 9,288 | 2.0477 | 2.0572 |
-# | +rmsnorm | 808,320 | 8,528 | 2.0479 | 2.0585 |
-# | +swiglu | 825,472 | 8,729 | 1.9554 | 1.9708 |
-# | +gqa (n_kv_head=2) | 759,424 | 8,150 | 1.9556 | 1.9734 |
-# | +no-bias | 754,560 | 10,120 | 1.9774 | 1.9885 |
-# | +softcap (30) | 754,560 | 10,975 | 1.9812 | 1.9957 |
+# | gpt2 (baseline) | 825 856 | 9 104 | 2,3464 | 2,3509 |
+# | +rope | 809 472 | 9 288 | 2,0477 | 2,0572 |
+# | +rmsnorm | 808 320 | 8 528 | 2,0479 | 2,0585 |
+# | +swiglu | 825 472 | 8 729 | 1,9554 | 1,9708 |
+# | +gqa (n_kv_head=2) | 759 424 | 8 150 | 1,9556 | 1,9734 |
+# | +no-bias | 754 560 | 10 120 | 1,9774 | 1,9885 |
+# | +softcap (30) | 754 560 | 10 975 | 1,9812 | 1,9957 |
 #
 # O que a tabela diz, neste orçamento pequeno:
 #
@@ -627,7 +808,8 @@ fig
 #   tira 16 mil parâmetros).
 # - **RMSNorm** não muda a loss (+0,001) — é o que o artigo promete: a mesma qualidade com uma
 #   conta mais simples. (Nesta CPU ele não é mais rápido: o LayerNorm do PyTorch é um kernel
-#   fundido, o nosso RMSNorm são cinco operações; numa GPU, com `torch.compile`, a conta inverte.)
+#   fundido, o nosso RMSNorm são cinco operações. Numa GPU, com `torch.compile` fundindo as cinco,
+#   esperamos que a ordem se inverta, mas não medimos ainda.)
 # - **SwiGLU** ganha −0,09 nat com praticamente os mesmos parâmetros.
 # - **GQA** (2 cabeças de k/v para 4 de consulta) custa +0,003 nat com 8% menos parâmetros e
 #   corta o KV cache pela metade.
@@ -640,13 +822,30 @@ fig
 
 
 # %% [markdown]
-# ## Resumo
+# ## O que você aprendeu
 #
 # - Cada ideia moderna é um campo de `GPTConfig`; `gpt2_config()` e `modern_config()` são as
-#   duas pontas, e a ablação mostra o caminho entre elas.
-# - RoPE (rotate-half, igual ao Llama do HF), RMSNorm, SwiGLU, GQA/MQA, SDPA, sem viés e
-#   soft-capping: cada um verificado contra a sua equação ou contra código de terceiros nos testes.
-# - O KV cache pré-alocado dá os mesmos tokens que a geração sem cache, com custo por token
-#   constante; GQA/MQA dividem a sua memória por `n_head / n_kv_head`.
+#   duas pontas, e a ablação mostra o caminho entre elas. Neste orçamento, o RoPE é o maior ganho e
+#   o SwiGLU o segundo; RMSNorm, sem viés e soft-cap não mudam a loss de um modelo pequeno.
+# - RoPE gira pares de dimensões de q e k; o produto escalar passa a depender só da distância.
+#   RMSNorm só reescala; SwiGLU multiplica duas projeções, uma delas passada pela SiLU. Você
+#   escreveu cada um em poucas linhas e conferiu contra o pacote.
+# - GQA/MQA compartilham as cabeças de chave/valor entre grupos de consultas: o KV cache encolhe
+#   por `n_head / n_kv_head`, ao preço de um pouco de loss.
+# - O KV cache dá exatamente os mesmos tokens que a geração sem cache. O nosso é pré-alocado, então
+#   o custo por token fica constante (a atenção lê o buffer inteiro); em geral a atenção de um passo
+#   custa $O(t)$.
+# - `nanomoe.train` faz, a cada passo: taxa de aprendizado com warmup + cosseno, acumulação,
+#   clipping do gradiente e AdamW com weight decay só nas matrizes.
+#
+# **Para ler.** Os artigos de cada interruptor estão na tabela do início. E também: Touvron et al.
+# 2023, [*LLaMA*](https://arxiv.org/abs/2302.13971); Llama Team 2024,
+# [*The Llama 3 Herd of Models*](https://arxiv.org/abs/2407.21783); Jiang et al. 2023,
+# [*Mistral 7B*](https://arxiv.org/abs/2310.06825); Rabe & Staats 2021,
+# [*Self-attention Does Not Need O(n²) Memory*](https://arxiv.org/abs/2112.05682) (o kernel
+# *memory-efficient*); Loshchilov & Hutter 2016, [*SGDR*](https://arxiv.org/abs/1608.03983) e 2017,
+# [*AdamW*](https://arxiv.org/abs/1711.05101); Pascanu et al. 2012,
+# [*On the difficulty of training RNNs*](https://arxiv.org/abs/1211.5063) (clipping). Termos:
+# [glossário](../docs/glossario.md).
 #
 # Próximo capítulo: trocar o MLP por uma **mistura de especialistas** (MoE).
