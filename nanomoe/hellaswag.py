@@ -120,6 +120,30 @@ def load_examples(path: Union[str, os.PathLike], limit: int = 0) -> list[Example
     return out
 
 
+def for_training(path: str, limit: int, tokenizer, dist_info: Optional[DistInfo] = None,
+                 device: str = "cpu") -> Optional[list[Example]]:
+    """The examples a training run evaluates at each evaluation, or None (with a note on rank 0) when
+    `path` is empty, the file is absent or the run has no tokenizer. Every rank must take the same
+    decision (a rank that skips a collective hangs the others), so when the file is present on some
+    nodes only this raises instead."""
+    if not path:
+        return None
+    main = dist_info is None or dist_info.is_main
+    present = torch.tensor([float(in_home(path).is_file())], device=device)
+    if dist_info is not None and dist_info.enabled:
+        all_reduce_sum(present, dist_info)
+    world = dist_info.world_size if dist_info is not None else 1
+    if 0 < int(present.item()) < world:
+        raise HellaSwagError(f"{in_home(path)} exists for {int(present.item())} of {world} processes: copy it to "
+                             "every node (same path) or put it on a shared filesystem")
+    if present.item() == 0 or tokenizer is None:
+        if main:
+            why = "no tokenizer was given" if present.item() else f"{in_home(path)} not found"
+            print(f"note: HellaSwag is skipped ({why}; `uv run -m data.prepare_hellaswag` downloads it)")
+        return None
+    return load_examples(path, limit)
+
+
 # ---- scoring -------------------------------------------------------------------------------------
 
 

@@ -106,3 +106,16 @@ def test_hellaswag_errors_are_one_line(tmp_path):
     bad.write_text('{"ctx": "x", "endings": ["a", "b"], "label": 5}\n', encoding="utf-8")
     with pytest.raises(HellaSwagError, match="label 5"):
         load_examples(bad)
+
+
+def test_for_training_skips_with_a_note(tmp_path, capsys):
+    from nanomoe.hellaswag import for_training
+
+    assert for_training("", 0, object()) is None
+    assert for_training(str(tmp_path / "missing.jsonl"), 0, object()) is None
+    out = capsys.readouterr().out
+    assert "HellaSwag is skipped" in out and "prepare_hellaswag" in out
+    path = tmp_path / "h.jsonl"
+    path.write_text('{"ctx": "x", "endings": ["a", "b"], "label": 1}\n' * 3, encoding="utf-8")
+    assert for_training(str(path), 0, None) is None  # no tokenizer: nothing to score with
+    assert len(for_training(str(path), 2, object())) == 2
