@@ -54,6 +54,7 @@ RUNTIME_FIELDS = (
     "moe_z_loss_coef",
     "moe_min_capacity",
     "moe_bias_update_rate",
+    "moe_balance_scope",  # where the training loss counts f_i: the forward is the same
 )
 
 
@@ -143,6 +144,12 @@ def _mismatches(cfg: GPTConfig, family: str) -> list[str]:
         return out
     if cfg.moe_every != 1:
         out.append(f"moe_every={cfg.moe_every} (every Mixtral layer is MoE: moe_every=1)")
+    if cfg.moe_dense_layers:
+        out.append(f"moe_dense_layers={cfg.moe_dense_layers} (every Mixtral layer is MoE: moe_dense_layers=0)")
+    if cfg.moe_router != "softmax":
+        out.append(f"moe_router={cfg.moe_router!r} (Mixtral's router is a softmax: moe_router='softmax')")
+    if cfg.moe_routed_scaling != 1.0:
+        out.append(f"moe_routed_scaling={cfg.moe_routed_scaling} (Mixtral does not scale its gates: 1.0)")
     if cfg.n_shared_experts:
         out.append(f"n_shared_experts={cfg.n_shared_experts} (Mixtral has no shared experts)")
     if cfg.moe_capacity_factor is not None:

@@ -288,3 +288,100 @@ def plot_balance_sweep(
     fig.tight_layout()
     save_figure(fig, save_path)
     return fig
+
+
+def plot_crossover(
+    runs: Mapping[str, Sequence[Sequence[Mapping]]],
+    *,
+    xs: Sequence[str] = ("tokens", "elapsed_s"),
+    title: Optional[str] = None,
+    save_path: Optional[PathLike] = None,
+) -> Figure:
+    """Chapter 06: validation loss of each variant against tokens seen and against training time.
+
+    `runs` maps a variant name to its histories, one per seed (one colour per variant, one line
+    style per seed), e.g. `{"denso": [hist_seed0, hist_seed1], ...}`."""
+    styles = ("-", "--", ":", "-.")
+    fig, axes = plt.subplots(1, len(xs), figsize=(5.6 * len(xs), 4.0), squeeze=False)
+    for ax, xk in zip(axes[0], xs):
+        for ci, (name, hists) in enumerate(runs.items()):
+            for si, hist in enumerate(hists):
+                pts = [(r[xk], r["val_loss"]) for r in hist if r.get("val_loss") is not None and xk in r]
+                if pts:
+                    ax.plot(*zip(*pts), styles[si % len(styles)], color=f"C{ci}", lw=1.4,
+                            label=name if si == 0 else None)
+        ax.set_xlabel({"elapsed_s": "tempo de treino (s)"}.get(xk, _label(xk)))
+        ax.set_ylabel(_label("val_loss"))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, save_path)
+    return fig
+
+
+def plot_matrices(
+    mats: Sequence,
+    titles: Sequence[str],
+    *,
+    xlabels: Optional[Sequence[str]] = None,
+    ylabel: str = "especialista",
+    xlabel: str = "especialista",
+    center: Optional[float] = None,
+    title: Optional[str] = None,
+    save_path: Optional[PathLike] = None,
+) -> Figure:
+    """Chapter 06: one heatmap per matrix (co-activation per layer, routing share per class...).
+
+    With `center` (e.g. 1/E for a routing share) the colour map is diverging around it:
+    red above, blue below, white where the router ignores what the columns measure."""
+    import numpy as np
+
+    mats = [np.asarray(m, dtype=float) for m in mats]
+    fig, axes = plt.subplots(1, len(mats), figsize=(min(4.2 * len(mats), 20), 3.9), squeeze=False)
+    top = max(float(m.max()) for m in mats) if mats else 1.0
+    for ax, m, name in zip(axes[0], mats, titles):
+        if center is None:
+            im = ax.imshow(m, cmap="viridis", vmin=0, vmax=top, aspect="auto")
+        else:
+            span = max(top - center, center, 1e-9)
+            im = ax.imshow(m, cmap="RdBu_r", vmin=center - span, vmax=center + span, aspect="auto")
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.set_yticks(range(m.shape[0]))
+        if xlabels is not None:
+            ax.set_xticks(range(len(xlabels)))
+            ax.set_xticklabels(xlabels, rotation=60, ha="right", fontsize=8)
+        else:
+            ax.set_xlabel(xlabel)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, save_path)
+    return fig
+
+
+def plot_saturation(
+    tokens: Sequence[float],
+    per_layer: Sequence[Sequence[float]],
+    *,
+    title: Optional[str] = None,
+    save_path: Optional[PathLike] = None,
+) -> Figure:
+    """Chapter 06: routing saturation (OLMoE): for checkpoints along a run, the share of tokens
+    whose top-k equals the final model's; `per_layer[l][i]` at `tokens[i]`."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for li, vals in enumerate(per_layer):
+        ax.plot(tokens, [100 * v for v in vals], "-o", ms=3, label=f"camada {li}")
+    ax.set_xlabel(_label("tokens"))
+    ax.set_ylabel("tokens com o top-k final (%)")
+    ax.set_ylim(0, 101)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, save_path)
+    return fig

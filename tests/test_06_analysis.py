@@ -1,0 +1,128 @@
+"""Chapter 06: the routing analysis functions and the crossover reader, on routings written by hand."""
+
+import pytest
+import torch
+
+from nanomoe import GPT, moe_config
+from nanomoe.crossover import crossover, train_variant
+from nanomoe.routing_analysis import (
+    CHAR_CLASSES,
+    char_class,
+    char_class_ids,
+    coactivation,
+    position_bins,
+    position_in_word,
+    routing_of,
+    routing_share,
+    saturation,
+    top_tokens_per_expert,
+)
+from nanomoe.train import TrainConfig
+
+# 4 tokens, top-2 of 4 experts: {0,1}, {0,1}, {0,2}, {3,1}
+TOPK = torch.tensor([[[0, 1], [1, 0], [0, 2], [3, 1]]])
+
+
+def test_coactivation_by_hand():
+    C = coactivation(TOPK, 4)
+    # expert 0 chosen by tokens 0,1,2: with 1 twice, with 2 once
+    assert C[0].tolist() == pytest.approx([0, 2 / 3, 1 / 3, 0])
+    # expert 1 chosen by tokens 0,1,3: with 0 twice, with 3 once
+    assert C[1].tolist() == pytest.approx([2 / 3, 0, 0, 1 / 3])
+    assert C[2].tolist() == pytest.approx([1, 0, 0, 0])
+    assert C[3].tolist() == pytest.approx([0, 1, 0, 0])
+    assert coactivation(torch.tensor([[[0, 1]]]), 3)[2].tolist() == [0, 0, 0]  # nobody chose 2: a zero row
+
+
+def test_routing_share_by_hand():
+    labels = torch.tensor([[0, 0, 1, 1]])  # two labels, two tokens each
+    M = routing_share(TOPK, labels, 3, 4)
+    # label 0 (tokens 0, 1): 4 assignments, 2 to expert 0 and 2 to expert 1
+    assert M[:, 0].tolist() == pytest.approx([0.5, 0.5, 0, 0])
+    # label 1 (tokens 2, 3): experts 0, 2, 3, 1 once each
+    assert M[:, 1].tolist() == pytest.approx([0.25, 0.25, 0.25, 0.25])
+    assert M[:, 2].tolist() == [0, 0, 0, 0]  # a label nobody has
+
+
+def test_char_classes():
+    want = {" ": "space", "\n": "space", ",": "punctuation", "—": "punctuation", "a": "vowel", "u": "vowel",
+            "é": "accented", "ç": "accented", "ã": "accented", "b": "consonant", "q": "consonant", "A": "capital",
+            "É": "capital", "7": "digit", "+": "other"}
+    assert {c: char_class(c) for c in want} == want
+    assert char_class_ids("a A").tolist() == [CHAR_CLASSES.index(c) for c in ("vowel", "space", "capital")]
+
+
+def test_positions():
+    assert position_in_word("Ora, viva!").tolist() == [1, 2, 3, 0, 0, 1, 2, 3, 4, 0]
+    assert position_in_word("abcdef", max_pos=3).tolist() == [1, 2, 3, 3, 3, 3]
+    assert position_bins(2, 8, 4).tolist() == [[0, 0, 1, 1, 2, 2, 3, 3]] * 2
+
+
+def test_top_tokens_per_expert_by_hand():
+    topk = torch.tensor([[[0], [0], [1], [0], [1], [1]]])  # top-1
+    ids = torch.tensor([[7, 7, 7, 9, 9, 5]])
+    top = top_tokens_per_expert(topk, ids, 2, n=3, min_count=2)
+    # token 7: 2 of 3 to expert 0; token 9: 1 of 2 to each; token 5 seen once: left out
+    assert top[0] == [(7, pytest.approx(2 / 3)), (9, pytest.approx(0.5))]
+    assert top[1] == [(9, pytest.approx(0.5)), (7, pytest.approx(1 / 3))]
+
+
+def test_saturation_by_hand():
+    final = torch.tensor([[[0, 1], [2, 3], [1, 2], [0, 3]]])
+    early = torch.tensor([[[1, 0], [2, 1], [1, 2], [3, 2]]])  # same sets for tokens 0 and 2 (order ignored)
+    assert saturation(early, final) == 0.5
+    assert saturation(final, final) == 1.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        saturation(early[:, :2], final)
+
+
+def test_routing_of_matches_the_forward_in_eval_mode():
+    torch.manual_seed(0)
+    model = GPT(moe_config(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16, n_experts=4))
+    idx = torch.randint(0, 16, (3, 8))
+    got = routing_of(model, idx)
+    assert model.training  # mode restored
+    model.eval()
+    model(idx)
+    assert len(got) == 2 and all(torch.equal(g, st["topk_idx"]) for g, st in zip(got, model.last_moe_stats))
+
+
+def _hist(pairs, dt=1.0):
+    return [{"step": i, "tokens": 100 * i, "elapsed_s": dt * i, "val_loss": v} for i, v in enumerate(pairs)]
+
+
+def test_crossover_by_hand():
+    dense = _hist([3.0, 2.0, 1.8, 1.7, 1.6])
+    moe = _hist([3.0, 2.1, 1.7, 1.8, 1.5])  # below at step 2, above at 3, below from 4 on
+    assert crossover(dense, moe) == 400
+    assert crossover(dense, _hist([3.0, 1.9, 1.7, 1.6, 1.5])) == 100
+    assert crossover(dense, _hist([3.0, 2.1, 1.9, 1.8, 1.7])) is None
+    # against time: the MoE is twice as slow; its point at t=2 (loss 1.9) meets the dense at t=2 (1.8)
+    slow = _hist([3.0, 1.9, 1.75, 1.65, 1.5], dt=2.0)
+    # t=0: 3.0 vs 3.0 (not below); t=2: 1.9 vs 1.8; t=4: 1.75 vs 1.6; t=6, t=8: past the dense run
+    assert crossover(dense, slow, "elapsed_s") is None
+    fast = _hist([3.0, 1.9, 1.75, 1.65, 1.5], dt=0.5)
+    # t=0.5: 1.9 vs 2.5 (interpolated), t=1: 1.75 vs 2.0, t=1.5: 1.65 vs 1.9, t=2: 1.5 vs 1.8
+    assert crossover(dense, fast, "elapsed_s") == 0.5
+
+
+def test_train_variant_records_and_reuses_a_finished_run(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 16, 5000).astype(np.uint16)
+    cfg = moe_config(vocab_size=16, block_size=16, n_layer=1, n_head=2, n_embd=16, n_experts=4)
+    tcfg = TrainConfig(max_steps=4, batch_size=2, eval_interval=2, eval_iters=1, warmup_steps=1, seed=3,
+                       device="cpu", sample_tokens=0)
+    probe = torch.tensor(data[:32].astype(np.int64)).view(2, 16)
+    first = train_variant("moe x", cfg, tcfg, data, data, probe, cache_dir=tmp_path, progress=False)
+    assert not first["cached"] and [s["step"] for s in first["snapshots"]] == [2, 4]
+    assert first["snapshots"][-1]["topk"][0].shape == (2, 16, 2)
+    assert [h["step"] for h in first["history"] if h.get("val_loss") is not None][-1] == 4
+    again = train_variant("moe x", cfg, tcfg, data, data, probe, cache_dir=tmp_path, progress=False)
+    assert again["cached"] and again["history"] == first["history"]
+    for a, b in zip(again["model"].state_dict().values(), first["model"].state_dict().values()):
+        assert torch.equal(a, b)
+    other = train_variant("moe x", cfg, tcfg.__class__(**{**tcfg.to_dict(), "max_steps": 2}), data, data, probe,
+                          cache_dir=tmp_path, progress=False)
+    assert not other["cached"]  # a different recipe is trained, not read back

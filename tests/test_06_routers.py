@@ -1,0 +1,323 @@
+"""Chapter 06: the modern router switches — sigmoid router, routed scaling, balance scope, fine-grained
+and shared experts, dense first layers — each with the proofs chapter 03's switches have: reference
+dispatch == fast dispatch (outputs and gradients), KV cache == no cache, no causality leak, and
+export to transformers only where the family matches (refused by name otherwise)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanomoe import GPT, GPTConfig, modern_config, moe_config
+from nanomoe.hf import HFConversionError, hf_family
+from nanomoe.mlp import MLP
+from nanomoe.moe import MoE, balance_loss, global_balance_prepass, moe_layers, update_moe_bias
+
+
+def layer_config(**kw) -> GPTConfig:
+    base = dict(vocab_size=32, block_size=32, n_layer=2, n_head=4, n_embd=32, n_experts=4, moe_top_k=2)
+    return moe_config(**{**base, **kw})
+
+
+SWITCHES = {
+    "sigmoid": dict(moe_router="sigmoid", moe_routed_scaling=2.5),
+    "sigmoid+bias": dict(moe_router="sigmoid", moe_bias_balance=True),
+    "sequence": dict(moe_balance_scope="sequence"),
+    "global": dict(moe_balance_scope="global"),
+    "fine+shared": dict(n_experts=16, moe_top_k=6, n_shared_experts=2),
+    "dense-first": dict(n_layer=3, moe_dense_layers=1),
+    "exact-gelu": dict(mlp="gelu", gelu_approximate="none", bias=False),
+}
+
+
+# ---- defaults: chapter 03 unchanged --------------------------------------------------------------
+
+
+def test_defaults_route_exactly_like_chapter_03():
+    """Default switches: softmax over all experts, top-k of the probabilities, gates renormalized
+    over the k, no scaling; compared bit for bit with the computation written out."""
+    torch.manual_seed(0)
+    moe = MoE(layer_config())
+    x = torch.randn(2, 7, 32)
+    logits, probs, idx, gates = moe.route(x)
+    want_logits = F.linear(x.float(), moe.router.weight.float())
+    want_probs = want_logits.softmax(-1)
+    want_idx = want_probs.topk(2, dim=-1).indices
+    g = want_probs.gather(-1, want_idx)
+    assert torch.equal(logits, want_logits) and torch.equal(probs, want_probs)
+    assert torch.equal(idx, want_idx) and torch.equal(gates, g / g.sum(-1, keepdim=True))
+    cfg = GPTConfig()
+    assert (cfg.moe_router, cfg.moe_routed_scaling, cfg.moe_balance_scope, cfg.moe_dense_layers) == (
+        "softmax", 1.0, "micro_batch", 0)
+
+
+# ---- sigmoid router ------------------------------------------------------------------------------
+
+
+def test_sigmoid_gates_are_renormalized_chosen_scores_times_scaling():
+    torch.manual_seed(1)
+    moe = MoE(layer_config(moe_router="sigmoid", moe_routed_scaling=2.5))
+    x = torch.randn(2, 5, 32)
+    _, probs, idx, gates = moe.route(x)
+    s = torch.sigmoid(x @ moe.router.weight.T)
+    assert torch.equal(idx, s.topk(2, -1).indices)
+    chosen = s.gather(-1, idx)
+    torch.testing.assert_close(gates, 2.5 * chosen / chosen.sum(-1, keepdim=True))
+    torch.testing.assert_close(gates.sum(-1), torch.full((2, 5), 2.5))  # over the chosen k, not all E
+    torch.testing.assert_close(probs, s / s.sum(-1, keepdim=True))  # DeepSeek-V3 eq. 19
+
+
+def test_selection_bias_chooses_but_never_weighs():
+    torch.manual_seed(2)
+    moe = MoE(layer_config(moe_router="sigmoid", moe_bias_balance=True))
+    x = torch.randn(1, 8, 32)
+    _, _, idx0, _ = moe.route(x)
+    moe.expert_bias.copy_(torch.tensor([5.0, 5.0, 0.0, 0.0]))  # experts 0 and 1 always chosen
+    _, _, idx, gates = moe.route(x)
+    assert (idx.sort(-1).values == torch.tensor([0, 1])).all()
+    assert not torch.equal(idx0.sort(-1).values, idx.sort(-1).values)
+    s = torch.sigmoid(x @ moe.router.weight.T)[..., :2]  # unbiased scores of experts 0, 1
+    torch.testing.assert_close(gates.sort(-1).values, (s / s.sum(-1, keepdim=True)).sort(-1).values)
+
+
+def test_sigmoid_router_gets_gradient_from_the_lm_loss():
+    torch.manual_seed(3)
+    moe = MoE(layer_config(moe_router="sigmoid", moe_aux_loss_coef=0.0, moe_z_loss_coef=0.0))
+    y, aux, _ = moe(torch.randn(2, 6, 32))
+    assert float(aux) == 0.0
+    y.square().sum().backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+def test_sigmoid_bias_update_balances_the_load():
+    torch.manual_seed(4)
+    cfg = layer_config(moe_router="sigmoid", moe_bias_balance=True, moe_bias_update_rate=0.05)
+    model = GPT(cfg)
+    idx = torch.randint(0, 32, (4, 32))
+    model(idx, idx)
+    loads = [st["load"].clone() for st in model.last_moe_stats]
+    assert update_moe_bias(model) == 2
+    for m, load in zip(moe_layers(model), loads):
+        torch.testing.assert_close(m.expert_bias, 0.05 * torch.sign(load.mean() - load))
+
+
+# ---- balance scope -------------------------------------------------------------------------------
+
+
+def test_sequence_balance_by_hand_and_its_extremes():
+    B, T, E, k = 2, 4, 4, 2
+    torch.manual_seed(5)
+    p = torch.randn(B, T, E).softmax(-1)
+    idx = p.topk(k, -1).indices
+    want = 0.0
+    for b in range(B):
+        f = torch.bincount(idx[b].flatten(), minlength=E).float() / (T * k)
+        want += E * (f * p[b].mean(0)).sum() / B
+    torch.testing.assert_close(balance_loss(p, idx, "sequence"), want)
+    # every sequence on the same two experts: f = P = (1/2, 1/2, 0, 0) -> E * 1/2 = 2 (= E/k, the top-2 collapse)
+    p = torch.tensor([0.5, 0.5, 0.0, 0.0]).expand(B, T, E)
+    idx = torch.tensor([0, 1]).expand(B, T, 2)
+    assert float(balance_loss(p, idx, "sequence")) == pytest.approx(2.0)
+    # two sequences each collapsed on different experts: balanced over the batch (1), not per sequence
+    p = torch.stack([torch.tensor([0.5, 0.5, 0, 0]).expand(T, E), torch.tensor([0, 0, 0.5, 0.5]).expand(T, E)])
+    idx = torch.stack([torch.tensor([0, 1]).expand(T, 2), torch.tensor([2, 3]).expand(T, 2)])
+    assert float(balance_loss(p, idx, "micro_batch")) == pytest.approx(1.0)
+    assert float(balance_loss(p, idx, "sequence")) == pytest.approx(2.0)
+
+
+def _grads(model, loss):
+    return torch.autograd.grad(loss, [p for p in model.parameters()], allow_unused=False)
+
+
+def test_global_balance_two_micro_batches_equal_one_batch():
+    """f counted over the whole step: 2 micro-batches (+ the routing pre-pass, loss / 2 each)
+    give the aux loss and every gradient of one forward over the 4 sequences."""
+    torch.manual_seed(6)
+    cfg = layer_config(moe_balance_scope="global", moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0)
+    model = GPT(cfg)
+    x = torch.randint(0, 32, (4, 32))
+    _, full = model(x, x)
+    aux_full = model.last_aux_loss
+    g_full = _grads(model, full)
+    assert global_balance_prepass(model, [x[:2], x[2:]]) == 2
+    total, aux = 0.0, 0.0
+    for part in (x[:2], x[2:]):
+        _, loss = model(part, part)
+        total, aux = total + loss / 2, aux + model.last_aux_loss / 2
+    torch.testing.assert_close(aux, aux_full)
+    for a, b in zip(_grads(model, total), g_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # the micro-batch scope is a different loss: it balances each half on its own
+    model_mb = GPT(cfg.replace(moe_balance_scope="micro_batch"))
+    model_mb.load_state_dict(model.state_dict())
+    aux_mb = 0.0
+    for part in (x[:2], x[2:]):
+        model_mb(part, part)
+        aux_mb = aux_mb + model_mb.last_aux_loss / 2
+    assert not torch.allclose(aux_mb, aux_full)
+
+
+def test_global_prepass_refuses_a_step_it_did_not_see():
+    torch.manual_seed(7)
+    model = GPT(layer_config(moe_balance_scope="global"))
+    x = torch.randint(0, 32, (4, 32))
+    global_balance_prepass(model, [x[:2]])
+    with pytest.raises(RuntimeError, match="global_balance_prepass"):
+        model(x, x)  # 4 sequences, the pre-pass counted 2
+    assert global_balance_prepass(GPT(layer_config()), [x]) == 0  # nothing to do for other scopes
+
+
+def test_global_scope_needs_no_dropout():
+    with pytest.raises(ValueError, match="dropout=0.0"):
+        layer_config(moe_balance_scope="global", dropout=0.1)
+
+
+# ---- fine-grained experts, dense first layers ------------------------------------------------------
+
+
+def test_fine_grained_experts_keep_the_active_parameters():
+    coarse = GPT(layer_config(n_embd=64, n_experts=8, moe_top_k=2))
+    fine = GPT(layer_config(n_embd=64, n_experts=32, moe_top_k=7, n_shared_experts=1))
+    assert coarse.config.expert_hidden_dim == 4 * fine.config.expert_hidden_dim  # 8 / 2 = 4x narrower
+    router_extra = 2 * 64 * (32 - 8)  # the only difference: a wider router in each of the 2 layers
+    assert fine.num_params(active=True) - coarse.num_params(active=True) == router_extra
+    assert fine.num_params() > fine.num_params(active=True)
+
+
+def test_dense_first_layers():
+    model = GPT(layer_config(n_layer=4, moe_dense_layers=2))
+    assert [b.is_moe for b in model.transformer.h] == [False, False, True, True]
+    assert isinstance(model.transformer.h[0].mlp, MLP) and len(moe_layers(model)) == 2
+    idx = torch.randint(0, 32, (2, 8))
+    model(idx, idx)
+    assert len(model.last_moe_stats) == 2
+    for bad, msg in ((4, "at least one MoE"), (-1, "between 0")):
+        with pytest.raises(ValueError, match=msg):
+            layer_config(n_layer=4, moe_dense_layers=bad)
+    with pytest.raises(ValueError, match="leaves no MoE layer"):
+        layer_config(n_layer=4, moe_dense_layers=3, moe_every=3)
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("moe_router", "tanh", "moe_router must be one of"),
+    ("moe_balance_scope", "batch", "moe_balance_scope must be one of"),
+    ("moe_routed_scaling", 0.0, "moe_routed_scaling must be > 0"),
+])
+def test_config_errors_say_what_to_change(field, value, msg):
+    with pytest.raises(ValueError, match=msg):
+        layer_config(**{field: value})
+
+
+def test_exact_gelu_experts_equal_an_exact_gelu_mlp():
+    """One activation helper: an expert with gelu_approximate='none' is nanoGPT's exact-GELU MLP."""
+    torch.manual_seed(8)
+    cfg = layer_config(mlp="gelu", gelu_approximate="none", bias=False, n_experts=2, moe_top_k=1)
+    moe = MoE(cfg)
+    mlp = MLP(32, cfg.expert_hidden_dim, "gelu", bias=False, gelu_approximate="none")
+    with torch.no_grad():
+        mlp.c_fc.weight.copy_(moe.experts.c_fc[0].T)
+        mlp.c_proj.weight.copy_(moe.experts.c_proj[0].T)
+    x = torch.randn(5, 32)
+    from nanomoe.moe import expert_mlp
+
+    want = F.linear(F.gelu(F.linear(x, mlp.c_fc.weight)), mlp.c_proj.weight)  # erf GELU
+    torch.testing.assert_close(expert_mlp(x, moe.experts.c_fc[0], moe.experts.c_proj[0], "gelu", "none"), want)
+    torch.testing.assert_close(mlp(x), want)
+    assert not torch.allclose(F.gelu(x, approximate="tanh"), F.gelu(x))
+
+
+# ---- the proofs every switch gets ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_reference_equals_fast_outputs_and_grads(name):
+    cfg = layer_config(**SWITCHES[name])
+    torch.manual_seed(9)
+    ref = GPT(cfg.replace(moe_impl="reference"))
+    fast = GPT(cfg.replace(moe_impl="fast"))
+    fast.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 32, (2, 16))
+    outs = []
+    for model in (ref, fast):
+        logits, loss = model(idx, idx)
+        outs.append((logits, loss, _grads(model, loss)))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(outs[0][2], outs[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_cache_equals_no_cache(name):
+    torch.manual_seed(10)
+    model = GPT(layer_config(**SWITCHES[name])).eval()
+    prompt = torch.randint(0, 32, (2, 5))
+    cached = model.generate(prompt, 10, temperature=0, use_cache=True)
+    assert torch.equal(cached, model.generate(prompt, 10, temperature=0, use_cache=False))
+    full, _ = model(cached)
+    cache = model.new_cache(2, cached.size(1))
+    h, _, _ = model.hidden_states(cached[:, :5], cache)
+    steps = [model.logits(h)]
+    for t in range(5, cached.size(1)):
+        h, _, _ = model.hidden_states(cached[:, t : t + 1], cache)
+        steps.append(model.logits(h))
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_no_causality_leak(name):
+    """Changing the last tokens changes nothing before them (logits and routing), in training mode."""
+    torch.manual_seed(11)
+    model = GPT(layer_config(**SWITCHES[name]))
+    a = torch.randint(0, 32, (2, 16))
+    b = a.clone()
+    b[:, 10:] = (b[:, 10:] + 7) % 32
+    la, _ = model(a)
+    ra = [st["topk_idx"] for st in model.last_moe_stats]
+    lb, _ = model(b)
+    rb = [st["topk_idx"] for st in model.last_moe_stats]
+    torch.testing.assert_close(la[:, :10], lb[:, :10])
+    assert all(torch.equal(x[:, :10], y[:, :10]) for x, y in zip(ra, rb))
+    assert not torch.allclose(la[:, 10:], lb[:, 10:])
+
+
+# ---- export: Mixtral only where the family matches -----------------------------------------------
+
+
+def test_export_mixtral_only_for_the_matching_family():
+    base = dict(vocab_size=32, block_size=32, n_layer=2, n_head=4, n_embd=32, n_experts=4, moe_top_k=2)
+    assert hf_family(moe_config(**base)) == "mixtral"
+    assert hf_family(moe_config(**base, moe_balance_scope="global")) == "mixtral"  # training-only switch
+    assert hf_family(modern_config(**{k: v for k, v in base.items() if k not in ("n_experts", "moe_top_k")})) == "llama"
+    for kw, named in (
+        (dict(moe_router="sigmoid"), "moe_router='sigmoid'"),
+        (dict(moe_routed_scaling=2.5), "moe_routed_scaling=2.5"),
+        (dict(moe_dense_layers=1), "moe_dense_layers=1"),
+        (dict(n_shared_experts=1), "n_shared_experts=1"),
+        (dict(moe_bias_balance=True), "moe_bias_balance=True"),
+    ):
+        with pytest.raises(HFConversionError, match=named.replace("(", r"\(")):
+            hf_family(moe_config(**base, **kw))
+
+
+# ---- statistics only when asked --------------------------------------------------------------------
+
+
+def test_routing_statistics_are_computed_only_when_read(monkeypatch):
+    calls = []
+    real = torch.special.entr
+    monkeypatch.setattr(torch.special, "entr", lambda t: calls.append(1) or real(t))
+    torch.manual_seed(12)
+    moe = MoE(layer_config())
+    x = torch.randn(2, 6, 32)
+    _, _, st = moe(x)
+    assert calls == []  # a training forward computes no entropy
+    _, probs, _, _ = moe.route(x)
+    p = probs.reshape(-1, 4)
+    want = (-(p * p.log()).sum(-1)).mean() / math.log(4)
+    torch.testing.assert_close(st["entropy"], want)
+    assert len(calls) == 1 and st["entropy"] is st["entropy"] and len(calls) == 1  # computed once
+    assert set(st) == {"load", "importance", "tokens", "dropped", "entropy", "top1_prob", "balance_loss", "z_loss",
+                       "topk_idx"}
+    assert not st["load"].requires_grad and not st["balance_loss"].requires_grad
