@@ -99,8 +99,9 @@ def train_variant(
             snapshots.append({"step": step, "tokens": step * tokens_per_step, "topk": topk})
 
     res = train(model, train_ids, val_ids, tcfg, on_step=on_step if cfg.n_experts else None, progress=progress)
+    history = [{k: v for k, v in r.items() if k != "sample"} for r in res.history]
     record = {
-        "name": name, "seed": tcfg.seed, "history": [{k: v for k, v in r.items() if k != "sample"} for r in res.history],
+        "name": name, "seed": tcfg.seed, "history": history,
         "seconds": res.train_time_s, "tokens_per_s": res.tokens_per_s, "snapshots": snapshots,
         "active": model.num_params(active=True), "total": model.num_params(),
     }
