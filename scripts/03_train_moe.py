@@ -28,16 +28,23 @@
 # aprendia: as probabilidades do roteador nunca multiplicavam a saída dos especialistas (então o
 # roteador não recebia gradiente da loss do modelo de linguagem), o segundo especialista do top-2
 # **sobrescrevia** o primeiro em vez de somar, a loss de balanceamento tinha a escala errada e a
-# capacidade podia chegar a zero na geração. Aqui fazemos cada peça certo — e provamos.
+# capacidade podia chegar a zero na geração. Aqui cada peça é feita do jeito certo — e provada.
 #
 # | ideia | artigo |
 # |---|---|
-# | roteador top-k esparso, loss de balanceamento | Shazeer et al. 2017, *Outrageously Large Neural Networks* |
-# | top-1, loss $N\sum_i f_i P_i$, fator de capacidade | Fedus, Zoph & Shazeer 2021, *Switch Transformers* |
-# | *router z-loss* (estabilidade) | Zoph et al. 2022, *ST-MoE* |
-# | 8 especialistas, top-2, pesos renormalizados, sem descarte | Jiang et al. 2024, *Mixtral of Experts* |
-# | especialistas finos + compartilhados | Dai et al. 2024, *DeepSeekMoE* |
-# | balanceamento sem loss auxiliar (viés por especialista) | DeepSeek-AI 2024, *DeepSeek-V3* (seção 2.1.2) |
+# | roteador top-k esparso, loss de balanceamento | Shazeer et al. 2017, [*Outrageously Large NNs*][shazeer] |
+# | top-1, loss $N\sum_i f_i P_i$, fator de capacidade | Fedus, Zoph & Shazeer 2021, [*Switch Transformers*][switch] |
+# | *router z-loss* (estabilidade) | Zoph et al. 2022, [*ST-MoE*][stmoe] |
+# | 8 especialistas, top-2, pesos renormalizados, sem descarte | Jiang et al. 2024, [*Mixtral of Experts*][mixtral] |
+# | especialistas finos + compartilhados | Dai et al. 2024, [*DeepSeekMoE*][dsmoe] |
+# | balanceamento sem loss auxiliar (viés por especialista) | DeepSeek-AI 2024, [*DeepSeek-V3*][dsv3] (seção 2.1.2) |
+#
+# [shazeer]: https://arxiv.org/abs/1701.06538
+# [switch]: https://arxiv.org/abs/2101.03961
+# [stmoe]: https://arxiv.org/abs/2202.08906
+# [mixtral]: https://arxiv.org/abs/2401.04088
+# [dsmoe]: https://arxiv.org/abs/2401.06066
+# [dsv3]: https://arxiv.org/abs/2412.19437
 #
 # O código mora em `nanomoe/moe.py` (a camada) e `nanomoe/moe_metrics.py` (as métricas); aqui
 # lemos esse código, verificamos cada equação e, no fim, treinamos no Machado de Assis um modelo
@@ -62,18 +69,17 @@ setup("03", written_for=NANOMOE_REF)
 
 # %%
 import inspect
-import math
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from nanomoe import GPT, get_tokenizer, modern_config, moe_config
 from nanomoe.cli import parse_args
 from nanomoe.notebook import show_source
 from nanomoe.data import encode_splits, read_corpus
+from nanomoe.diagrams import plot_moe_dispatch
 from nanomoe.mlp import MLP
 from nanomoe.moe import (MoE, Experts, capacity, capacity_keep, expert_mlp, experts_grouped, experts_loop,
                          experts_padded, moe_layers, pick_kernel, update_moe_bias)
@@ -86,10 +92,11 @@ from nanomoe.train import TrainConfig, train
 # %% [markdown]
 # ## Parâmetros
 #
-# Os valores abaixo dão o experimento completo: 8 treinos de 300 passos. Na nossa CPU de 2
-# núcleos, com a máquina pouco ocupada, um treino denso levou 72 s e um MoE 83–89 s (1 thread):
-# ~12 minutos ao todo; numa T4, poucos minutos. Como script:
-# `uv run -m scripts.03_train_moe --steps=900`; num notebook, edite o dicionário ou defina
+# Os valores abaixo dão o experimento completo: 8 treinos de 300 passos. Na execução de referência
+# (seção 10), numa CPU de 2 núcleos compartilhada com outros processos, os 8 treinos levaram 1404 s
+# (23 min); com a máquina pouco ocupada, um treino denso leva ~72 s e um MoE 83–89 s (1 thread),
+# ~12 min ao todo. Numa GPU: não medido ainda. Como script: `uv run -m scripts.03_train_moe`; para
+# treinos 3× mais longos, `--steps=900`. Num notebook, edite o dicionário ou defina
 # `NANOMOE_ARGS="--steps=900"`. `--quick` roda tudo em segundos (é o que os testes usam).
 
 # %%
@@ -165,15 +172,35 @@ for t in range(3):
           f"g = {[round(v, 3) for v in gates[0, t].tolist()]}  (soma {gates[0, t].sum():.3f})")
 
 # %% [markdown]
-# A saída é a **soma** ponderada dos $k$ especialistas — não a saída do último. Conferimos contra
-# a fórmula, token a token, usando cada especialista como um MLP denso comum:
+# Em figura: os 3 tokens, os especialistas que o roteador escolheu para cada um, e a volta: a saída de
+# cada especialista multiplicada pela porta $g$ e **somada** na saída do token.
 
 # %%
-with torch.no_grad():
-    y, aux, stats = moe(x)
+fig = plot_moe_dispatch(topk_idx[0], gates[0], toy.n_experts, token_labels=["x0", "x1", "x2"],
+                        save_path=out_dir / "moe_dispatch.png")
+fig
+
+# %% [markdown]
+# **Construa você mesmo: uma camada MoE em dez linhas.** O roteador (softmax dos logits), o top-k, as
+# portas (renormalizadas com $k > 1$, a probabilidade crua com $k = 1$) e a **soma** ponderada dos
+# $k$ especialistas — não a saída do último. Para a conferência, cada especialista do pacote vira um
+# MLP denso comum (`expert_as_mlp`), e comparamos com a camada `MoE` inteira, com top-2 e top-1.
+
+# %%
+def my_moe(x: torch.Tensor, w_router: torch.Tensor, experts: list, k: int):
+    """x (T, C); w_router (E, C); experts: E modules (C,) -> (C,). Returns y (T, C), p (T, E), top_i (T, k)."""
+    p = (x @ w_router.T).softmax(-1)  # (T, E) the full softmax over the experts
+    top_p, top_i = p.topk(k, dim=-1)  # (T, k) the k most probable experts of each token
+    g = top_p / top_p.sum(-1, keepdim=True) if k > 1 else top_p  # gates: Mixtral renormalizes; Switch keeps p
+    y = torch.zeros_like(x)
+    for t in range(x.size(0)):
+        for j in range(k):
+            y[t] = y[t] + g[t, j] * experts[top_i[t, j]](x[t])  # SUM the k experts, each times its gate
+    return y, p, top_i
 
 
 def expert_as_mlp(moe: MoE, e: int) -> MLP:
+    """Expert e of a MoE layer as an ordinary dense MLP (the stacked weights, transposed)."""
     mlp = MLP(moe.experts.n_embd, moe.experts.hidden, moe.kind, bias=False)
     with torch.no_grad():
         mlp.c_fc.weight.copy_(moe.experts.c_fc[e].T)
@@ -181,10 +208,16 @@ def expert_as_mlp(moe: MoE, e: int) -> MLP:
     return mlp
 
 
-with torch.no_grad():
-    formula = torch.stack([sum(gates[0, t, j] * expert_as_mlp(moe, int(topk_idx[0, t, j]))(x[0, t]) for j in range(2))
-                           for t in range(3)])
-print("max |MoE - soma ponderada| =", float((y[0] - formula).abs().max()))
+# %%
+for k in (2, 1):
+    torch.manual_seed(0)
+    layer = MoE(toy.replace(moe_top_k=k))
+    with torch.no_grad():
+        y_mine, _, i_mine = my_moe(x[0], layer.router.weight, [expert_as_mlp(layer, e) for e in range(4)], k)
+        y_pkg, _, st = layer(x)
+    torch.testing.assert_close(y_mine, y_pkg[0])
+    assert torch.equal(i_mine, st["topk_idx"][0])
+    print(f"top-{k}: my_moe == nanomoe.moe.MoE (mesmos especialistas escolhidos, mesma saída)")
 
 # %% [markdown]
 # E o gradiente: com as losses auxiliares **desligadas**, só a entropia cruzada chega ao roteador —
@@ -215,8 +248,10 @@ print("sem portas: grad W_r =", moe.router.weight.grad, "(o roteador nem entra n
 # Cada especialista é um MLP SwiGLU (o mesmo tipo do modelo denso do capítulo 02). Guardamos os
 # $E$ especialistas como **dois tensores 3-D**: `c_fc` $(E, C, 2H)$ e `c_proj` $(E, H, C)$, com
 # $y = x\,W$. Uma `ModuleList` de MLPs parece mais natural, mas quebra o treino distribuído
-# (DDP): um especialista que não recebeu nenhum token no lote fica sem gradiente e o DDP espera
-# por ele para sempre. Empilhados, ele recebe um gradiente **zero** (teste
+# (DDP): um especialista que não recebeu nenhum token no lote fica sem gradiente, o DDP espera por
+# ele e, por padrão, o passo seguinte para com o erro *"Expected to have finished reduction in the
+# prior iteration before starting a new one"*. A saída usual é `find_unused_parameters=True`, que
+# custa uma varredura extra do grafo a cada passo. Empilhados, ele recebe um gradiente **zero** (teste
 # `test_ddp_with_an_expert_that_gets_no_tokens`).
 #
 # **Parâmetros ativos iguais.** Se cada especialista fosse tão largo quanto o MLP denso, o top-2
@@ -254,10 +289,13 @@ for k in (1, 2):
 # gradiente passa por $P_i$, a probabilidade média do softmax **completo** (não dos $k$
 # renormalizados: esses somam 1 entre os escolhidos e não dizem nada dos outros).
 # Com carga equilibrada $f_i = 1/N$ e $\mathcal{L}_{bal} = \sum_i P_i = 1$; com roteador uniforme
-# $P_i = 1/N$ e de novo $\mathcal{L}_{bal} = 1$; se tudo vai para um especialista,
-# $f = P = (1, 0, \dots)$ e $\mathcal{L}_{bal} = N$. Dois erros comuns: tirar a média em vez de
-# multiplicar por $N$ (a loss vira 1/N do valor e o coeficiente perde o sentido) e normalizar
-# $f$ para somar $k$ (o valor passa a depender de $k$).
+# $P_i = 1/N$ e de novo $\mathcal{L}_{bal} = 1$; com top-1, se tudo vai para um especialista,
+# $f = P = (1, 0, \dots)$ e $\mathcal{L}_{bal} = N$. Com top-$k$ um especialista recebe no máximo
+# $1/k$ das atribuições (cada token escolhe $k$ especialistas **distintos**), então o colapso total
+# — os mesmos $k$ especialistas para todo token — dá $\mathcal{L}_{bal} = N/k$. Dois erros comuns:
+# tirar a média em vez de multiplicar por $N$ (a média sobre os $N$ especialistas dá $1/N^2$ do
+# valor, e o coeficiente perde o sentido) e normalizar $f$ para somar $k$ (o valor passa a depender
+# de $k$).
 #
 # ## 4. A *router z-loss* (ST-MoE)
 #
@@ -297,20 +335,48 @@ for t in range(T):
     xs[0, t, t % E] = 1.0 + t % E
     xs[0, t, (t + 1) % E] = 0.5
 xs[0, :, E] = 1.0
-for name, setup in [("carga equilibrada", balanced), ("roteador uniforme", uniform), ("colapso no especialista 0", collapsed)]:
+for name, set_router in [("carga equilibrada", balanced), ("roteador uniforme", uniform),
+                         ("colapso no especialista 0", collapsed)]:
     for k in (1, 2):
         m = MoE(toy.replace(moe_top_k=k))
         with torch.no_grad():
-            setup(m.router.weight)
+            set_router(m.router.weight)
             _, _, st = m(xs)
         print(f"{name:26s} k={k}: carga={[int(v) for v in st['load'].tolist()]}  "
-              f"P={[round(v, 2) for v in st['importance'].tolist()]}  L_bal={st['balance_loss']:.4f}  L_z={st['z_loss']:.1f}")
+              f"P={[round(v, 2) for v in st['importance'].tolist()]}  L_bal={st['balance_loss']:.4f}  "
+              f"L_z={st['z_loss']:.1f}")
 
 # %% [markdown]
 # Com o roteador uniforme, $P_i = 1/N$ e $\mathcal{L}_{bal} = 1$ qualquer que seja a carga (aqui os
 # empates do top-k mandam tudo para os mesmos especialistas): é o ponto de partida de um roteador
-# recém-inicializado. Com $k=2$ o colapso máximo é em dois especialistas, $\mathcal{L}_{bal} = N/2$.
-# E a z-loss explode com o logit 100 do colapso ($100^2$): é exatamente o crescimento que ela pune.
+# recém-inicializado. Com $k=2$ o colapso máximo é em dois especialistas, $\mathcal{L}_{bal} = N/2$
+# (aqui $4/2 = 2$): o máximo é $N/k$, não $N$. E a z-loss explode com o logit 100 do colapso
+# ($100^2$): é exatamente o crescimento que ela pune.
+#
+# **Construa você mesmo: a loss de balanceamento em quatro linhas.** $f$ conta as atribuições
+# (`bincount`, sem gradiente), $P$ é a média do softmax completo. A conferência compara o valor **e o
+# gradiente** em $W_r$ com os da camada `MoE` (com $\alpha = 1$ e sem z-loss, a loss auxiliar que ela
+# devolve é exatamente $\mathcal{L}_{bal}$), em 64 tokens aleatórios.
+
+# %%
+def my_balance_loss(p: torch.Tensor, top_i: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """p (T, E) full softmax; top_i (T, k) chosen experts. Switch Transformer, eq. 4."""
+    f = torch.bincount(top_i.flatten(), minlength=n_experts).float() / top_i.numel()  # share of the T*k assignments
+    P = p.mean(0)  # mean probability per expert: the only part with a gradient
+    return n_experts * (f * P).sum()
+
+
+# %%
+torch.manual_seed(0)
+layer = MoE(toy.replace(moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0))
+x64 = torch.randn(1, 64, 16)
+_, aux, _ = layer(x64)
+p = (x64[0] @ layer.router.weight.T).softmax(-1)
+mine = my_balance_loss(p, p.topk(2, dim=-1).indices, 4)
+torch.testing.assert_close(mine, aux)
+grad_mine, grad_pkg = (torch.autograd.grad(v, layer.router.weight)[0] for v in (mine, aux))
+torch.testing.assert_close(grad_mine, grad_pkg)
+print(f"my_balance_loss == MoE (valor {mine.item():.4f} e gradiente em W_r)")
 
 # %% [markdown]
 # ## 5. Capacidade: descartar tokens, sem espiar o futuro
@@ -322,8 +388,10 @@ for name, setup in [("carga equilibrada", balanced), ("roteador uniforme", unifo
 # tokens; o que passa disso é **descartado**: a atribuição contribui zero e o token segue só pela
 # conexão residual (nunca por uma camada aprendida). Três detalhes fazem diferença:
 #
-# 1. **Mínimo.** Sem $c_{min}$, um prompt de 1 token com $N=8$, $k=2$, cf $=1$ teria capacidade
-#    $\lfloor 2/8\rfloor = 0$ e seria descartado inteiro na geração.
+# 1. **Mínimo.** Um prompt de 1 token com $N=8$, $k=2$, cf $=1$ pede $\text{cf}\cdot Tk/N = 0{,}25$
+#    vaga por especialista. Com o teto da fórmula isso vira 1; mas uma implementação que trunca
+#    com `int()` (como o repositório original) chega a $\lfloor 0{,}25\rfloor = 0$ e descarta o
+#    token inteiro na geração. O mínimo $c_{min}$ (padrão 4) garante vagas em qualquer caso.
 # 2. **Por sequência e em ordem de posição.** Calculamos a capacidade para cada sequência
 #    ($T$ = seu tamanho) e os tokens ocupam as vagas na ordem em que aparecem. Se a disputa fosse
 #    no lote inteiro, ou ordenada pela confiança do roteador, a saída de um token dependeria dos
@@ -357,7 +425,10 @@ print("1 token, cf=1, N=8, k=2: capacidade =", capacity(1, 8, 2, 1.0, 1), "com m
 #
 # A loss de balanceamento briga com a entropia cruzada: um $\alpha$ grande equilibra a carga mas
 # piora o modelo. O DeepSeek-V3 soma um **viés** $b_i$ às afinidades *só para escolher* os
-# especialistas; as portas continuam vindo das probabilidades sem viés:
+# especialistas; as portas continuam vindo das afinidades sem viés. No DeepSeek-V3 as afinidades
+# são sigmoides, $s_i = \sigma(\ell_i)$ (a seção 2.1.2 do artigo); aqui, com o roteador softmax
+# padrão, aplicamos o mesmo viés às probabilidades $p_i$ — uma adaptação nossa, não a receita do
+# artigo (o roteador sigmoide é `moe_router="sigmoid"`):
 #
 # $$ S = \text{top-}k(p_i + b_i), \qquad g_i = \frac{p_i}{\sum_{j\in S} p_j} $$
 #
@@ -394,8 +465,9 @@ print("probabilidades iguais:", torch.equal(p0, p1), "| portas = p renormalizado
 # (`pick_kernel` escolhe):
 #
 # - `grouped`: **uma** multiplicação agrupada por matriz (`torch.nn.functional.grouped_mm`, o
-#   kernel de MoE do PyTorch; na GPU é um kernel só, e o `torch.compile` gera um grafo sem
-#   quebras);
+#   kernel de MoE do PyTorch; numa GPU Ampere ou mais nova, em bf16, é um kernel fundido, e o
+#   `torch.compile` gera um grafo sem quebras). Numa T4 (fp16, sm75), `pick_kernel` escolhe o
+#   `padded` abaixo (escolha não medida ainda: o curso ainda não tem medidas em GPU);
 # - `loop`: uma multiplicação por especialista sobre `W.unbind(0)`. Um detalhe medido: indexar
 #   `W[e]` dentro do laço faz o backward de cada `W[e]` escrever um tensor de zeros do tamanho de
 #   `W` inteiro; `unbind` não;
@@ -430,7 +502,7 @@ for cf in (None, 1.0):
 # O benchmark `uv run -m scripts.bench_03_moe` mede lado a lado o tempo de forward+backward de
 # uma camada MoE (8 especialistas, top-2, mesmos parâmetros ativos) contra o MLP denso. Na nossa
 # CPU de 2 núcleos (4096 tokens): `grouped` custa 1,04–1,10× o MLP denso, o laço 1,01–1,07×, o
-# `padded` 1,16–1,27× e a referência 1,08–1,13× (detalhes em `docs/benchmarks.md`). Numa máquina
+# `padded` 1,16–1,27× e a referência 1,09–1,13× (detalhes em `docs/benchmarks.md`). Numa máquina
 # compartilhada, rode com `OMP_WAIT_POLICY=PASSIVE`: com as threads do OpenMP girando à espera
 # umas das outras, o MoE (8× mais multiplicações de matrizes que o MLP denso: uma por especialista) chega a
 # custar 1,5–6×.
@@ -454,7 +526,12 @@ show_source(MoEMetrics.summary)
 # finais para validação. Todos os treinos usam a mesma semente (os mesmos lotes, na mesma ordem),
 # o mesmo número de passos e de tokens, e a mesma receita (AdamW, warmup + cosseno).
 #
-# 1. **denso**: o modelo moderno do capítulo 02;
+# 1. **denso**: o modelo moderno de `modern_config` com 4 cabeças, que tem **1** cabeça de k/v
+#    (MQA; 721 792 parâmetros). Atenção: a ablação do capítulo 02 terminou com 2 cabeças de k/v
+#    (GQA-2, 754 560 parâmetros, validação 1,9885). Com 1 cabeça de k/v e tudo o mais igual, a
+#    mesma receita do capítulo 02 chega a 2,0100 (medimos; ver o exercício 1 do capítulo 02): a
+#    diferença para o 2,0101 daqui é só arredondamento, e a do 1,9885 de lá é a cabeça de k/v a
+#    menos;
 # 2. **MoE top-2** e **MoE top-1**: 8 especialistas em todas as camadas, com os mesmos
 #    parâmetros ativos do denso ($\alpha = 0.01$, $\beta = 0.001$);
 # 3. **varredura de $\alpha$** (top-2): 0, 0.001, 0.01, 0.1 — efeito na carga e na validação;
@@ -540,9 +617,11 @@ def fmt(v, spec):
 rows = ["| treino | params ativos | params totais | loss validação | CV carga | max/média | mortos | descartados | "
         "L_bal | tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 for name, r in results.items():
-    rows.append(f"| {name} | {r['active']:,} | {r['total']:,} | {fmt(r['val_loss'], '.4f')} | {fmt(r['load_cv'], '.3f')} | "
+    rows.append(f"| {name} | {r['active']:,} | {r['total']:,} | {fmt(r['val_loss'], '.4f')} | "
+                f"{fmt(r['load_cv'], '.3f')} | "
                 f"{fmt(r['max_over_mean'], '.2f')} | {fmt(r['dead'], 'd')} | "
-                f"{fmt(None if r['dropped'] is None else 100 * r['dropped'], '.1f')}{'' if r['dropped'] is None else '%'} | "
+                f"{fmt(None if r['dropped'] is None else 100 * r['dropped'], '.1f')}"
+                f"{'' if r['dropped'] is None else '%'} | "
                 f"{fmt(r['balance'], '.3f')} | {r['tokens_per_s']:,.0f} |")
 table = "\n".join(rows)
 print(table)
@@ -621,7 +700,8 @@ chars = [tok.decode([i]) for i in chunk.flatten().tolist()]
 per_char = Counter(chars)
 pairs = Counter(zip(top1, chars))
 for e in range(model.config.n_experts):
-    share = sorted(((n / per_char[c], c) for (ee, c), n in pairs.items() if ee == e and per_char[c] >= 10), reverse=True)
+    share = sorted(((n / per_char[c], c) for (ee, c), n in pairs.items() if ee == e and per_char[c] >= 10),
+                   reverse=True)
     shown = " ".join(f"{({' ': '␣', chr(10): '⏎'}).get(c, c)}:{s:.0%}" for s, c in share[:8])
     print(f"E{e}: {sum(n for (ee, _), n in pairs.items() if ee == e) / len(chars):5.1%} dos tokens | {shown}")
 
@@ -638,14 +718,14 @@ for e in range(model.config.n_experts):
 #
 # | treino | params ativos | params totais | loss validação | CV carga | max/média | mortos | descartados | L_bal |
 # |---|---:|---:|---:|---:|---:|---:|---:|---:|
-# | denso | 721,792 | 721,792 | 2.0101 | — | — | — | — | — |
-# | MoE top-2 | 725,888 | 2,347,904 | 2.0087 | 0.123 | 1.18 | 0 | 0.0% | 1.004 |
-# | MoE top-1 | 725,888 | 4,510,592 | 2.1451 | 0.257 | 1.49 | 0 | 0.0% | 1.008 |
-# | MoE top-2 α=0 | 725,888 | 2,347,904 | 2.0310 | 1.379 | 3.77 | 2 | 0.0% | 2.565 |
-# | MoE top-2 α=0.001 | 725,888 | 2,347,904 | 2.0173 | 0.378 | 1.56 | 0 | 0.0% | 1.058 |
-# | MoE top-2 α=0.1 | 725,888 | 2,347,904 | 2.0408 | 0.040 | 1.06 | 0 | 0.0% | 1.001 |
-# | MoE top-2 cf=1 | 725,888 | 2,347,904 | 2.0882 | 0.079 | 1.11 | 0 | 6.4% | 1.001 |
-# | MoE top-2 viés (α=0) | 725,888 | 2,347,904 | 1.9970 | 0.186 | 1.38 | 1 | 0.0% | 1.196 |
+# | denso | 721 792 | 721 792 | 2,0101 | — | — | — | — | — |
+# | MoE top-2 | 725 888 | 2 347 904 | 2,0087 | 0,123 | 1,18 | 0 | 0,0% | 1,004 |
+# | MoE top-1 | 725 888 | 4 510 592 | 2,1451 | 0,257 | 1,49 | 0 | 0,0% | 1,008 |
+# | MoE top-2 α=0 | 725 888 | 2 347 904 | 2,0310 | 1,379 | 3,77 | 2 | 0,0% | 2,565 |
+# | MoE top-2 α=0.001 | 725 888 | 2 347 904 | 2,0173 | 0,378 | 1,56 | 0 | 0,0% | 1,058 |
+# | MoE top-2 α=0.1 | 725 888 | 2 347 904 | 2,0408 | 0,040 | 1,06 | 0 | 0,0% | 1,001 |
+# | MoE top-2 cf=1 | 725 888 | 2 347 904 | 2,0882 | 0,079 | 1,11 | 0 | 6,4% | 1,001 |
+# | MoE top-2 viés (α=0) | 725 888 | 2 347 904 | 1,9970 | 0,186 | 1,38 | 1 | 0,0% | 1,196 |
 #
 # **Denso contra MoE: o MoE não vence no orçamento padrão.** Com 614 mil tokens o MoE top-2 ficou
 # 0,0014 nats abaixo do denso nesta semente — nada, diante da variação entre sementes. Repetimos
@@ -654,11 +734,11 @@ for e in range(model.config.n_experts):
 #
 # | passos (tokens) | semente | denso | MoE top-2 | MoE top-1 | MoE top-2 viés (α=0) |
 # |---|---:|---:|---:|---:|---:|
-# | 300 (614 mil) | 1337 | 2.0101 | 2.0087 | 2.1451 | 1.9970 |
-# | 300 (614 mil) | 1 | **1.9765** | 1.9998 | 2.1019 | — |
-# | 300 (614 mil) | 2 | **1.9722** | 2.0035 | 2.3310 | — |
-# | 900 (1,84 milhão) | 1337 | 1.6680 | **1.6456** | 1.7458 | 1.6468 |
-# | 900 (1,84 milhão) | 1 | 1.6548 | **1.6328** | 1.7133 | — |
+# | 300 (614 mil) | 1337 | 2,0101 | 2,0087 | 2,1451 | 1,9970 |
+# | 300 (614 mil) | 1 | **1,9765** | 1,9998 | 2,1019 | — |
+# | 300 (614 mil) | 2 | **1,9722** | 2,0035 | 2,3310 | — |
+# | 900 (1,84 milhão) | 1337 | 1,6680 | **1,6456** | 1,7458 | 1,6468 |
+# | 900 (1,84 milhão) | 1 | 1,6548 | **1,6328** | 1,7133 | — |
 #
 # Com 300 passos o denso ganha em média (1,986 contra 2,004 do top-2, três sementes); com 900
 # passos o MoE top-2 ganha por 0,022 nats nas duas sementes, e a curva de validação mostra a
@@ -674,9 +754,10 @@ for e in range(model.config.n_experts):
 #
 # **Varredura de α.** Sem a loss de balanceamento (α = 0) o roteador colapsa: CV 1,38, o
 # especialista mais carregado de cada camada com 3,8× a carga média e 2 especialistas mortos nas
-# 4 camadas (o mapa de calor mostra camadas inteiras usando 2 ou 3 dos 8). α = 0,001 já reduz o CV a 0,38; α = 0,01 (o valor do Switch)
-# chega a 0,12 com a melhor validação; α = 0,1 equilibra quase perfeitamente (CV 0,04) mas piora
-# a validação: forte demais, a loss de balanceamento briga com a entropia cruzada.
+# 4 camadas (o mapa de calor mostra camadas inteiras usando 2 ou 3 dos 8). α = 0,001 já reduz o CV
+# a 0,38; α = 0,01 (o valor do Switch) chega a 0,12 com a melhor validação; α = 0,1 equilibra quase
+# perfeitamente (CV 0,04) mas piora a validação: forte demais, a loss de balanceamento briga com a
+# entropia cruzada.
 #
 # **Capacidade** (cf = 1): 6,4% das atribuições descartadas e +0,08 nats de validação — o descarte
 # vale também na avaliação, e cada descarte tira metade do MLP de um token. É por isso que o
@@ -688,19 +769,26 @@ for e in range(model.config.n_experts):
 #
 # **Especialização.** Na execução de referência, na última camada do MoE top-2, um especialista
 # recebeu 100% dos espaços e quebras de linha; outro, a pontuação e o "q"; outros, grupos de
-# consoantes (j, f, t, h, v, d) ou de vogais (e, é, a, o). Ninguém programou isso: o roteador aprendeu com o gradiente que chega
-# pelas portas.
+# consoantes (j, f, t, h, v, d) ou de vogais (e, é, a, o). Ninguém programou isso: o roteador
+# aprendeu com o gradiente que chega pelas portas.
 #
-# ## Para lembrar
+# ## O que você aprendeu
 #
 # - A porta $g_i$ multiplica a saída do especialista: é o único caminho do gradiente até o
-#   roteador. Com top-2 as saídas se **somam**.
-# - $\mathcal{L}_{bal} = N\sum_i f_i P_i$ vale 1 no equilíbrio e $N$ no colapso, para qualquer $k$;
-#   $P_i$ vem do softmax completo.
+#   roteador. Com top-2 as saídas se **somam**. Você escreveu a camada e a loss de balanceamento
+#   em poucas linhas e conferiu contra o pacote.
+# - $\mathcal{L}_{bal} = N\sum_i f_i P_i$ vale 1 no equilíbrio (ou com o roteador uniforme) e, no
+#   colapso total, $N/k$: $N$ com top-1, $N/2$ com top-2. $P_i$ vem do softmax completo.
+# - Sem a loss de balanceamento o roteador colapsa; forte demais, ela piora a validação. O viés do
+#   DeepSeek-V3 equilibra sem loss auxiliar.
 # - Capacidade: com mínimo, por sequência e em ordem de posição — nunca zero, nunca espiando o
-#   futuro; os descartados seguem pela residual.
+#   futuro; os descartados seguem pela residual, e descartar custa validação.
 # - Compare MoE e denso com os mesmos **parâmetros ativos** e os mesmos tokens, e meça a
-#   validação só com a entropia cruzada.
+#   validação só com a entropia cruzada. Neste orçamento o MoE só passa à frente com mais tokens.
+#
+# **Para ler.** Os artigos estão na tabela do início. Um guia para a camada inteira, com os mesmos
+# nomes: a seção de MoE do Switch Transformer (seções 2.1 e 2.2) e o Mixtral (seção 2.1). Termos:
+# [glossário](../docs/glossario.md).
 
 # %%
 print(f"tempo total dos treinos: {total_s:.0f} s; figuras e tabela em {out_dir}/")
