@@ -8,8 +8,8 @@ A checkpoint is one file written by `torch.save`, holding a plain dict:
      ... and, for training checkpoints: "train_config", "optimizer", "scaler", "step", "tokens",
      "rng" (CPU/CUDA/numpy/python generator states), "loader", "history", "best_val_loss", ...}
 
-Writing is atomic: the bytes go to a temporary file in the same folder, are flushed and fsync'ed
-to disk, and only then `os.replace` renames it over the old file. A crash or a SIGKILL at any
+Writing is atomic (`nanomoe.files.atomic_write`): the bytes go to a temporary file in the same
+folder, are flushed and fsync'ed to disk, and only then `os.replace` renames it over the old file. A crash or a SIGKILL at any
 moment leaves either the old checkpoint or the new one, never half of one.
 
 Reading uses `torch.load(weights_only=True)`: the unpickler only rebuilds tensors and plain Python
@@ -22,14 +22,21 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from .config import GPTConfig
+from .distributed import unwrap
+from .files import atomic_write, remove_stale_temps
+from .model import GPT
+from .tokenizer import load_tokenizer
 
 FORMAT = "nanomoe"
 VERSION = 1
@@ -70,79 +77,90 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of the plain model under any DDP / torch.compile wrapper, with clean keys."""
-    from .distributed import unwrap
-
     return strip_prefixes(unwrap(model).state_dict())
 
 
 # ---- save ---------------------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _pause_for_tests(state: dict[str, Any]) -> None:
+    """The test hook above: sleep with the temporary file written and the rename not yet done."""
+    delay = float(os.environ.get(_SLEEP_ENV, "0") or 0)
+    if delay > 0 and int(state.get("step", 0)) >= int(os.environ.get(_SLEEP_FROM_ENV, "0") or 0):
+        time.sleep(delay)
 
 
 def save_checkpoint(path: PathLike, state: dict[str, Any]) -> Path:
-    """Atomically write `state` to `path`: temp file in the same folder + flush + fsync + os.replace.
+    """Atomically write `state` to `path` (`nanomoe.files.atomic_write`: temp file + fsync + os.replace).
 
     `state` gets "format" and "version" added when missing; its "model" keys are cleaned of
     wrapper prefixes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = dict(state)
     state.setdefault("format", FORMAT)
     state.setdefault("version", VERSION)
     if "model" in state:
         state["model"] = strip_prefixes(state["model"])
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        delay = float(os.environ.get(_SLEEP_ENV, "0") or 0)
-        if delay > 0 and int(state.get("step", 0)) >= int(os.environ.get(_SLEEP_FROM_ENV, "0") or 0):
-            time.sleep(delay)
-        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see old or new, never half
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    with atomic_write(path) as f:
+        torch.save(state, f)
+        _pause_for_tests(state)
+    return Path(path)
 
 
 def copy_checkpoint(src: PathLike, dst: PathLike) -> Path:
     """Atomically copy a checkpoint file (e.g. latest.pt -> best.pt)."""
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            while chunk := fi.read(1 << 24):
-                fo.write(chunk)
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
-    return dst
+    with open(src, "rb") as fi, atomic_write(dst) as fo:
+        shutil.copyfileobj(fi, fo, 1 << 24)
+    return Path(dst)
 
 
 def remove_stale_tmp(folder: PathLike) -> None:
     """Delete temporary files left by a save that was killed before its rename."""
-    for p in Path(folder).glob(".*.pt.tmp.*"):
-        p.unlink(missing_ok=True)
+    remove_stale_temps(folder, "*.pt")
+
+
+# ---- the random state that makes resume exact ---------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator's state as plain data (tensors, lists, numbers): weights_only-safe."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": int(py_version), "state": [int(v) for v in py_state], "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def plain(x: Any) -> Any:
+    """numpy scalars and 1-element tensors -> Python numbers, recursively (JSON- and weights_only-friendly)."""
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return x.item()
+    return x
 
 
 # ---- load ---------------------------------------------------------------------------------------
@@ -238,8 +256,6 @@ def model_from_checkpoint(ckpt: Union[dict[str, Any], PathLike], device: str = "
 
     `ckpt` is a dict from `load_checkpoint`, or a path (then it is loaded first). The model is
     returned in eval mode on `device`."""
-    from .model import GPT
-
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
     try:
@@ -258,8 +274,6 @@ def model_from_checkpoint(ckpt: Union[dict[str, Any], PathLike], device: str = "
 def tokenizer_from_checkpoint(ckpt: dict[str, Any], base_dir: Optional[PathLike] = None):
     """Rebuild the tokenizer recorded in a checkpoint (None when it recorded none). Relative file
     paths (a trained BPE's tokenizer.json) are looked up beside the checkpoint file."""
-    from .tokenizer import load_tokenizer
-
     info = ckpt.get("tokenizer")
     if not info:
         return None

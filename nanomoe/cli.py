@@ -1,27 +1,37 @@
-"""Command-line parameters shared by every chapter script and notebook.
+"""One command-line convention for every script of the course, and for notebooks.
 
-A chapter declares its hyper-parameters once, as a dict of defaults, and reads them with
-`parse_args`:
+A script declares its options once, as a dict of defaults, and reads them with `parse_args`:
 
     DEFAULTS = dict(epochs=200, lr=3e-3, betas=(0.9, 0.95), tokenizer="char", quick=False)
     args = parse_args(DEFAULTS, quick=dict(epochs=20))   # args.epochs, args.lr, ...
 
-- As a script (`uv run -m scripts.01_train_nanogpt --epochs=300 --lr 1e-3 --no-quick`) the
-  values come from `sys.argv`.
-- Inside a notebook (a Jupyter/Colab kernel, whose argv is the kernel's own `-f kernel.json`)
-  they come from the environment variable `NANOMOE_ARGS`, e.g. `NANOMOE_ARGS="--quick --epochs=5"`;
-  that is how the tests run every notebook in a quick mode. In the notebook you can also simply
-  edit the `DEFAULTS` cell.
+An `argparse` parser is generated from the dict: one option per key, typed by its default.
 
-Each value is cast to the type of its default: `bool` (`--flag`, `--no-flag`, `--flag=false`),
-`int`, `float`, `str`, `tuple`/`list` (`--betas=0.9,0.95`), and `None` defaults (the value is
-read as int, then float, then kept as a string; `none` gives None). `--help` prints every
-parameter with its default and type, then exits. Unknown keys are an error that lists the known ones.
+- `--key=value` or `--key value`; underscores are the canonical spelling, dashes work too
+  (`--top-k=5` sets `top_k`);
+- booleans: `--flag`, `--no-flag`, `--flag=false`, `--flag false`;
+- `int`, `float`, `str`, tuples/lists (`--betas=0.9,0.95`); a `None` default reads an int, then a
+  float, else keeps the string, and `none` gives None (for any non-string option);
+- `--quick` (when the defaults have a `quick` flag) applies the `quick` values, except the ones
+  given explicitly;
+- `--help` lists every option with its default and type; an unknown option is answered with the
+  closest known one ("Did you mean --n_layer?").
+
+As a script the options come from `sys.argv`, and a bad one ends the script with one line on
+stderr and exit status 2. Inside a notebook (a Jupyter/Colab kernel, whose argv is the kernel's own)
+they come from the environment variable `NANOMOE_ARGS`, e.g. `NANOMOE_ARGS="--quick --epochs=5"`;
+that is how the tests run every notebook in quick mode.
+
+`short_errors()` makes a script print the package's clear `ValueError`s (bad data folder, bad
+checkpoint, bad config) as one line with a non-zero exit instead of a traceback.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
+import re
 import shlex
 import sys
 from types import SimpleNamespace
@@ -50,12 +60,82 @@ def in_notebook() -> bool:
     if "-f" in sys.argv[1:] or any(a.startswith("--f=") for a in sys.argv[1:]):
         return True
     try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-    except Exception:  # pragma: no cover - IPython is always there when ipykernel is
+        from IPython import get_ipython  # present whenever ipykernel is
+    except ImportError:  # pragma: no cover
         return False
+    shell = get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+# ---- values ---------------------------------------------------------------------------------------
+
+
+def to_bool(key: str, value: str) -> bool:
+    """'true'/'false', '1'/'0', 'yes'/'no', 'on'/'off' -> bool; anything else is a CLIError."""
+    low = value.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise CLIError(f"--{key} expects a boolean (true/false, 1/0, yes/no), got {value!r}")
+
+
+def _guess(value: str) -> Any:
+    """A value for a None default: int, then float, then bool words, else the string itself."""
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    low = value.strip().lower()
+    return low == "true" if low in ("true", "false") else value
+
+
+def _to_int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:  # accept 1e3 or 300.0, but not 2.5
+        f = float(value)
+    except ValueError:
+        f = None
+    if f is not None and f.is_integer():
+        return int(f)
+    raise CLIError(f"--{key} expects an integer, got {value!r}")
+
+
+def _cast_scalar(key: str, value: str, default: Any) -> Any:
+    """Cast a string to the type of `default` (a scalar)."""
+    low = value.strip().lower()
+    if isinstance(default, bool):  # before int: bool is a subclass of int
+        return to_bool(key, value)
+    if default is None:
+        return None if low in _NONE else _guess(value)
+    if low in _NONE and not isinstance(default, str):
+        return None  # e.g. --top_k=none turns an optional limit off
+    if isinstance(default, int):
+        return _to_int(key, value)
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except ValueError:
+            raise CLIError(f"--{key} expects a number, got {value!r}") from None
+    if isinstance(default, str):
+        return value
+    raise CLIError(f"--{key}: cannot parse a value for a default of type {type(default).__name__}")
+
+
+def cast(key: str, value: str, default: Any) -> Any:
+    """The value of option `key` from its text, typed like `default` (tuples/lists: comma-separated)."""
+    if isinstance(default, (tuple, list)):
+        if value.strip().lower() in _NONE:
+            return None
+        text = value.strip().strip("()[]")
+        parts = [p.strip() for p in text.split(",") if p.strip()] if text else []
+        proto = default[0] if len(default) else ""
+        return type(default)(_cast_scalar(key, p, proto) for p in parts)
+    return _cast_scalar(key, value, default)
 
 
 def _type_name(default: Any) -> str:
@@ -67,71 +147,24 @@ def _type_name(default: Any) -> str:
     return type(default).__name__
 
 
-def _cast_scalar(key: str, value: str, default: Any) -> Any:
-    """Cast a string to the type of `default` (a scalar)."""
-    low = value.strip().lower()
-    if isinstance(default, bool):  # before int: bool is a subclass of int
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-        raise CLIError(f"--{key} expects a boolean (true/false, 1/0, yes/no), got {value!r}")
-    if default is None:
-        if low in _NONE:
-            return None
-        for cast in (int, float):
-            try:
-                return cast(value)
-            except ValueError:
-                pass
-        if low in ("true", "false"):
-            return low == "true"
-        return value
-    if low in _NONE and not isinstance(default, str):
-        return None  # e.g. --top_k=none turns an optional limit off
-    if isinstance(default, int):
-        try:
-            return int(value)
-        except ValueError:
-            pass
-        try:  # accept 1e3 or 300.0, but not 2.5
-            f = float(value)
-        except ValueError:
-            f = None
-        if f is not None and f.is_integer():
-            return int(f)
-        raise CLIError(f"--{key} expects an integer, got {value!r}")
-    if isinstance(default, float):
-        try:
-            return float(value)
-        except ValueError:
-            raise CLIError(f"--{key} expects a number, got {value!r}") from None
-    if isinstance(default, str):
-        return value
-    raise CLIError(f"--{key}: cannot parse a value for a default of type {type(default).__name__}")
+# ---- the parser -----------------------------------------------------------------------------------
 
 
-def _cast(key: str, value: str, default: Any) -> Any:
-    if isinstance(default, (tuple, list)):
-        if value.strip().lower() in _NONE:
-            return None
-        text = value.strip().strip("()[]")
-        parts = [p.strip() for p in text.split(",") if p.strip()] if text else []
-        proto = default[0] if len(default) else ""
-        items = [_cast_scalar(key, p, proto) for p in parts]
-        return type(default)(items)
-    return _cast_scalar(key, value, default)
-
-
-def _normalize(key: str) -> str:
-    return key.replace("-", "_")
-
-
-def format_help(defaults: Mapping[str, Any], quick: Optional[Mapping[str, Any]] = None, prog: str = "") -> str:
+def format_help(defaults: Mapping[str, Any], quick: Optional[Mapping[str, Any]] = None, prog: str = "",
+                positionals: Optional[Mapping[str, str]] = None, description: str = "") -> str:
     """The `--help` text: every parameter with its default and type."""
+    pos = " ".join(positionals or {})
     width = max((len(k) for k in defaults), default=0) + 2
-    lines = [f"usage: {prog or 'python -m scripts.NN_name'} [--key=value | --key value | --flag | --no-flag] ...", ""]
+    lines = [f"usage: {prog or 'python -m scripts.NN_name'} {pos + ' ' if pos else ''}"
+             "[--key=value | --key value | --flag | --no-flag] ...", ""]
+    if description:
+        lines += [description, ""]
+    for name, text in (positionals or {}).items():
+        lines.append(f"  {name:<{width + 2}} {text}")
+    if positionals:
+        lines.append("")
     lines.append(f"In a notebook, put the same options in the environment variable {ENV_VAR}.")
+    lines.append("Underscores or dashes: --top_k and --top-k are the same option.")
     lines.append("")
     lines.append("parameters (default, type):")
     for k, v in defaults.items():
@@ -140,101 +173,125 @@ def format_help(defaults: Mapping[str, Any], quick: Optional[Mapping[str, Any]] 
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises CLIError with a one-line message (the caller decides how to show it)."""
+
+    def error(self, message: str):
+        m = re.match(r"argument (--[\w-]+)(?:/--[\w-]+)*: expected one argument", message)
+        if m:
+            message = f"{m.group(1)} needs a value (e.g. {m.group(1)}=VALUE)"
+        raise CLIError(re.sub(r"^argument [^:]+: ", "", message))
+
+
+def _typed(key: str, default: Any):
+    def parse(text: str) -> Any:
+        try:
+            return cast(key, text, default)
+        except CLIError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def build_parser(defaults: Mapping[str, Any], positionals: Optional[Mapping[str, str]] = None,
+                 prog: str = "") -> argparse.ArgumentParser:
+    """The argparse parser of `defaults`: one `--key` (and `--key-with-dashes`) per key. Options not
+    given are left out of the result, so a caller can tell explicit values from defaults."""
+    p = _Parser(prog=prog or None, add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    for name, text in (positionals or {}).items():
+        p.add_argument(name, help=text)
+    for key, default in defaults.items():
+        names = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
+        p.add_argument(*names, dest=key, type=_typed(key, default), metavar="VALUE")
+    return p
+
+
+def _spell_flags(argv: Sequence[str], defaults: Mapping[str, Any]) -> list[str]:
+    """Rewrite boolean flags to the one form the parser reads: `--flag` -> `--flag=true`,
+    `--no-flag` -> `--flag=false`, `--flag false` -> `--flag=false`."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        key = arg[2:].replace("-", "_") if arg.startswith("--") and "=" not in arg else None
+        if key and key.startswith("no_") and isinstance(defaults.get(key[3:]), bool):
+            out.append(f"--{key[3:]}=false")
+        elif key and isinstance(defaults.get(key), bool):
+            value = "true"
+            if i < len(argv) and argv[i].strip().lower() in _TRUE | _FALSE:
+                value, i = argv[i], i + 1
+            out.append(f"--{key}={value}")
+        else:
+            out.append(arg)
+    return out
+
+
+def _unknown(extra: Sequence[str], defaults: Mapping[str, Any]) -> CLIError:
+    known = ", ".join(f"--{k}" for k in defaults)
+    arg = extra[0]
+    if not arg.startswith("--") or arg == "--":
+        return CLIError(f"unexpected argument {arg!r}: parameters look like --key=value. Known: {known}")
+    key = arg[2:].split("=", 1)[0].replace("-", "_")
+    close = difflib.get_close_matches(key, list(defaults), n=1)
+    hint = f" Did you mean --{close[0]}?" if close else ""
+    return CLIError(f"unknown parameter --{key}.{hint} Known parameters: {known}")
+
+
+def _script_name() -> str:
+    """How the running script was started, for the usage line (`uv run -m scripts.04_train`)."""
+    if not sys.argv or not sys.argv[0]:
+        return ""
+    path = os.path.abspath(sys.argv[0])
+    parent = os.path.basename(os.path.dirname(path))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return f"uv run -m {parent}.{stem}" if parent in ("scripts", "data") else f"python {sys.argv[0]}"
+
+
 def parse_args(
     defaults: Mapping[str, Any],
     argv: Optional[Union[Sequence[str], str]] = None,
     quick: Optional[Mapping[str, Any]] = None,
+    *,
+    positionals: Optional[Mapping[str, str]] = None,
+    description: str = "",
 ) -> SimpleNamespace:
-    """Read `--key=value` overrides of `defaults` and return them all as a SimpleNamespace.
+    """Read the overrides of `defaults` and return every option as a SimpleNamespace.
 
-    argv: a list of arguments or one string (split like a shell). None reads `sys.argv[1:]` when
-    run as a script and the environment variable NANOMOE_ARGS inside a notebook kernel.
-    quick: values used when `--quick` is on (defaults must then have a bool "quick" key);
-    values given explicitly on the command line still win over them.
+    argv: a list of arguments or one string (split like a shell). None reads `sys.argv[1:]` in a
+    script and the environment variable NANOMOE_ARGS inside a notebook kernel.
+    quick: values used when `--quick` is on (defaults must then have a bool "quick" key); values
+    given explicitly still win over them. positionals: {name: help} of required positional
+    arguments (they come first in the result).
 
-    Raises CLIError (a ValueError) for an unknown key or a bad value; when reading sys.argv of
+    Raises CLIError (a ValueError) for an unknown option or a bad value; when reading sys.argv of
     a script, prints the message and exits with status 2 instead of a traceback."""
-    from_script = False
+    from_script = argv is None and not in_notebook()
     if argv is None:
-        if in_notebook():
-            argv = os.environ.get(ENV_VAR, "")
-        else:
-            argv = sys.argv[1:]
-            from_script = True
+        argv = sys.argv[1:] if from_script else os.environ.get(ENV_VAR, "")
     if isinstance(argv, str):
         argv = shlex.split(argv)
-    prog = ""
-    if from_script and sys.argv and sys.argv[0]:
-        p = os.path.abspath(sys.argv[0])
-        parent = os.path.basename(os.path.dirname(p))
-        stem = os.path.splitext(os.path.basename(p))[0]
-        prog = f"uv run -m {parent}.{stem}" if parent == "scripts" else f"python {sys.argv[0]}"
-    if quick:
-        unknown_q = sorted(set(quick) - set(defaults))
-        if unknown_q or "quick" not in defaults:
-            raise CLIError(f"quick overrides {unknown_q or list(quick)} need matching keys (and a 'quick' flag) in defaults")
+    prog = _script_name() if from_script else ""
+    if quick and (set(quick) - set(defaults) or "quick" not in defaults):
+        bad = sorted(set(quick) - set(defaults)) or list(quick)
+        raise CLIError(f"quick overrides {bad} need matching keys (and a 'quick' flag) in defaults")
+    if "-h" in argv or "--help" in argv:
+        print(format_help(defaults, quick, prog, positionals, description))
+        raise SystemExit(0)
     try:
-        values = _parse(defaults, list(argv), quick, prog)
+        given, extra = build_parser(defaults, positionals, prog).parse_known_args(_spell_flags(argv, defaults))
+        if extra:
+            raise _unknown(extra, defaults)
     except CLIError as e:
         if from_script:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e} (see --help)", file=sys.stderr)
             raise SystemExit(2) from None
         raise
+    given = vars(given)
+    values = {k: given[k] for k in positionals or {}}
+    values.update(defaults)
+    if quick and given.get("quick", defaults.get("quick")):
+        values.update(quick)
+    values.update({k: v for k, v in given.items() if k in defaults})
     return SimpleNamespace(**values)
-
-
-def _parse(defaults, argv, quick, prog):
-    values = dict(defaults)
-    given: set[str] = set()
-    known = ", ".join(f"--{k}" for k in defaults)
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg in ("-h", "--help"):
-            print(format_help(defaults, quick, prog))
-            raise SystemExit(0)
-        if not arg.startswith("--") or arg == "--":
-            raise CLIError(f"unexpected argument {arg!r}: parameters look like --key=value. Known: {known}")
-        body = arg[2:]
-        if "=" in body:
-            key, value = body.split("=", 1)
-            key = _normalize(key)
-        else:
-            key = _normalize(body)
-            value = None
-            negated = key.startswith("no_") and key[3:] in defaults and isinstance(defaults[key[3:]], bool)
-            if negated:
-                values[key[3:]] = False
-                given.add(key[3:])
-                continue
-            if key in defaults and isinstance(defaults[key], bool):
-                # a bare --flag is True; "--flag false" is also accepted
-                if i < len(argv) and argv[i].strip().lower() in _TRUE | _FALSE:
-                    value = argv[i]
-                    i += 1
-                else:
-                    values[key] = True
-                    given.add(key)
-                    continue
-            elif key in defaults:
-                if i >= len(argv):
-                    raise CLIError(f"--{key} needs a value (e.g. --{key}={defaults[key]!r})")
-                value = argv[i]
-                i += 1
-        if key not in defaults:
-            import difflib
-
-            close = difflib.get_close_matches(key, list(defaults), n=1)
-            hint = f" Did you mean --{close[0]}?" if close else ""
-            raise CLIError(f"unknown parameter --{key}.{hint} Known parameters: {known}")
-        values[key] = _cast(key, value, defaults[key])
-        given.add(key)
-    if quick and values.get("quick"):
-        for k, v in quick.items():
-            if k not in given:
-                values[k] = v
-    return values
 
 
 def describe(args: SimpleNamespace, defaults: Mapping[str, Any]) -> str:
@@ -244,3 +301,26 @@ def describe(args: SimpleNamespace, defaults: Mapping[str, Any]) -> str:
         return "parameters: defaults"
     return "parameters: " + " ".join(f"{k}={v!r}" for k, v in changed.items())
 
+
+# ---- errors as one line ---------------------------------------------------------------------------
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # to recognise errors raised by nanomoe itself
+
+
+def short_errors() -> None:
+    """In a script, print the clear ValueErrors that nanomoe raises (DataError, CheckpointError,
+    CLIError, bad configs) as one line and exit with status 1 instead of a traceback. Every other
+    exception, and a ValueError raised outside the nanomoe package, keeps its full traceback."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        last = tb
+        while last is not None and last.tb_next is not None:
+            last = last.tb_next
+        where = os.path.abspath(last.tb_frame.f_code.co_filename) if last is not None else ""
+        if issubclass(kind, ValueError) and where.startswith(PACKAGE_DIR):
+            print(f"error: {value}", file=sys.stderr)
+            return
+        previous(kind, value, tb)
+
+    sys.excepthook = hook

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from typing import Any, Optional
 
 POS_EMBS = ("learned", "rope")
@@ -29,6 +30,21 @@ MOE_IMPLS = ("reference", "fast")
 MOE_ROUTERS = ("softmax", "sigmoid")
 MOE_BALANCE_SCOPES = ("micro_batch", "sequence", "global")
 GELU_APPROXIMATES = ("tanh", "none")
+
+
+def require(cond: bool, msg: str, owner: str) -> None:
+    """Raise ValueError("<owner>: <msg>") when `cond` is false: how every config dataclass validates."""
+    if not cond:
+        raise ValueError(f"{owner}: {msg}")
+
+
+def from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Build the dataclass `cls` from a dict, naming unknown keys (they would be a TypeError otherwise)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**d)
 
 
 @dataclass
@@ -86,10 +102,7 @@ class GPTConfig:
     moe_dense_layers: int = 0  # the first layers keep a dense MLP (DeepSeek-V3: first 3)
 
     def __post_init__(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"GPTConfig: {msg}")
-
+        need = partial(require, owner="GPTConfig")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             v = getattr(self, name)
             need(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
@@ -193,11 +206,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"GPTConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
     def replace(self, **changes: Any) -> "GPTConfig":
         return replace(self, **changes)

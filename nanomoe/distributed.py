@@ -17,8 +17,9 @@ Rules the trainer follows so that N ranks behave like one big process (nanoGPT's
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,16 @@ def cleanup_distributed(info: DistInfo) -> None:
     """Leave the process group if `setup_distributed` created it."""
     if info.initialized_here and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: Optional[str] = "auto") -> Iterator[DistInfo]:
+    """`setup_distributed` on entry, `cleanup_distributed` on exit (also on an exception)."""
+    info = setup_distributed(device)
+    try:
+        yield info
+    finally:
+        cleanup_distributed(info)
 
 
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

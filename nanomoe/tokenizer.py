@@ -13,10 +13,16 @@ so checkpoints and data folders can say which tokenizer they were made with).
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
+
+import tiktoken
+from tokenizers import Tokenizer as HFTok
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .paths import cache_dir, shared_data_dir
 
 
 class TokenizerError(ValueError):
@@ -114,8 +120,6 @@ class TiktokenGPT2(Tokenizer):
     name = "gpt2"
 
     def __init__(self):
-        import tiktoken
-
         try:
             self.enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # network error while downloading the BPE files
@@ -149,8 +153,6 @@ TIKTOKEN_GPT2_FILES = {
 def fill_tiktoken_cache(src_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     """Copy GPT-2's encoder.json and vocab.bpe from src_dir into a tiktoken cache folder, so
     `tiktoken.get_encoding("gpt2")` works offline once TIKTOKEN_CACHE_DIR points there."""
-    import shutil
-
     src, cache = Path(src_dir), Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     for fname, sha in TIKTOKEN_GPT2_FILES.items():
@@ -166,7 +168,7 @@ class HFTokenizer(Tokenizer):
     name = "hf"
 
     def __init__(self, name_or_path: str):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: transformers is heavy and only this class needs it
 
         self.name_or_path = str(name_or_path)
         try:
@@ -205,8 +207,6 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> "BPETokenizer":
         """Train a ByteLevel BPE (GPT-2's pre-tokenizer and byte alphabet) on `texts`."""
-        from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
-
         tok = HFTok(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -221,8 +221,6 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HFTok
-
         p = Path(path)
         if p.is_dir():
             p = p / "tokenizer.json"
@@ -302,5 +300,14 @@ def load_tokenizer(info: dict[str, Any], base_dir: Optional[str | os.PathLike] =
     return get_tokenizer(name)
 
 
-def save_tokenizer_info(tok: Tokenizer, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(tok.info(), ensure_ascii=False, indent=2), encoding="utf-8")
+def gpt2_tokenizer() -> Tokenizer:
+    """tiktoken's GPT-2 BPE. Offline, tiktoken's cache is filled from $NANOMOE_DATA/gpt2 when that
+    folder holds encoder.json and vocab.bpe (TIKTOKEN_CACHE_DIR is then set to ~/.cache/nanomoe/tiktoken)."""
+    try:
+        return get_tokenizer("gpt2")
+    except TokenizerError:
+        shared = shared_data_dir()
+        if shared is None or not (shared / "gpt2" / "encoder.json").is_file():
+            raise
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(fill_tiktoken_cache(shared / "gpt2", cache_dir() / "tiktoken"))
+        return get_tokenizer("gpt2")

@@ -88,18 +88,11 @@ from pathlib import Path
 import torch
 
 from nanomoe import GPT
-from nanomoe.cli import in_notebook
+from nanomoe.cli import in_notebook, short_errors
 from nanomoe.data import compare_tokenizers, data_tokenizer, load_meta, load_split
 from nanomoe.distributed import cleanup_distributed, setup_distributed
-from nanomoe.train import (
-    model_config_from_args,
-    parse_run_args,
-    resolve_data_dir,
-    run_defaults,
-    short_errors,
-    train,
-    train_config_from_args,
-)
+from nanomoe.runs import model_config_from_args, parse_run_args, resolve_data_dir, run_defaults, train_config_from_args
+from nanomoe.train import train
 
 DEFAULTS = {
     **run_defaults(),

@@ -159,7 +159,7 @@ def test_empty_data_folder_message(tmp_path):
     from types import SimpleNamespace
 
     from nanomoe.data import DataError
-    from nanomoe.train import resolve_data_dir
+    from nanomoe.runs import resolve_data_dir
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no 'train' shards"):

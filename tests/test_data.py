@@ -16,6 +16,7 @@ import torch
 
 from nanomoe import data as D
 from nanomoe.data import BatchLoader, DataError, load_split, prepare
+from nanomoe.data.encode import _chunks
 from nanomoe.tokenizer import BPETokenizer, Tokenizer, get_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -62,17 +63,21 @@ def test_read_corpus_from_source(tmp_path):
 def test_read_corpus_offline_without_local_copy_is_a_clear_error(tmp_path, monkeypatch, offline_flag):
     """No shared copy, no cache, no network (NANOMOE_OFFLINE, or the test network guard): a DataError
     that says how to pass a local copy, not a urllib traceback."""
-    monkeypatch.setattr(D, "shared_data_dir", lambda: None)
+    monkeypatch.delenv("NANOMOE_DATA", raising=False)
     monkeypatch.setenv("NANOMOE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("NANOMOE_OFFLINE", offline_flag)
     with pytest.raises(DataError, match="--source") as e:
         D.read_corpus("tinyshakespeare")
-    assert "raw.githubusercontent.com" in str(e.value)
+    assert "raw.githubusercontent.com" in str(e.value) and "\n" not in str(e.value)  # which URL, one line
 
 
 def test_shared_data_dir_env_override(tmp_path, monkeypatch):
+    from nanomoe.paths import shared_data_dir
+
     monkeypatch.setenv("NANOMOE_DATA", str(tmp_path))
-    assert D.shared_data_dir() == tmp_path
+    assert shared_data_dir() == tmp_path
+    monkeypatch.delenv("NANOMOE_DATA")
+    assert shared_data_dir() is None  # never a folder guessed from where the package lives
 
 
 # ---------------------------------------------------------------------------------------- prepare
@@ -147,7 +152,7 @@ def test_chunked_encoding_equals_whole_encoding(name, tiktoken_cache):
            "bpe": lambda: BPETokenizer.train([TEXT], vocab_size=400)}[name]()
     whole = tok.encode(TEXT)
     chunked = D.encode_text(tok, TEXT, chunk_chars=97, progress=False)
-    assert len(D._chunks(TEXT, 97)) > 20
+    assert len(_chunks(TEXT, 97)) > 20
     assert chunked.tolist() == whole
 
 
