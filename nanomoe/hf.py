@@ -587,7 +587,7 @@ def export_hf(model: GPT, folder: Union[str, os.PathLike], tokenizer=None) -> Pa
     """Save `model` as a Hugging Face folder (config.json + model.safetensors) that
     `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads with the same logits, plus
     nanomoe_config.json (the full GPTConfig) and, given a tokenizer, nanomoe_tokenizer.json
-    (its info(), so `load_hf` and chapter 07's generate find it) and the HF tokenizer files
+    (its info(), so `load_hf` and `scripts/generate.py` find it) and the HF tokenizer files
     when the tokenizer has them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
