@@ -306,6 +306,9 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, gro
     to the full (E, ., .) shape, as one process would save it. A collective."""
     owner = _expert_param_slices(model)
     sd = optimizer.state_dict()
+    # state_dict() shares the live per-parameter dicts: copy them before swapping in the gathered
+    # tensors, or the running optimizer would continue with the full (E, ., .) moments
+    sd["state"] = {i: dict(s) for i, s in sd["state"].items()}
     index = _param_index(optimizer)
     for i, state in sd["state"].items():
         layer = owner.get(index[i])

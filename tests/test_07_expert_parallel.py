@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from nanomoe import GPT, moe_config
+from nanomoe.checkpoint import CheckpointError, check_config, load_checkpoint
 from nanomoe.expert_parallel import ExpertParallelError, ExpertParallelMoE, check_world_size
 from nanomoe.moe import MoE, global_balance_prepass, moe_layers, update_moe_bias
 
@@ -46,18 +47,28 @@ def _entry(rank, fn, world, port, args):
         dist.destroy_process_group()
 
 
-def _spawn(fn, world: int, *args, timeout: float = 180) -> None:
-    """Run fn(rank, world, *args) in `world` forked processes joined in a gloo group."""
+def _start(fn, world: int, *args):
+    """Start fn(rank, world, *args) in `world` forked processes joined in a gloo group."""
     # fork: the children inherit the imported modules (most of the cost on a busy 2-core machine);
-    # CPU only, so forking is safe.
-    ctx = mp.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world, join=False,
-                             start_method="fork")
+    # CPU only, so forking is safe. The first fused AdamW imports torch._dynamo (~20 s here): once,
+    # in the parent, instead of once per rank.
+    import torch._dynamo  # noqa: F401
+
+    return mp.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world, join=False,
+                              start_method="fork")
+
+
+def _join(ctx, world: int, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while not ctx.join(timeout=2):
         if time.time() > deadline:
             for p in ctx.processes:
                 p.kill()
             raise AssertionError(f"{world} expert-parallel ranks hung")
+
+
+def _spawn(fn, world: int, *args) -> None:
+    _join(_start(fn, world, *args), world)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -260,12 +271,13 @@ def _train_worker(rank, world, out_dir):
 
 
 def test_20_steps_on_2_ranks_equal_1_process_with_2_micro_steps(tmp_path):
-    _spawn(_train_worker, 2, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"train{r}.pt", weights_only=True) for r in range(2)]
+    ctx = _start(_train_worker, 2, str(tmp_path))
     data = _data(STEPS)
+    refs = {case: (model := _new_model(case), *_reference_run(model, data, STEPS)) for case in TRAIN_CASES}
+    _join(ctx, 2)  # the reference ran while the ranks did
+    ranks = [torch.load(tmp_path / f"train{r}.pt", weights_only=True) for r in range(2)]
     for case in TRAIN_CASES:
-        model = _new_model(case)
-        opt, ref = _reference_run(model, data, STEPS)
+        model, opt, ref = refs[case]
         ep = ranks[0][case]
         assert ep["losses"] == ranks[1][case]["losses"]  # every rank logs the same all-reduced value
         assert ep["losses"] == pytest.approx(ref["losses"], rel=RTOL), case
@@ -285,3 +297,78 @@ def test_20_steps_on_2_ranks_equal_1_process_with_2_micro_steps(tmp_path):
         assert int(sent.sum()) > 0
         loss_diff = max(abs(a - b) for a, b in zip(ep["losses"], ref["losses"]))
         print(f"{case}: 20 steps, max |loss EP - 1 process| {loss_diff:.1e}, max |weight diff| {diff:.1e}")
+
+
+# ---- checkpoints: 2 ranks -> 1 process -> 2 ranks ------------------------------------------------
+
+CKPT_CASE, K = "dropless", 4  # steps per phase
+
+
+def _ckpt_worker(rank, world, out_dir, phase):
+    from nanomoe.ep_train import restore, save
+    from nanomoe.expert_parallel import shard_model
+
+    data = _data(3 * K)
+    model = shard_model(_new_model(CKPT_CASE))
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=LR)
+    if phase == "start":  # K steps, save, K more steps (what the 1-process resume must reproduce)
+        _ep_steps(model, opt, data, range(K), rank)
+        save(f"{out_dir}/w2.pt", model, opt, step=K)
+        res = _ep_steps(model, opt, data, range(K, 2 * K), rank)
+    else:  # resume the 1-process checkpoint on 2 ranks
+        step = restore(f"{out_dir}/w1.pt", model, opt, loader=None)
+        res = _ep_steps(model, opt, data, range(step, step + K), rank)
+    torch.save(res, f"{out_dir}/{phase}{rank}.pt")
+
+
+def test_checkpoint_moves_2_ranks_to_1_process_and_back(tmp_path):
+    from nanomoe.ep_train import restore, save
+
+    data = _data(3 * K)
+    _spawn(_ckpt_worker, 2, str(tmp_path), "start")
+    ckpt = load_checkpoint(tmp_path / "w2.pt")
+    assert ckpt["world_size"] == 2 and ckpt["model"]["transformer.h.0.mlp.experts.c_fc"].shape[0] == 8  # full experts
+    # 2 ranks -> 1 process: resume and continue exactly as the 2 ranks did
+    model = _new_model(CKPT_CASE)
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=LR)
+    step = restore(tmp_path / "w2.pt", model, opt, loader=None)
+    assert step == K
+    one = _reference_steps(model, opt, data, range(K, 2 * K))
+    two = torch.load(tmp_path / "start0.pt", weights_only=True)
+    assert two["losses"] == pytest.approx(one["losses"], rel=RTOL)
+    # 1 process -> 2 ranks: a single-process checkpoint starts an expert-parallel run
+    save(tmp_path / "w1.pt", model, opt, step=2 * K)
+    ctx = _start(_ckpt_worker, 2, str(tmp_path), "resume")
+    one = _reference_steps(model, opt, data, range(2 * K, 3 * K))
+    _join(ctx, 2)
+    two = torch.load(tmp_path / "resume0.pt", weights_only=True)
+    assert two["losses"] == pytest.approx(one["losses"], rel=RTOL)
+    assert one["losses"][-1] < two["losses"][0] + 1.0  # sanity: a continuation, not a restart
+    print(f"checkpoint 2 -> 1 -> 2 ranks: losses {[round(v, 4) for v in two['losses']]}")
+
+
+def test_checkpoint_mismatch_says_what_differs(tmp_path):
+    from nanomoe.ep_train import save
+
+    model = _new_model(CKPT_CASE)
+    save(tmp_path / "w1.pt", model, model.configure_optimizers(0.1, LR), step=0)
+    ckpt = load_checkpoint(tmp_path / "w1.pt")
+    other = moe_config(**{**_train_config(CKPT_CASE).to_dict(), "n_experts": 4})
+    with pytest.raises(CheckpointError, match=r"n_experts: checkpoint has 8, this run has 4"):
+        check_config(ckpt, other)
+    # a shard saved instead of the full experts is refused with both shapes named
+    shard = {k: (v[:4] if k.endswith(("experts.c_fc", "experts.c_proj")) else v) for k, v in ckpt["model"].items()}
+    _spawn(_mismatch_worker, 2, str(tmp_path), shard)
+    assert (tmp_path / "refused.txt").read_text().startswith("transformer.h.0.mlp.experts.c_fc has shape (4, 32")
+
+
+def _mismatch_worker(rank, world, out_dir, state):
+    from nanomoe.expert_parallel import load_full_state_dict, shard_model
+
+    model = shard_model(_new_model(CKPT_CASE))
+    try:
+        load_full_state_dict(model, state)
+    except ExpertParallelError as e:
+        if rank == 0:
+            with open(f"{out_dir}/refused.txt", "w") as f:
+                f.write(str(e))
