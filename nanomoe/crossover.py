@@ -11,6 +11,7 @@ the same variant is asked for again, so an interrupted experiment resumes where 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -66,6 +67,13 @@ def _key(cfg: GPTConfig, tcfg: TrainConfig) -> str:
     return json.dumps({"model": cfg.to_dict(), "train": tcfg.to_dict()}, sort_keys=True, default=str)
 
 
+def run_file(name: str, seed: int, key: str) -> str:
+    """File name of a finished run: readable, plus a hash of its full config (another recipe never
+    overwrites it)."""
+    slug = "".join(c if c.isalnum() or c in "-+" else "_" for c in name)
+    return f"{slug}_seed{seed}_{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+
+
 def train_variant(
     name: str,
     cfg: GPTConfig,
@@ -79,12 +87,12 @@ def train_variant(
     """Train (or reload) one variant; returns {"name", "seed", "model", "history", "seconds",
     "tokens_per_s", "active", "total", "snapshots", "cached"}. `snapshots` is a list of
     {"step", "tokens", "topk": [one (B, T, k) tensor per MoE layer]} for the probe batch (B, T)."""
-    path = None
+    path, key = None, _key(cfg, tcfg)
     if cache_dir is not None:
-        path = Path(cache_dir) / f"{name.replace(' ', '_').replace('/', '-')}_seed{tcfg.seed}.pt"
+        path = Path(cache_dir) / run_file(name, tcfg.seed, key)
         if path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved["key"] == _key(cfg, tcfg):
+            if saved["key"] == key:
                 model = GPT(cfg)
                 model.load_state_dict(saved["state"])
                 return {**saved["record"], "model": model.eval(), "cached": True}
@@ -109,5 +117,5 @@ def train_variant(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
-            torch.save({"key": _key(cfg, tcfg), "record": record, "state": model.state_dict()}, f)
+            torch.save({"key": key, "record": record, "state": model.state_dict()}, f)
     return {**record, "model": model, "cached": False}

@@ -1,0 +1,440 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: notebooks///ipynb,scripts///py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Capítulo 06 — Roteadores modernos e o que o roteador aprende
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/06_modern_routers.ipynb)
+#
+# O capítulo 03 fez um MoE no estilo Mixtral aprender e mediu com honestidade: no orçamento padrão o
+# modelo denso ainda ganhava, e só com 3× mais tokens o MoE top-2 passava à frente. Os MoEs que
+# lideram hoje (DeepSeek-V3, Qwen3-MoE, OLMoE) mudaram o **roteador** e os **especialistas**, e os
+# melhores relatos sobre MoE ensinam **olhando** para o roteamento. Este capítulo faz as duas
+# coisas:
+#
+# | ideia | artigo |
+# |---|---|
+# | top-1, loss $N\sum_i f_i P_i$, capacidade | [Switch Transformers](https://arxiv.org/abs/2101.03961) (2021) |
+# | *router z-loss* | [ST-MoE](https://arxiv.org/abs/2202.08906) (2022) |
+# | especialistas finos + compartilhados | [DeepSeekMoE](https://arxiv.org/abs/2401.06066) (2024) |
+# | roteador sigmoide, viés que só escolhe, loss por sequência | [DeepSeek-V3](https://arxiv.org/abs/2412.19437) |
+# | primeiras camadas densas | [DeepSeek-V3](https://arxiv.org/abs/2412.19437), seção 4.2 |
+# | balanceamento no lote global | [Demons in the Detail](https://arxiv.org/abs/2501.11873) (Qwen, 2025) |
+# | análise do roteamento: coativação, especialização, saturação | [OLMoE](https://arxiv.org/abs/2409.02060) (2024) |
+#
+# Cada ideia é um campo de `GPTConfig` (os padrões mantêm o capítulo 03 bit a bit):
+# `moe_router`, `moe_routed_scaling`, `moe_balance_scope`, `moe_dense_layers`, e os especialistas
+# finos são só `n_experts`, `moe_top_k` e `n_shared_experts` crescendo juntos. O código mora em
+# `nanomoe/moe.py` (roteamento), `nanomoe/routing_analysis.py` (análise) e `nanomoe/crossover.py`
+# (o experimento); as provas, em `tests/test_06_*.py`.
+
+# %%
+# Set-up: on Colab (or any Jupyter without nanomoe) install the release this notebook was written for.
+import importlib.util
+import subprocess
+import sys
+
+NANOMOE_REF = "v0.2.0"
+if importlib.util.find_spec("nanomoe") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
+    importlib.invalidate_caches()
+
+from nanomoe.notebook import setup
+
+setup("06", written_for=NANOMOE_REF)
+
+# %%
+import json
+import math
+import time
+
+import torch
+
+from nanomoe import GPT, get_tokenizer, modern_config, moe_config
+from nanomoe.cli import parse_args
+from nanomoe.crossover import crossover, train_variant
+from nanomoe.data import encode_splits, read_corpus
+from nanomoe.moe import MoE, balance_loss, global_balance_prepass
+from nanomoe.notebook import show_source
+from nanomoe.paths import in_home
+from nanomoe.plots import plot_crossover, plot_matrices, plot_saturation, plot_token_routing, save_figure
+from nanomoe.routing_analysis import (
+    CHAR_CLASS_PT,
+    CHAR_CLASSES,
+    char_class_ids,
+    coactivation,
+    position_bins,
+    position_in_word,
+    routing_of,
+    routing_share,
+    saturation,
+)
+from nanomoe.train import TrainConfig
+
+# %% [markdown]
+# ## Parâmetros
+#
+# Os valores abaixo dão o experimento completo (denso e três MoEs, 800 passos cada, o denso e o
+# MoE top-2 em duas sementes). Como script: `uv run -m scripts.06_modern_routers --threads=1`; num
+# notebook, edite o dicionário ou defina `NANOMOE_ARGS`. `--quick` roda tudo em segundos (é o que
+# os testes usam). Um treino terminado fica salvo em `runs/06/treinos/` e é reaproveitado se a
+# mesma configuração for pedida de novo.
+
+# %%
+DEFAULTS = dict(
+    quick=False,
+    corpus="machado",
+    source="",  # a local copy of the corpus (a folder of .txt files) when offline
+    n_layer=4,
+    n_head=4,
+    n_embd=48,
+    block_size=128,
+    batch_size=16,
+    steps=800,  # optimizer steps per run (same token budget for every run)
+    lr=2e-3,
+    min_lr=2e-4,
+    warmup_steps=40,
+    eval_interval=40,
+    eval_iters=8,
+    seeds="0,1",  # seeds of the dense and the MoE top-2 runs
+    variant_seeds="0",  # seeds of the other MoE variants
+    probe_seqs=32,  # validation sequences the routing analysis reads
+    device="auto",
+    out_dir="runs/06",
+    threads=0,  # torch CPU threads; 0 = torch's default (all cores)
+)
+QUICK = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, steps=8, warmup_steps=2, eval_interval=4,
+             eval_iters=2, seeds="0", probe_seqs=4, threads=1)
+args = parse_args(DEFAULTS, quick=QUICK)
+out_dir = in_home(args.out_dir)
+out_dir.mkdir(parents=True, exist_ok=True)
+if args.threads > 0:
+    torch.set_num_threads(args.threads)
+print(args)
+
+# %% [markdown]
+# ## 1. O roteador sigmoide (DeepSeek-V3)
+#
+# No Mixtral (capítulo 03) o roteador é um softmax: os $E$ escores competem e somam 1. O DeepSeek-V3
+# (seção 2.1.2, eq. 15–16) usa uma **sigmoide** por especialista — afinidades independentes — e
+# normaliza só sobre os $k$ escolhidos:
+#
+# $$s_i = \sigma(\mathbf{w}_i^\top x), \qquad S = \operatorname{top-}k\,(s_i + b_i), \qquad
+# g_i = \gamma\,\frac{s_i}{\sum_{j\in S} s_j}\ (i \in S)$$
+#
+# O viés $b_i$ (o balanceamento sem loss auxiliar do capítulo 03) **só escolhe**: as portas vêm de
+# $s$ sem viés. $\gamma$ é o *routed scaling factor* (`moe_routed_scaling`; 2,5 no DeepSeek-V3).
+# Construímos do zero e comparamos com o pacote:
+
+# %%
+torch.manual_seed(0)
+small = moe_config(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16, n_experts=8, moe_top_k=2,
+                   moe_router="sigmoid", moe_bias_balance=True, moe_routed_scaling=2.5)
+layer = MoE(small)
+layer.expert_bias.copy_(torch.linspace(-0.5, 0.5, 8))  # a bias as training would leave it
+x = torch.randn(2, 5, 16)
+
+s = torch.sigmoid(x @ layer.router.weight.T)  # (B, T, E) independent affinities
+chosen = (s + layer.expert_bias).topk(2, dim=-1).indices  # the bias only chooses...
+gates = s.gather(-1, chosen)  # ...the gates come from s without the bias
+gates = 2.5 * gates / gates.sum(-1, keepdim=True)  # renormalized over the k chosen, times gamma
+
+_, probs, topk_pkg, gates_pkg = layer.route(x)
+assert torch.equal(chosen, topk_pkg)
+torch.testing.assert_close(gates, gates_pkg)
+print("igual ao pacote; soma das portas de cada token:", gates_pkg.sum(-1).flatten()[:4].tolist())
+show_source(MoE.route)
+
+# %% [markdown]
+# A loss de balanceamento precisa de uma distribuição sobre os especialistas; com a sigmoide, o
+# DeepSeek-V3 (eq. 19) normaliza os escores, $s_i / \sum_j s_j$. É isso que `probs` devolve:
+
+# %%
+torch.testing.assert_close(probs, s / s.sum(-1, keepdim=True))
+print("probs somam 1:", probs.sum(-1).flatten()[:3].tolist())
+
+# %% [markdown]
+# ## 2. Onde se conta $f_i$: micro-lote, sequência ou lote global
+#
+# A loss de balanceamento $\mathcal{L}_{bal} = N\sum_i f_i P_i$ depende de **onde** se contam as
+# atribuições $f_i$:
+#
+# - **micro-lote** (capítulo 03): os tokens deste forward;
+# - **sequência** (DeepSeek-V3, eq. 17–20, a loss "complementar"): cada sequência sozinha, depois a
+#   média — impede que uma sequência inteira se amontoe em poucos especialistas;
+# - **lote global** (Qiu et al. 2025): todos os micro-lotes do passo e todos os processos. O
+#   argumento do artigo: balancear cada micro-lote pequeno obriga cada trecho de texto a usar
+#   todos os especialistas, o que briga com a especialização por domínio.
+#
+# Como $f_i P_i$ não é linear, "global" exige somar as **contagens** primeiro e só então calcular a
+# loss — calcular a loss por processo e tirar a média é outra coisa. Com um micro-lote por passo, o
+# forward soma as contagens entre os processos (`all_reduce`). Com acumulação de gradiente, o
+# micro-lote 1 precisaria das contagens do micro-lote 2, que ainda não rodou; a nossa solução,
+# exata: `global_balance_prepass` roda **antes** do passo um forward sem gradiente sobre os
+# micro-lotes do passo, só para contar (custa um forward a mais por passo, ~1/3 do custo de um
+# passo). Como os micro-lotes têm o mesmo tamanho, a média das losses $N\sum_i f_i P_i^{(m)}$ é
+# exatamente $N\sum_i f_i P_i$ do passo inteiro.
+#
+# Construímos a loss por sequência à mão e conferimos:
+
+# %%
+B, T, E, k = 3, 6, 4, 2
+torch.manual_seed(1)
+p = torch.randn(B, T, E).softmax(-1)
+idx = p.topk(k, -1).indices
+per_seq = []
+for b in range(B):  # each sequence alone
+    f_b = torch.zeros(E)
+    for e in idx[b].flatten().tolist():
+        f_b[e] += 1 / (T * k)
+    per_seq.append(E * (f_b * p[b].mean(0)).sum())
+torch.testing.assert_close(torch.stack(per_seq).mean(), balance_loss(p, idx, "sequence"))
+print(f"por sequência: {balance_loss(p, idx, 'sequence'):.4f}   micro-lote: {balance_loss(p, idx, 'micro_batch'):.4f}")
+
+# %% [markdown]
+# E o lote global: 2 micro-lotes com a pré-passagem dão a mesma loss auxiliar e os mesmos
+# gradientes que um lote só com as 4 sequências.
+
+# %%
+torch.manual_seed(2)
+tiny = moe_config(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16, n_experts=4, moe_top_k=2,
+                  moe_balance_scope="global", moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0)
+model = GPT(tiny)
+xb = torch.randint(0, 32, (4, 16))
+
+# by hand: one forward of the whole batch, f and P over all 4 sequences, per MoE layer
+by_hand = 0.0
+for st in model.hidden_states(xb)[2]:
+    f = st["load"] / st["load"].sum()
+    by_hand += 4 * (f * st["importance"]).sum()
+_, loss_full = model(xb, xb)
+grads_full = torch.autograd.grad(loss_full, list(model.parameters()))
+
+# the package: two micro-batches of 2, counts gathered by the pre-pass
+global_balance_prepass(model, [xb[:2], xb[2:]])
+aux, total = 0.0, 0.0
+for part in (xb[:2], xb[2:]):
+    _, loss = model(part, part)
+    aux += model.last_aux_loss / 2
+    total = total + loss / 2
+grads_acc = torch.autograd.grad(total, list(model.parameters()))
+torch.testing.assert_close(aux, by_hand)
+for a, b in zip(grads_acc, grads_full):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+print(f"loss global à mão {float(by_hand):.5f} = pacote com 2 micro-lotes {float(aux):.5f}; gradientes iguais")
+show_source(global_balance_prepass)
+
+# %% [markdown]
+# A mesma prova com 2 processos (gloo) contra 1 processo com acumulação está em
+# `tests/test_06_global_balance.py`.
+#
+# ## 3. Especialistas finos (DeepSeekMoE) e camadas densas no começo (DeepSeek-V3)
+#
+# DeepSeekMoE corta cada especialista em $m$ pedaços e escolhe $m$ vezes mais: $E$ e $k$ crescem
+# juntos, a largura de cada especialista cai, e os **parâmetros ativos** ficam iguais. O ganho é
+# combinatório: $\binom{8}{2} = 28$ combinações de especialistas por token contra
+# $\binom{32}{8} \approx 10^7$. Um especialista **compartilhado**, sempre ligado, guarda o que
+# todos precisariam aprender. O DeepSeek-V3 ainda deixa as **primeiras camadas densas**
+# (`moe_dense_layers`; 3 de 61 no V3): lá o roteador ainda não tem contexto para escolher bem.
+
+# %%
+shape = dict(vocab_size=96, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+             n_embd=args.n_embd, dropout=0.0)
+for name, cfg in {
+    "denso": modern_config(**shape),
+    "8 × top-2": moe_config(**shape),
+    "32 × top-8": moe_config(**shape, n_experts=32, moe_top_k=8),
+    "32 × top-7 + 1 compartilhado": moe_config(**shape, n_experts=32, moe_top_k=7, n_shared_experts=1),
+    "8 × top-2, 1ª camada densa": moe_config(**shape, moe_dense_layers=1),
+}.items():
+    m = GPT(cfg)
+    kinds = "".join("M" if b.is_moe else "D" for b in m.transformer.h)
+    print(f"{name:30s} camadas {kinds}  largura do especialista {cfg.expert_hidden_dim:4d}  "
+          f"ativos {m.num_params(active=True):>9,}  totais {m.num_params():>9,}  "
+          f"combinações {math.comb(cfg.n_experts, cfg.moe_top_k) if cfg.n_experts else 1:,}")
+
+# %% [markdown]
+# ## 4. O experimento: onde o MoE passa o denso?
+#
+# Corpus: Machado de Assis, caracteres, 90% treino / 10% validação. Todos os treinos usam a mesma
+# receita (AdamW, warmup + cosseno), os mesmos lotes na mesma ordem (por semente) e os mesmos
+# **parâmetros ativos**:
+#
+# 1. **denso** — o modelo moderno do capítulo 02;
+# 2. **MoE top-2** — o do capítulo 03: 8 especialistas, softmax, $\alpha = 0{,}01$. Aqui um passo é
+#    um micro-lote num processo, então o $f_i$ do micro-lote **já é** o do lote global;
+# 3. **sigmoide (DeepSeek-V3)** — roteador sigmoide, viés sem loss auxiliar, e a loss por sequência
+#    com $\alpha = 10^{-4}$ como no V3;
+# 4. **finos 32 × top-7 + 1 compartilhado** (DeepSeekMoE), $\alpha = 0{,}01$.
+
+# %%
+text = read_corpus(args.corpus, source=args.source or None)
+if args.quick:
+    text = text[:200_000]
+tok = get_tokenizer("char", text=text)
+train_ids, val_ids = encode_splits(tok, text)
+print(f"{len(text):,} caracteres, vocabulário de {tok.vocab_size}; {len(train_ids):,} tokens de treino")
+
+shape = dict(shape, vocab_size=tok.vocab_size)
+variants = {
+    "denso": modern_config(**shape),
+    "MoE top-2": moe_config(**shape),
+    "sigmoide (DeepSeek-V3)": moe_config(**shape, moe_router="sigmoid", moe_bias_balance=True,
+                                         moe_balance_scope="sequence", moe_aux_loss_coef=1e-4),
+    "finos 32×top-7 + 1 compartilhado": moe_config(**shape, n_experts=32, moe_top_k=7, n_shared_experts=1),
+}
+seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+variant_seeds = [int(s) for s in str(args.variant_seeds).split(",") if s.strip()]
+probe = torch.tensor(val_ids[: args.probe_seqs * args.block_size], dtype=torch.long).view(args.probe_seqs, -1)
+
+
+def tcfg_for(seed: int) -> TrainConfig:
+    return TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                       warmup_steps=args.warmup_steps, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+                       weight_decay=0.1, grad_clip=1.0, seed=seed, device=args.device, sample_tokens=0)
+
+
+plan = [(n, s) for s in seeds for n in ("denso", "MoE top-2")]
+plan += [(n, s) for s in variant_seeds for n in variants if n not in ("denso", "MoE top-2")]
+print(f"{len(plan)} treinos × {args.steps * args.batch_size * args.block_size:,} tokens")
+
+# %%
+runs = {}
+t0 = time.perf_counter()
+for name, seed in plan:
+    print(f"\n=== {name}, semente {seed} ===")
+    runs[name, seed] = train_variant(name, variants[name], tcfg_for(seed), train_ids, val_ids, probe,
+                                     cache_dir=out_dir / "treinos", progress=not args.quick)
+    r = runs[name, seed]
+    print(f"val {r['history'][-1]['val_loss']:.4f}  {r['seconds']:.0f} s  {r['tokens_per_s']:,.0f} tokens/s"
+          + ("  (treino já salvo, reaproveitado)" if r["cached"] else ""))
+print(f"\n{len(plan)} treinos em {time.perf_counter() - t0:.0f} s")
+
+# %% [markdown]
+# ### A tabela do cruzamento
+#
+# Para cada MoE e semente: a partir de quantos tokens (e de quantos segundos de treino) a loss de
+# validação do MoE fica **abaixo** da do denso da mesma semente e não volta mais.
+
+# %%
+def fmt_tokens(v):
+    return "nunca" if v is None else f"{v / 1e6:.2f} M"
+
+
+rows = ["| variante | semente | params ativos | params totais | val final | denso | cruza em tokens | "
+        "cruza em tempo | tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+summary = []
+for (name, seed), r in runs.items():
+    dense = runs.get(("denso", seed))
+    tok_x = crossover(dense["history"], r["history"], "tokens") if dense and name != "denso" else None
+    sec_x = crossover(dense["history"], r["history"], "elapsed_s") if dense and name != "denso" else None
+    summary.append(dict(variant=name, seed=seed, active=r["active"], total=r["total"],
+                        val_loss=r["history"][-1]["val_loss"], seconds=r["seconds"], tokens_per_s=r["tokens_per_s"],
+                        crossover_tokens=tok_x, crossover_seconds=sec_x,
+                        history=[{k: h.get(k) for k in ("step", "tokens", "elapsed_s", "train_loss", "val_loss")}
+                                 for h in r["history"]]))
+    dense_val = f"{dense['history'][-1]['val_loss']:.4f}" if dense else "—"
+    tok_cell = "—" if name == "denso" else fmt_tokens(tok_x)
+    sec_cell = "—" if name == "denso" else ("nunca" if sec_x is None else f"{sec_x:.0f} s")
+    rows.append(f"| {name} | {seed} | {r['active']:,} | {r['total']:,} | {r['history'][-1]['val_loss']:.4f} | "
+                f"{dense_val} | {tok_cell} | {sec_cell} | {r['tokens_per_s']:,.0f} |")
+table = "\n".join(rows)
+print(table)
+(out_dir / "crossover.json").write_text(json.dumps({"args": dict(vars(args)), "runs": summary}, indent=1),
+                                        encoding="utf-8")
+
+# %%
+by_variant = {}
+for (name, seed), r in runs.items():
+    by_variant.setdefault(name, []).append(r["history"])
+fig = plot_crossover(by_variant, title="Machado (caracteres): validação do denso e dos MoEs (mesmos parâmetros ativos)")
+save_figure(fig, out_dir / "crossover.png")
+fig
+
+# %% [markdown]
+# ## 5. O que o roteador aprendeu
+#
+# Lemos o MoE top-2 (semente 0) em `probe_seqs` sequências de validação. Primeiro, a
+# **coativação** (OLMoE, seção 5.4): na linha $i$, a fração dos tokens que escolheram $i$ e também
+# escolheram $j$. Com top-2 de 8 e um roteador que ignorasse o token, cada célula valeria $1/7$.
+
+# %%
+main = runs["MoE top-2", seeds[0]]
+E = main["model"].config.n_experts
+decisions = routing_of(main["model"], probe)  # one (B, T, k) per MoE layer
+mats = [coactivation(d, E) for d in decisions]
+fig = plot_matrices(mats, [f"camada {i}" for i in range(len(mats))], title="Coativação: P(j escolhido | i escolhido)")
+save_figure(fig, out_dir / "coactivation.png")
+fig
+
+# %% [markdown]
+# **Especialização por classe de caractere.** Cada coluna é uma classe (vogal, consoante, espaço...);
+# cada célula, a fração das atribuições dessa classe que foi para o especialista. Branco é $1/E$ (o
+# roteador ignora a classe); vermelho, preferência.
+
+# %%
+chars = [tok.decode([i]) for i in probe.flatten().tolist()]
+classes = char_class_ids(chars).view(probe.shape)
+present = [c for c in range(len(CHAR_CLASSES)) if (classes == c).any()]
+mats = [routing_share(d, classes, len(CHAR_CLASSES), E)[:, present] for d in decisions]
+labels = [CHAR_CLASS_PT[CHAR_CLASSES[c]] for c in present]
+fig = plot_matrices(mats, [f"camada {i}" for i in range(len(mats))], xlabels=labels, center=1 / E,
+                    title="Para onde vai cada classe de caractere (branco = 1/E)")
+save_figure(fig, out_dir / "specialization_classes.png")
+fig
+
+# %% [markdown]
+# **Posição na palavra e na sequência** (última camada MoE): coluna 0 = não-letra, 1 = primeira
+# letra da palavra, 2 = segunda... e, à direita, a posição na sequência de contexto em 8 faixas.
+
+# %%
+in_word = position_in_word(chars, max_pos=8).view(probe.shape)
+in_seq = position_bins(*probe.shape, n_bins=8)
+fig = plot_matrices([routing_share(decisions[-1], in_word, 9, E), routing_share(decisions[-1], in_seq, 8, E)],
+                    ["posição na palavra (0 = não-letra)", "posição na sequência (8 faixas)"], xlabel="posição",
+                    center=1 / E, title="Última camada: o roteador olha a posição?")
+save_figure(fig, out_dir / "specialization_position.png")
+fig
+
+# %% [markdown]
+# **Saturação do roteamento** (OLMoE, seção 5.1): em cada avaliação do treino, a fração dos tokens
+# da sonda cujo conjunto de $k$ especialistas já é o do modelo final.
+
+# %%
+snaps = main["snapshots"]
+sat = [[saturation(s["topk"][layer_i], snaps[-1]["topk"][layer_i]) for s in snaps] for layer_i in range(len(decisions))]
+fig = plot_saturation([s["tokens"] for s in snaps], sat, title="MoE top-2: roteamento igual ao final")
+save_figure(fig, out_dir / "saturation.png")
+print("tokens até 50% / 90% dos tokens com o top-k final, por camada:")
+for li, vals in enumerate(sat):
+    reach = [next((s["tokens"] for s, v in zip(snaps, vals) if v >= q), None) for q in (0.5, 0.9)]
+    print(f"  camada {li}: " + ", ".join("—" if t is None else f"{t / 1e6:.2f} M" for t in reach))
+fig
+
+# %% [markdown]
+# **Um texto colorido pelo especialista** (a vista do capítulo 03): o especialista top-1 de cada
+# caractere em cada camada.
+
+# %%
+sentence = "Olhos de cigana oblíqua e dissimulada." if not args.quick else text[:24]
+ids = torch.tensor([tok.encode(sentence)])
+top1 = [d[0, :, 0].tolist() for d in routing_of(main["model"], ids)]
+fig = plot_token_routing(list(sentence), top1, E)
+save_figure(fig, out_dir / "token_routing.png")
+fig
+
+# %%
+print(f"figuras e tabela em {args.out_dir}/ (crossover.json, crossover.png, coactivation.png, ...)")
