@@ -25,7 +25,9 @@ import torch  # noqa: E402  (after the environment above)
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# The public corpora and GPT-2's BPE files, standing in for a reader's downloads: $NANOMOE_DATA when
+# set, else the offline copy beside the repository (where CI finds it).
+SHARED_DATA = Path(os.environ.get("NANOMOE_DATA") or REPO_ROOT.parent / "shared" / "data")
 
 
 class NetworkBlocked(ConnectionError):
@@ -77,7 +79,7 @@ def _no_network(monkeypatch):
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data beside the repository (corpora + GPT-2 BPE files); skips when absent."""
+    """The offline corpora + GPT-2 BPE files ($NANOMOE_DATA or ../shared/data); skips when absent."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"offline data folder {SHARED_DATA} not found (see shared/data/README.md)")
     return SHARED_DATA
