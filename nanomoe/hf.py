@@ -35,7 +35,12 @@ from typing import Any, Iterator, Optional, Union
 import torch
 
 from .config import GPTConfig
+from .distributed import unwrap
 from .model import GPT
+from .tokenizer import TIKTOKEN_GPT2_FILES, load_tokenizer
+
+# transformers is imported inside the functions that need it: it is heavy (seconds to import), and
+# chapters 01-04 and the training loop never need it.
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 FAMILIES = ("gpt2", "llama", "mixtral")
@@ -529,7 +534,7 @@ _FROM = {"gpt2": from_hf_gpt2, "llama": from_hf_llama, "mixtral": from_hf_mixtra
 
 def to_hf(model: GPT):
     """nanomoe GPT -> the matching transformers model (GPT-2, Llama or Mixtral), same logits."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = unwrap(model)  # torch.compile / DDP wrappers
     return _TO[hf_family(model.config)](model)
 
 
@@ -549,8 +554,6 @@ def from_hf(hf_model, **overrides: Any) -> GPT:
 def _tiktoken_gpt2_files() -> Optional[tuple[Path, Path]]:
     """encoder.json and vocab.bpe from tiktoken's cache, when present (they are the HF GPT-2
     tokenizer's vocab.json and merges.txt)."""
-    from .tokenizer import TIKTOKEN_GPT2_FILES
-
     base = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
     cache = Path(base) if base else Path(tempfile.gettempdir()) / "data-gym-cache"
     enc, bpe = cache / TIKTOKEN_GPT2_FILES["encoder.json"], cache / TIKTOKEN_GPT2_FILES["vocab.bpe"]
@@ -591,7 +594,7 @@ def export_hf(model: GPT, folder: Union[str, os.PathLike], tokenizer=None) -> Pa
     when the tokenizer has them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     hf = to_hf(model)
     eot = getattr(tokenizer, "eot", None)
     if eot is not None and eot < model.config.vocab_size:
@@ -651,8 +654,6 @@ def load_hf(folder: Union[str, os.PathLike], **overrides: Any):
     model = from_hf(hf, **{**runtime, **overrides})
     tokenizer = None
     if (folder / TOKENIZER_INFO_FILE).is_file():
-        from .tokenizer import load_tokenizer
-
         info = json.loads((folder / TOKENIZER_INFO_FILE).read_text(encoding="utf-8"))
         tokenizer = load_tokenizer(info, base_dir=folder)
     return model, tokenizer

@@ -23,20 +23,26 @@ Hugging Face text-generation-inference and vLLM).
 
 from __future__ import annotations
 
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TextIO
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 
+from . import hf
+from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .device import pick_device, pick_dtype
+from .hf import GPT2_NAMES
 from .model import GPT
+from .model import check_fits as model_check_fits
 from .sampling import check_sampling_args
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # File names looked for, in this order, when the source is a training out_dir.
 CHECKPOINT_NAMES = ("latest.pt", "best.pt", "ckpt.pt")
 REPLACEMENT = "\ufffd"  # what a decoder prints for an incomplete or invalid UTF-8 sequence
@@ -76,8 +82,6 @@ def _find_checkpoint(folder: Path) -> Path:
 
 
 def _load_checkpoint_file(path: Path) -> tuple[GPT, Tokenizer]:
-    from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-
     with open(path, "rb") as f:
         magic = f.read(4)
     # torch.save writes a zip archive (b"PK\x03\x04"); very old PyTorch wrote a pickle (b"\x80").
@@ -117,8 +121,6 @@ def _tokenizer_from_info(info: dict, base_dir: Path, owner: Path) -> Tokenizer:
 
 
 def _load_hf_folder(folder: Path) -> tuple[GPT, Tokenizer]:
-    from . import hf
-
     try:
         model, tok = hf.load_hf(folder)
     except hf.HFConversionError as e:
@@ -141,11 +143,6 @@ def _load_hf_folder(folder: Path) -> tuple[GPT, Tokenizer]:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Can we open a connection to the Hugging Face hub? (A quick check, so that offline we fail
     in a second with a clear message instead of after transformers' minute of retries.)"""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE:
         return False
     url = urlparse(constants.ENDPOINT)
@@ -157,8 +154,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _load_hub(name: str) -> tuple[GPT, Tokenizer]:
-    from huggingface_hub import try_to_load_from_cache
-
     try:
         cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
     except ValueError as e:  # huggingface_hub's HFValidationError: not a valid repo id
@@ -168,8 +163,6 @@ def _load_hub(name: str) -> tuple[GPT, Tokenizer]:
             f"{name!r} is not in the Hugging Face cache and the hub cannot be reached (offline?): "
             "downloading it needs internet once (then it is cached); or pass a local checkpoint or folder"
         )
-    from . import hf  # imports transformers: only now that we need it
-
     try:
         model = hf.from_pretrained(name)
     except hf.HFConversionError as e:  # unknown name, no access, weights that do not fit
@@ -375,14 +368,11 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[in
 
 
 def check_fits(prompt_tokens: int, max_new_tokens: int, block_size: int, use_cache: bool) -> None:
-    """With the KV cache, prompt + new tokens must fit in the context (the cache holds block_size positions)."""
-    T, n, bs = prompt_tokens, max_new_tokens, block_size
-    if use_cache and T + n > bs:
-        raise InferenceError(
-            f"prompt ({T} tokens) + max_new_tokens ({n}) = {T + n} exceeds the model's context of {bs} tokens, "
-            f"all the KV cache can hold: generate at most {bs - T} new tokens, or turn the cache off "
-            f"(use_cache=False / --no-cache) to slide a {bs}-token window as nanoGPT does"
-        )
+    """`nanomoe.model.check_fits` as an InferenceError (prompt + new tokens must fit the KV cache)."""
+    try:
+        model_check_fits(prompt_tokens, max_new_tokens, block_size, use_cache)
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
 
 
 @contextmanager

@@ -23,9 +23,22 @@ from .attention import CausalSelfAttention
 from .config import GPTConfig
 from .kv_cache import KVCache
 from .mlp import MLP
+from .moe import MoE
 from .norm import build_norm
 from .rope import rope_tables
 from .sampling import check_sampling_args, sample_next
+
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, block_size: int, use_cache: bool) -> None:
+    """With the KV cache, prompt + new tokens must fit in the context (the cache holds block_size positions)."""
+    T, n, bs = prompt_tokens, max_new_tokens, block_size
+    if use_cache and T + n > bs:
+        room = f"generate at most {bs - T} new tokens" if T < bs else f"shorten the prompt below {bs} tokens"
+        raise ValueError(
+            f"prompt ({T} tokens) + max_new_tokens ({n}) = {T + n} exceeds the model's context of {bs} tokens "
+            f"(block_size), all the KV cache can hold: {room}, or turn the cache off "
+            f"(use_cache=False / --no-cache) to slide a {bs}-token window as nanoGPT does"
+        )
 
 
 class Block(nn.Module):
@@ -38,9 +51,7 @@ class Block(nn.Module):
         self.ln_2 = build_norm(config.norm, config.n_embd, config.bias, config.norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
-            from .moe import MoE  # chapter 03
-
-            self.mlp = MoE(config)
+            self.mlp = MoE(config)  # chapter 03
         else:
             self.mlp = MLP(
                 config.n_embd, config.hidden_dim, config.mlp, config.bias, config.dropout, config.gelu_approximate
@@ -98,14 +109,6 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    @classmethod
-    def from_pretrained(cls, name_or_folder: str) -> "GPT":
-        """GPT-2 weights ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local folder) loaded
-        exactly into the gpt2 preset (chapter 05; see `nanomoe.hf.from_pretrained`)."""
-        from .hf import from_pretrained  # transformers is imported only when needed
-
-        return from_pretrained(name_or_folder)
 
     # ---- sizes -------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = True, active: bool = False) -> int:
@@ -255,12 +258,7 @@ class GPT(nn.Module):
             raise ValueError(f"idx must be a non-empty (batch, time) tensor, got shape {tuple(idx.shape)}")
         bs = self.config.block_size
         B, T = idx.shape
-        if use_cache and T + max_new_tokens > bs:
-            raise ValueError(
-                f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} exceeds "
-                f"block_size={bs}, the most positions the KV cache (and the model) can hold. Generate fewer "
-                f"tokens, or pass use_cache=False to slide a {bs}-token window as nanoGPT does."
-            )
+        check_fits(T, max_new_tokens, bs, use_cache)
         was_training = self.training
         self.eval()
         try:

@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from . import resources
+from .config import gpt2_config
 from .device import Precision
 from .model import GPT
+from .tokenizer import Tokenizer, get_tokenizer
 
 
 def shift_targets(ids: torch.Tensor) -> torch.Tensor:
@@ -166,8 +169,6 @@ def overfit_sequence(
     there), for experiments that ask "how many steps until PPL < 2?"."""
     if eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {eval_every}")
-    from tqdm.auto import tqdm
-
     seq = ids.view(1, -1)
     targets = shift_targets(seq)
     device_type = seq.device.type
@@ -264,13 +265,10 @@ def run_overfit(
     seed: int = 1337,
     precision: Optional[Precision] = None,
     **train_kw,
-) -> tuple[GPT, "object", torch.Tensor, OverfitResult]:
+) -> tuple[GPT, Tokenizer, torch.Tensor, OverfitResult]:
     """The whole chapter in one call (for experiments): tokenize `text`, build a GPT-2 style model
     whose block_size fits it, and `overfit_sequence` it (train_kw: epochs, lr, weight_decay, betas,
     cont_prefix_tokens, stop_ppl, ...). Returns (model, tokenizer, ids (1, T), result)."""
-    from .config import gpt2_config
-    from .tokenizer import get_tokenizer
-
     device = precision.device if precision is not None else "cpu"
     tok = get_tokenizer(tokenizer, text=text)
     ids = torch.tensor([tok.encode(text)], dtype=torch.long, device=device)  # (1, T)

@@ -35,6 +35,7 @@ from typing import Any, Optional
 import torch
 
 from .config import GPTConfig
+from .distributed import unwrap
 from .model import GPT
 
 ACTIONS = ("copied", "adapted", "initialized", "skipped")
@@ -310,8 +311,7 @@ def transfer_weights(src: GPT, dst: GPT) -> TransferReport:
     Typical use: GPT-2 (learned positions, LayerNorm, GELU, MHA, biases) -> the modern preset
     (RoPE, RMSNorm, SwiGLU, GQA, no biases): embeddings, attention and norm gains transfer; the
     position table, biases and the GELU MLP cannot."""
-    src = getattr(src, "_orig_mod", src)
-    dst = getattr(dst, "_orig_mod", dst)
+    src, dst = unwrap(src), unwrap(dst)
     sc, dc = src.config, dst.config
     p = _Plan(src, dst)
 
@@ -420,7 +420,7 @@ def upcycle_to_moe(
     `noise_std` > 0 adds N(0, (noise_std * std(W))^2) independently to each expert's copy, so the
     experts are not identical from the start. Returns the model, or (model, TransferReport) with
     return_report=True."""
-    dense = getattr(dense, "_orig_mod", dense)
+    dense = unwrap(dense)
     dc = dense.config
     if dc.n_experts:
         raise ValueError("upcycle_to_moe needs a dense model (config.n_experts == 0)")

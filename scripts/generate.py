@@ -1,98 +1,72 @@
 """Generate text from any model of the course.
 
     uv run -m scripts.generate runs/04/latest.pt "Era uma vez"
-    uv run -m scripts.generate runs/04 "Era uma vez" --temperature 0.8 --top-k 50 --num-samples 3 --seed 1
+    uv run -m scripts.generate runs/04 "Era uma vez" --temperature=0.8 --top_k=50 --num_samples=3 --seed=1
     uv run -m scripts.generate hf_export/ "Capitu" --temperature 0          # a folder from nanomoe.hf.export_hf
-    uv run -m scripts.generate gpt2 "The future of AI is" --top-p 0.9       # GPT-2 from the hub (internet)
+    uv run -m scripts.generate gpt2 "The future of AI is" --top_p=0.9       # GPT-2 from the hub (internet)
 
 The text streams to stdout as the tokens arrive; what the script says about the run (which model,
-tokens/s, time to first token) goes to stderr, so `> out.txt` keeps only the text. Bad input ends
-with one line `generate: error: ...` on stderr and exit code 2.
+tokens/s, time to first token) goes to stderr, so `> out.txt` keeps only the text. Options follow
+the course's one convention (`nanomoe.cli`: `--key=value` or `--key value`, dashes or underscores,
+`--no-cache`, `--help`). Bad input ends with one line `generate: error: ...` on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+import torch
+
+from nanomoe.checkpoint import CheckpointError
+from nanomoe.cli import CLIError, parse_args
+from nanomoe.inference import InferenceError, encode_prompt, generate_text, load_model, warm_up
+from nanomoe.tokenizer import TokenizerError
+
 DEFAULT_MAX_NEW_TOKENS = 200
+DEFAULTS = dict(
+    max_new_tokens=None,  # tokens per sample (None: 200, or fewer when that would not fit the context with the cache)
+    temperature=1.0,  # softmax temperature; 0 = greedy (always the most likely token)
+    top_k=None,  # sample among the k most likely tokens
+    top_p=None,  # nucleus sampling: the smallest set of tokens whose probability reaches p
+    num_samples=1,  # how many continuations
+    seed=None,  # random seed: the same seed gives the same text
+    device="auto",  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
+    dtype="auto",  # weights dtype (auto: bf16 on Ampere+ GPUs, fp16 on older GPUs, fp32 on CPU)
+    threads=None,  # CPU threads for torch (1 is often fastest for small models and on a shared CPU)
+    compile=False,  # torch.compile the model (pays off for long runs on a GPU)
+    cache=True,  # --no-cache: re-run the whole context at each token (nanoGPT's loop; slides past the context)
+)
+POSITIONALS = {
+    "checkpoint": "checkpoint file (.pt) or its out_dir (latest.pt), a nanomoe.hf.export_hf folder, "
+                  "a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or hf:ORG/NAME",
+    "prompt": 'text to continue ("" starts from <|endoftext|> with GPT-2\'s tokenizer)',
+}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + error
-        self.exit(2, f"generate: error: {message} (see --help)\n")
+def _positive_int(v) -> bool:
+    return v is None or (type(v) is int and v >= 1)
 
 
-def _positive_int():
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-        return v
-
-    return parse
+CHECKS = {  # option: (test, what a good value is)
+    "max_new_tokens": (_positive_int, "an integer >= 1"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    "top_k": (_positive_int, "an integer >= 1"),
+    "top_p": (lambda v: v is None or (type(v) in (int, float) and 0 < v <= 1), "in (0, 1]"),
+    "num_samples": (lambda v: v >= 1, ">= 1"),
+    "threads": (_positive_int, "an integer >= 1"),
+    "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "one of auto, float32, bfloat16, float16"),
+}
 
 
-def _float_in(ok, what: str):
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {v:g}")
-        return v
-
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="uv run -m scripts.generate",
-        description="Continue a prompt with a chapter-04 checkpoint, a Hugging Face export folder or GPT-2.",
-    )
-    p.add_argument(
-        "checkpoint",
-        help="checkpoint file (.pt) or its out_dir (latest.pt), a nanomoe.hf.export_hf folder, "
-        "a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or hf:ORG/NAME",
-    )
-    p.add_argument("prompt", help='text to continue ("" starts from <|endoftext|> with GPT-2\'s tokenizer)')
-    p.add_argument(
-        "--max-new-tokens", type=_positive_int(), default=None,
-        help=f"tokens to generate per sample (default {DEFAULT_MAX_NEW_TOKENS}, or fewer when that would not "
-        "fit in the model's context with the KV cache)",
-    )
-    p.add_argument(
-        "--temperature", type=_float_in(lambda v: v >= 0, ">= 0 (0 = greedy)"), default=1.0,
-        help="softmax temperature; 0 = greedy (always the most likely token), default 1.0",
-    )
-    p.add_argument("--top-k", type=_positive_int(), default=None, help="sample among the k most likely tokens")
-    p.add_argument(
-        "--top-p", type=_float_in(lambda v: 0 < v <= 1, "in (0, 1]"), default=None,
-        help="nucleus sampling: the smallest set of tokens whose probability reaches p",
-    )
-    p.add_argument("--num-samples", type=_positive_int(), default=1, help="how many continuations")
-    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights dtype (auto: bf16 on Ampere+ GPUs, fp16 on older GPUs, fp32 on CPU)",
-    )
-    p.add_argument(
-        "--threads", type=_positive_int(), default=None,
-        help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models, "
-        "and on a CPU shared with other jobs)",
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off for long runs on a GPU)")
-    p.add_argument(
-        "--no-cache", action="store_true",
-        help="no KV cache: re-run the whole context at each token (nanoGPT's loop; slides past the context)",
-    )
-    return p
+def read_options(argv=None):
+    """The command line, checked: a bad option raises CLIError with one line."""
+    args = parse_args(DEFAULTS, argv, positionals=POSITIONALS,
+                      description="Continue a prompt with a chapter-04 checkpoint, a Hugging Face export folder or GPT-2.")
+    for key, (ok, what) in CHECKS.items():
+        if not ok(getattr(args, key)):
+            raise CLIError(f"--{key} must be {what}, got {getattr(args, key)!r}")
+    return args
 
 
 def _fail(message: str) -> int:
@@ -112,19 +86,15 @@ def describe(model, tok) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = read_options(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    except CLIError as e:
+        print(f"generate: error: {e} (see --help)", file=sys.stderr)
+        raise SystemExit(2) from None
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character shows "?"
-
-    # Imported after parsing so that --help and option errors answer at once.
-    from nanomoe.checkpoint import CheckpointError
-    from nanomoe.inference import InferenceError, encode_prompt, generate_text, load_model, warm_up
-    from nanomoe.tokenizer import TokenizerError
-
-    use_cache = not args.no_cache
+    use_cache = args.cache
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(args.threads)
     try:
         model, tok = load_model(args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile)
@@ -141,7 +111,7 @@ def main(argv=None) -> int:
                         f"the prompt ({T} tokens) fills the model's context of {bs} tokens: shorten it, "
                         "or use --no-cache to slide the context window"
                     )
-                print(f"[generate] --max-new-tokens {n_new}: what fits in the context of {bs} tokens", file=sys.stderr)
+                print(f"[generate] --max_new_tokens {n_new}: what fits in the context of {bs} tokens", file=sys.stderr)
         if args.compile:  # compile now, so the timing below is the compiled model's
             print("[generate] compiling (prefill + 3 decode steps)...", file=sys.stderr, flush=True)
             secs = warm_up(model, tok, args.prompt, n_new, use_cache)
@@ -150,7 +120,7 @@ def main(argv=None) -> int:
             model, tok, args.prompt, max_new_tokens=n_new, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, num_samples=args.num_samples, seed=args.seed, use_cache=use_cache, stream_to=sys.stdout,
         )
-    except (InferenceError, CheckpointError, TokenizerError, ValueError) as e:
+    except (InferenceError, CheckpointError, TokenizerError, ValueError) as e:  # all one-line, user-fixable
         sys.stdout.flush()
         return _fail(str(e))
     except KeyboardInterrupt:
