@@ -1,0 +1,43 @@
+"""Chapter 06 script and benchmark in --quick mode: run end to end offline, write results and figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+FIGURES = ("crossover.png", "coactivation.png", "specialization_classes.png", "specialization_position.png",
+           "saturation.png", "token_routing.png")
+
+
+def test_06_script_quick(tmp_path, shared_data):
+    r = subprocess.run(
+        [sys.executable, "-m", "scripts.06_modern_routers", "--quick", f"--out_dir={tmp_path}",
+         f"--source={shared_data / 'machado'}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "crossover.json").read_text(encoding="utf-8"))
+    runs = {(x["variant"], x["seed"]): x for x in res["runs"]}
+    assert set(runs) == {("denso", 0), ("MoE top-2", 0), ("sigmoide (DeepSeek-V3)", 0),
+                         ("finos 32×top-7 + 1 compartilhado", 0)}
+    dense_active = runs["denso", 0]["active"]
+    for (name, _), x in runs.items():
+        assert 0 < x["val_loss"] < 10 and x["history"][-1]["tokens"] > 0
+        if name != "denso":  # equal active parameters but the router's (2 layers x 32 dims x E), more in total
+            assert 0 < x["active"] - dense_active <= 2 * 32 * 32 and x["total"] > x["active"]
+    for fig in FIGURES:
+        assert (tmp_path / fig).stat().st_size > 1000, fig
+    assert "igual ao pacote" in r.stdout and "gradientes iguais" in r.stdout
+
+
+def test_06_benchmark_quick():
+    r = subprocess.run([sys.executable, "-m", "scripts.bench_06_routers", "--quick"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [line.split("|")[1].strip() for line in r.stdout.splitlines() if line.startswith("| ") and "x |" in line]
+    assert rows == ["dense", "top-2", "top-2 sequence", "top-2 global", "sigmoid", "fine 32x7+1", "dense-first"]
