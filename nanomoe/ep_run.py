@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -20,6 +22,7 @@ from typing import Optional
 
 import matplotlib.pyplot as plt
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
@@ -28,8 +31,16 @@ from .data import BatchLoader, encode_splits, read_corpus
 from .distributed import cleanup_distributed, setup_distributed
 from .ep_plots import plot_comm
 from .ep_train import evaluate, gather_comm, restore, save, train_step
-from .expert_parallel import ExpertParallelError, check_world_size, shard_model
+from .expert_parallel import (
+    ExpertParallelError,
+    ExpertParallelMoE,
+    check_world_size,
+    load_full_state_dict,
+    shard_model,
+    sync_gradients,
+)
 from .model import GPT
+from .moe import MoE
 from .tokenizer import get_tokenizer
 from .train import get_lr
 
@@ -66,6 +77,7 @@ class EPConfig:
     resume: bool = False  # continue from out_dir/latest.pt (saved on any world size)
     init_from: str = ""  # start from this checkpoint's weights and optimizer (e.g. a 1-process run)
     threads: int = 1  # CPU threads per rank
+    check: bool = False  # instead of training: one layer on W ranks vs the same layer in one process
 
 
 def parse_config(argv=None) -> EPConfig:
@@ -95,9 +107,58 @@ def run(cfg: EPConfig) -> dict:
     """Train under torchrun (or as one process); rank 0 writes metrics.jsonl, latest.pt and a plot."""
     info = setup_distributed("auto")
     try:
-        return _run(cfg, info)
+        return check_layer(cfg, info) if cfg.check else _run(cfg, info)
     finally:
         cleanup_distributed(info)
+
+
+def check_layer(cfg: EPConfig, info, sequences_per_rank: int = 2) -> dict:
+    """One MoE layer split over the W ranks against the same layer in one process, on the same
+    weights and tokens (rank r takes sequences r*b..(r+1)*b-1). Rank 0 prints the max differences
+    of the outputs and of every parameter's gradient after `sync_gradients`."""
+    torch.set_num_threads(max(1, cfg.threads))
+    device = info.device or "cpu"
+    check_world_size(cfg.n_experts, info.world_size)
+    config = moe_config(vocab_size=32, block_size=cfg.block_size, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                        n_experts=cfg.n_experts, moe_top_k=cfg.moe_top_k, dropout=0.0,
+                        moe_capacity_factor=cfg.moe_capacity_factor or None, moe_balance_scope=cfg.moe_balance_scope)
+    torch.manual_seed(cfg.seed)  # the same full layer and batch on every rank
+    single = MoE(config).to(device)
+    x = torch.randn(sequences_per_rank * info.world_size, cfg.block_size, cfg.n_embd, device=device)
+    layer = shard_model_layer(single, config) if info.enabled else single
+    b = sequences_per_rank
+    xr = x[info.rank * b:(info.rank + 1) * b].clone().requires_grad_(True)
+    y, aux, _ = layer(xr)
+    (y.square().mean() + aux).backward()  # any scalar of the outputs (a mean over tokens, like the CE)
+    sync_gradients(layer)
+    ys = _gather(y.detach(), info)
+    grads = {n: _gather(p.grad, info) if n.startswith("experts.") else p.grad for n, p in layer.named_parameters()}
+    # the reference runs on every rank: under torch.distributed a global balance scope all-reduces
+    # the counts, and W identical copies leave the fractions f_i unchanged
+    y1, aux1, _ = single(x)
+    (y1.square().mean() + aux1).backward()
+    if not info.is_main:
+        return {}
+    diffs = {"output": float((ys - y1.detach()).abs().max())}
+    diffs.update({f"grad {n}": float((grads[n] - p.grad).abs().max()) for n, p in single.named_parameters()})
+    print(f"{info.world_size} ranks vs 1 process, {cfg.n_experts} experts, top-{cfg.moe_top_k}: max |difference|")
+    for name, d in diffs.items():
+        print(f"  {name:<22} {d:.1e}")
+    return diffs
+
+
+def shard_model_layer(single: MoE, config) -> ExpertParallelMoE:
+    layer = ExpertParallelMoE(config).to(single.router.weight.device)
+    load_full_state_dict(layer, single.state_dict())
+    return layer
+
+
+def _gather(t: torch.Tensor, info) -> torch.Tensor:
+    if not info.enabled:
+        return t
+    parts = [torch.empty_like(t) for _ in range(info.world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def _run(cfg: EPConfig, info) -> dict:
@@ -190,6 +251,31 @@ def _plot(log: list[dict], path: Path, world: int) -> None:
     fig = plot_comm(log)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def launch(world: int, timeout: float = 3600, **options) -> tuple[dict, str]:
+    """Run `torchrun --standalone --nproc_per_node=world -m nanomoe.ep_run --key=value ...` as a
+    subprocess (how a notebook starts W processes on one machine; gloo on CPU, one thread each).
+    Returns rank 0's summary (its last JSON line) and the printed output. Raises RuntimeError with
+    the end of the output when the run fails."""
+    args = [f"--{k}={v}" if not isinstance(v, bool) else (f"--{k}" if v else f"--no-{k}") for k, v in options.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           "-m", "nanomoe.ep_run", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if sys.platform.startswith("linux") and not torch.cuda.is_available():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: talk over the loopback interface
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    text = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if _worth_showing(line))
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun with {world} processes failed (exit {proc.returncode}):\n{text[-3000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    return (json.loads(lines[-1]) if lines else {}), text
+
+
+def _worth_showing(line: str) -> bool:
+    """torchrun's own warnings (OMP_NUM_THREADS, ...) are noise in a notebook."""
+    return bool(line.strip()) and not line.startswith(("W1", "W0", "*****", "  warnings.warn")) \
+        and "Setting OMP_NUM_THREADS" not in line and "UserWarning" not in line
 
 
 def main(argv=None) -> int:

@@ -268,7 +268,7 @@ def full_state_dict(model: nn.Module, group: Optional[dist.ProcessGroup] = None)
     state = model.state_dict()
     for name, layer in _ep_layer_names(model):
         for w in ("experts.c_fc", "experts.c_proj"):
-            state[f"{name}.{w}"] = _gather_rows(state[f"{name}.{w}"], layer.group)
+            state[name + w] = _gather_rows(state[name + w], layer.group)
     return state
 
 
@@ -277,7 +277,7 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     A checkpoint whose experts do not have the model's shapes is refused, saying what differs."""
     state = dict(state)
     for name, layer in _ep_layer_names(model):
-        key = f"{name}.experts.c_fc"
+        key = f"{name}experts.c_fc"
         if key not in state:
             raise ExpertParallelError(f"the state dict has no {key}: it was not saved from this MoE model")
         have = tuple(state[key].shape)
@@ -288,12 +288,13 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
                 f"({layer.n_experts} experts, split {layer.local_experts} per rank): was it saved from another "
                 "config, or as a shard instead of with full_state_dict?"
             )
-        state = _slice_experts(state, layer, prefix=f"{name}.")
+        state = _slice_experts(state, layer, prefix=name)
     model.load_state_dict(state)
 
 
 def _ep_layer_names(model: nn.Module) -> list[tuple[str, ExpertParallelMoE]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)]
+    """(state-dict prefix, layer) of every expert-parallel layer ("" when `model` is the layer)."""
+    return [(f"{n}." if n else "", m) for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)]
 
 
 def _expert_param_slices(model: nn.Module) -> dict[int, ExpertParallelMoE]:
