@@ -4,7 +4,7 @@ every variant alike).
 
 Every variant runs the step as `micro_batches` micro-batches (gradient accumulation), so the
 global balance variant pays its routing pre-pass (one extra forward without gradients) where it
-really would. Variants (the chapter's shapes):
+really would. Variants (the chapter's, on a 4-layer d_model-48 model by default):
 
     dense           the modern dense model
     top-2           8 experts, softmax, balance per micro-batch (chapter 03)
