@@ -99,6 +99,15 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def count_ranks(flag: bool, info: Optional[DistInfo], device: str = "cpu") -> int:
+    """How many ranks have `flag` true: lets every rank see a fact that may differ between machines
+    (a file on one node's disk only) and take the same decision."""
+    t = torch.tensor([float(flag)], device=device)
+    if info is not None:
+        all_reduce_sum(t, info)
+    return int(t.item())
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .distributed import DistInfo, all_reduce_sum, unwrap
+from . import files
+from .distributed import DistInfo, all_reduce_sum, count_ranks, unwrap
 from .paths import in_home
 
 URLS = {
@@ -81,15 +80,12 @@ def download(split: str = "val", dest: Union[str, os.PathLike, None] = None, tim
     if dest.is_file():
         return dest
     try:
-        with urllib.request.urlopen(URLS[split], timeout=timeout) as r:
-            data = r.read()
-    except (urllib.error.URLError, OSError) as e:
-        raise HellaSwagError(f"could not download {URLS[split]} ({type(e).__name__}: {e}); "
-                             f"offline, copy hellaswag_{split}.jsonl to {dest} by hand") from None
+        data = files.download(URLS[split], timeout=timeout)
+    except files.DownloadError as e:
+        raise HellaSwagError(f"{e}; offline, copy hellaswag_{split}.jsonl to {dest} by hand") from None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)  # a reader never sees half a file
+    with files.atomic_write(dest) as f:  # a reader never sees half a file
+        f.write(data)
     return dest
 
 
@@ -129,16 +125,14 @@ def for_training(path: str, limit: int, tokenizer, dist_info: Optional[DistInfo]
     if not path:
         return None
     main = dist_info is None or dist_info.is_main
-    present = torch.tensor([float(in_home(path).is_file())], device=device)
-    if dist_info is not None and dist_info.enabled:
-        all_reduce_sum(present, dist_info)
+    present = count_ranks(in_home(path).is_file(), dist_info, device)
     world = dist_info.world_size if dist_info is not None else 1
-    if 0 < int(present.item()) < world:
-        raise HellaSwagError(f"{in_home(path)} exists for {int(present.item())} of {world} processes: copy it to "
+    if 0 < present < world:
+        raise HellaSwagError(f"{in_home(path)} exists for {present} of {world} processes: copy it to "
                              "every node (same path) or put it on a shared filesystem")
-    if present.item() == 0 or tokenizer is None:
+    if present == 0 or tokenizer is None:
         if main:
-            why = "no tokenizer was given" if present.item() else f"{in_home(path)} not found"
+            why = "no tokenizer was given" if present else f"{in_home(path)} not found"
             print(f"note: HellaSwag is skipped ({why}; `uv run -m data.prepare_hellaswag` downloads it)")
         return None
     return load_examples(path, limit)

@@ -92,7 +92,8 @@ class RunLog:
         vl = f"val {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.2f})" if "val_loss" in rec else "no val data"
         tl = f"train {rec['train_loss']:.4f}, " if rec["train_loss"] is not None else ""
         m = f", MFU {rec['mfu'] * 100:.1f}%" if rec.get("mfu") else ""
-        self.info(f"step {rec['step']:>6} | {tl}{vl} | {rec['tokens_per_s']:,.0f} tok/s{m}")
+        hs = f" | HellaSwag {rec['hellaswag_acc_norm']:.4f} (n {rec['hellaswag_n']:,})" if "hellaswag_n" in rec else ""
+        self.info(f"step {rec['step']:>6} | {tl}{vl}{hs} | {rec['tokens_per_s']:,.0f} tok/s{m}")
         if rec.get("sample"):
             self.info("  sample: " + rec["sample"].replace("\n", "\n          ")[:600])
 

@@ -33,7 +33,8 @@ DATA_KEYS = dict(data_dir="", dataset="machado", tokenizer="char", bpe_vocab=409
 
 def run_defaults() -> dict[str, Any]:
     """Every key a run config may set, with its default (model fields: None = preset default)."""
-    d: dict[str, Any] = {"config": "", "quick": False, "preset": "modern", **DATA_KEYS}
+    # init_from: scratch | resume | a GPT-2 name | a Hugging Face folder | a checkpoint (nanomoe.init_from)
+    d: dict[str, Any] = {"config": "", "quick": False, "init_from": "scratch", "preset": "modern", **DATA_KEYS}
     d.update({f.name: None for f in fields(GPTConfig)})
     t = TrainConfig().to_dict()
     t.pop("block_size")  # the model's block_size is the training sequence length
@@ -104,6 +105,8 @@ def train_config_from_args(args) -> TrainConfig:
     """TrainConfig from a run's options (a relative out_dir goes under $NANOMOE_HOME when set)."""
     keys = {f.name for f in fields(TrainConfig)} - {"block_size"}
     kw = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    if getattr(args, "init_from", None) == "resume":  # nanoGPT's spelling of --resume
+        kw["resume"] = True
     if kw.get("out_dir"):
         kw["out_dir"] = str(in_home(kw["out_dir"]))
     return TrainConfig(**kw)
@@ -111,7 +114,8 @@ def train_config_from_args(args) -> TrainConfig:
 
 def resolve_data_dir(args, dist_info: Optional[DistInfo] = None) -> Path:
     """The prepared data folder of a run: --data_dir when given (it must exist), else
-    data/<dataset>_<tokenizer>[_<max_chars>] prepared on first use (by rank 0 under torchrun)."""
+    data/<dataset>_<tokenizer>[_<max_chars>] prepared on first use (by rank 0 under torchrun, then by
+    the first process of any other machine that does not see it)."""
     if args.data_dir:
         folder = Path(args.data_dir)
         if not folder.is_dir():
@@ -124,14 +128,25 @@ def resolve_data_dir(args, dist_info: Optional[DistInfo] = None) -> Path:
     tok = args.tokenizer if args.tokenizer != "bpe" or args.bpe_vocab == 4096 else f"bpe{args.bpe_vocab}"
     name = f"{args.dataset}_{tok}" + (f"_{args.max_chars}" if args.max_chars else "")
     folder = data_root() / name
-    main = dist_info is None or dist_info.is_main
-    if main and not (folder / "meta.json").is_file():
-        print(f"preparing {folder} ({args.dataset}, tokenizer {args.tokenizer}) ...")
-        text = read_corpus(args.dataset)
-        if args.max_chars:
-            text = text[: args.max_chars]
-        t = gpt2_tokenizer() if args.tokenizer == "gpt2" else args.tokenizer
-        prepare(text, t, folder, vocab_size=args.bpe_vocab, corpus=args.dataset, progress=False)
+    if dist_info is None or dist_info.is_main:
+        _prepare_once(args, folder)
     if dist_info is not None:
         barrier(dist_info)
+        # A machine that does not share rank 0's filesystem prepares its own copy (its first process);
+        # on a shared filesystem the folder is already there and this does nothing.
+        if dist_info.local_rank == 0 and not dist_info.is_main:
+            _prepare_once(args, folder)
+        barrier(dist_info)
     return folder
+
+
+def _prepare_once(args, folder: Path) -> None:
+    """Tokenize --dataset with --tokenizer into `folder` unless it is already prepared."""
+    if (folder / "meta.json").is_file():
+        return
+    print(f"preparing {folder} ({args.dataset}, tokenizer {args.tokenizer}) ...")
+    text = read_corpus(args.dataset)
+    if args.max_chars:
+        text = text[: args.max_chars]
+    t = gpt2_tokenizer() if args.tokenizer == "gpt2" else args.tokenizer
+    prepare(text, t, folder, vocab_size=args.bpe_vocab, corpus=args.dataset, progress=False)

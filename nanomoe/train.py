@@ -37,7 +37,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -46,11 +46,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ck
+from .accumulation import grad_accum_for
 from .config import from_dict, require
 from .data import BatchLoader, DataError, TokenSource
 from .device import Precision, peak_flops, pick_precision
-from .distributed import DistInfo, all_reduce_mean, barrier, process_group
+from .distributed import DistInfo, all_reduce_mean, barrier, count_ranks, process_group
 from .evaluate import evaluate, sample_text, validation_loss
+from .hellaswag import Example, evaluate_hellaswag, for_training
 from .metrics import Meter, RunLog, save_curves, trim_metrics
 from .moe import global_balance_prepass, update_moe_bias
 
@@ -66,7 +68,8 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 12  # sequences per micro-batch (per rank)
     block_size: Optional[int] = None  # tokens per sequence; None = model.config.block_size
-    grad_accum: int = 1  # micro-batches per optimizer step, over all ranks (divisible by world size)
+    grad_accum: int = 1  # micro-batches per optimizer step, over all ranks (rounded up to a multiple of them)
+    tokens_per_step: int = 0  # > 0: grad_accum derived from it and the world size (nanomoe.accumulation)
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 100  # linear warmup steps
@@ -90,6 +93,8 @@ class TrainConfig:
     sample_prompt: str = "\n"
     sample_temperature: float = 0.8
     plot: bool = True  # write out_dir/curves.png at each evaluation
+    hellaswag: str = ""  # HellaSwag .jsonl scored at each evaluation when the file exists ("" = off)
+    hellaswag_examples: int = 0  # score its first N examples (0 = all)
 
     def __post_init__(self) -> None:
         need = partial(require, owner="TrainConfig")
@@ -97,6 +102,8 @@ class TrainConfig:
         need(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.tokens_per_step >= 0, f"tokens_per_step must be >= 0 (0: grad_accum), got {self.tokens_per_step}")
+        need(self.hellaswag_examples >= 0, f"hellaswag_examples must be >= 0 (0 = all), got {self.hellaswag_examples}")
         need(self.block_size is None or self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         need(self.lr > 0 and self.min_lr >= 0,
              f"lr must be > 0 and min_lr >= 0, got lr={self.lr}, min_lr={self.min_lr}")
@@ -177,9 +184,11 @@ class Run:
     val_data: Optional[TokenSource]
     block_size: int  # tokens per training sequence
     accum: int  # micro-batches this rank runs per step (grad_accum / world_size)
+    step_line: str  # what one step is made of, e.g. "524,288 tokens/step (...) = 8 process(es) x 1 micro-batch(es) ..."
     out: Optional[Path]
     tokenizer: Any
     tok_info: Optional[dict]
+    hellaswag: Optional[list[Example]]  # scored at each evaluation (None = off)
     extra_state: Optional[dict]
     result: TrainResult
     fwd: Optional[torch.nn.Module] = None  # what the steps call: raw, compiled and/or DDP-wrapped
@@ -219,11 +228,6 @@ class StepStats:
 def start_run(model, train_data, val_data, tcfg: TrainConfig, dist: DistInfo, tokenizer, extra_state) -> Run:
     """Check the settings, pick device and precision, build loader and optimizer, prepare out_dir."""
     world = dist.world_size
-    if tcfg.grad_accum % world != 0:
-        raise ValueError(
-            f"grad_accum ({tcfg.grad_accum}) must be divisible by the number of processes ({world}): each rank "
-            f"runs grad_accum / world_size micro-batches. Try --grad_accum={world * max(1, tcfg.grad_accum // world)}"
-        )
     if tcfg.threads:
         # On a CPU shared with other jobs, fewer threads than cores avoids threads spinning while they
         # wait for each other (we measured 10x slowdowns with 2 threads on 2 busy cores).
@@ -232,6 +236,9 @@ def start_run(model, train_data, val_data, tcfg: TrainConfig, dist: DistInfo, to
     T = tcfg.block_size or model.config.block_size
     if T > model.config.block_size:
         raise ValueError(f"TrainConfig.block_size={T} exceeds the model's block_size={model.config.block_size}")
+    # The same tokens per step on any number of processes (build-nanogpt's grad_accum_steps).
+    accum, step_line = grad_accum_for(tcfg.batch_size, T, world, tcfg.tokens_per_step, tcfg.grad_accum)
+    tcfg = replace(tcfg, grad_accum=accum)  # what the steps, the checkpoints and resume see
     # Global batch g of the run is drawn from a generator seeded with (seed, g); rank r's n-th batch is
     # g = n * world + r, so W ranks x A micro-batches read what 1 process x W*A micro-batches reads.
     loader = BatchLoader(train_data, tcfg.batch_size, T, seed=tcfg.seed, rank=dist.rank, world_size=world)
@@ -249,8 +256,9 @@ def start_run(model, train_data, val_data, tcfg: TrainConfig, dist: DistInfo, to
     return Run(
         tcfg=tcfg, dist=dist, precision=precision, raw=model, optimizer=optimizer,
         scaler=torch.amp.GradScaler(precision.device_type, enabled=precision.use_scaler), loader=loader,
-        val_data=val_data, block_size=T, accum=tcfg.grad_accum // world, out=out, tokenizer=tokenizer,
+        val_data=val_data, block_size=T, accum=accum // world, step_line=step_line, out=out, tokenizer=tokenizer,
         tok_info=tok_info, extra_state=extra_state, result=TrainResult(out_dir=str(out) if out else None),
+        hellaswag=for_training(tcfg.hellaswag, tcfg.hellaswag_examples, tokenizer, dist, precision.device),
         flops_per_token=model.flops_per_token(T) if hasattr(model, "flops_per_token") else None,
         peak_flops=peak_flops(precision.device, precision.dtype),
     )
@@ -329,7 +337,12 @@ def resume(run: Run) -> int:
     """Continue from out_dir/latest.pt when it exists: weights, optimizer, scaler, RNG, data position
     and history. Returns the step to start from (0 without a checkpoint)."""
     path = run.out / ck.LATEST if run.out is not None else None
-    if path is None or not path.is_file():
+    found = path is not None and path.is_file()
+    seen_by = count_ranks(found, run.dist, run.precision.device)
+    if 0 < seen_by < run.dist.world_size:  # rank 0 writes out_dir: other machines may not see it
+        raise ck.CheckpointError(f"{path} is visible to {seen_by} of {run.dist.world_size} processes: resuming on "
+                                 "several machines needs out_dir on a filesystem they all see (or a copy on each)")
+    if not found:
         if path is not None and run.main:
             print(f"--resume: no checkpoint at {path} yet, starting from scratch")
         return 0
@@ -384,7 +397,8 @@ def compute_gradients(run: Run, step: int) -> StepStats:
         g["lr"] = lr
     batches = [run.loader.next_batch(run.precision.device) for _ in range(run.accum)]
     if run.accum > 1 and raw.config.n_experts > 0 and raw.config.moe_balance_scope == "global":
-        global_balance_prepass(raw, [x for x, _ in batches])  # f_i of the whole step (see nanomoe.moe)
+        with run.precision.autocast():  # route exactly as the training forwards will (same dtype)
+            global_balance_prepass(raw, [x for x, _ in batches])  # f_i of the whole step (see nanomoe.moe)
     loss_sum = torch.zeros((), device=run.precision.device)
     ce_sum = torch.zeros((), device=run.precision.device)
     for micro, (x, y) in enumerate(batches):
@@ -463,6 +477,10 @@ def evaluate_step(run: Run, log: RunLog, step: int, window: Optional[Meter]) -> 
         val = validation_loss(run.fwd, run.val_data, tcfg.batch_size, run.block_size, tcfg.eval_iters,
                               run.precision, run.dist)
         rec["val_loss"], rec["val_ppl"] = val, math.exp(min(val, 700.0))
+    if run.hellaswag:  # completion-style accuracy (nanomoe.hellaswag), examples split over the ranks
+        hs = evaluate_hellaswag(run.raw, run.tokenizer, run.hellaswag, device=run.precision.device,
+                                autocast=run.precision.autocast(), dist_info=run.dist)
+        rec.update(hellaswag_n=hs.n, hellaswag_acc=hs.acc, hellaswag_acc_norm=hs.acc_norm)
     if run.main:
         rec["sample"] = sample_text(run.raw, run.tokenizer, tcfg.sample_prompt, tcfg.sample_tokens,
                                     tcfg.sample_temperature, tcfg.seed, run.precision)
@@ -511,9 +529,8 @@ def train(
             trim_metrics(run.out / "metrics.jsonl", -1)  # a fresh run starts a fresh log (resumed runs append)
         wrap_model(run)
         log = RunLog(run.out, tcfg.max_steps, start, show=progress, main=run.main)
-        log.info(f"{run.precision.describe()} | {dist.world_size} process(es) | "
-                 f"{run.raw.num_params(non_embedding=False) / 1e6:.2f}M params | {run.tokens_per_step:,} tokens/step "
-                 f"({tcfg.batch_size} x {run.block_size} x {tcfg.grad_accum} micro-batches)")
+        log.info(f"{run.precision.describe()} | {run.raw.num_params(non_embedding=False) / 1e6:.2f}M params | "
+                 f"{run.step_line}")
         if start == 0 and run.has_val and tcfg.max_steps > 0:
             evaluate_step(run, log, 0, None)
         since_log, since_eval = Meter(), Meter()  # running sums since the last log line / evaluation
