@@ -27,7 +27,8 @@
 #    `torchrun`: warmup + decaimento cosseno, *gradient clipping*, acumulação de gradiente,
 #    precisão mista escolhida pelo dispositivo (bf16 em Ampere/Hopper, fp16 + `GradScaler` na T4,
 #    fp32 na CPU), `torch.compile` opcional, avaliação periódica, amostras de texto, `metrics.jsonl`
-#    e gráfico das curvas.
+#    e gráfico das curvas. (O que cada passo faz está explicado no capítulo 02, seção 8, "O laço
+#    de treino".)
 # 3. **Nunca perder trabalho**: checkpoints `latest.pt` e `best.pt` escritos de forma atômica,
 #    com tudo o que é preciso para **retomar exatamente** (`--resume`): pesos, estado do AdamW,
 #    do `GradScaler`, passo, estados dos geradores aleatórios e posição do carregador. Um treino
@@ -36,7 +37,7 @@
 # O mesmo código é o script `scripts/04_train.py`, pareado com este notebook pelo jupytext:
 #
 # ```bash
-# uv run -m scripts.04_train                                   # Machado, ~7-10 min numa CPU de 2 núcleos
+# uv run -m scripts.04_train                                   # Machado, ~8 min numa CPU de 2 núcleos
 # uv run -m scripts.04_train --config=shakespeare_char_gpt2    # a receita de CPU do nanoGPT
 # uv run -m scripts.04_train --config=machado_moe --max_steps=500
 # uv run -m scripts.04_train --resume                          # continua do último checkpoint
@@ -70,7 +71,7 @@ setup("04", written_for=NANOMOE_REF)
 #
 # | config | o que é |
 # |---|---|
-# | `machado_char_modern` | **padrão**: modelo moderno (RoPE, RMSNorm, SwiGLU, GQA) em Machado, por caractere, ~10 min na CPU |
+# | `machado_char_modern` | **padrão**: modelo moderno (RoPE, RMSNorm, SwiGLU, MQA), Machado por caractere, ~8 min |
 # | `shakespeare_char_gpt2` | a receita de CPU do README do nanoGPT (4 camadas, 4 cabeças, 128 dims, bloco 64, lote 12, 2000 passos) |
 # | `shakespeare_char_modern` | a mesma receita e os mesmos tokens, com a arquitetura moderna |
 # | `machado_moe` | Mixture-of-Experts (8 especialistas, top-2) em Machado |
@@ -165,6 +166,21 @@ if main:
 # das MoE não entra, e a perplexidade é `exp(CE)`), uma amostra de texto, uma linha em
 # `metrics.jsonl`, o gráfico `curves.png` e os checkpoints. Se a loss virar NaN ou infinito, o
 # treino para com uma mensagem clara e o último checkpoint bom fica intacto.
+#
+# **Precisão mista e `GradScaler`.** Numa GPU o laço calcula em 16 bits sob `torch.autocast` e guarda
+# os pesos em fp32. O bf16 tem o mesmo expoente do fp32 e dispensa cuidados. O fp16 (o único
+# rápido numa T4) representa no mínimo ~6e-8: gradientes menores que isso viram zero. O
+# `GradScaler` multiplica a loss por um fator grande (começa em 2¹⁶ = 65536) antes do `backward`,
+# divide os gradientes pelo mesmo fator antes do *clipping* e do passo, e, se aparecer um infinito
+# ou NaN, pula aquele passo e reduz o fator (Micikevicius et al. 2017,
+# [*Mixed Precision Training*](https://arxiv.org/abs/1710.03740)). Na CPU tudo fica em fp32.
+#
+# **MFU** (*model FLOPs utilization*, [PaLM](https://arxiv.org/abs/2204.02311), apêndice B): os FLOPs
+# que o modelo precisa por token — cerca de 6 por parâmetro ativo no forward + backward, mais a
+# atenção (`GPT.flops_per_token`) — vezes os tokens/s medidos, divididos pelo pico de FLOP/s do
+# dispositivo. Diz que fração da GPU o treino aproveita. O laço registra o MFU quando conhece o pico
+# da GPU (a tabela `PEAK_FLOPS` em `nanomoe/device.py`); na CPU não há pico conhecido, e nas
+# execuções registradas deste curso (todas em CPU) ele não aparece: não medido ainda.
 
 # %%
 t0 = time.perf_counter()
@@ -211,10 +227,12 @@ if main and result.history:
 #
 # | | |
 # |---|---|
-# | modelo | moderno (RoPE, RMSNorm, SwiGLU, GQA 4:1), 4 camadas, 128 dims, bloco 128, 0,72M parâmetros |
+# | modelo | moderno (RoPE, RMSNorm, SwiGLU, MQA: 4 cabeças de consulta, 1 de k/v), 4 camadas, C = 128, bloco 128 |
+# | parâmetros | 721 792 (0,72 milhão) |
 # | dados | Machado por caractere (126 símbolos), 4,3M tokens de treino, 478k de validação |
 # | treino | 2000 passos x 12 x 128 = 3,07M tokens (0,71 época), 408 s de treino (~7,5k tokens/s) |
-# | validação | 4,92 no início (ln 126 = 4,84 é o chute uniforme), 2,42 no passo 100, 1,64 no 1000, **1,494 no 2000 (perplexidade 4,45)** |
+# | validação | 4,92 no início (chute uniforme: ln 126 = 4,84), 2,42 no passo 100, 1,64 no 1000, **1,494 no 2000** |
+# | perplexidade final | 4,45 |
 # | tempo total | 8 min para o notebook inteiro (treino, avaliações, amostras, comparação de tokenizadores, geração) |
 #
 # Com 1,5 nat por caractere o modelo já escreve palavras e pontuação de português, diálogos com
@@ -242,7 +260,12 @@ if main and result.history:
 #   `tests/test_04_ddp.py` confere que 2 processos na CPU seguem a mesma trajetória de loss que 1
 #   processo com 2 micro-lotes. Só o processo 0 escreve logs e checkpoints; decisões de parada
 #   usam valores somados entre os processos, então todos decidem igual.
-# - FSDP2 (modelos que não cabem numa GPU) não está implementado: os modelos do curso cabem com folga.
+# - **FSDP** (*Fully Sharded Data Parallel*; [Zhao et al. 2023](https://arxiv.org/abs/2304.11277)) é
+#   o passo seguinte ao DDP: em vez de cada GPU guardar uma cópia inteira dos pesos, dos gradientes e
+#   do estado do AdamW (16 bytes por parâmetro em fp32 + Adam), cada uma guarda 1/N deles e junta os
+#   pesos de uma camada só na hora de usá-la (a ideia do ZeRO, [Rajbhandari et al. 2019](https://arxiv.org/abs/1910.02054)).
+#   Serve para modelos que não cabem numa GPU. O curso não o implementa: os modelos daqui cabem com
+#   folga, e o DDP é mais simples e mais rápido quando cabe.
 
 # %% [markdown]
 # ## Quantos tokens por caractere? char, GPT-2 e um BPE treinado no Machado
@@ -275,6 +298,22 @@ if main and args.compare_chars:
               f"{r['chars_per_token']:>12.2f}")
     print("exemplo:", [toks["bpe (Machado, 4096)"].decode([i]) for i in toks["bpe (Machado, 4096)"].encode(sample[:60])])
 
+# %%
+if main and args.compare_chars:
+    import matplotlib.pyplot as plt
+
+    from nanomoe.plots import save_figure
+
+    fig_tok, ax = plt.subplots(figsize=(7, 2.6))
+    ax.barh([r["tokenizer"] for r in rows], [r["tokens_per_char"] for r in rows], color="C0")
+    for i, r in enumerate(rows):
+        ax.text(r["tokens_per_char"], i, f" {r['tokens_per_char']:.3f}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens por caractere (menos = texto mais curto para o modelo)")
+    ax.set_title(f"Tokenizadores em {len(sample):,} caracteres de Machado (validação)".replace(",", "\u202f"))
+    ax.set_xlim(0, 1.25)
+    save_figure(fig_tok, Path(tcfg.out_dir or ".") / "tokenizers.png")  # shown by the notebook's inline backend
+
 # %% [markdown]
 # Menos tokens por caractere significa contexto mais longo no mesmo `block_size` e menos passos
 # para ler o corpus, ao preço de um vocabulário maior (embedding e cabeça de saída maiores) e de
@@ -299,7 +338,7 @@ if main and args.compare_chars:
 # Pelo terminal, o mesmo:
 #
 # ```bash
-# uv run -m scripts.generate runs/04 "Capitu" --temperature 0             # greedy: sempre o mesmo texto
+# uv run -m scripts.generate runs/04 "Capitu" --temperature 0             # guloso: sempre o mesmo texto
 # uv run -m scripts.generate runs/04 "Capitu" --temperature 0.8 --top-k 50 --num-samples 3 --seed 1
 # uv run -m scripts.generate runs/04/best.pt "Capitu" --top-p 0.9 --max-new-tokens 100
 # uv run -m scripts.generate runs/04 "Capitu" --no-cache                  # sem KV cache (bem mais lento)
@@ -341,7 +380,7 @@ if main and ckpt_file.is_file():
 # Sem cache (o laço do nanoGPT), cada novo token roda o modelo sobre o contexto inteiro de novo:
 # o passo *t* custa O(*t*) nas projeções e MLPs e O(*t*²) na atenção. Com o cache, as chaves e
 # valores de todas as posições anteriores ficam guardados (`nanomoe/kv_cache.py`) e cada passo
-# roda só o token novo. O texto é o mesmo (greedy), só a velocidade muda, e a diferença cresce
+# roda só o token novo. O texto é o mesmo (geração gulosa), só a velocidade muda, e a diferença cresce
 # com o comprimento gerado.
 
 # %%
@@ -354,6 +393,27 @@ if main and ckpt_file.is_file():
         print(f"KV cache {'on ' if use_cache else 'off'}: {s.new_tokens} tokens, {s.tokens_per_s:8.1f} tokens/s, "
               f"time to first token {1000 * s.ttft_s:.1f} ms")
     print("same text with and without the cache:", texts[True] == texts[False])
+
+# %% [markdown]
+# ## O que você aprendeu
+#
+# - O corpus vira *shards* de tokens em disco, lidos por *memory map*; o lote número *g* é sorteado
+#   por um gerador semeado com `(seed, g)`, o que torna a retomada e o DDP exatos.
+# - Um só laço (`nanomoe.train.train`) serve à CPU, a uma GPU e a várias: warmup + cosseno,
+#   acumulação, *clipping*, AdamW, precisão mista (bf16, ou fp16 + `GradScaler`), DDP com `no_sync`.
+# - Checkpoints atômicos (arquivo temporário + `fsync` + `os.replace`), lidos com
+#   `weights_only=True`; parar e retomar dá as mesmas losses, bit a bit, na CPU.
+# - Tokens/s e MFU dizem quanto do hardware o treino usa; FSDP é para quando o modelo não cabe.
+# - O tokenizador muda o que a loss mede: compare modelos em bits por caractere.
+#
+# **Para ler.** O laço segue o `train.py` do [nanoGPT](https://github.com/karpathy/nanoGPT).
+# Artigos: Micikevicius et al. 2017, [*Mixed Precision Training*](https://arxiv.org/abs/1710.03740);
+# Li et al. 2020, [*PyTorch Distributed*](https://arxiv.org/abs/2006.15704) (DDP); Rajbhandari et al.
+# 2019, [*ZeRO*](https://arxiv.org/abs/1910.02054) e Zhao et al. 2023,
+# [*PyTorch FSDP*](https://arxiv.org/abs/2304.11277); Chowdhery et al. 2022,
+# [*PaLM*](https://arxiv.org/abs/2204.02311) (MFU, apêndice B); Sennrich et al. 2015,
+# [*BPE*](https://arxiv.org/abs/1508.07909); Loshchilov & Hutter, [*SGDR*](https://arxiv.org/abs/1608.03983)
+# e [*AdamW*](https://arxiv.org/abs/1711.05101). Termos: [glossário](../docs/glossario.md).
 
 # %%
 cleanup_distributed(dist_info)
