@@ -22,26 +22,29 @@
 # texto da web, quase tudo em inglês); neste capítulo reaproveitamos esses pesos de quatro jeitos:
 #
 # 1. **Carregar exato.** `from_pretrained("gpt2")` copia *cada* tensor do GPT-2 da Hugging Face
-#    para o nosso `GPT` e *prova* que os logits são os mesmos do `transformers` (diferença máxima
-#    ~1e-5 em float32). O projeto original prometia isso e copiava quase nada, escondido atrás de
-#    um `load_state_dict(strict=False)`.
+#    para o nosso `GPT` e *prova* que os logits são os mesmos do `transformers`: a diferença máxima
+#    é arredondamento de float32 (9,5e-7 no substituto minúsculo das saídas registradas abaixo; com o
+#    GPT-2 124M real, não medido ainda neste curso; a célula exige < 1e-4). O projeto original
+#    prometia isso e copiava quase nada, escondido atrás de um `load_state_dict(strict=False)`.
 # 2. **Ajuste fino (*fine-tuning*) em Machado de Assis** com o BPE do GPT-2: partindo dos pesos
 #    pré-treinados *versus* do zero, com os mesmos passos e os mesmos lotes.
 # 3. **Transferência parcial** para a arquitetura moderna do capítulo 02 (RoPE, RMSNorm, SwiGLU,
-#    GQA, sem bias): o que tem significado é copiado ou adaptado, o resto é inicializado, e um
+#    GQA, sem viés): o que tem significado é copiado ou adaptado, o resto é inicializado, e um
 #    relatório diz o que aconteceu com cada tensor.
-# 4. **Sparse upcycling** (Komatsuzaki et al., 2022): um MoE cujos especialistas nascem como
-#    cópias do MLP denso — no passo 0 ele calcula *exatamente* os mesmos logits do modelo denso.
+# 4. **Sparse upcycling** ([Komatsuzaki et al., 2022](https://arxiv.org/abs/2212.05055)): um MoE cujos
+#    especialistas nascem como cópias do MLP denso — no passo 0, com top-2 ou mais, ele calcula os
+#    mesmos logits do modelo denso (a menos de arredondamento).
 #
 # No fim, exportamos o MoE como uma pasta que o `transformers` abre como `MixtralForCausalLM`.
 #
 # **Pesos e internet.** Os pesos do GPT-2 vêm do Hugging Face Hub, o que exige internet na
 # primeira vez (depois ficam no cache). Sem internet — ou na configuração mínima `--tiny` para CPU
 # — o notebook usa um **substituto**: um GPT-2 minúsculo (2 camadas, 64 dimensões, o mesmo
-# tokenizador de 50.257 tokens), salvo numa pasta local com `save_pretrained` exatamente como a do
+# tokenizador de 50 257 tokens), salvo numa pasta local com `save_pretrained` exatamente como a do
 # Hub e pré-treinado aqui mesmo por alguns segundos em TinyShakespeare (inglês, como o GPT-2). A
-# saída diz sempre qual dos dois rodou. Num T4 do Colab, com os pesos reais, o notebook inteiro
-# leva ~15 minutos.
+# saída diz sempre qual dos dois rodou. Tempo: ~13 min na configuração `--tiny` numa CPU de 2
+# núcleos compartilhada (as saídas registradas); numa T4 do Colab, com os pesos reais, não medido
+# ainda.
 
 # %%
 # Set-up: on Colab (or any Jupyter without nanomoe) install the release this notebook was written for.
@@ -62,8 +65,9 @@ setup("05", written_for=NANOMOE_REF)
 # %% [markdown]
 # ## Parâmetros
 #
-# `size="auto"` escolhe `full` (GPT-2 124M do Hub) quando há GPU e `tiny` (o substituto minúsculo)
-# na CPU; `--tiny` e `--full` forçam um ou outro. Os campos `None` dependem do tamanho (tabela
+# Há dois tamanhos, `full` (GPT-2 124M do Hub) e `tiny` (o substituto minúsculo). Sem `--tiny` nem
+# `--full`, o tamanho é `full` quando há GPU e `tiny` na CPU; as duas flags forçam um ou outro. Os
+# campos `None` dependem do tamanho (tabela
 # `SIZES`). Num script: `uv run -m scripts.05_gpt2_weights --tiny --steps=200`; num notebook, edite
 # `DEFAULTS` ou use a variável de ambiente `NANOMOE_ARGS`.
 
@@ -145,7 +149,7 @@ from nanomoe.data import DataError, read_corpus, gpt2_tokenizer
 from nanomoe.hf import HFConversionError, from_hf, load_hf_model, save_random_gpt2
 from nanomoe.train import TrainConfig, evaluate, train
 
-tok = gpt2_tokenizer()  # tiktoken's GPT-2 BPE (offline: filled from ../shared/data/gpt2)
+tok = gpt2_tokenizer()  # tiktoken's GPT-2 BPE (downloaded once, then cached; see nanomoe.tokenizer)
 
 
 def train_run(model, train_ids, val_ids, lr, steps, name):
@@ -222,7 +226,7 @@ del hf_model
 # ## 2. Ajuste fino em Machado de Assis: pré-treinado × do zero
 #
 # O BPE do GPT-2 foi treinado em inglês: em Machado ele gasta ~0,41 token por caractere, contra
-# ~0,30 de um BPE treinado no próprio Machado (capítulo 01) — palavras como "ressaca" viram vários
+# ~0,30 de um BPE treinado no próprio Machado (capítulo 04) — palavras como "ressaca" viram vários
 # pedaços. Mesmo assim o GPT-2 viu algum português na web, e muito de "como texto funciona".
 #
 # Dois treinos com **os mesmos passos, os mesmos lotes** (a semente fixa a ordem dos dados) e o
@@ -272,18 +276,20 @@ del scratch
 # | tensor do destino | o que acontece |
 # |---|---|
 # | embeddings `wte` (e `lm_head`, amarrado) | **copiado**: mesmo tokenizador, mesmas linhas |
-# | atenção `c_attn` | q **copiado**; k e v **adaptados**: com GQA há menos cabeças de chave/valor, e cada uma vira a **média** das cabeças do seu grupo (Ainslie et al., 2023, "GQA", seção 2.2) |
+# | atenção `c_attn` | q **copiado**; k e v **adaptados**: com GQA há menos cabeças de k/v, e cada uma vira a **média** das cabeças do seu grupo ([GQA][gqa], seção 2.2) |
 # | atenção `c_proj` | **copiado** |
 # | ganhos das normas | **copiados** (o ganho do LayerNorm vira o ganho do RMSNorm) |
 # | MLP SwiGLU | **inicializado**: a GELU do GPT-2 é outra função, com outra largura |
 #
 # e lista como **ignorados** (*skipped*) os tensores da origem sem destino: a tabela de posições
-# aprendidas (com RoPE a posição é uma rotação de q e k, não um vetor somado), os biases (o destino
+# aprendidas (com RoPE a posição é uma rotação de q e k, não um vetor somado), os vieses (o destino
 # tem `bias=False`) e o MLP GELU. Atenção: q e k foram treinados com posições absolutas somadas
 # à entrada, e agora são rotacionados pela RoPE — o ponto de partida é imperfeito, e o treino
 # precisa reajustá-los.
 #
 # A comparação justa é com a mesma arquitetura moderna treinada do zero, mesmos passos e mesma taxa.
+#
+# [gqa]: https://arxiv.org/abs/2305.13245
 
 # %%
 from nanomoe.transfer import transfer_weights, upcycle_to_moe
@@ -301,6 +307,37 @@ print(f"modern config: RoPE, RMSNorm, SwiGLU (hidden {modern_cfg.hidden_dim}), n
       f"of {modern_cfg.n_head} heads, bias=False, tied embeddings\n")
 print(report)
 del gpt2_orig
+
+# %% [markdown]
+# Em figura: que fração dos parâmetros do modelo moderno veio do GPT-2. Com o vocabulário de 50 257
+# tokens, o embedding domina a conta; sem ele, vê-se o que acontece nos blocos: a atenção
+# reaproveitada (copiada ou adaptada) e o MLP SwiGLU começando do zero.
+
+# %%
+import matplotlib.pyplot as plt
+
+from nanomoe.plots import save_figure
+
+actions = {"copied": ("copiado", "C2"), "adapted": ("adaptado", "C0"), "initialized": ("inicializado", "C3")}
+rows = {"todos os parâmetros": lambda name: True, "sem o embedding": lambda name: "wte" not in name}
+fig, ax = plt.subplots(figsize=(8, 2.2))
+for y, (row, keep) in enumerate(rows.items()):
+    n = {a: sum(math.prod(e.dst_shape) for e in report.entries if e.action == a and e.dst and keep(e.dst))
+         for a in actions}
+    left = 0.0
+    for a, (label, color) in actions.items():
+        share = n[a] / sum(n.values())
+        ax.barh(y, share, left=left, color=color, label=label if y == 0 else None)
+        if share > 0.04:
+            ax.text(left + share / 2, y, f"{share:.0%}", ha="center", va="center", color="white", fontsize=9)
+        left += share
+ax.set_yticks(range(len(rows)), list(rows))
+ax.set_xlim(0, 1)
+ax.set_xlabel("fração dos parâmetros do modelo moderno")
+ax.set_title(f"Transferência GPT-2 → moderno ({'GPT-2 real' if source == 'hub' else 'substituto minúsculo'})")
+ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), frameon=False)
+save_figure(fig, out_dir / "transfer_shares.png")
+fig
 
 # %%
 torch.manual_seed(args.seed)
@@ -320,7 +357,10 @@ del modern_scratch
 #
 # $$y = \sum_{i \in \text{top-}k} g_i\, E_i(x) = \Big(\sum_i g_i\Big)\,\text{MLP}(x) = \text{MLP}(x),$$
 #
-# ou seja, **no passo 0 o MoE calcula exatamente os logits do modelo denso** (checado abaixo). Os
+# ou seja, **no passo 0 o MoE calcula os logits do modelo denso** (checado abaixo; a diferença é só
+# arredondamento). **Só com $k \ge 2$:** com top-1 a porta é a probabilidade crua $g = p_i < 1$ (a
+# renormalização daria 1 e cortaria o gradiente do roteador, capítulo 03), então o MoE começa com a
+# saída do MLP multiplicada por $p_i$, não igual a ela (exercício 2). Os
 # especialistas têm a largura do MLP denso (não a largura "de ativos iguais" do capítulo 03): o
 # MoE tem ~k vezes o custo por token do denso, e E vezes os parâmetros do MLP. O treino então
 # separa os especialistas (com `noise_std > 0` eles já nascem levemente diferentes).
@@ -347,7 +387,7 @@ print("upcycled MoE after fine-tuning:\n ", sample(moe).replace("\n", "\n  "))
 # %% [markdown]
 # ## Curvas e resumo
 #
-# Perda de validação (entropia cruzada, sem as perdas auxiliares do MoE) nos mesmos lotes de
+# Loss de validação (entropia cruzada, sem as losses auxiliares do MoE) nos mesmos lotes de
 # validação em toda avaliação. No painel do MoE, o passo 0 das duas curvas coincide: é o mesmo
 # modelo denso, com especialistas idênticos.
 
@@ -400,10 +440,11 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 # %% [markdown]
 # ## O que observar
 #
-# - **Exatidão primeiro.** A diferença de logits entre o nosso GPT-2 e o do `transformers` é da
-#   ordem de 1e-6 (arredondamento de float32); um erro de transposição daria diferenças de ordem 1.
+# - **Exatidão primeiro.** A diferença de logits entre o nosso GPT-2 e o do `transformers` é
+#   arredondamento de float32 (9,5e-7 no substituto das saídas registradas; com o GPT-2 real, não
+#   medido ainda); um erro de transposição daria diferenças de ordem 1.
 #   O mesmo vale para o MoE exportado como Mixtral e para a volta com `load_hf`.
-# - **Pré-treino vale ouro.** Com os pesos reais do GPT-2 a perda de validação em Machado começa
+# - **Pré-treino vale ouro.** Com os pesos reais do GPT-2 a loss de validação em Machado começa
 #   bem abaixo de ln(50257) ≈ 10,8 (o "chute uniforme" de um modelo aleatório), e o modelo do zero
 #   gasta a maior parte dos passos aprendendo o básico que o pré-treinado já sabe.
 # - **Transferência parcial** ajuda menos que o ajuste fino do mesmo modelo: o MLP (dois terços
@@ -413,29 +454,47 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 #   modelo transferido passa o do zero. O relatório mostra exatamente o que foi reaproveitado.
 # - **Upcycling** começa exatamente onde o denso estava. E no início *continua* igual a ele: com
 #   especialistas idênticos a saída não depende dos pesos do gate, então o roteador não recebe
-#   gradiente da entropia cruzada (só das perdas auxiliares); os especialistas só se afastam porque
+#   gradiente da entropia cruzada (só das losses auxiliares); os especialistas só se afastam porque
 #   cada um recebe o gradiente dos *seus* tokens. Com mais passos (ou `noise_std > 0`, que quebra a
 #   simetria desde o início) eles se especializam e o MoE desce mais rápido por passo — ao custo de
 #   E vezes os parâmetros do MLP e ~k vezes a sua computação.
 #
 # ### Resultados registrados neste notebook
 #
-# Sem GPU e sem internet nesta máquina, as saídas acima vêm da configuração **`--tiny` na CPU**
-# (2 núcleos compartilhados, ~13 minutos) com o **substituto** — um GPT-2 de 2 camadas e 64
+# As saídas acima vêm da configuração **`--tiny` numa CPU de 2 núcleos** compartilhada (~13 min),
+# sem GPU e sem acesso ao Hugging Face Hub, com o **substituto** — um GPT-2 de 2 camadas e 64
 # dimensões pré-treinado aqui por 100 passos em TinyShakespeare —, **não** do GPT-2 da OpenAI.
-# Cada treino: 60 passos de 4 × 64 tokens (15.360 tokens; upcycling: 30 passos), taxa 1e-3,
-# mesma semente e mesmos lotes; perda de validação em 4 lotes fixos:
+# Cada treino: 60 passos de 4 × 64 tokens (15 360 tokens; upcycling: 30 passos), taxa 1e-3,
+# mesma semente e mesmos lotes; loss de validação em 4 lotes fixos:
 #
 # | execução | val. no passo 0 | val. no fim | perplexidade no fim |
 # |---|---:|---:|---:|
-# | GPT-2 (substituto) pré-treinado | 9,472 | 7,530 | 1.864 |
-# | GPT-2 do zero | 10,837 | 8,095 | 3.277 |
-# | moderno, transferência parcial | 12,295 | 7,793 | 2.423 |
-# | moderno do zero | 10,838 | 8,308 | 4.056 |
-# | MoE por upcycling (4 especialistas, top-2) | 7,793 | 7,141 | 1.262 |
-# | denso continuado | 7,793 | 7,139 | 1.260 |
+# | GPT-2 (substituto) pré-treinado | 9,472 | 7,530 | 1 864 |
+# | GPT-2 do zero | 10,837 | 8,095 | 3 277 |
+# | moderno, transferência parcial | 12,295 | 7,793 | 2 423 |
+# | moderno do zero | 10,838 | 8,308 | 4 056 |
+# | MoE por upcycling (4 especialistas, top-2) | 7,793 | 7,141 | 1 262 |
+# | denso continuado | 7,793 | 7,139 | 1 260 |
 #
 # Mesmo um pré-treino de segundos, em outra língua, dá ~0,56 nat de vantagem depois de 60 passos,
 # e a transferência parcial ~0,52 nat sobre o moderno do zero. Em 30 passos o MoE ainda não se
-# separou do denso (7,141 × 7,139: a simetria descrita acima). Num T4 com os pesos reais
-# (`--full`, o padrão quando há GPU) os números são outros — rode e compare.
+# separou do denso (7,141 × 7,139: a simetria descrita acima). Numa T4 com os pesos reais
+# (`--full`, o padrão quando há GPU) os números serão outros: não medidos ainda — rode e compare.
+#
+# ## O que você aprendeu
+#
+# - Carregar pesos de outra implementação é provar, não confiar: cópia estrita de nomes e formas,
+#   `Conv1D` transposto, e os logits comparados com os do `transformers` na mesma entrada.
+# - Pesos pré-treinados, mesmo de outra língua, começam muito à frente de um modelo do zero.
+# - A transferência parcial reaproveita o que tem o mesmo papel (embeddings, atenção, ganhos das
+#   normas; k/v pela média do grupo, como no GQA) e diz, tensor a tensor, o que fez.
+# - *Upcycling*: com top-2 ou mais, o MoE começa calculando o mesmo que o denso; com top-1, não.
+# - `export_hf` escreve uma pasta que o ecossistema Hugging Face abre (GPT-2, Llama ou Mixtral).
+#
+# **Para ler.** Radford et al. 2019, [*GPT-2*](https://cdn.openai.com/better-language-models/language_models_are_unsupervised_multitask_learners.pdf)
+# (relatório da OpenAI, sem versão no arXiv); Komatsuzaki et al. 2022,
+# [*Sparse Upcycling*](https://arxiv.org/abs/2212.05055); Ainslie et al. 2023, [*GQA*](https://arxiv.org/abs/2305.13245)
+# (seção 2.2: k/v de um modelo MHA pela média do grupo); Jiang et al. 2024,
+# [*Mixtral of Experts*](https://arxiv.org/abs/2401.04088); Touvron et al. 2023,
+# [*LLaMA*](https://arxiv.org/abs/2302.13971). O carregamento do GPT-2 segue o `from_pretrained` do
+# [nanoGPT](https://github.com/karpathy/nanoGPT). Termos: [glossário](../docs/glossario.md).
