@@ -63,7 +63,8 @@ setup("04", written_for=NANOMOE_REF)
 # %% [markdown]
 # ## Parâmetros: um arquivo de configuração + `--chave=valor`
 #
-# Cada receita é um JSON em `scripts/configs/` (só dados, nunca código executável): o
+# Cada receita é um JSON em `nanomoe/resources/configs/`, instalado com o pacote (só dados, nunca
+# código executável; `--config=minha.json` usa a sua): o
 # pré-ajuste do modelo (`preset`: `gpt2`, `modern` ou `moe`), qualquer campo de `GPTConfig`
 # (`n_layer`, `n_embd`, `n_experts`...), qualquer campo de `TrainConfig` (`max_steps`, `lr`,
 # `batch_size`, `grad_accum`...) e os dados (`dataset` + `tokenizer`, ou `data_dir`). A ordem de
@@ -75,6 +76,8 @@ setup("04", written_for=NANOMOE_REF)
 # | `shakespeare_char_gpt2` | a receita de CPU do README do nanoGPT (4 camadas, 4 cabeças, 128 dims, bloco 64, lote 12, 2000 passos) |
 # | `shakespeare_char_modern` | a mesma receita e os mesmos tokens, com a arquitetura moderna |
 # | `machado_moe` | Mixture-of-Experts (8 especialistas, top-2) em Machado |
+# | `gpt2_124m_fineweb`, `modern_124m_fineweb`, `moe_124m_fineweb` | 124M no FineWeb-Edu, para GPUs (ver abaixo) |
+# | `gpt2_finetune_machado` | ajuste fino do GPT-2 da OpenAI no Machado (`init_from: gpt2`) |
 #
 # Dados: `--data_dir=PASTA` usa uma pasta preparada por `data/prepare_*.py`; sem ela, o par
 # `--dataset` (`machado`, `tinyshakespeare`) + `--tokenizer` (`char`, `gpt2`, `bpe`) é preparado
@@ -88,10 +91,11 @@ from pathlib import Path
 
 import torch
 
-from nanomoe import GPT
+from nanomoe.accumulation import grad_accum_for
 from nanomoe.cli import in_notebook, short_errors
 from nanomoe.data import compare_tokenizers, data_tokenizer, load_meta, load_split
 from nanomoe.distributed import cleanup_distributed, setup_distributed
+from nanomoe.init_from import init_model
 from nanomoe.runs import model_config_from_args, parse_run_args, resolve_data_dir, run_defaults, train_config_from_args
 from nanomoe.train import train
 
@@ -139,13 +143,19 @@ if main:
 # `model_config_from_args` parte do *preset* e aplica os campos que a receita define; o tamanho
 # do vocabulário vem dos dados. A semente fixa garante o mesmo modelo inicial em todos os
 # processos (o DDP ainda copia os pesos do processo 0 para os outros, por garantia).
+# `--init_from` diz de onde vêm os pesos: `scratch` (padrão, aleatórios), `resume`, o GPT-2 da
+# OpenAI (`gpt2`), uma pasta do Hugging Face ou um checkpoint do nanomoe (`nanomoe.init_from`, mais
+# abaixo). `tokens_per_step`, quando a receita o define, fixa os tokens de cada passo e a acumulação
+# de gradiente sai dele e do número de processos (`nanomoe.accumulation`).
 
 # %%
 config = model_config_from_args(args, tokenizer.vocab_size)
 torch.manual_seed(args.seed)
-model = GPT(config)
+model, transfer_report = init_model(args.init_from, config, verbose=main)  # scratch: GPT(config)
 tcfg = train_config_from_args(args)
-tokens_per_step = tcfg.batch_size * config.block_size * tcfg.grad_accum
+accum, _ = grad_accum_for(tcfg.batch_size, config.block_size, dist_info.world_size, tcfg.tokens_per_step,
+                          tcfg.grad_accum)
+tokens_per_step = tcfg.batch_size * config.block_size * accum  # over all processes
 if main:
     kind = f"MoE {config.n_experts} experts top-{config.moe_top_k}" if config.n_experts else "dense"
     print(f"preset {args.preset} ({kind}): {config.n_layer} layers, {config.n_head} heads "
@@ -253,7 +263,8 @@ if main and result.history:
 #   código arbitrário ao ser lido, e este modo só reconstrói tensores e dados simples. Um
 #   checkpoint de outra configuração é recusado com a lista dos campos diferentes.
 # - `torchrun --standalone --nproc_per_node=N -m scripts.04_train ...` roda N processos com DDP
-#   (NCCL nas GPUs, gloo na CPU). `grad_accum` conta os micro-lotes de todos os processos: com
+#   (NCCL nas GPUs, gloo na CPU). `grad_accum` conta os micro-lotes de todos os processos (arredondado
+#   para cima até um múltiplo deles; o script diz quantos tokens por passo escolheu): com
 #   `grad_accum=8` e 4 GPUs, cada uma faz 2 micro-lotes por passo, e o gradiente só é sincronizado
 #   no último (`no_sync` nos outros). Os processos leem lotes disjuntos, e o conjunto de lotes de um
 #   passo é o mesmo que um processo só leria com o mesmo `grad_accum`: o teste
@@ -266,6 +277,81 @@ if main and result.history:
 #   pesos de uma camada só na hora de usá-la (a ideia do ZeRO, [Rajbhandari et al. 2019](https://arxiv.org/abs/1910.02054)).
 #   Serve para modelos que não cabem numa GPU. O curso não o implementa: os modelos daqui cabem com
 #   folga, e o DDP é mais simples e mais rápido quando cabe.
+
+# %% [markdown]
+# ## Na escala do GPT-2: FineWeb-Edu, HellaSwag, ajuste fino e várias máquinas
+#
+# As mesmas peças treinam o GPT-2 de 124M parâmetros como o
+# [nanoGPT](https://github.com/karpathy/nanoGPT) e o [build-nanogpt](https://github.com/karpathy/build-nanogpt)
+# o treinam. Quatro receitas vêm com o pacote (os tamanhos saem de `GPT(...).num_params`):
+#
+# | config | o que é |
+# |---|---|
+# | `gpt2_124m_fineweb` | GPT-2 124M (12 camadas, 12 cabeças, 768 dims, contexto 1024): 124,48M parâmetros |
+# | `modern_124m_fineweb` | a arquitetura moderna (RoPE, RMSNorm, SwiGLU, sem vieses): 123,59M |
+# | `moe_124m_fineweb` | 8 especialistas top-2 por camada: **123,66M parâmetros ativos por token**, 293,53M ao todo |
+# | `gpt2_finetune_machado` | ajuste fino do GPT-2 da OpenAI (`init_from: gpt2`) no Machado, lr baixo (6e-5) |
+#
+# As três primeiras seguem a receita do build-nanogpt no FineWeb-Edu (tokenizador do GPT-2): 524.288
+# tokens por passo, lr 6e-4 com 715 passos de *warmup* e cosseno até 6e-5 em 19.073 passos (10B
+# tokens), bf16, `torch.compile`. O ajuste fino usa o tokenizador do GPT-2 no Machado.
+#
+# **Tokens por passo, não micro-lotes.** Uma receita é ajustada para um lote medido em tokens
+# (~0,5M para o GPT-2 124M: tabela 2.1 de [Brown et al. 2020](https://arxiv.org/abs/2005.14165));
+# `tokens_per_step` fixa esse número e `nanomoe.accumulation` deriva dele e do número de processos
+# quantos micro-lotes cada processo acumula: 524.288 = 64 × 1024 × 8 micro-lotes numa GPU, × 1 em
+# cada uma de 8 GPUs. O script diz o que escolheu
+# (`524,288 tokens/step (from tokens_per_step) = 8 process(es) x 1 micro-batch(es) x 64 x 1024 tokens`);
+# um número que não divide termina com uma linha que sugere o `--batch_size` que serve. Sem
+# `tokens_per_step`, `grad_accum` é arredondado para cima até um múltiplo do número de processos: por
+# isso `torchrun --nproc_per_node=2` roda a receita padrão (com o dobro de tokens por passo, e avisa).
+#
+# **`--init_from`** (`nanomoe.init_from`): `scratch` (padrão), `resume`, um nome do GPT-2 (`gpt2`,
+# `gpt2-medium`, ...), uma pasta do Hugging Face ou um checkpoint do nanomoe. Se a arquitetura da
+# receita é a da origem, cada tensor é carregado exatamente (a tabela de posições do GPT-2 é cortada
+# para um contexto menor, como no nanoGPT); se não é, a transferência parcial do capítulo 05 copia o
+# que tem significado e imprime o relatório do que foi copiado, adaptado, inicializado e descartado.
+#
+# **HellaSwag** ([Zellers et al. 2019](https://arxiv.org/abs/1905.07830), `nanomoe.hellaswag`) a cada
+# avaliação, quando `data/hellaswag/hellaswag_val.jsonl` existe (`uv run -m data.prepare_hellaswag`):
+# cada exemplo tem um contexto e quatro continuações; a perda do modelo é medida **só nos tokens da
+# continuação**, e a de menor perda média por token é a resposta (`acc_norm`; `acc` usa a perda
+# somada, que favorece continuações curtas). O acaso dá 0,25.
+#
+# ```bash
+# uv run -m data.prepare_fineweb && uv run -m data.prepare_hellaswag   # uma vez (~20 GB)
+# # 1 GPU (numa GPU de 40 GB: --batch_size=32; a acumulação cresce e os tokens por passo ficam)
+# uv run -m scripts.04_train --config=gpt2_124m_fineweb
+# uv run -m scripts.04_train --config=gpt2_finetune_machado
+# # 8 GPUs numa máquina
+# uv run torchrun --standalone --nproc_per_node=8 -m scripts.04_train --config=gpt2_124m_fineweb
+# # 2 máquinas x 8 GPUs: o mesmo comando nas duas, --node_rank=1 na segunda; HOST = endereço da primeira
+# uv run torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_id=gpt2 --rdzv_backend=c10d \
+#     --rdzv_endpoint=HOST:29500 -m scripts.04_train --config=gpt2_124m_fineweb --batch_size=32
+# ```
+#
+# O mesmo vale para `modern_124m_fineweb` e `moe_124m_fineweb`; `gpt2_finetune_machado` em 2
+# máquinas usa `--batch_size=4` (os comandos das quatro receitas estão em `docs/benchmarks.md`).
+# Entre as máquinas: o mesmo código, a mesma receita e as mesmas opções; os shards no mesmo caminho
+# em cada máquina (copiados ou num sistema de arquivos compartilhado); só o processo de rank global 0
+# escreve em `out_dir`, então `--resume` em várias máquinas pede `out_dir` compartilhado (sem isso,
+# a corrida para com uma mensagem em vez de retomar só numa delas). Cada processo usa a GPU
+# `cuda:LOCAL_RANK` da sua máquina; as tarefas do processo 0 usam o `RANK` global.
+#
+# O que esperar (números publicados, não medidos aqui):
+#
+# | corrida | tokens | hardware | loss de validação | HellaSwag |
+# |---|---|---|---|---|
+# | GPT-2 124M da OpenAI | — | — | 3,29 (FineWeb-Edu); 3,12 (OpenWebText) | 0,2955 (`acc_norm`) |
+# | nanoGPT 124M no OpenWebText | ~300B | 8× A100 40GB, ~4 dias | ~2,85 | — |
+# | llm.c 124M no FineWeb 10B | 10B | 8× A100 80GB, ~90 min | 3,28 | 0,299 |
+# | GPT-3 Small (125M) | 300B | — | — | 0,337 |
+# | **este curso, as 4 receitas** | | **não medido ainda** | não medido ainda | não medido ainda |
+#
+# As linhas deste curso ficam «não medido ainda» até uma GPU rodar as receitas (tokens/s e MFU
+# incluídos: o laço os registra sozinho). Fontes: o `play.ipynb` do build-nanogpt (3,2924 e 0,2945 para o GPT-2, 0,337 para o GPT-3), o
+# README do nanoGPT, a docstring de `dev/data/hellaswag.py` e a discussão #481 do llm.c, o README do
+# modded-nanogpt (3,2847 para o llm.c); detalhes em `docs/benchmarks.md`.
 
 # %% [markdown]
 # ## Quantos tokens por caractere? char, GPT-2 e um BPE treinado no Machado
@@ -404,6 +490,10 @@ if main and ckpt_file.is_file():
 # - Checkpoints atômicos (arquivo temporário + `fsync` + `os.replace`), lidos com
 #   `weights_only=True`; parar e retomar dá as mesmas losses, bit a bit, na CPU.
 # - Tokens/s e MFU dizem quanto do hardware o treino usa; FSDP é para quando o modelo não cabe.
+# - Uma receita fixa os tokens por passo (`tokens_per_step`), e a acumulação sai dele e do número
+#   de processos: a mesma conta numa GPU, em 8 ou em 2 máquinas. `--init_from` parte de pesos
+#   prontos (exatos, ou pela transferência parcial do capítulo 05), e a HellaSwag mede o modelo
+#   numa tarefa, além da loss.
 # - O tokenizador muda o que a loss mede: compare modelos em bits por caractere.
 #
 # **Para ler.** O laço segue o `train.py` do [nanoGPT](https://github.com/karpathy/nanoGPT).
@@ -412,7 +502,8 @@ if main and ckpt_file.is_file():
 # 2019, [*ZeRO*](https://arxiv.org/abs/1910.02054) e Zhao et al. 2023,
 # [*PyTorch FSDP*](https://arxiv.org/abs/2304.11277); Chowdhery et al. 2022,
 # [*PaLM*](https://arxiv.org/abs/2204.02311) (MFU, apêndice B); Sennrich et al. 2015,
-# [*BPE*](https://arxiv.org/abs/1508.07909); Loshchilov & Hutter, [*SGDR*](https://arxiv.org/abs/1608.03983)
+# [*BPE*](https://arxiv.org/abs/1508.07909); Zellers et al. 2019, [*HellaSwag*](https://arxiv.org/abs/1905.07830);
+# Brown et al. 2020, [*GPT-3*](https://arxiv.org/abs/2005.14165) (tabela 2.1); Loshchilov & Hutter, [*SGDR*](https://arxiv.org/abs/1608.03983)
 # e [*AdamW*](https://arxiv.org/abs/1711.05101). Termos: [glossário](../docs/glossario.md).
 
 # %%
