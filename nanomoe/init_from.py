@@ -30,11 +30,11 @@ from .model import GPT
 from .transfer import TransferReport, transfer_weights
 
 SCRATCH, RESUME = "scratch", "resume"
-# Fields that do not change which tensors exist or what they compute at init (block_size aside,
-# see `architecture_diff`).
+# Fields that do not change which tensors exist or what they compute at init, or that are compared
+# through what they resolve to (widths, key/value heads, block_size: see `architecture_diff`).
 _RUNTIME = ("dropout", "attn", "moe_impl", "moe_aux_loss_coef", "moe_z_loss_coef", "moe_min_capacity",
             "moe_bias_update_rate", "moe_capacity_factor", "block_size", "mlp_multiple_of", "mlp_hidden",
-            "moe_hidden")
+            "moe_hidden", "n_kv_head")
 
 
 class InitError(ValueError):
@@ -66,6 +66,8 @@ def architecture_diff(src: GPTConfig, dst: GPTConfig) -> list[str]:
     """Why `src`'s weights cannot be loaded exactly into `dst` (empty list: they can)."""
     out = [f"{k}: source {getattr(src, k)!r}, run {getattr(dst, k)!r}"
            for k in src.to_dict() if k not in _RUNTIME and getattr(src, k) != getattr(dst, k)]
+    if src.kv_heads != dst.kv_heads:  # n_kv_head=None and n_kv_head=n_head are the same attention
+        out.append(f"key/value heads: source {src.kv_heads}, run {dst.kv_heads}")
     if not out and src.hidden_dim != dst.hidden_dim:  # same switches: the widths must agree too
         out.append(f"MLP width: source {src.hidden_dim}, run {dst.hidden_dim}")
     if not out and dst.n_experts and src.expert_hidden_dim != dst.expert_hidden_dim:
