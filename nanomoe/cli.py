@@ -18,7 +18,9 @@ An `argparse` parser is generated from the dict: one option per key, typed by it
   closest known one ("Did you mean --n_layer?").
 
 As a script the options come from `sys.argv`, and a bad one ends the script with one line on
-stderr and exit status 2. Inside a notebook (a Jupyter/Colab kernel, whose argv is the kernel's own)
+stderr and exit status 2; `parse_args` then also installs `short_errors()`, so the package's clear
+errors about bad input (a missing file, an unknown tokenizer, an invalid config) end the script the
+same way, as one line, instead of a traceback. Inside a notebook (a Jupyter/Colab kernel, whose argv is the kernel's own)
 they come from the environment variable `NANOMOE_ARGS`, e.g. `NANOMOE_ARGS="--quick --epochs=5"`;
 that is how the tests run every notebook in quick mode.
 
@@ -270,6 +272,8 @@ def parse_args(
     if isinstance(argv, str):
         argv = shlex.split(argv)
     prog = _script_name() if from_script else ""
+    if from_script:
+        short_errors()  # a script that reads its options this way also reports bad input in one line
     if quick and (set(quick) - set(defaults) or "quick" not in defaults):
         bad = sorted(set(quick) - set(defaults)) or list(quick)
         raise CLIError(f"quick overrides {bad} need matching keys (and a 'quick' flag) in defaults")
@@ -312,6 +316,8 @@ def short_errors() -> None:
     CLIError, bad configs) as one line and exit with status 1 instead of a traceback. Every other
     exception, and a ValueError raised outside the nanomoe package, keeps its full traceback."""
     previous = sys.excepthook
+    if getattr(previous, "nanomoe_short_errors", False):
+        return  # already installed
 
     def hook(kind, value, tb):
         last = tb
@@ -323,4 +329,5 @@ def short_errors() -> None:
             return
         previous(kind, value, tb)
 
+    hook.nanomoe_short_errors = True
     sys.excepthook = hook

@@ -228,6 +228,11 @@ def overfit_sequence(
     return result
 
 
+class TextFileNotFound(FileNotFoundError, ValueError):
+    """A missing text file: an OSError for code that catches those, and a ValueError, the kind of error
+    a script prints as one line (`nanomoe.cli.short_errors`)."""
+
+
 def read_text(path: str, max_chars: int = 0) -> str:
     """Read a UTF-8 text file (stripped of surrounding whitespace), optionally only its first
     max_chars characters.
@@ -240,7 +245,7 @@ def read_text(path: str, max_chars: int = 0) -> str:
     elif resources.is_resource(p.name):
         text = resources.resource_text(p.name)
     else:
-        raise FileNotFoundError(
+        raise TextFileNotFound(
             f"text file {path!r} not found (nor a packaged file of that name); pass --text_file=PATH to a UTF-8 "
             "text file"
         )
