@@ -771,7 +771,65 @@ for e in range(model.config.n_experts):
 # recebeu 100% dos espaços e quebras de linha; outro, a pontuação e o "q"; outros, grupos de
 # consoantes (j, f, t, h, v, d) ou de vogais (e, é, a, o). Ninguém programou isso: o roteador
 # aprendeu com o gradiente que chega pelas portas.
+
+# %% [markdown]
+# ## 11. Exercícios
 #
+# Preveja antes de abrir a resposta. As respostas são de treinos reais com o código deste capítulo
+# na configuração padrão (4 camadas, C = 128, 8 especialistas, 300 passos, semente 1337, 1 thread,
+# CPU de 2 núcleos compartilhada): as tabelas da seção 10.
+#
+# **1. Top-1 ou top-2?** Com os mesmos parâmetros ativos (o especialista do top-1 tem a largura do
+# MLP denso; os do top-2, metade), qual ganha, por quanto, e a diferença é estável entre sementes?
+# Rode `uv run -m scripts.03_train_moe --seed=1` e compare as linhas `MoE top-1` e `MoE top-2`.
+#
+# <details><summary>Resposta</summary>
+#
+# O top-2 ganha sempre, e por muito: validação 2,0087 / 1,9998 / 2,0035 (sementes 1337, 1 e 2)
+# contra 2,1451 / 2,1019 / 2,3310 do top-1; com 900 passos, 1,6456 / 1,6328 contra 1,7458 / 1,7133.
+# O top-1 também é o mais instável (2,33 numa semente). Cada especialista do top-1 vê só 1/8 dos
+# tokens, e a sua saída é multiplicada por $g = p_i$, que começa perto de 1/8: o MLP quase não
+# contribui no início. O top-2 renormaliza as portas (somam 1) e cada token combina dois
+# especialistas.
+#
+# Para ir além: com `moe_top_k=8` (todos os especialistas, cada um com 1/8 da largura), a loss de
+# balanceamento vale exatamente 1 em qualquer passo — todo especialista recebe $f_i = 1/8$ das
+# atribuições, então $N\sum_i f_i P_i = \sum_i P_i = 1$ — e não dá gradiente nenhum ao roteador.
+# Isso sai da fórmula; quanto o top-8 faz na validação não medimos: treine e compare.
+#
+# </details>
+#
+# **2. Sem a loss de balanceamento.** Com α = 0, quantos dos 8 especialistas você espera que
+# continuem recebendo tokens, e o que acontece com a validação?
+#
+# <details><summary>Resposta</summary>
+#
+# O roteador colapsa, mas não totalmente: na última janela, 2 especialistas mortos somando as 4
+# camadas, o mais carregado de cada camada com 3,77× a carga média, CV 1,38 (contra 0,12 com
+# α = 0,01) e $\mathcal{L}_{bal}$ = 2,57 (1 seria o equilíbrio; 4 = $N/k$, o colapso total). O mapa de
+# calor mostra camadas usando 2 ou 3 dos 8 especialistas. A validação piora pouco (2,0310 contra
+# 2,0087): num modelo de caracteres, poucos especialistas bem treinados ainda dão conta; o que se
+# perde é a capacidade extra que o MoE prometia.
+#
+# </details>
+#
+# **3. Capacidade.** Com fator de capacidade 1 (cada especialista aceita, por sequência, a sua parte
+# justa $Tk/N$ das atribuições), que fração das atribuições você espera perder num roteador já bem
+# balanceado (CV ≈ 0,1)? E quanto isso custa na validação?
+#
+# <details><summary>Resposta</summary>
+#
+# 6,4% das atribuições foram descartadas (linha `cf=1` da tabela), com a carga equilibrada (CV
+# 0,08). Equilíbrio médio não basta: numa sequência de 128 tokens a carga flutua, e todo
+# especialista que passa da sua cota descarta o excedente. O custo foi +0,08 nat de validação (2,0882
+# contra 2,0087), porque o descarte vale também na avaliação e cada descarte tira metade do MLP de
+# um token. Uma pista para escolher o fator: a razão máximo/média da carga (1,18 no MoE top-2 sem
+# capacidade, média das janelas) — mas sequências isoladas flutuam mais que a média (não medimos
+# outros fatores).
+#
+# </details>
+
+# %% [markdown]
 # ## O que você aprendeu
 #
 # - A porta $g_i$ multiplica a saída do especialista: é o único caminho do gradiente até o
