@@ -9,7 +9,8 @@ A checkpoint is one file written by `torch.save`, holding a plain dict:
      "rng" (CPU/CUDA/numpy/python generator states), "loader", "history", "best_val_loss", ...}
 
 Writing is atomic (`nanomoe.files.atomic_write`): the bytes go to a temporary file in the same
-folder, are flushed and fsync'ed to disk, and only then `os.replace` renames it over the old file. A crash or a SIGKILL at any
+folder, are flushed and fsync'ed to disk, and only then `os.replace` renames it over the old file.
+A crash or a SIGKILL at any
 moment leaves either the old checkpoint or the new one, never half of one.
 
 Reading uses `torch.load(weights_only=True)`: the unpickler only rebuilds tensors and plain Python
@@ -145,7 +146,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
@@ -208,7 +210,8 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
             "use another checkpoint (best.pt, or an earlier copy)"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        what = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"a dict with keys {sorted(map(str, ckpt))[:8]}"
+        what = (f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict)
+                else f"a dict with keys {sorted(map(str, ckpt))[:8]}")
         raise CheckpointError(
             f"{p} is not a nanomoe checkpoint (it holds {what}, without format='nanomoe'). "
             "For Hugging Face weights use nanomoe.hf.load_hf; for a raw state_dict build GPT(config) and "

@@ -20,7 +20,8 @@ An `argparse` parser is generated from the dict: one option per key, typed by it
 As a script the options come from `sys.argv`, and a bad one ends the script with one line on
 stderr and exit status 2; `parse_args` then also installs `short_errors()`, so the package's clear
 errors about bad input (a missing file, an unknown tokenizer, an invalid config) end the script the
-same way, as one line, instead of a traceback. Inside a notebook (a Jupyter/Colab kernel, whose argv is the kernel's own)
+same way, as one line, instead of a traceback.
+Inside a notebook (a Jupyter/Colab kernel, whose argv is the kernel's own)
 they come from the environment variable `NANOMOE_ARGS`, e.g. `NANOMOE_ARGS="--quick --epochs=5"`;
 that is how the tests run every notebook in quick mode.
 

@@ -2,8 +2,8 @@
 
 | device | autocast dtype | GradScaler | why |
 |---|---|---|---|
-| CUDA, compute capability >= 8.0 (Ampere, Ada, Hopper) | bfloat16 | no | bf16 has fp32's exponent range: no overflow, no loss scaling |
-| CUDA, older (T4 = 7.5, V100 = 7.0) | float16 | yes | no fast bf16 there; fp16 gradients underflow without loss scaling |
+| CUDA, capability >= 8.0 (Ampere, Ada, Hopper) | bfloat16 | no | fp32's exponent range: no overflow, no scaling |
+| CUDA, older (T4 = 7.5, V100 = 7.0) | float16 | yes | no fast bf16; fp16 gradients underflow without scaling |
 | MPS (Apple) | float32 | no | autocast support on MPS is still partial; fp32 is the safe default |
 | CPU | float32 | no | bf16 autocast on CPU is slower than fp32 on most laptops |
 """
@@ -91,7 +91,8 @@ class Precision:
         name = self.device
         if self.device_type == "cuda":
             name += f" ({torch.cuda.get_device_name(torch.device(self.device))})"
-        amp = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[self.dtype]
+        amp = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast",
+               torch.float16: "fp16 autocast + GradScaler"}[self.dtype]
         return f"device: {name}, precision: {amp}"
 
 

@@ -86,14 +86,17 @@ def _load_checkpoint_file(path: Path) -> tuple[GPT, Tokenizer]:
         magic = f.read(4)
     # torch.save writes a zip archive (b"PK\x03\x04"); very old PyTorch wrote a pickle (b"\x80").
     if magic and not (magic.startswith(b"PK\x03\x04") or magic.startswith(b"\x80")):
-        raise InferenceError(f"{path} is not a PyTorch checkpoint (not a file written by torch.save): {_describe_sources()}")
+        raise InferenceError(
+            f"{path} is not a PyTorch checkpoint (not a file written by torch.save): {_describe_sources()}"
+        )
     try:
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt)
     except CheckpointError as e:
         raise InferenceError(_one_line(e)) from None
     except Exception as e:  # anything torch.load or the state dict can throw
-        raise InferenceError(f"{path} is not a usable nanomoe checkpoint ({type(e).__name__}: {_one_line(e)})") from None
+        why = f"{type(e).__name__}: {_one_line(e)}"
+        raise InferenceError(f"{path} is not a usable nanomoe checkpoint ({why})") from None
     info = ckpt.get("tokenizer")
     if not info:
         raise InferenceError(
@@ -128,7 +131,8 @@ def _load_hf_folder(folder: Path) -> tuple[GPT, Tokenizer]:
     except TokenizerError as e:
         raise InferenceError(f"cannot rebuild the tokenizer of {folder}: {_one_line(e)}") from None
     except Exception as e:  # a broken config.json or safetensors file
-        raise InferenceError(f"cannot load the Hugging Face folder {folder} ({type(e).__name__}: {_one_line(e)})") from None
+        why = f"{type(e).__name__}: {_one_line(e)}"
+        raise InferenceError(f"cannot load the Hugging Face folder {folder} ({why})") from None
     if tok is None:  # a plain save_pretrained folder: use its Hugging Face tokenizer files
         if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
             tok = _tokenizer_from_info({"name": "hf", "path": str(folder)}, folder, folder)

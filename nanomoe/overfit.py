@@ -65,7 +65,8 @@ def reconstruct(model: GPT, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def continue_text(model: GPT, ids: torch.Tensor, prefix_tokens: int, max_new_tokens: Optional[int] = None) -> torch.Tensor:
+def continue_text(model: GPT, ids: torch.Tensor, prefix_tokens: int,
+                  max_new_tokens: Optional[int] = None) -> torch.Tensor:
     """Greedy continuation (temperature=0) of the first `prefix_tokens` tokens of `ids`.
 
     max_new_tokens None generates as many tokens as the rest of the sequence, so a model that

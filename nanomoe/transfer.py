@@ -9,7 +9,8 @@ adapts the ones that can be adapted, leaves the rest at dst's own initialization
 | dst tensor | rule |
 |---|---|
 | token embeddings `wte`, `lm_head` | copied when vocab_size and n_embd match (same tokenizer) |
-| attention `c_attn` (q, k, v rows) | q copied; k, v copied (MHA) or *adapted*: the src heads of each GQA group mean-pooled into one kv head (Ainslie et al. 2023, "GQA", section 2.2 uptraining) |
+| attention `c_attn` (q, k, v rows) | q copied; k, v copied (MHA) or *adapted*: each GQA group's src heads mean-pooled |
+|   | into one kv head (Ainslie et al. 2023, "GQA", arXiv 2305.13245, section 2.2 uptraining) |
 | attention `c_proj` | copied when shapes match |
 | norm gains `ln_1`, `ln_2`, `ln_f` | copied (a LayerNorm gain becomes an RMSNorm gain) |
 | dense MLP | copied only for the same activation and width (a GELU MLP is not a SwiGLU MLP) |
@@ -286,8 +287,9 @@ def _moe_from_dense(p: _Plan, i: int, sc: GPTConfig, dc: GPTConfig, src_is_moe: 
     e_fc, e_proj = pre + "experts.c_fc", pre + "experts.c_proj"
     if why is None:
         # expert e: y = x @ W with W = dense Linear weight^T; c_fc rows [gate; up] -> columns [gate | up]
-        p.put(e_fc, p.S[fc].t().unsqueeze(0).expand(E, -1, -1).clone(), fc, "adapted", f"dense MLP copied into {E} experts")
-        p.put(e_proj, p.S[proj].t().unsqueeze(0).expand(E, -1, -1).clone(), proj, "adapted", f"dense MLP copied into {E} experts")
+        note = f"dense MLP copied into {E} experts"
+        p.put(e_fc, p.S[fc].t().unsqueeze(0).expand(E, -1, -1).clone(), fc, "adapted", note)
+        p.put(e_proj, p.S[proj].t().unsqueeze(0).expand(E, -1, -1).clone(), proj, "adapted", note)
     else:
         p.init(e_fc, why, fc if fc in p.S else None)
         p.init(e_proj, why, proj if proj in p.S else None)
@@ -350,7 +352,8 @@ def transfer_weights(src: GPT, dst: GPT) -> TransferReport:
                 p.init(wpe, f"src has only {p.S[wpe].shape[0]} positions", wpe)
                 p.skip(wpe, f"src has only {p.S[wpe].shape[0]} positions")
         else:
-            p.init(wpe, "src has no learned positions" if wpe not in p.S else "n_embd differs", wpe if wpe in p.S else None)
+            why = "src has no learned positions" if wpe not in p.S else "n_embd differs"
+            p.init(wpe, why, wpe if wpe in p.S else None)
     elif wpe in p.S:
         p.skip(wpe, "learned position table has no counterpart with RoPE (positions are rotations)")
 
@@ -431,7 +434,8 @@ def upcycle_to_moe(
         raise ValueError(f"upcycled experts are copies of the dense MLP: moe_hidden must be {dc.hidden_dim}")
     if noise_std < 0:
         raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-    cfg = dc.replace(n_experts=n_experts, moe_top_k=moe_top_k, moe_hidden=dc.hidden_dim, n_shared_experts=0, **moe_overrides)
+    cfg = dc.replace(n_experts=n_experts, moe_top_k=moe_top_k, moe_hidden=dc.hidden_dim, n_shared_experts=0,
+                     **moe_overrides)
     moe = GPT(cfg).to(dense.transformer.wte.weight.device)
     report = transfer_weights(dense, moe)
     if noise_std > 0:

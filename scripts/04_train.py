@@ -85,7 +85,6 @@ setup("04", written_for=NANOMOE_REF)
 
 # %%
 import json
-import math
 import time
 from pathlib import Path
 
@@ -198,7 +197,8 @@ result = train(model, train_tokens, val_tokens, tcfg, tokenizer=tokenizer,
                extra_state={"data_dir": str(data_dir), "config_name": args.config})
 wall = time.perf_counter() - t0
 if main:
-    print(f"wall time {wall:.1f} s (training {result.train_time_s:.1f} s, the rest is evaluation, samples, checkpoints)")
+    print(f"wall time {wall:.1f} s (training {result.train_time_s:.1f} s; the rest is evaluation, samples, "
+          f"checkpoints)")
     if result.stopped:
         print("STOPPED:", result.stopped)
 if result.stopped and not in_notebook():
@@ -375,14 +375,15 @@ if main and args.compare_chars:
         toks["gpt2"] = gpt2_tokenizer()
     except Exception as e:  # offline without the GPT-2 files
         print(f"(GPT-2 BPE unavailable: {type(e).__name__})")
-    toks["bpe (Machado, 4096)"] = BPETokenizer.train([bpe_train[i:i + 65536] for i in range(0, len(bpe_train), 65536)], 4096)
+    bpe = BPETokenizer.train([bpe_train[i:i + 65536] for i in range(0, len(bpe_train), 65536)], 4096)
+    toks["bpe (Machado, 4096)"] = bpe
     rows = compare_tokenizers(sample, toks)
     print(f"{len(sample):,} characters of Machado (validation part)")
     print(f"{'tokenizer':<22} {'vocab':>7} {'tokens':>9} {'tokens/char':>12} {'chars/token':>12}")
     for r in rows:
         print(f"{r['tokenizer']:<22} {r['vocab_size']:>7,} {r['tokens']:>9,} {r['tokens_per_char']:>12.3f} "
               f"{r['chars_per_token']:>12.2f}")
-    print("exemplo:", [toks["bpe (Machado, 4096)"].decode([i]) for i in toks["bpe (Machado, 4096)"].encode(sample[:60])])
+    print("exemplo:", [bpe.decode([i]) for i in bpe.encode(sample[:60])])
 
 # %%
 if main and args.compare_chars:

@@ -62,7 +62,8 @@ CHECKS = {  # option: (test, what a good value is)
 def read_options(argv=None):
     """The command line, checked: a bad option raises CLIError with one line."""
     args = parse_args(DEFAULTS, argv, positionals=POSITIONALS,
-                      description="Continue a prompt with a chapter-04 checkpoint, a Hugging Face export folder or GPT-2.")
+                      description="Continue a prompt with a chapter-04 checkpoint, a Hugging Face export folder "
+                      "or GPT-2.")
     for key, (ok, what) in CHECKS.items():
         if not ok(getattr(args, key)):
             raise CLIError(f"--{key} must be {what}, got {getattr(args, key)!r}")

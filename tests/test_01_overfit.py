@@ -161,8 +161,8 @@ def test_plots_save_and_draw_what_they_say(tmp_path):
     fig = plot_curves({"a": h1, "b": h2}, y=("train_loss", "val_loss"), save_path=tmp_path / "sub" / "c.png")
     assert (tmp_path / "sub" / "c.png").stat().st_size > 1000
     ax_train, ax_val = fig.axes
-    assert [len(l.get_xdata()) for l in ax_train.lines] == [10, 5]
-    assert [len(l.get_xdata()) for l in ax_val.lines] == [10]  # run b has no val_loss
+    assert [len(line.get_xdata()) for line in ax_train.lines] == [10, 5]
+    assert [len(line.get_xdata()) for line in ax_val.lines] == [10]  # run b has no val_loss
     with pytest.raises(ValueError, match="at least one key"):
         plot_curves(h1, y=())
     hist = [{"step": 0, "loss": 3.5, "ppl": 33.1}] + [
@@ -173,8 +173,8 @@ def test_plots_save_and_draw_what_they_say(tmp_path):
     ax_loss, ax_ppl = fig.axes
     assert ax_ppl.get_yscale() == "log"
     assert len(ax_loss.lines[0].get_xdata()) == 5  # steps 0, 5, 10, 15, 20
-    assert any(abs(l.get_ydata()[0] - 3.5835) < 1e-3 for l in ax_loss.lines)  # ln(36) reference line
-    assert any(l.get_label() == "treino (com dropout)" for l in ax_loss.lines)
+    assert any(abs(line.get_ydata()[0] - 3.5835) < 1e-3 for line in ax_loss.lines)  # ln(36) reference line
+    assert any(line.get_label() == "treino (com dropout)" for line in ax_loss.lines)
 
 
 # ---- the script end to end --------------------------------------------------------------------------
@@ -284,7 +284,8 @@ def test_cli_reads_env_inside_a_kernel(monkeypatch):
     monkeypatch.delenv("NANOMOE_ARGS")
     assert vars(parse_args(DEFAULTS)) == DEFAULTS
     # Colab's launcher
-    monkeypatch.setattr(sys, "argv", ["/usr/local/lib/python3.12/dist-packages/colab_kernel_launcher.py", "-f", "k.json"])
+    colab = "/usr/local/lib/python3.12/dist-packages/colab_kernel_launcher.py"
+    monkeypatch.setattr(sys, "argv", [colab, "-f", "k.json"])
     assert in_notebook()
     # a plain script that happens to have ipykernel imported is not a kernel
     monkeypatch.setattr(sys, "argv", ["scripts/x.py", "--epochs=2"])

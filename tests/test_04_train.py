@@ -129,7 +129,8 @@ def test_validation_is_cross_entropy_only_for_moe():
             ces.append(model.last_ce_loss.item())
     assert ce == pytest.approx(float(np.mean(ces)), rel=1e-6)
     assert float(np.mean(totals)) > ce + 0.01  # the aux loss is there, and left out
-    res = train(model, _data(), val, TrainConfig(max_steps=2, eval_interval=2, eval_iters=3, batch_size=4, lr=1e-5, min_lr=1e-6),
+    tcfg = TrainConfig(max_steps=2, eval_interval=2, eval_iters=3, batch_size=4, lr=1e-5, min_lr=1e-6)
+    res = train(model, _data(), val, tcfg,
                 progress=False)
     h = res.history[0]
     assert h["val_loss"] == pytest.approx(ce, rel=1e-6)  # step 0 evaluation, before any update
@@ -166,7 +167,7 @@ def test_fp16_gradscaler_path_runs_on_cpu(tmp_path):
     tcfg = TrainConfig(max_steps=4, batch_size=4, dtype="float16", device="cpu", eval_interval=4, eval_iters=1,
                        out_dir=str(tmp_path), plot=False, warmup_steps=1)
     res = train(_model(), _data(), _data(seed=3), tcfg, progress=False)
-    assert res.stopped is None and len(res.losses) == 4 and all(math.isfinite(l) for l in res.losses)
+    assert res.stopped is None and len(res.losses) == 4 and all(math.isfinite(v) for v in res.losses)
     ck = load_checkpoint(tmp_path)
     assert ck["scaler"] is not None and ck["scaler"]["scale"] > 0  # the scaler state travels with the checkpoint
 

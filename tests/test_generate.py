@@ -142,7 +142,7 @@ def _err(capsys, argv) -> str:
     rc = main([str(a) for a in argv])
     err = capsys.readouterr().err
     assert rc == 2, err
-    lines = [l for l in err.strip().splitlines() if l.startswith("generate: error:")]
+    lines = [line for line in err.strip().splitlines() if line.startswith("generate: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 

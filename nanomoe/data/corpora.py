@@ -2,7 +2,7 @@
 
 | corpus | text | source |
 |---|---|---|
-| `machado` | Machado de Assis (pt-br): 10 novels + 7 story collections, 4.8M characters | luxedo/dataset-machado-de-assis (pinned commit) |
+| `machado` | Machado de Assis (pt-br): 10 novels + 7 story collections, 4.8M chars | luxedo/dataset-machado-de-assis |
 | `tinyshakespeare` | Karpathy's char-rnn TinyShakespeare, 1.1M characters of English | karpathy/char-rnn |
 
 Lookup order: a `source` you pass (file or folder), the offline copy in $NANOMOE_DATA, the download
@@ -74,7 +74,8 @@ def _download_machado() -> str:
             (dest / fname).write_bytes(data)
     text = _read_machado_folder(dest)
     if hashlib.sha256(text.encode("utf-8")).hexdigest() != MACHADO_SHA256:
-        raise DataError(f"the downloaded Machado corpus in {dest} does not match its sha256; delete the folder and retry")
+        raise DataError(f"the downloaded Machado corpus in {dest} does not match its sha256; delete the folder and "
+                        f"retry")
     return text
 
 
@@ -155,7 +156,8 @@ def iter_documents(source: Union[str, os.PathLike]) -> Iterator[str]:
         try:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
-            raise DataError("reading .parquet files needs pyarrow: `uv pip install pyarrow` (or convert them to .jsonl)") from None
+            raise DataError("reading .parquet files needs pyarrow: `uv pip install pyarrow` (or convert them to "
+                            ".jsonl)") from None
     return _read_documents(files)
 
 

@@ -61,7 +61,8 @@ def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     return text[:n_train], text[n_train:]
 
 
-def encode_splits(tok: Tokenizer, text: str, val_fraction: float = 0.1, *, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def encode_splits(tok: Tokenizer, text: str, val_fraction: float = 0.1, *,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """In-memory train/val token ids of a text (the split of `split_text`), for chapter experiments."""
     train_text, val_text = split_text(text, val_fraction)
     return encode_text(tok, train_text, progress=progress), encode_text(tok, val_text, progress=progress)
