@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ("gpt2_124m_fineweb", "modern_124m_fineweb", "moe_124m_fineweb", "gpt2_finetune_machado")
 # The real configs, scaled down to a CPU: everything else (tokenizer, preset, schedule shape,
 # tokens_per_step -> accumulation, HellaSwag during evaluation) comes from the config file.
-SMALL = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=32", "--batch_size=2", "--tokens_per_step=128",
-         "--max_steps=3", "--warmup_steps=1", "--eval_interval=3", "--eval_iters=2", "--log_interval=1",
-         "--compile=false", "--dtype=float32", "--device=cpu", "--sample_tokens=4", "--compare_chars=0",
-         "--threads=1"]
+SMALL = ["--n_layer=2", "--n_head=4", "--n_kv_head=4", "--n_embd=64", "--block_size=32", "--batch_size=2",
+         "--tokens_per_step=128", "--max_steps=3", "--warmup_steps=1", "--eval_interval=3", "--eval_iters=2",
+         "--log_interval=1", "--compile=false", "--dtype=float32", "--device=cpu", "--sample_tokens=4",
+         "--compare_chars=0", "--threads=1"]
 HELLASWAG = [
     {"ctx": "A man is sitting on a roof. He", "label": 3,
      "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
@@ -44,7 +44,7 @@ HELLASWAG = [
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, shared_data, _tiktoken_cache_dir):
     """A FineWeb-layout folder of GPT-2 ids (val shard first), a HellaSwag sample, a tiny GPT-2.
-    The GPT-2 BPE comes from a pre-filled tiktoken cache (TIKTOKEN_CACHE_DIR, inherited by the runs)."""
+    The GPT-2 BPE comes from a pre-filled tiktoken cache (TIKTOKEN_CACHE_DIR)."""
     root = tmp_path_factory.mktemp("gpt2_runs")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TIKTOKEN_CACHE_DIR", str(_tiktoken_cache_dir))
@@ -58,19 +58,20 @@ def files(tmp_path_factory, shared_data, _tiktoken_cache_dir):
         yield root
 
 
-def _env():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+@pytest.fixture(scope="module")
+def env(shared_data, _tiktoken_cache_dir) -> dict:
+    """The environment of the runs: one thread, the repository importable, offline corpora and BPE."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "NANOMOE_DATA": str(shared_data),
+           "TIKTOKEN_CACHE_DIR": str(_tiktoken_cache_dir)}
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     return env
 
 
-def _run(files: Path, out: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
-    cmd = ([sys.executable, "-m"] if nproc == 1 else launcher) + [
-        "scripts.04_train", *SMALL, f"--data_dir={files / 'fineweb'}", f"--hellaswag={files / 'hellaswag.jsonl'}",
-        f"--out_dir={out}", *extra]
-    return subprocess.run(cmd, cwd=out.parent, env=_env(), capture_output=True, text=True, timeout=600)
+def _run(files: Path, env: dict, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "scripts.04_train", *SMALL, f"--data_dir={files / 'fineweb'}",
+           f"--hellaswag={files / 'hellaswag.jsonl'}", f"--out_dir={out}", *extra]
+    return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _records(out: Path, kind: str) -> list[dict]:
@@ -133,7 +134,7 @@ def test_init_from_exact_and_transfer(files, capsys):
     from nanomoe import preset
 
     folder = files / "tiny_gpt2"
-    same = preset("gpt2", n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=50257)
+    same = preset("gpt2", n_layer=2, n_head=4, n_kv_head=4, n_embd=64, block_size=32, vocab_size=50257)
     model, report = init_model(str(folder), same)
     assert report is None and "loaded exactly" in capsys.readouterr().out
     src = hf.from_pretrained(folder)
@@ -156,10 +157,14 @@ def test_init_from_exact_and_transfer(files, capsys):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_trains_scaled_down(files, tmp_path, name):
-    extra = [f"--init_from={files / 'tiny_gpt2'}"] if name == "gpt2_finetune_machado" else []
+def test_config_trains_scaled_down(files, env, tmp_path, name):
+    """Each config through the script. The fine-tuning config starts from the tiny GPT-2 folder
+    (exact load: its step-0 validation loss equals transformers' own loss on the same batches);
+    the modern one from the same folder through the partial transfer, whose report is printed."""
+    init = {"gpt2_finetune_machado": [f"--init_from={files / 'tiny_gpt2'}"],
+            "modern_124m_fineweb": [f"--init_from={files / 'tiny_gpt2'}"]}.get(name, [])
     out = tmp_path / name
-    proc = _run(files, out, f"--config={name}", *extra)
+    proc = _run(files, env, out, f"--config={name}", *init)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "128 tokens/step (from tokens_per_step) = 1 process(es) x 2 micro-batch(es) x 2 x 32" in proc.stdout
     train_recs, evals = _records(out, "train"), _records(out, "eval")
@@ -174,76 +179,104 @@ def test_config_trains_scaled_down(files, tmp_path, name):
             "moe_124m_fineweb": ("rope", 8, 50304), "gpt2_finetune_machado": ("learned", 0, 50257)}[name]
     assert (cfg["pos_emb"], cfg["n_experts"], cfg["vocab_size"]) == want  # the rest from the config file
     assert ck["tokenizer"]["name"] == "gpt2"
+    if name == "gpt2_finetune_machado":
+        assert "every tensor loaded exactly" in proc.stdout
+        direct = _transformers_val_loss(files, batches=2)
+        print(f"\n{name}: step-0 val loss {evals[0]['val_loss']:.6f}, transformers on the same batches {direct:.6f}")
+        assert evals[0]["val_loss"] == pytest.approx(direct, rel=1e-5)
+    if name == "modern_124m_fineweb":
+        assert "partial transfer" in proc.stdout and "initialized" in proc.stdout and "skipped" in proc.stdout
 
 
-def test_init_from_step0_val_loss_equals_transformers(files, tmp_path):
-    """--init_from a Hugging Face folder: step-0 validation loss == GPT2LMHeadModel's own loss on
-    the same validation batches (the first eval_iters batches of a loader seeded with 0)."""
+def _transformers_val_loss(files: Path, batches: int) -> float:
+    """GPT2LMHeadModel's own mean cross-entropy on the run's fixed validation batches (the first
+    `batches` batches of a loader seeded with 0, as `nanomoe.evaluate` draws them)."""
     from transformers import GPT2LMHeadModel
 
-    folder = files / "tiny_gpt2"
-    out = tmp_path / "ft"
-    proc = _run(files, out, "--config=gpt2_finetune_machado", f"--init_from={folder}", "--max_steps=1",
-                "--eval_interval=1")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "loaded exactly" in proc.stdout
-    step0 = _records(out, "eval")[0]
-    assert step0["step"] == 0
-
-    ref = GPT2LMHeadModel.from_pretrained(folder).eval()
+    ref = GPT2LMHeadModel.from_pretrained(files / "tiny_gpt2").eval()
     loader = BatchLoader(load_split(files / "fineweb", "val"), 2, 32, seed=0)
     losses = []
     with torch.no_grad():
-        for _ in range(2):
+        for _ in range(batches):
             x, y = loader.next_batch()
             logits = ref(x).logits
             losses.append(float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())))
-    direct = sum(losses) / len(losses)
-    print(f"step-0 val loss {step0['val_loss']:.6f}, transformers on the same batches {direct:.6f}")
-    assert step0["val_loss"] == pytest.approx(direct, rel=1e-5)
-
-    # a modern config from the same folder: the transfer report is printed
-    proc = _run(files, tmp_path / "modern", "--config=modern_124m_fineweb", f"--init_from={folder}", "--max_steps=1",
-                "--eval_interval=1")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "partial transfer" in proc.stdout and "initialized" in proc.stdout and "skipped" in proc.stdout
-
-    proc = _run(files, tmp_path / "bad", "--config=gpt2_finetune_machado", f"--init_from={tmp_path / 'missing'}")
-    assert proc.returncode != 0 and "--init_from" in proc.stderr and "Traceback" not in proc.stderr
+    return sum(losses) / len(losses)
 
 
 # ---- DDP: the same tokens per step on 2 ranks and on 1 ---------------------------------------------
 
+DRIVER = r'''
+import json
+import sys
 
-def test_two_ranks_take_the_steps_of_one(files, tmp_path):
-    flags = ["--config=gpt2_124m_fineweb", "--max_steps=4", "--eval_interval=2"]
-    one = _run(files, tmp_path / "one", *flags)
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    two = _run(files, tmp_path / "two", *flags, nproc=2)
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    assert "1 process(es) x 2 micro-batch(es)" in one.stdout and "2 process(es) x 1 micro-batch(es)" in two.stdout
-    a, b = _records(tmp_path / "one", "train"), _records(tmp_path / "two", "train")
-    assert len(a) == len(b) == 4  # one writer (rank 0): no duplicated lines
-    for key in ("loss", "grad_norm", "tokens"):
-        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5), key
-    ea, eb = _records(tmp_path / "one", "eval"), _records(tmp_path / "two", "eval")
-    assert [r["val_loss"] for r in eb] == pytest.approx([r["val_loss"] for r in ea], rel=1e-5)
-    # HellaSwag split over the ranks, counts summed: the same result
-    assert [(r["hellaswag_n"], r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in eb] == \
-        [(r["hellaswag_n"], r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in ea]
-    assert a[-1]["loss"] < a[0]["loss"]  # it trains
-
-    bad = _run(files, tmp_path / "bad", *flags, "--tokens_per_step=100")
-    assert bad.returncode != 0 and "tokens_per_step=100" in bad.stderr and "Traceback" not in bad.stderr
+import torch
 
 
-def test_readme_ddp_quick_command_runs_on_two_ranks(tmp_path, shared_data):
-    """`torchrun --standalone --nproc_per_node=2 -m scripts.04_train --quick` (the README's command)
-    runs with the default config, whose grad_accum=1 is rounded up to one micro-batch per rank."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "scripts.04_train", "--quick", "--compare_chars=0", "--max_steps=4", "--eval_interval=4", "--threads=1",
-           f"--out_dir={tmp_path / 'run'}"]
-    env = {**_env(), "NANOMOE_DATA": str(shared_data), "NANOMOE_HOME": str(tmp_path)}
+def run(files, out_dir):
+    torch.set_num_threads(1)
+    from nanomoe import GPT, preset
+    from nanomoe.data import load_split
+    from nanomoe.tokenizer import gpt2_tokenizer
+    from nanomoe.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2", vocab_size=50304, block_size=32, n_layer=2, n_head=4, n_embd=64))
+    cfg = TrainConfig(max_steps=4, warmup_steps=1, batch_size=2, tokens_per_step=128, lr=3e-3, eval_interval=2,
+                      eval_iters=2, log_interval=1, out_dir=out_dir, plot=False, device="cpu", sample_tokens=0,
+                      hellaswag=f"{files}/hellaswag.jsonl")
+    res = train(model, load_split(f"{files}/fineweb", "train"), load_split(f"{files}/fineweb", "val"), cfg,
+                tokenizer=gpt2_tokenizer(), progress=False)
+    checksum = sum(float(p.double().abs().sum()) for p in model.state_dict().values())
+    return {"losses": res.losses, "grad_norms": [r["grad_norm"] for r in res.log], "checksum": checksum,
+            "evals": [[h["val_loss"], h["hellaswag_n"], h["hellaswag_acc"], h["hellaswag_acc_norm"]]
+                      for h in res.history]}
+
+
+if __name__ == "__main__":
+    from nanomoe.distributed import cleanup_distributed, setup_distributed
+
+    files, out = sys.argv[1], sys.argv[2]
+    info = setup_distributed("cpu")
+    result = run(files, f"{out}/ddp")
+    with open(f"{out}/rank{info.rank}.json", "w") as f:
+        json.dump(result, f)
+    cleanup_distributed(info)
+'''
+
+
+def test_two_ranks_take_the_steps_of_one(files, env, tmp_path):
+    """tokens_per_step=128 with batch 2 x 32: 1 process accumulates 2 micro-batches, 2 ranks 1 each;
+    losses, gradient norms, weights, validation loss and HellaSwag counts are the same."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           str(files), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "rounded up" in proc.stdout and "2 process(es) x 1 micro-batch(es)" in proc.stdout
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    ns: dict = {"__name__": "driver"}
+    exec(DRIVER, ns)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", env["TIKTOKEN_CACHE_DIR"])
+        one = ns["run"](str(files), str(tmp_path / "one"))
+    assert r0["losses"] == r1["losses"] and r0["checksum"] == r1["checksum"]  # ranks never diverge
+    assert len(one["losses"]) == 4 and one["losses"][-1] < one["losses"][0]  # it trains
+    assert r0["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert r0["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-4)
+    assert r0["checksum"] == pytest.approx(one["checksum"], rel=1e-5)
+    for a, b in zip(r0["evals"], one["evals"]):
+        assert a[0] == pytest.approx(b[0], rel=1e-5) and a[1:] == b[1:]  # HellaSwag: counts summed over ranks
+    assert len(one["evals"]) == 3 and one["evals"][0][1] == 3
+
+
+def test_readme_ddp_quick_command_runs_on_two_ranks(env, tmp_path):
+    """`torchrun --standalone --nproc_per_node=2 -m scripts.04_train --quick` (the README's command
+    with the chapter's quick mode) runs with the default config, whose grad_accum=1 is rounded up to
+    one micro-batch per rank, and says so."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.04_train", "--quick", "--compare_chars=0", "--max_steps=4", "--eval_interval=4", "--threads=1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**env, "NANOMOE_HOME": str(tmp_path)}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rounded up for 2 processes" in proc.stdout and "2 process(es) x 1 micro-batch(es)" in proc.stdout
