@@ -482,6 +482,61 @@ if main and ckpt_file.is_file():
     print("same text with and without the cache:", texts[True] == texts[False])
 
 # %% [markdown]
+# ## Exercícios
+#
+# Preveja antes de abrir a resposta. As respostas 1 e 2 foram medidas com `nanomoe.train.train` no
+# tamanho do `--quick` (modelo moderno de 2 camadas, C = 32, contexto 32, lotes de 4, 40 passos,
+# avaliação a cada 10, os primeiros 200 mil caracteres de Machado), 1 thread, numa CPU de 2 núcleos.
+#
+# **1. Mate um treino e retome.** Rode `uv run -m scripts.04_train --quick --max_steps=40
+# --eval_interval=10 --out_dir=runs/ex1`, mate o processo no meio (Ctrl-C, ou `kill -9` de outro
+# terminal) depois do checkpoint do passo 20, e rode de novo o mesmo comando com `--resume`. As losses
+# de validação e os pesos finais serão iguais aos de um treino sem interrupção?
+#
+# <details><summary>Resposta</summary>
+#
+# Iguais, até o último dígito. O treino direto deu validação 4,5471 / 4,2356 / 3,9901 / 3,8535 /
+# 3,8099 nos passos 0, 10, 20, 30 e 40. Matamos o outro processo com `SIGKILL` logo depois do
+# checkpoint do passo 20 e rodamos de novo com `resume`: ele continuou do passo 20 e deu 3,8535 e
+# 3,8099 nos passos 30 e 40, e os pesos finais são idênticos tensor a tensor (`torch.equal`). O
+# checkpoint guarda pesos, estado do AdamW, passo e geradores, e o lote número *g* é sorteado de
+# `(semente, g)`: nada do que vem depois depende de o processo ter morrido. O que se perde ao matar
+# é só o trabalho desde o último checkpoint (a cada `eval_interval` passos).
+#
+# </details>
+#
+# **2. Retomar com outro `max_steps`.** Treine 20 passos (`--max_steps=20`) e depois retome com
+# `--resume --max_steps=40`. O resultado é o de um treino direto de 40 passos?
+#
+# <details><summary>Resposta</summary>
+#
+# Não. Aos 20 passos o treino curto já tinha validação 4,1141 (o direto, 3,9901 no mesmo passo): com
+# `max_steps=20` o cosseno leva a taxa até `min_lr` no passo 20. Ao retomar com `--max_steps=40`, o
+# laço avisa (`max_steps: checkpoint has 20, this run has 40`) e recalcula a taxa pelo passo: ela
+# estava em 1,1e-4 no fim do treino curto e volta a 6,5e-4 (65% do pico), o valor do passo 20 num
+# cosseno de 40 passos. O treino
+# termina em 3,9241, contra 3,8099 do direto. A retomada exata vale para o mesmo `max_steps`; mudar o
+# horizonte muda a curva da taxa (é o que o aviso diz).
+#
+# </details>
+#
+# **3. Uma ou duas threads?** Numa CPU de 2 núcleos que outros processos também usam, o PyTorch com 2
+# threads (o padrão) treina o modelo deste capítulo mais rápido ou mais devagar que com 1
+# (`--threads=1`)?
+#
+# <details><summary>Resposta</summary>
+#
+# Muito mais devagar, e de forma imprevisível. Medimos (`docs/benchmarks.md`, capítulo 04): com 2
+# threads, o mesmo modelo variou de 700 a 20 000 tokens/s de uma execução para outra; com 1 thread,
+# a execução registrada neste notebook fez 7 527 tokens/s em média. Cada operação do
+# PyTorch divide o trabalho entre as threads e espera a mais lenta; quando outro processo ocupa o
+# segundo núcleo, a segunda thread só roda quando o sistema operacional lhe dá a vez, e todas as
+# operações esperam por ela. Numa máquina livre, 2 threads ajudam; numa compartilhada, 1 thread (ou
+# `OMP_WAIT_POLICY=PASSIVE`) é o seguro.
+#
+# </details>
+
+# %% [markdown]
 # ## O que você aprendeu
 #
 # - O corpus vira *shards* de tokens em disco, lidos por *memory map*; o lote número *g* é sorteado
