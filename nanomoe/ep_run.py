@@ -242,6 +242,9 @@ def _summary(log: list[dict], val_loss: float, world: int) -> dict:
         out["bytes_per_step"] = sum(sum(r["bytes"]) for r in tail) / len(tail)
         out["imbalance_mean"] = sum(r["imbalance"] for r in tail) / len(tail)
         out["received_last_step"] = log[-1]["received"]
+        out["dropped_fraction"] = sum(r["dropped"] for r in tail) / sum(sum(r["received"]) + r["dropped"] for r in tail)
+        out["local_fraction"] = sum(sum(r["sent"][i][i] for i in range(world)) for r in tail) / sum(
+            sum(r["received"]) for r in tail)
     return out
 
 

@@ -53,12 +53,13 @@ def train_step(model, optimizer, micro_batches, lr: float, grad_clip: float, gro
     if len(micro_batches) > 1:  # global balance scope: count the whole step's routing first (else a no-op);
         with autocast or nullcontext():  # with one micro-batch the forward all-reduces the counts itself
             global_balance_prepass(model, [x for x, _ in micro_batches])
-    ce, sent, received, sent_bytes = 0.0, 0, 0, 0
+    ce, sent, received, sent_bytes, dropped = 0.0, 0, 0, 0, 0
     for x, y in micro_batches:
         with autocast or nullcontext():
             _, loss = model(x, y)
         (loss / len(micro_batches)).backward()
         ce += float(model.last_ce_loss) / len(micro_batches)
+        dropped += sum(int(st["dropped"]) for st in model.last_moe_stats)  # capacity drops (assignments)
         comm = comm_summary(model)
         if comm:
             sent, received = sent + comm["sent"], received + comm["received"]
@@ -68,7 +69,8 @@ def train_step(model, optimizer, micro_batches, lr: float, grad_clip: float, gro
     optimizer.step()
     update_moe_bias(model)
     ce = _mean_over_ranks(ce, group)
-    return {"loss": ce, "grad_norm": norm, "sent": sent, "received": received, "bytes": sent_bytes}
+    return {"loss": ce, "grad_norm": norm, "sent": sent, "received": received, "bytes": sent_bytes,
+            "dropped": dropped}
 
 
 def _mean_over_ranks(value: float, group=None) -> float:
@@ -83,20 +85,21 @@ def _mean_over_ranks(value: float, group=None) -> float:
 
 def gather_comm(step_result: dict, group=None) -> dict:
     """Every rank's accounting of one step, on every rank: sent[s][d] rows rank s sent to rank d,
-    received[d] rows rank d's experts computed, bytes[s], and the imbalance max/mean of received."""
+    received[d] rows rank d's experts computed, bytes[s] rank s sent over the network (forward +
+    backward), dropped (assignments over capacity, all ranks) and the imbalance max/mean of received."""
     W = dist.get_world_size(group) if dist.is_initialized() else 1
     if W == 1 or not torch.is_tensor(step_result["sent"]):
         return {}
-    mine = torch.cat([step_result["sent"], torch.tensor([step_result["bytes"]])]).long()
+    mine = torch.cat([step_result["sent"], torch.tensor([step_result["bytes"], step_result["dropped"]])]).long()
     if dist.get_backend(group) == "nccl":
         mine = mine.cuda()
     rows = [torch.empty_like(mine) for _ in range(W)]
     dist.all_gather(rows, mine, group=group)
-    table = torch.stack(rows).cpu()  # (W, W+1)
+    table = torch.stack(rows).cpu()  # (W, W+2)
     sent = table[:, :W]
     received = sent.sum(0)  # what each rank's experts computed
     return {"sent": sent.tolist(), "received": received.tolist(), "bytes": table[:, W].tolist(),
-            "imbalance": imbalance(received)}
+            "dropped": int(table[:, W + 1].sum()), "imbalance": imbalance(received)}
 
 
 @torch.no_grad()

@@ -1,0 +1,520 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: notebooks///ipynb,scripts///py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Capítulo 07 — MoE em várias GPUs: paralelismo de especialistas
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/07_expert_parallel.ipynb)
+#
+# No capítulo 04 replicamos o modelo inteiro em cada processo (DDP): cada GPU guarda **todos** os
+# pesos e lê uma fatia diferente dos dados. Um MoE de verdade não cabe assim. O DeepSeek-V3 tem
+# 256 especialistas por camada e 671 bilhões de parâmetros; cada token usa só 37 bilhões. A saída é
+# **paralelismo de especialistas** (*expert parallelism*, EP): com $W$ processos (*ranks*), cada um
+# guarda só $E/W$ especialistas, e os **tokens viajam** até o rank que tem o especialista escolhido
+# e voltam com a resposta.
+#
+# | ideia | artigo |
+# |---|---|
+# | especialistas espalhados por dispositivos, `all_to_all` de ida e volta | Lepikhin et al. 2020, [*GShard*][gshard] |
+# | top-1, fator de capacidade, o custo de comunicação | Fedus et al. 2021, [*Switch Transformers*][switch] |
+# | despacho sem descarte, *kernels* de blocos esparsos | Gale et al. 2022, [*MegaBlocks*][megablocks] |
+# | roteamento limitado por nó, comunicação sobreposta (DualPipe) | DeepSeek-AI 2024, [*DeepSeek-V3*][dsv3] (3.2) |
+#
+# [gshard]: https://arxiv.org/abs/2006.16668
+# [switch]: https://arxiv.org/abs/2101.03961
+# [megablocks]: https://arxiv.org/abs/2211.15841
+# [dsv3]: https://arxiv.org/abs/2412.19437
+#
+# Testar isso costuma exigir um cluster. Aqui não: as operações coletivas de que o EP precisa
+# (`all_to_all_single`, `all_reduce`, `all_gather`) rodam na CPU com o backend **gloo** do
+# `torch.distributed`. Este notebook lança os processos para você (com `torchrun`, num
+# subprocesso) e prova, número a número, que $W$ ranks calculam **o mesmo** que um processo só.
+# O código mora em `nanomoe/expert_parallel.py` (a camada), `nanomoe/ep_train.py` (o passo de
+# treino e os checkpoints) e `nanomoe/ep_run.py` (o programa que o `torchrun` executa); os testes
+# em `tests/test_07_expert_parallel.py`.
+#
+# ```bash
+# uv run -m scripts.07_expert_parallel                                    # este capítulo, na CPU
+# torchrun --standalone --nproc_per_node=2 -m nanomoe.ep_run              # um treino EP com 2 processos (gloo)
+# torchrun --standalone --nproc_per_node=2 -m nanomoe.ep_run --check      # uma camada EP contra 1 processo
+# ```
+
+# %%
+# Set-up: on Colab (or any Jupyter without nanomoe) install the release this notebook was written for.
+import importlib.util
+import subprocess
+import sys
+
+NANOMOE_REF = "v0.2.0"
+if importlib.util.find_spec("nanomoe") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
+    importlib.invalidate_caches()
+
+from nanomoe.notebook import setup
+
+setup("07", written_for=NANOMOE_REF)
+
+# %%
+import json
+import shutil
+import time
+
+import matplotlib.pyplot as plt
+import torch
+
+from nanomoe import moe_config
+from nanomoe.checkpoint import CheckpointError, check_config, load_checkpoint
+from nanomoe.cli import parse_args
+from nanomoe.data import read_corpus
+from nanomoe.ep_plots import plot_comm, plot_dispatch
+from nanomoe.ep_run import launch
+from nanomoe.expert_parallel import (
+    ExpertParallelError,
+    ExpertParallelMoE,
+    check_world_size,
+    clip_grad_norm,
+    sync_gradients,
+)
+from nanomoe.moe import MoE, expert_mlp
+from nanomoe.notebook import show_source
+from nanomoe.paths import in_home
+from nanomoe.plots import save_figure
+
+# %% [markdown]
+# ## Parâmetros
+#
+# Um MoE pequeno por caractere (2 camadas, 64 dimensões, 8 especialistas, top-2) treinado no
+# Machado de Assis com $W$ = 1, 2 e 4 processos e **o mesmo lote global** por passo: 4
+# micro-lotes de 8 sequências de 64 caracteres (com $W$ = 1, 4 micro-passos de acumulação; com
+# $W$ = 2, 2 micro-passos por rank; com $W$ = 4, 1). Como script:
+# `uv run -m scripts.07_expert_parallel --steps=300`; num notebook, edite o dicionário ou defina
+# `NANOMOE_ARGS="--steps=300"`. `--quick` roda tudo em segundos (é o que os testes usam).
+
+# %%
+DEFAULTS = dict(
+    quick=False,
+    corpus="machado",
+    source="",  # a local copy of the corpus (a folder of .txt files) when offline
+    n_layer=2,
+    n_head=4,
+    n_embd=64,
+    block_size=64,
+    n_experts=8,
+    moe_top_k=2,
+    batch_size=8,  # sequences per micro-batch
+    micro_batches=4,  # micro-batches per optimizer step, over all ranks (the global batch)
+    steps=120,
+    ex_steps=60,  # steps of each exercise run (0 = skip them)
+    lr=2e-3,
+    warmup_steps=15,
+    worlds="1,2,4",  # numbers of processes to compare
+    checks="2:0,4:1",  # layer checks W:capacity_factor (0 = dropless)
+    out_dir="runs/07",
+)
+QUICK = dict(n_layer=1, n_embd=32, block_size=32, batch_size=4, steps=4, ex_steps=0, warmup_steps=1, worlds="1,2",
+             checks="2:1")
+args = parse_args(DEFAULTS, quick=QUICK)
+out_dir = in_home(args.out_dir)
+out_dir.mkdir(parents=True, exist_ok=True)
+worlds = [int(w) for w in args.worlds.split(",")]
+model_opts = dict(corpus=args.corpus, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                  block_size=args.block_size, n_experts=args.n_experts, moe_top_k=args.moe_top_k,
+                  batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10, warmup_steps=args.warmup_steps)
+if args.source:
+    model_opts["source"] = args.source
+text = read_corpus(args.corpus, args.source or None)  # read (or download) once, before the ranks start
+print(f"{args.corpus}: {len(text):,} caracteres")
+t_start = time.perf_counter()
+print(args)
+
+# %% [markdown]
+# ## 1. A ideia: os tokens viajam, os especialistas ficam
+#
+# Numa camada MoE com $E$ especialistas e $W$ ranks ($W$ divide $E$), o rank $r$ guarda os
+# especialistas $rE/W, \dots, (r+1)E/W - 1$: uma **fatia** dos pesos empilhados `c_fc` $(E, C, 2H)$
+# e `c_proj` $(E, H, C)$ do capítulo 03. O resto do modelo (embeddings, atenção, normas e o
+# **roteador**) é replicado, como no DDP. Cada rank, para os **seus** tokens:
+#
+# 1. **roteia**: escolhe os $k$ especialistas de cada token e decide a capacidade (quem é
+#    descartado) **antes** de qualquer viagem, por sequência, como no capítulo 03;
+# 2. **ordena** as atribuições (token, especialista) por especialista; como o especialista $e$
+#    mora no rank $\lfloor e/(E/W) \rfloor$, as linhas de cada rank de destino ficam contíguas;
+# 3. **troca as contagens** com um `all_to_all` de $E$ números: cada rank descobre quantas linhas
+#    vai receber de cada um, para cada especialista seu (o tamanho do buffer vem daí);
+# 4. **despacha** as linhas com um `all_to_all` (cada rank manda um bloco a cada rank);
+# 5. **calcula** os seus especialistas com o mesmo *kernel* de um processo só (`grouped_mm`);
+# 6. **devolve** os resultados com outro `all_to_all`, na ordem em que chegaram, e cada rank
+#    multiplica pelas portas e soma nos seus tokens, **na ordem original** dos tokens.
+#
+# O desenho abaixo é um roteamento de verdade: 2 ranks com 6 tokens cada, 4 especialistas, top-2,
+# escolhidos por um roteador recém-inicializado.
+
+# %%
+torch.manual_seed(0)
+demo = MoE(moe_config(n_embd=32, n_head=2, n_experts=4, moe_top_k=2, dropout=0.0))
+with torch.no_grad():
+    _, _, demo_topk, _ = demo.route(torch.randn(2, 6, 32))  # (W=2 ranks, 6 tokens, k=2)
+fig = plot_dispatch(demo_topk, n_experts=4,
+                    title="Despacho EP: 2 ranks, 4 especialistas (2 por rank), top-2 (roteador aleatório)")
+save_figure(fig, out_dir / "dispatch.png")
+plt.show()
+crossing = (demo_topk // 2 != torch.arange(2)[:, None, None]).float().mean()
+print(f"atribuições que cruzam de rank: {crossing:.0%} (com roteamento uniforme, esperaríamos 1 - 1/W = 50%)")
+
+# %% [markdown]
+# As setas vermelhas passam pela rede (ou pelo NVLink, numa máquina com GPUs); as cinzas ficam no
+# próprio rank e são só uma cópia. Com $W$ ranks e roteamento equilibrado, uma fração
+# $1 - 1/W$ das atribuições viaja — e viaja **duas vezes** (ida e volta), e mais duas no
+# *backward*.
+
+# %% [markdown]
+# ## 2. Construa: o despacho com listas no lugar da rede
+#
+# Antes de usar `torch.distributed`, simulamos $W$ ranks num processo só: `sends[s][d]` são as
+# linhas que o rank `s` manda ao rank `d`, e "fazer o `all_to_all`" é só ler a matriz pela
+# coluna. Tudo o que importa está aqui: ordenar por especialista, cortar por rank de destino,
+# calcular no dono, devolver na ordem de envio e somar com as portas na ordem original.
+
+# %%
+def ep_forward_simulated(layer: MoE, x: torch.Tensor, W: int) -> torch.Tensor:
+    """Dropless expert parallelism with W simulated ranks: x (B, T, C), rank r takes B/W sequences."""
+    B, T, C = x.shape
+    E, k = layer.n_experts, layer.top_k
+    L, b = E // W, B // W  # experts per rank, sequences per rank
+    sends, plans = [], []
+    for r in range(W):  # 1-2. every rank routes its own tokens and sorts them by expert
+        xr = x[r * b:(r + 1) * b]
+        _, _, topk_idx, gates = layer.route(xr)
+        expert_of = topk_idx.reshape(-1)  # (N*k,)
+        token_of = torch.arange(expert_of.numel()) // k
+        order = torch.argsort(expert_of, stable=True)
+        rows, experts = xr.reshape(-1, C)[token_of[order]], expert_of[order]
+        dest = experts // L  # the rank that owns each row's expert
+        sends.append([(rows[dest == d], experts[dest == d]) for d in range(W)])
+        plans.append((token_of[order], gates.reshape(-1)[order]))
+    results = [[None] * W for _ in range(W)]
+    for d in range(W):  # 3-5. rank d receives sends[s][d] from every s and runs its experts
+        for s in range(W):
+            rows, experts = sends[s][d]
+            out = torch.zeros_like(rows)
+            for e in experts.unique().tolist():
+                m = experts == e
+                out[m] = expert_mlp(rows[m], layer.experts.c_fc[e], layer.experts.c_proj[e], layer.kind)
+            results[s][d] = out  # 6. ... and sends it back to s
+    ys = []
+    for r in range(W):  # 6. rank r reads the answers in the order it sent them: rank 0's block first
+        token_sorted, gates_sorted = plans[r]
+        back = torch.cat(results[r])  # (N*k, C)
+        y = torch.zeros(b * T, C).index_add_(0, token_sorted, back * gates_sorted[:, None])
+        ys.append(y.view(b, T, C))
+    return torch.cat(ys)
+
+
+torch.manual_seed(1)
+layer = MoE(moe_config(n_embd=32, n_head=2, n_experts=8, moe_top_k=2, dropout=0.0))
+x = torch.randn(4, 16, 32)
+with torch.no_grad():
+    y_package, _, _ = layer(x)
+    for W in (1, 2, 4):
+        y_sim = ep_forward_simulated(layer, x, W)
+        torch.testing.assert_close(y_sim, y_package, atol=1e-6, rtol=1e-5)
+        print(f"W={W}: despacho simulado == MoE do pacote (1 processo); max |diferença| = "
+              f"{(y_sim - y_package).abs().max():.1e}")
+
+# %% [markdown]
+# ## 3. O mesmo com `torch.distributed`
+#
+# No pacote, cada rank é um processo. A camada `ExpertParallelMoE` **herda** do `MoE` do capítulo
+# 03 o roteamento, a capacidade, as losses auxiliares e as estatísticas, e troca só o despacho.
+# Repare nas duas trocas de dados: primeiro as **contagens** (`recv` diz quantas linhas chegam de
+# cada rank para cada especialista local; é daí que sai o tamanho dos buffers), depois as linhas.
+# A ordem das contagens é a mesma das linhas: ambas seguem os especialistas em ordem crescente.
+
+# %%
+show_source(ExpertParallelMoE._dispatch_fast)
+
+# %% [markdown]
+# O `all_to_all` precisa de gradiente: no *backward*, o gradiente de cada linha recebida volta ao
+# rank que a enviou — é o mesmo `all_to_all` com os tamanhos trocados. É isso que a função
+# autograd `AllToAll` do pacote faz (o PyTorch também oferece uma versão em
+# `torch.distributed._functional_collectives`).
+#
+# Agora, de verdade: `python -m nanomoe.ep_run --check` sob `torchrun` constrói a mesma camada
+# (mesma semente) em cada rank, dá a cada um uma fatia das sequências, roda *forward* e
+# *backward* e compara com a camada inteira num processo só. As diferenças vêm apenas da ordem das
+# somas em ponto flutuante.
+
+# %%
+check_opts = dict(n_embd=args.n_embd, n_head=args.n_head, n_experts=args.n_experts, moe_top_k=args.moe_top_k,
+                  block_size=args.block_size)
+for item in args.checks.split(","):
+    W, cf = int(item.split(":")[0]), float(item.split(":")[1])
+    _, out = launch(W, check=True, moe_capacity_factor=cf, **check_opts)
+    print(f"--- {'sem descarte' if cf == 0 else f'capacidade {cf:g}'}\n{out}")
+
+# %% [markdown]
+# ## 4. Gradientes: quem soma o quê
+#
+# Depois do *backward* de cada rank:
+#
+# - os parâmetros **densos** (replicados) têm gradientes diferentes em cada rank, um por fatia
+#   de dados: tiramos a **média** entre os ranks com um `all_reduce`, uma vez por passo (com
+#   acumulação, só depois do último micro-lote — como o `no_sync` do DDP no capítulo 04);
+# - os parâmetros dos **especialistas** não são somados entre ranks: cada rank tem especialistas
+#   **diferentes**, e o gradiente dos tokens de todos os ranks já chegou pelo `all_to_all` do
+#   *backward*. Falta só o mesmo $1/W$ que a média dá aos densos. Somar as fatias de ranks
+#   diferentes (embrulhar os especialistas num DDP) misturaria especialistas distintos.
+#
+# O corte do gradiente (*clipping*) usa a norma **global**: os densos contam uma vez (são iguais em
+# todo rank), as fatias de especialistas somam seus quadrados entre ranks. Cortar cada rank pela
+# própria norma daria escalas diferentes em cada fatia.
+
+# %%
+show_source(sync_gradients, clip_grad_norm)
+
+# %% [markdown]
+# A **loss de balanceamento** também precisa ver a carga global. $N\sum_i f_i P_i$ não é linear:
+# a média das losses de cada rank não é a loss do lote inteiro. Com `moe_balance_scope="global"`
+# (capítulo 06), as contagens $f_i$ são somadas entre os ranks (e entre os micro-lotes do passo)
+# **antes** da loss; cada rank usa o seu $P_i$ local, e a média entre ranks dá exatamente a
+# loss do lote global. O teste `test_layer_outputs_and_gradients_equal_one_process` verifica isso
+# com $W$ = 2 e 4.
+
+# %% [markdown]
+# ## 5. Treinar com 1, 2 e 4 processos
+#
+# O `BatchLoader` dá ao rank $r$ os lotes globais $r, r+W, r+2W, \dots$. Então $W$ ranks com
+# $A$ micro-passos leem **exatamente** o que 1 processo com $W\cdot A$ micro-passos lê, e os dois
+# treinos são a mesma conta (o teste `test_20_steps_on_2_ranks_equal_1_process_with_2_micro_steps`
+# compara 20 passos, com e sem capacidade e com um especialista que não recebe nenhum token). Aqui
+# treinamos o mesmo modelo com $W$ = 1, 2 e 4, sempre com 4 micro-lotes por passo.
+
+# %%
+runs, logs = {}, {}
+for W in worlds:
+    t0 = time.perf_counter()
+    summary, out = launch(W, max_steps=args.steps, grad_accum=args.micro_batches // W,
+                          log_interval=max(1, args.steps // 3), save_interval=args.steps, out_dir=out_dir / f"w{W}",
+                          **model_opts)
+    summary["wall_s"] = time.perf_counter() - t0
+    runs[W] = summary
+    logs[W] = [json.loads(line) for line in (out_dir / f"w{W}" / "metrics.jsonl").read_text().splitlines()]
+    print(f"=== W={W} ({summary['wall_s']:.0f} s)\n{out}\n")
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 3.5))
+for W, log in logs.items():
+    ax.plot([r["step"] + 1 for r in log], [r["loss"] for r in log], label=f"W={W}", lw=1.2, ls=("-", "--", ":")[W % 3])
+ax.set(xlabel="passo", ylabel="loss de treino (entropia cruzada)",
+       title="MoE 8x top-2 no Machado: 1, 2 e 4 processos, mesmo lote global (CPU, gloo)")
+ax.legend()
+save_figure(fig, out_dir / "losses.png")
+plt.show()
+base = logs[worlds[0]]
+for W in worlds[1:]:
+    gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(base, logs[W]))
+    print(f"W={W} vs W={worlds[0]}: max |diferença de loss| em {len(base)} passos = {gap:.1e}")
+print("\n| W | tokens/s (mediana, 2a metade) | bytes pela rede por passo | desequilíbrio médio | loss de validação |")
+print("|---|---|---|---|---|")
+for W, s in runs.items():
+    mb = f"{s['bytes_per_step'] / 1e6:.2f} MB" if "bytes_per_step" in s else "0 (1 processo)"
+    imb = f"{s['imbalance_mean']:.3f}" if "imbalance_mean" in s else "-"
+    print(f"| {W} | {s['tok_per_s']:.0f} | {mb} | {imb} | {s['val_loss']:.4f} |")
+
+# %% [markdown]
+# As curvas se sobrepõem: as diferenças são de arredondamento (a ordem das somas muda), não de
+# algoritmo. Já a velocidade **não** melhora nesta CPU de 2 núcleos: 2 ou 4 processos dividem os
+# mesmos 2 núcleos e ainda pagam as trocas de dados e a sincronização. O paralelismo de
+# especialistas existe para **caber** (cada GPU guarda $E/W$ dos especialistas) e para somar a
+# banda de memória de várias GPUs; aqui medimos a correção e o tráfego, não o ganho de tempo.
+
+# %% [markdown]
+# ## 6. A contabilidade: quem manda quanto para quem
+#
+# A cada passo, cada rank registra as linhas que mandou para cada rank, as linhas que seus
+# especialistas calcularam e os bytes que mandou pela rede (ida e volta, *forward* e *backward*;
+# as linhas que ficam no próprio rank não contam). O **desequilíbrio** é o máximo sobre a média das
+# linhas calculadas por rank: o rank mais carregado dita o ritmo de todos, porque o `all_to_all`
+# de volta espera por ele.
+
+# %%
+for W in worlds[1:]:
+    fig = plot_comm(logs[W])
+    save_figure(fig, out_dir / f"comm_w{W}.png")
+    plt.show()
+
+# %% [markdown]
+# ## 7. Checkpoints que mudam de tamanho de mundo
+#
+# O checkpoint guarda os especialistas **inteiros**: antes de salvar, `full_state_dict` junta as
+# fatias de todos os ranks (`all_gather`), e o mesmo para os momentos do AdamW. O arquivo tem o
+# formato de um treino de 1 processo. Ao carregar, cada rank fica com a sua fatia. Então um treino
+# salvo com 2 ranks continua em 1 processo, e volta para 2 — ou começa de um checkpoint de 1
+# processo. Abaixo: o treino de 2 ranks continua em 1 processo (com 4 micro-passos, o mesmo lote
+# global) e depois em 2 ranks de novo. O teste `test_checkpoint_moves_2_ranks_to_1_process_and_back`
+# confere que as losses de cada continuação são as mesmas de um treino sem interrupção.
+
+# %%
+move = out_dir / "move"
+shutil.rmtree(move, ignore_errors=True)
+shutil.copytree(out_dir / "w2", move)  # the 2-rank run, saved at its last step
+extra = max(2, args.steps // 5)
+for W, until in ((1, args.steps + extra), (2, args.steps + 2 * extra)):
+    summary, out = launch(W, resume=True, max_steps=until, grad_accum=args.micro_batches // W,
+                          log_interval=extra, save_interval=until, out_dir=move, **model_opts)
+    print(f"=== continua com W={W} até o passo {until}\n{out}\n")
+
+# %% [markdown]
+# E o que **não** pode: um checkpoint de outra configuração, ou um número de ranks que não divide
+# $E$. Cada recusa diz o que difere. Abaixo chamamos, neste processo, as mesmas funções que o
+# `nanomoe.ep_run` chama ao começar (`python -m nanomoe.ep_run` imprime a mensagem numa linha
+# `error: ...` e sai com código 2).
+
+# %%
+ckpt = load_checkpoint(move / "latest.pt")
+print(f"checkpoint: passo {ckpt['step']}, salvo com {ckpt['world_size']} processo(s); "
+      f"c_fc da camada 0: {tuple(ckpt['model']['transformer.h.0.mlp.experts.c_fc'].shape)} (os 8 especialistas)")
+for check in (lambda: check_config(ckpt, moe_config(**{**ckpt["config"], "n_experts": 4})),
+              lambda: check_world_size(args.n_experts, 3)):
+    try:
+        check()
+    except (CheckpointError, ExpertParallelError) as e:
+        print(f"recusado: {e}\n")
+
+# %% [markdown]
+# ## 8. Em várias GPUs
+#
+# O mesmo programa roda em GPUs com o backend **NCCL** (escolhido automaticamente quando há CUDA:
+# cada rank pega a GPU `cuda:LOCAL_RANK`). Numa máquina com 8 GPUs:
+#
+# ```bash
+# torchrun --standalone --nproc_per_node=8 -m nanomoe.ep_run --dtype=bfloat16 \
+#     --n_layer=8 --n_embd=512 --n_head=8 --block_size=256 --n_experts=64 --moe_top_k=4 --batch_size=32
+# ```
+#
+# Em vários nós, troque `--standalone` por `--nnodes=N --rdzv_endpoint=HOST:PORT`. Números de GPU
+# deste capítulo: **não medidos ainda** (o curso foi escrito sem GPU). O que esperar, pelos
+# artigos: dentro de um nó o NVLink tem ~900 GB/s, entre nós a InfiniBand ~50 GB/s, por isso o
+# DeepSeek-V3 limita cada token a no máximo 4 nós e sobrepõe o `all_to_all` ao cálculo de outro
+# micro-lote (DualPipe).
+
+# %% [markdown]
+# ## Exercícios
+#
+# As respostas abaixo foram medidas rodando este notebook com a configuração padrão, numa CPU de 2
+# núcleos compartilhada. A célula depois dos exercícios refaz as medidas (no modo `--quick`, só
+# a previsão do exercício 1).
+#
+# **1. Preveja o tráfego.** Com $W$ ranks, $n$ camadas MoE, $S$ tokens por passo, top-$k$ e
+# roteamento uniforme, quantos bytes passam pela rede por passo (float32, $C$ dimensões)?
+# Compare com o medido para $W$ = 2 e 4.
+#
+# <details><summary>Resposta</summary>
+#
+# Cada atribuição que sai do rank cruza a rede 4 vezes (ida e volta no *forward*, ida e volta no
+# *backward*): $4 \cdot n \cdot S \cdot k \cdot (1 - 1/W) \cdot C \cdot 4$ bytes. Com $n$ = 2,
+# $S$ = 4·8·64 = 2048, $k$ = 2, $C$ = 64: 4,19 MB para $W$ = 2 e 6,29 MB para $W$ = 4. Medimos
+# EX1_ANSWER
+#
+# </details>
+#
+# **2. Top-1.** Troque para `moe_top_k=1` (Switch) com 2 ranks. O que acontece com os bytes por
+# passo e com a loss após o mesmo número de passos?
+#
+# <details><summary>Resposta</summary>
+#
+# EX2_ANSWER
+#
+# </details>
+#
+# **3. Capacidade.** Com `moe_capacity_factor=1.0` e 2 ranks, que fração das atribuições é
+# descartada, quanto tráfego se economiza e o que acontece com o desequilíbrio?
+#
+# <details><summary>Resposta</summary>
+#
+# EX3_ANSWER
+#
+# </details>
+#
+# **4. Por que $W$ = 4 não é mais rápido aqui?** Olhe os tokens/s da seção 5.
+#
+# <details><summary>Resposta</summary>
+#
+# EX4_ANSWER
+#
+# </details>
+
+# %%
+def window_stats(log: list[dict]) -> dict:
+    """Loss at the last step; traffic, imbalance, drops and local rows over the second half."""
+    tail = log[len(log) // 2:]
+    rows = sum(sum(r["received"]) for r in tail)
+    return {"loss": log[-1]["loss"], "mb": sum(sum(r["bytes"]) for r in tail) / len(tail) / 1e6,
+            "imbalance": sum(r["imbalance"] for r in tail) / len(tail),
+            "dropped": sum(r["dropped"] for r in tail) / (rows + sum(r["dropped"] for r in tail)),
+            "local": sum(sum(r["sent"][i][i] for i in range(len(r["sent"]))) for r in tail) / rows}
+
+
+if args.ex_steps and 2 in logs:
+    # same learning-rate schedule as the main runs (decay_steps), so step ex_steps compares with theirs
+    ex_opts = dict(model_opts, max_steps=args.ex_steps, decay_steps=args.steps, grad_accum=args.micro_batches // 2,
+                   log_interval=args.ex_steps, save_interval=args.ex_steps)
+    ex = {"top-2 (seção 5)": window_stats(logs[2][:args.ex_steps])}
+    for name, opts in (("top-1", dict(moe_top_k=1)), ("capacidade 1.0", dict(moe_capacity_factor=1.0))):
+        folder = out_dir / f"ex_{name.replace(' ', '_')}"
+        launch(2, out_dir=folder, **{**ex_opts, **opts})
+        ex[name] = window_stats([json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()])
+    print(f"| 2 ranks, passo {args.ex_steps} | loss | MB/passo | desequilíbrio | descartadas | ficam no rank |")
+    print("|---|---|---|---|---|---|")
+    for name, st in ex.items():
+        print(f"| {name} | {st['loss']:.4f} | {st['mb']:.2f} | {st['imbalance']:.3f} | {st['dropped']:.1%} | "
+              f"{st['local']:.1%} |")
+for W in worlds[1:]:
+    n, S, k, C = args.n_layer, args.micro_batches * args.batch_size * args.block_size, args.moe_top_k, args.n_embd
+    predicted = 4 * n * S * k * (1 - 1 / W) * C * 4
+    print(f"W={W}: previsto {predicted / 1e6:.2f} MB/passo, medido {runs[W]['bytes_per_step'] / 1e6:.2f} MB/passo "
+          f"(fração local medida {runs[W]['local_fraction']:.1%}, uniforme seria {1 / W:.0%})")
+
+# %%
+elapsed = time.perf_counter() - t_start
+print(f"tempo total dos treinos e medidas deste notebook: {elapsed / 60:.1f} min "
+      f"(torch {torch.__version__}, {torch.get_num_threads()} threads no processo do notebook)")
+
+# %% [markdown]
+# ## O que você aprendeu
+#
+# - Paralelismo de especialistas: cada um de $W$ ranks guarda $E/W$ especialistas; o roteador e o
+#   resto do modelo são replicados. Os tokens viajam com dois `all_to_all` (ida e volta), e antes
+#   deles um `all_to_all` das **contagens**, que dimensiona os buffers.
+# - A capacidade é decidida **antes** do despacho, por sequência, no rank do token: assim o destino
+#   de um token não depende dos tokens dos outros ranks nem de $W$.
+# - Gradientes: média dos densos entre ranks uma vez por passo; os especialistas **não** são
+#   somados entre ranks (só o fator $1/W$); corte pela norma global. A loss de balanceamento soma as
+#   contagens de todos os ranks antes de multiplicar por $P_i$.
+# - A prova: a mesma camada em 2 e 4 ranks dá as mesmas saídas e gradientes que em 1 processo, e 20
+#   passos em 2 ranks dão as mesmas losses que 1 processo com 2 micro-passos (a diferença é só a
+#   ordem das somas em ponto flutuante).
+# - Checkpoints com os especialistas inteiros mudam de tamanho de mundo: 2 → 1 → 2 ranks.
+# - O custo é tráfego ($\approx 4\,n\,S\,k\,(1-1/W)\,C$ números por passo) e espera pelo rank mais
+#   carregado; o ganho é caber e somar GPUs — o que os artigos fazem para esconder esse custo
+#   (sobrepor comunicação e cálculo, limitar nós por token) é o próximo passo.
+#
+# **Para ler.** Lepikhin et al. 2020, [*GShard*](https://arxiv.org/abs/2006.16668); Fedus, Zoph &
+# Shazeer 2021, [*Switch Transformers*](https://arxiv.org/abs/2101.03961); Gale et al. 2022,
+# [*MegaBlocks*](https://arxiv.org/abs/2211.15841); DeepSeek-AI 2024,
+# [*DeepSeek-V3 Technical Report*](https://arxiv.org/abs/2412.19437) (roteamento limitado por nó,
+# DualPipe e os *kernels* de `all_to_all`). Os termos do curso estão no
+# [glossário](../docs/glossario.md).
