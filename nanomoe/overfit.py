@@ -175,58 +175,65 @@ def overfit_sequence(
     device_type = seq.device.type
     optimizer = model.configure_optimizers(weight_decay, lr, betas, device_type)
     scaler = torch.amp.GradScaler(device_type) if precision is not None and precision.use_scaler else None
-    autocast = precision.autocast if precision is not None else nullcontext
     report_at = set(checkpoint_steps(epochs))
     result = OverfitResult()
-    loss0, rec0 = evaluate_sequence(model, seq, targets, precision)  # step 0: before any update
-    result.history.append({"step": 0, "loss": loss0, "ppl": math.exp(loss0), "errors": int((rec0 != seq[0]).sum())})
+    result.history.append({"step": 0})  # step 0: before any update
+    _measure(model, seq, targets, precision, result.history[0], result, ())
     t0 = time.perf_counter()
     bar = tqdm(range(1, epochs + 1), desc="treino", disable=not progress, leave=False, mininterval=0.5)
     model.train()
     for step in bar:
-        with autocast():
-            _, loss = model(seq, targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        row = {"step": step, "train_loss": float(loss.detach())}
-        if step % eval_every == 0 or step in report_at:
-            row["loss"], rec = evaluate_sequence(model, seq, targets, precision)
-            row["ppl"] = math.exp(row["loss"])
-            for thr in ppl_thresholds:
-                if thr not in result.first_ppl_below and row["ppl"] < thr:
-                    result.first_ppl_below[thr] = step
-            row["errors"] = int((rec != seq[0]).sum())
-            if result.first_exact_step is None and row["errors"] == 0:
-                result.first_exact_step = step
-            bar.set_postfix(loss=f"{row['loss']:.4f}", ppl=f"{row['ppl']:.3f}")
-            stop = stop_ppl is not None and row["ppl"] < stop_ppl
-            if step in report_at or stop:
-                rep = Report(
-                    step=step,
-                    train_loss=row["train_loss"],
-                    loss=row["loss"],
-                    reconstruction=rec.cpu(),
-                    continuation=continue_text(model, seq, cont_prefix_tokens, cont_new_tokens).cpu(),
-                    errors=row["errors"],
-                    seconds=time.perf_counter() - t0,
-                )
-                result.reports.append(rep)
-                if on_report is not None:
-                    bar.clear()
-                    on_report(rep)
-            if stop:
-                result.history.append(row)
-                break
+        row = {"step": step, "train_loss": _adamw_step(model, seq, targets, optimizer, scaler, precision)}
         result.history.append(row)
+        if step % eval_every != 0 and step not in report_at:
+            continue
+        rec = _measure(model, seq, targets, precision, row, result, ppl_thresholds)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", ppl=f"{row['ppl']:.3f}")
+        stop = stop_ppl is not None and row["ppl"] < stop_ppl
+        if step in report_at or stop:
+            cont = continue_text(model, seq, cont_prefix_tokens, cont_new_tokens).cpu()
+            rep = Report(step=step, train_loss=row["train_loss"], loss=row["loss"], reconstruction=rec.cpu(),
+                         continuation=cont, errors=row["errors"], seconds=time.perf_counter() - t0)
+            result.reports.append(rep)
+            if on_report is not None:
+                bar.clear()
+                on_report(rep)
+        if stop:
+            break
     bar.close()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _adamw_step(model: GPT, seq: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
+                scaler: Optional[torch.amp.GradScaler], precision: Optional[Precision]) -> float:
+    """One optimizer step on the whole sequence; returns its (train-mode) loss."""
+    with precision.autocast() if precision is not None else nullcontext():
+        _, loss = model(seq, targets)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+def _measure(model: GPT, seq: torch.Tensor, targets: torch.Tensor, precision: Optional[Precision], row: dict,
+             result: OverfitResult, ppl_thresholds: tuple) -> torch.Tensor:
+    """Eval-mode loss, perplexity and reconstruction errors into `row`; the first step under each
+    perplexity threshold and the first exact reconstruction into `result`. Returns the reconstruction."""
+    row["loss"], rec = evaluate_sequence(model, seq, targets, precision)
+    row["ppl"] = math.exp(row["loss"])
+    row["errors"] = int((rec != seq[0]).sum())
+    for thr in ppl_thresholds:
+        if thr not in result.first_ppl_below and row["ppl"] < thr:
+            result.first_ppl_below[thr] = row["step"]
+    if row["step"] > 0 and result.first_exact_step is None and row["errors"] == 0:
+        result.first_exact_step = row["step"]
+    return rec
 
 
 class TextFileNotFound(FileNotFoundError, ValueError):

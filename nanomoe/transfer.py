@@ -304,20 +304,8 @@ def _moe_from_dense(p: _Plan, i: int, sc: GPTConfig, dc: GPTConfig, src_is_moe: 
             p.skip(b, "experts have no biases")
 
 
-@torch.no_grad()
-def transfer_weights(src: GPT, dst: GPT) -> TransferReport:
-    """Copy into `dst` (in place) every tensor of `src` that has a meaning in dst's architecture,
-    adapt what can be adapted (GQA kv-head pooling, MLP -> experts), keep dst's own init for the
-    rest, and return a report covering every tensor of both models.
-
-    Typical use: GPT-2 (learned positions, LayerNorm, GELU, MHA, biases) -> the modern preset
-    (RoPE, RMSNorm, SwiGLU, GQA, no biases): embeddings, attention and norm gains transfer; the
-    position table, biases and the GELU MLP cannot."""
-    src, dst = unwrap(src), unwrap(dst)
-    sc, dc = src.config, dst.config
-    p = _Plan(src, dst)
-
-    # ---- embeddings -----------------------------------------------------------------------
+def _embeddings(p: "_Plan", sc: GPTConfig, dc: GPTConfig) -> list[str]:
+    """Token embeddings and lm_head; returns the dst names tied to another tensor."""
     wte = "transformer.wte.weight"
     if p.S[wte].shape == p.D[wte].shape:
         p.put(wte, p.S[wte], wte, "copied")
@@ -329,35 +317,40 @@ def transfer_weights(src: GPT, dst: GPT) -> TransferReport:
     if sc.tie_embeddings:
         p.used.add("lm_head.weight")  # the same tensor as src's wte
     if dc.tie_embeddings:
-        tied = ["lm_head.weight"]
         if not sc.tie_embeddings:
             p.skip("lm_head.weight", "dst ties lm_head to wte")
+        return ["lm_head.weight"]
+    head = "lm_head.weight"
+    if p.S[head].shape == p.D[head].shape:
+        p.put(head, p.S[head], head, "copied", "src ties it to wte" if sc.tie_embeddings else "")
     else:
-        tied = []
-        head = "lm_head.weight"
-        if p.S[head].shape == p.D[head].shape:
-            note = "src ties it to wte" if sc.tie_embeddings else ""
-            p.put(head, p.S[head], head, "copied", note)
-        else:
-            p.init(head, "vocab_size/n_embd differ", head)
-            p.skip(head, "vocab_size/n_embd differ")
-    wpe = "transformer.wpe.weight"
-    if wpe in p.D:
-        if wpe in p.S and p.S[wpe].shape[1] == p.D[wpe].shape[1]:
-            n = min(p.S[wpe].shape[0], p.D[wpe].shape[0])
-            if n == p.D[wpe].shape[0]:
-                p.put(wpe, p.S[wpe][:n], wpe, "copied" if n == p.S[wpe].shape[0] else "adapted",
-                      "" if n == p.S[wpe].shape[0] else f"first {n} positions")
-            else:
-                p.init(wpe, f"src has only {p.S[wpe].shape[0]} positions", wpe)
-                p.skip(wpe, f"src has only {p.S[wpe].shape[0]} positions")
-        else:
-            why = "src has no learned positions" if wpe not in p.S else "n_embd differs"
-            p.init(wpe, why, wpe if wpe in p.S else None)
-    elif wpe in p.S:
-        p.skip(wpe, "learned position table has no counterpart with RoPE (positions are rotations)")
+        p.init(head, "vocab_size/n_embd differ", head)
+        p.skip(head, "vocab_size/n_embd differ")
+    return []
 
-    # ---- blocks ---------------------------------------------------------------------------
+
+def _positions(p: "_Plan") -> None:
+    """The learned position table: copied (or its first rows), or reported as having no counterpart."""
+    wpe = "transformer.wpe.weight"
+    if wpe not in p.D:
+        if wpe in p.S:
+            p.skip(wpe, "learned position table has no counterpart with RoPE (positions are rotations)")
+        return
+    if wpe not in p.S or p.S[wpe].shape[1] != p.D[wpe].shape[1]:
+        why = "src has no learned positions" if wpe not in p.S else "n_embd differs"
+        p.init(wpe, why, wpe if wpe in p.S else None)
+        return
+    n_src, n_dst = p.S[wpe].shape[0], p.D[wpe].shape[0]
+    if n_src < n_dst:
+        p.init(wpe, f"src has only {n_src} positions", wpe)
+        p.skip(wpe, f"src has only {n_src} positions")
+    else:
+        p.put(wpe, p.S[wpe][:n_dst], wpe, "copied" if n_dst == n_src else "adapted",
+              "" if n_dst == n_src else f"first {n_dst} positions")
+
+
+def _blocks(p: "_Plan", sc: GPTConfig, dc: GPTConfig, dst: GPT) -> None:
+    """Attention, norms and MLP/MoE of every dst layer, then the final norm."""
     for i in range(dc.n_layer):
         pre = f"transformer.h.{i}."
         if i >= sc.n_layer:
@@ -375,7 +368,9 @@ def transfer_weights(src: GPT, dst: GPT) -> TransferReport:
             _dense_mlp(p, i, sc, dc, src_is_moe)
     _norm(p, "transformer.ln_f", sc, dc)
 
-    # ---- every src tensor not used is reported as skipped, with its reason --------------------
+
+def _report_unused(p: "_Plan", dc: GPTConfig) -> None:
+    """Every src tensor not used is reported as skipped, with its reason."""
     for k in p.S:
         if k in p.used:
             continue
@@ -386,14 +381,28 @@ def transfer_weights(src: GPT, dst: GPT) -> TransferReport:
             reason = p.skip_reasons.get(k, "no counterpart in dst")
         p.entries.append(TransferEntry("skipped", None, k, None, tuple(p.S[k].shape), reason))
 
-    # ---- every dst tensor accounted for exactly once (tied lm_head aside) ---------------------
+
+@torch.no_grad()
+def transfer_weights(src: GPT, dst: GPT) -> TransferReport:
+    """Copy into `dst` (in place) every tensor of `src` that has a meaning in dst's architecture,
+    adapt what can be adapted (GQA kv-head pooling, MLP -> experts), keep dst's own init for the
+    rest, and return a report covering every tensor of both models.
+
+    Typical use: GPT-2 (learned positions, LayerNorm, GELU, MHA, biases) -> the modern preset
+    (RoPE, RMSNorm, SwiGLU, GQA, no biases): embeddings, attention and norm gains transfer; the
+    position table, biases and the GELU MLP cannot."""
+    src, dst = unwrap(src), unwrap(dst)
+    p = _Plan(src, dst)
+    tied = _embeddings(p, src.config, dst.config)
+    _positions(p)
+    _blocks(p, src.config, dst.config, dst)
+    _report_unused(p, dst.config)
+    # every dst tensor accounted for exactly once (tied lm_head aside): the report must be complete
     reported = [e.dst for e in p.entries if e.dst is not None]
     expected = [k for k in p.D if k not in tied]
-    if sorted(reported) != sorted(expected):  # an internal invariant: the report must be complete
+    if sorted(reported) != sorted(expected):
         raise AssertionError(f"transfer bug: report covers {sorted(set(expected) ^ set(reported))} wrongly")
-
-    params = dict(dst.named_parameters())
-    buffers = dict(dst.named_buffers())
+    params, buffers = dict(dst.named_parameters()), dict(dst.named_buffers())
     for k, v in p.values.items():
         target = params.get(k, buffers.get(k))
         target.copy_(v.to(target.dtype))
