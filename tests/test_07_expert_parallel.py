@@ -342,13 +342,15 @@ def test_checkpoint_moves_2_ranks_to_1_process_and_back(tmp_path):
     one = _reference_steps(model, opt, data, range(2 * K, 3 * K))
     _join(ctx, 2)
     two = torch.load(tmp_path / "resume0.pt", weights_only=True)
+    # each side that loaded a file is compared with a side that kept training in memory, so a restore
+    # that loaded nothing (or only the weights, not the AdamW moments) would break the equality
     assert two["losses"] == pytest.approx(one["losses"], rel=RTOL)
-    assert one["losses"][-1] < two["losses"][0] + 1.0  # sanity: a continuation, not a restart
     print(f"checkpoint 2 -> 1 -> 2 ranks: losses {[round(v, 4) for v in two['losses']]}")
 
 
 def test_checkpoint_mismatch_says_what_differs(tmp_path):
     from nanomoe.ep_train import save
+    from nanomoe.expert_parallel import load_full_state_dict, shard_model
 
     model = _new_model(CKPT_CASE)
     save(tmp_path / "w1.pt", model, model.configure_optimizers(0.1, LR), step=0)
@@ -356,19 +358,8 @@ def test_checkpoint_mismatch_says_what_differs(tmp_path):
     other = moe_config(**{**_train_config(CKPT_CASE).to_dict(), "n_experts": 4})
     with pytest.raises(CheckpointError, match=r"n_experts: checkpoint has 8, this run has 4"):
         check_config(ckpt, other)
-    # a shard saved instead of the full experts is refused with both shapes named
+    # a shard saved instead of the full experts is refused with both shapes named (one process is
+    # enough: W = 1 holds all 8 experts, so a 4-expert tensor is the wrong shape)
     shard = {k: (v[:4] if k.endswith(("experts.c_fc", "experts.c_proj")) else v) for k, v in ckpt["model"].items()}
-    _spawn(_mismatch_worker, 2, str(tmp_path), shard)
-    assert (tmp_path / "refused.txt").read_text().startswith("transformer.h.0.mlp.experts.c_fc has shape (4, 32")
-
-
-def _mismatch_worker(rank, world, out_dir, state):
-    from nanomoe.expert_parallel import load_full_state_dict, shard_model
-
-    model = shard_model(_new_model(CKPT_CASE))
-    try:
-        load_full_state_dict(model, state)
-    except ExpertParallelError as e:
-        if rank == 0:
-            with open(f"{out_dir}/refused.txt", "w") as f:
-                f.write(str(e))
+    with pytest.raises(ExpertParallelError, match=r"experts.c_fc has shape \(4, 32, .*needs the full \(8, 32"):
+        load_full_state_dict(shard_model(_new_model(CKPT_CASE)), shard)
