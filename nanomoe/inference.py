@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Iterator, Optional, TextIO
 from urllib.parse import urlparse
 
 import torch
@@ -398,6 +398,26 @@ def _only_tokenizer_ids(model: GPT, n_ids: int):
         handle.remove()
 
 
+def _stream_sample(tokens: Iterator[torch.Tensor], dec: StreamDecoder,
+                   stream_to: Optional[TextIO]) -> tuple[float, float]:
+    """Decode one sample's tokens as they arrive (printing the safe pieces to `stream_to`); returns
+    the times of its first and last token."""
+    t_first = None
+    for nxt in tokens:
+        piece = dec.push(nxt.item())  # .item() waits for the GPU: the token is really there
+        if t_first is None:
+            t_first = time.perf_counter()
+        if piece and stream_to is not None:
+            stream_to.write(piece)
+            stream_to.flush()
+    t_end = time.perf_counter()
+    rest = dec.flush()
+    if stream_to is not None:
+        stream_to.write(rest + "\n")
+        stream_to.flush()
+    return t_first, t_end
+
+
 def generate_text(
     model: GPT,
     tokenizer: Tokenizer,
@@ -446,19 +466,8 @@ def generate_text(
                 stream_to.flush()
             dec = StreamDecoder(tokenizer, ids)
             t0 = time.perf_counter()
-            t_first = None
-            for nxt in model.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
-                piece = dec.push(nxt.item())  # .item() waits for the GPU: the token is really there
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if piece and stream_to is not None:
-                    stream_to.write(piece)
-                    stream_to.flush()
-            t_end = time.perf_counter()
-            rest = dec.flush()
-            if stream_to is not None:
-                stream_to.write(rest + "\n")
-                stream_to.flush()
+            t_first, t_end = _stream_sample(model.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache,
+                                                         generator), dec, stream_to)
             ttfts.append(t_first - t0)
             decode_s += t_end - t_first
             texts.append(prompt + dec.text)
