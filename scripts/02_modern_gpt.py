@@ -822,6 +822,76 @@ fig
 
 
 # %% [markdown]
+# ## 11. Exercícios
+#
+# Preveja o resultado antes de abrir a resposta. As respostas foram medidas com o código deste
+# capítulo, na configuração padrão (4 camadas, C = 128, contexto 128, 300 passos de 16 sequências,
+# semente 1337), 1 thread, numa CPU de 2 núcleos compartilhada.
+#
+# **1. Quantas cabeças de chave/valor?** A ablação termina com `n_kv_head = 2`. Com 4 (MHA) e 1
+# (MQA), quanto ocupa o KV cache do nosso modelo com 1024 posições, e quanto muda a loss de
+# validação? Rode `uv run -m scripts.02_modern_gpt --n_kv_head=1` (ou `=4`) e leia a linha `+no-bias`.
+#
+# <details><summary>Resposta</summary>
+#
+# | `n_kv_head` | parâmetros | KV cache (1024 posições, fp32) | loss de validação |
+# |---|---:|---:|---:|
+# | 4 (MHA) | 820 096 | 4,00 MiB | 1,9708 |
+# | 2 (GQA) | 754 560 | 2,00 MiB | 1,9885 |
+# | 1 (MQA) | 721 792 | 1,00 MiB | 2,0100 |
+#
+# O cache é exatamente proporcional a `n_kv_head` (a seção 9 calcula: 2 × 4 camadas × n_kv_head ×
+# 1024 posições × 32 dimensões × 4 bytes). A loss piora ~0,02 nat a cada vez que as cabeças de k/v
+# caem pela metade: neste modelo pequeno, menos cabeças de k/v também são menos parâmetros (−8% e
+# −12%). Num modelo grande a conta é outra: o cache de um Llama 3 8B cai de 4 GiB para 1 GiB por
+# sequência de 8192 tokens, e o artigo do GQA mostra qualidade quase igual à do MHA. A linha MQA é o
+# modelo denso do capítulo 03 (mesma receita, 2,0100).
+#
+# </details>
+#
+# **2. A base do RoPE.** `rope_theta` (10 000 por padrão; o Llama 3 usa 500 000) define quão devagar
+# giram os pares de dimensões. Com o contexto de 128 posições deste capítulo, um θ de 100 ou de
+# 1 000 000 ajudaria ou atrapalharia? Troque a configuração final e treine:
+#
+# ```python
+# cfg = modern_config(**shape, n_kv_head=2, rope_theta=100.0)  # ou 1e6
+# torch.manual_seed(args.seed)
+# print(train(GPT(cfg), train_ids, val_ids, tcfg, progress=False).final["val_loss"])
+# ```
+#
+# <details><summary>Resposta</summary>
+#
+# | `rope_theta` | loss de validação | quanto gira o par mais lento em 127 posições |
+# |---:|---:|---:|
+# | 100 | 1,9754 | 1,69 rad |
+# | 10 000 (padrão) | 1,9885 | 0,023 rad |
+# | 1 000 000 | 1,9906 | 0,0003 rad |
+#
+# Neste contexto curto, a base menor ganhou (−0,013 nat) e a maior perdeu um pouco (+0,002). Com
+# head_dim 32 há 16 pares; com θ = 10 000, 6 deles giram menos de 0,5 rad em 127 posições, e com
+# 1 000 000 são 9: esses pares quase não mudam com a posição e pouco ajudam a distinguir distâncias
+# dentro de 128 tokens. Com θ = 100 todos os pares giram o bastante. A base grande existe para
+# contextos longos: o Llama 3 usa 500 000 para que os pares lentos não deem a volta inteira em
+# dezenas de milhares de tokens. (Uma semente só: diferenças de ~0,01 pedem mais sementes para uma
+# conclusão firme.)
+#
+# </details>
+#
+# **3. O cache e o vocabulário.** Com cache, gerar 1000 tokens do nosso modelo de caracteres (V = 128)
+# é muito mais rápido que sem cache. Com o vocabulário do GPT-2 (V = 50 304) e o mesmo modelo, o
+# ganho fica maior, igual ou menor? Meça com `uv run -m scripts.bench_02_modern --threads=1`.
+#
+# <details><summary>Resposta</summary>
+#
+# Menor. No benchmark (`docs/benchmarks.md`, CPU de 2 núcleos, 1 thread): 28,9× com V = 128 e
+# só 4,2× com V = 50 304. O cache elimina o trabalho repetido das camadas, mas não o da camada de
+# saída: a multiplicação pela matriz 50 304 × 128 custa o mesmo com ou sem cache, a cada token, e
+# passa a dominar o passo (2 a 7 ms contra ~1 ms das 4 camadas). É a lei de Amdahl: o ganho de
+# otimizar uma parte é limitado pelo que sobra.
+#
+# </details>
+
+# %% [markdown]
 # ## O que você aprendeu
 #
 # - Cada ideia moderna é um campo de `GPTConfig`; `gpt2_config()` e `modern_config()` são as
