@@ -36,6 +36,7 @@ from .expert_parallel import (
     imbalance,
     load_full_optimizer_state,
     load_full_state_dict,
+    reset_comm,
     sync_gradients,
 )
 from .moe import global_balance_prepass, update_moe_bias
@@ -50,20 +51,22 @@ def train_step(model, optimizer, micro_batches, lr: float, grad_clip: float, gro
     for g in optimizer.param_groups:
         g["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
+    reset_comm(model)
     if len(micro_batches) > 1:  # global balance scope: count the whole step's routing first (else a no-op);
         with autocast or nullcontext():  # with one micro-batch the forward all-reduces the counts itself
             global_balance_prepass(model, [x for x, _ in micro_batches])
-    ce, sent, received, sent_bytes, dropped = 0.0, 0, 0, 0, 0
+    prepass_bytes = comm_summary(model).get("bytes", 0)  # its forwards exchange tokens too (no backward)
+    reset_comm(model)
+    ce, dropped = 0.0, 0
     for x, y in micro_batches:
         with autocast or nullcontext():
             _, loss = model(x, y)
         (loss / len(micro_batches)).backward()
         ce += float(model.last_ce_loss) / len(micro_batches)
         dropped += sum(int(st["dropped"]) for st in model.last_moe_stats)  # capacity drops (assignments)
-        comm = comm_summary(model)
-        if comm:
-            sent, received = sent + comm["sent"], received + comm["received"]
-            sent_bytes += 2 * comm["bytes"]  # the backward sends as many bytes as the forward
+    comm = comm_summary(model)  # the training forwards; their backward sends as many bytes again
+    sent, received = comm.get("sent", 0), comm.get("received", 0)
+    sent_bytes = prepass_bytes + 2 * comm.get("bytes", 0)
     sync_gradients(model, group)
     norm = clip_grad_norm(model, grad_clip, group)
     optimizer.step()

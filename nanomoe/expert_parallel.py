@@ -101,7 +101,8 @@ class ExpertParallelMoE(MoE):
     Same routing, capacity, auxiliary losses and statistics as `MoE` (inherited); only the dispatch
     differs. `experts.c_fc` / `experts.c_proj` hold this rank's slice (E/W, ., .) of the stacked
     weights: experts first_expert .. first_expert + E/W - 1. After each forward `last_comm` holds
-    the rows sent to / received from each rank (int64 tensors (W,)) and the bytes of one exchange."""
+    the rows sent to / received from each rank (int64 tensors (W,)) and the bytes this rank sent
+    over the network; `comm_total` sums them over the forwards since `reset_comm`."""
 
     def __init__(self, config: GPTConfig, group: Optional[dist.ProcessGroup] = None):
         super().__init__(config)
@@ -118,6 +119,7 @@ class ExpertParallelMoE(MoE):
         self.experts.n_experts = self.local_experts
         self.impl = "fast"  # the reference loop needs every expert locally
         self.last_comm: dict[str, Any] = {}
+        self.comm_total: dict[str, Any] = {}
 
     def extra_repr(self) -> str:
         last = self.first_expert + self.local_experts - 1
@@ -168,6 +170,8 @@ class ExpertParallelMoE(MoE):
         # bytes this rank sends over the network: its tokens out (dispatch) and the results of other
         # ranks' tokens back (combine); rows a rank keeps for itself are copied, not sent
         self.last_comm = {"sent": sent, "received": received, "bytes": off_rank * row_bytes}
+        t = self.comm_total
+        self.comm_total = {k: t[k] + v for k, v in self.last_comm.items()} if t else dict(self.last_comm)
 
 
 # ---- building, gradients, checkpoints -----------------------------------------------------------
@@ -343,10 +347,18 @@ def _param_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
     return {i: id(p) for i, p in enumerate(params)}
 
 
-def comm_summary(model: nn.Module) -> dict[str, Any]:
-    """This rank's exchanges in the last forward, summed over layers: rows sent to and received from
-    each rank (W,), and bytes sent over the network (dispatch + combine, forward only)."""
-    comms = [m.last_comm for m in ep_layers(model) if m.last_comm]
+def reset_comm(model: nn.Module) -> None:
+    """Start counting the exchanges afresh (see `comm_summary`)."""
+    for m in ep_layers(model):
+        m.comm_total = {}
+
+
+def comm_summary(model: nn.Module, total: bool = True) -> dict[str, Any]:
+    """This rank's exchanges summed over layers, since `reset_comm` (total) or in the last forward:
+    rows sent to and received from each rank (W,), and bytes sent over the network (dispatch +
+    combine of the forwards; a backward sends as many bytes again)."""
+    comms = [m.comm_total if total else m.last_comm for m in ep_layers(model)]
+    comms = [c for c in comms if c]
     if not comms:
         return {}
     return {

@@ -116,8 +116,8 @@ DEFAULTS = dict(
     moe_top_k=2,
     batch_size=8,  # sequences per micro-batch
     micro_batches=4,  # micro-batches per optimizer step, over all ranks (the global batch)
-    steps=120,
-    ex_steps=60,  # steps of each exercise run (0 = skip them)
+    steps=100,
+    ex_steps=50,  # steps of each exercise run (0 = skip them)
     lr=2e-3,
     warmup_steps=15,
     worlds="1,2,4",  # numbers of processes to compare
@@ -132,7 +132,8 @@ out_dir.mkdir(parents=True, exist_ok=True)
 worlds = [int(w) for w in args.worlds.split(",")]
 model_opts = dict(corpus=args.corpus, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                   block_size=args.block_size, n_experts=args.n_experts, moe_top_k=args.moe_top_k,
-                  batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10, warmup_steps=args.warmup_steps)
+                  batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10, warmup_steps=args.warmup_steps,
+                  moe_balance_scope="micro_batch")  # see section 5
 if args.source:
     model_opts["source"] = args.source
 text = read_corpus(args.corpus, args.source or None)  # read (or download) once, before the ranks start
@@ -301,6 +302,12 @@ show_source(sync_gradients, clip_grad_norm)
 # treinos são a mesma conta (o teste `test_20_steps_on_2_ranks_equal_1_process_with_2_micro_steps`
 # compara 20 passos, com e sem capacidade e com um especialista que não recebe nenhum token). Aqui
 # treinamos o mesmo modelo com $W$ = 1, 2 e 4, sempre com 4 micro-lotes por passo.
+#
+# Nestes treinos a loss de balanceamento é **por micro-lote** (a do capítulo 03; em EP, cada rank
+# conta os seus tokens), para que os três custem o mesmo: com `moe_balance_scope="global"` (o
+# padrão de `nanomoe.ep_run`) e acumulação, cada passo paga antes uma passada extra só de
+# roteamento (capítulo 06), e com $W$ = 4 (1 micro-lote por rank) não — a comparação de velocidade
+# ficaria torta. A versão global foi verificada na seção 3.
 
 # %%
 runs, logs = {}, {}
