@@ -85,6 +85,24 @@ def _load_exact(src: GPT, dst: GPT) -> None:
     dst.load_state_dict(state, strict=True)
 
 
+@torch.no_grad()
+def pad_vocab(src: GPT, dst: GPT) -> GPT:
+    """`src` with its token rows (wte, and lm_head when untied) grown to dst's vocab_size: the
+    source's rows copied, the extra rows taken from dst's own init. A vocabulary padded to a
+    multiple of 64 (nanoGPT's 50,257 -> 50,304, for faster matmuls) is the same tokenizer: the
+    extra ids never occur in the data, so only the softmax sees them."""
+    V, own = dst.config.vocab_size, dst.state_dict()
+    state = src.state_dict()
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        if key in state:
+            rows = own[key].clone()
+            rows[: src.config.vocab_size] = state[key]
+            state[key] = rows
+    grown = GPT(src.config.replace(vocab_size=V))
+    grown.load_state_dict(state, strict=True)
+    return grown
+
+
 def init_model(init_from: str, config: GPTConfig, *, verbose: bool = True) -> tuple[GPT, Optional[TransferReport]]:
     """The model a run starts from: GPT(config) with its weights taken from `init_from`.
     Returns (model, transfer report or None when the load was exact or there was no source).
@@ -93,15 +111,19 @@ def init_model(init_from: str, config: GPTConfig, *, verbose: bool = True) -> tu
     if init_from in (SCRATCH, RESUME, "", None):
         return model, None
     src = load_source(init_from)
+    padded = ""
+    if config.vocab_size > src.config.vocab_size and src.config.n_embd == config.n_embd:
+        padded = f" (vocabulary padded from {src.config.vocab_size:,} to {config.vocab_size:,} rows: new rows at init)"
+        src = pad_vocab(src, model)
     diffs = architecture_diff(src.config, config)
     if not diffs:
         _load_exact(src, model)
         if verbose:
             n = sum(p.numel() for p in model.parameters())
-            print(f"init_from {init_from}: every tensor loaded exactly ({n / 1e6:.2f}M parameters)")
+            print(f"init_from {init_from}: every tensor loaded exactly ({n / 1e6:.2f}M parameters){padded}")
         return model, None
     report = transfer_weights(src, model)
     if verbose:
-        print(f"init_from {init_from}: the architecture differs ({'; '.join(diffs)}),\n"
+        print(f"init_from {init_from}{padded}: the architecture differs ({'; '.join(diffs)}),\n"
               f"so the weights go through chapter 05's partial transfer:\n{report}")
     return model, report

@@ -147,6 +147,15 @@ def test_init_from_exact_and_transfer(files, capsys):
     out = capsys.readouterr().out
     assert report is not None and "partial transfer" in out and "copied" in out and "wpe.weight" in out
     assert "transformer.wte.weight" in report.copied
+    _, report = init_model(str(folder), modern.replace(vocab_size=50304))  # padded: the rows still transfer
+    assert "transformer.wte.weight" in report.copied
+    capsys.readouterr()
+    # a vocabulary padded to 50,304 (nanoGPT's) keeps the 50,257 rows of the same tokenizer
+    padded = preset("gpt2", n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=50304)
+    model, report = init_model(str(folder), padded)
+    assert report is None and "padded from 50,257 to 50,304" in capsys.readouterr().out
+    wte = model.transformer.wte.weight
+    assert torch.equal(wte[:50257], src.transformer.wte.weight) and wte[50257:].abs().sum() > 0
     longer = preset("gpt2", n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=50257)
     assert any("block_size" in d for d in architecture_diff(src.config, longer))  # 64 learned positions < 128
     with pytest.raises(InitError, match="not found"):
