@@ -291,29 +291,51 @@ def plot_balance_sweep(
 
 
 def plot_crossover(
-    runs: Mapping[str, Sequence[Sequence[Mapping]]],
+    runs: Mapping[str, Mapping[int, Sequence[Mapping]]],
     *,
+    reference: Optional[str] = None,
     xs: Sequence[str] = ("tokens", "elapsed_s"),
     title: Optional[str] = None,
     save_path: Optional[PathLike] = None,
 ) -> Figure:
     """Chapter 06: validation loss of each variant against tokens seen and against training time.
 
-    `runs` maps a variant name to its histories, one per seed (one colour per variant, one line
-    style per seed), e.g. `{"denso": [hist_seed0, hist_seed1], ...}`."""
+    `runs` maps a variant name to {seed: history} (one colour per variant, one line style per seed).
+    With `reference` (e.g. "denso") a last panel shows each variant's validation loss minus the
+    reference's of the same seed, at the same steps: below zero, the variant is ahead."""
     styles = ("-", "--", ":", "-.")
-    fig, axes = plt.subplots(1, len(xs), figsize=(5.6 * len(xs), 4.0), squeeze=False)
+    seeds = sorted({s for hists in runs.values() for s in hists})
+    n = len(xs) + (reference is not None)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.0), squeeze=False)
     for ax, xk in zip(axes[0], xs):
         for ci, (name, hists) in enumerate(runs.items()):
-            for si, hist in enumerate(hists):
+            for seed, hist in hists.items():
                 pts = [(r[xk], r["val_loss"]) for r in hist if r.get("val_loss") is not None and xk in r]
                 if pts:
-                    ax.plot(*zip(*pts), styles[si % len(styles)], color=f"C{ci}", lw=1.4,
-                            label=name if si == 0 else None)
+                    ax.plot(*zip(*pts), styles[seeds.index(seed) % len(styles)], color=f"C{ci}", lw=1.4,
+                            label=f"{name} (semente {seed})")
         ax.set_xlabel({"elapsed_s": "tempo de treino (s)"}.get(xk, _label(xk)))
         ax.set_ylabel(_label("val_loss"))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if reference is not None:
+        ax, shown = axes[0][-1], []
+        for ci, (name, hists) in enumerate(runs.items()):
+            for seed, hist in hists.items():
+                ref = {r["step"]: r["val_loss"] for r in runs[reference].get(seed, []) if r.get("val_loss") is not None}
+                pts = [(r["tokens"], r["val_loss"] - ref[r["step"]]) for r in hist
+                       if r.get("val_loss") is not None and r["step"] in ref and r["step"] > 0]
+                if pts and name != reference:
+                    ax.plot(*zip(*pts), styles[seeds.index(seed) % len(styles)], color=f"C{ci}", lw=1.4)
+                    shown += pts
+        late = [y for x, y in shown if x >= 0.25 * max(x for x, _ in shown)] if shown else []
+        if late:  # zoom on the last three quarters: the start of training is much noisier
+            pad = 0.15 * (max(late) - min(late)) + 1e-3
+            ax.set_ylim(min(min(late), 0) - pad, max(max(late), 0) + pad)
+        ax.axhline(0, color="gray", lw=1)
+        ax.set_xlabel(_label("tokens"))
+        ax.set_ylabel(f"loss de validação − {reference} (mesma semente)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

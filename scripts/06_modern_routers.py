@@ -87,7 +87,7 @@ from nanomoe.train import TrainConfig
 # %% [markdown]
 # ## Parâmetros
 #
-# Os valores abaixo dão o experimento completo (denso e três MoEs, 800 passos cada, o denso e o
+# Os valores abaixo dão o experimento completo (denso e três MoEs, 600 passos cada, o denso e o
 # MoE top-2 em duas sementes). Como script: `uv run -m scripts.06_modern_routers --threads=1`; num
 # notebook, edite o dicionário ou defina `NANOMOE_ARGS`. `--quick` roda tudo em segundos (é o que
 # os testes usam). Um treino terminado fica salvo em `runs/06/treinos/` e é reaproveitado se a
@@ -98,16 +98,16 @@ DEFAULTS = dict(
     quick=False,
     corpus="machado",
     source="",  # a local copy of the corpus (a folder of .txt files) when offline
-    n_layer=4,
+    n_layer=2,
     n_head=4,
-    n_embd=48,
+    n_embd=64,
     block_size=128,
     batch_size=16,
-    steps=800,  # optimizer steps per run (same token budget for every run)
+    steps=600,  # optimizer steps per run (same token budget for every run)
     lr=2e-3,
     min_lr=2e-4,
-    warmup_steps=40,
-    eval_interval=40,
+    warmup_steps=30,
+    eval_interval=30,
     eval_iters=8,
     seeds="0,1",  # seeds of the dense and the MoE top-2 runs
     variant_seeds="0",  # seeds of the other MoE variants
@@ -359,8 +359,9 @@ print(table)
 # %%
 by_variant = {}
 for (name, seed), r in runs.items():
-    by_variant.setdefault(name, []).append(r["history"])
-fig = plot_crossover(by_variant, title="Machado (caracteres): validação do denso e dos MoEs (mesmos parâmetros ativos)")
+    by_variant.setdefault(name, {})[seed] = r["history"]
+fig = plot_crossover(by_variant, reference="denso" if seeds else None,
+                     title="Machado (caracteres): denso e MoEs com os mesmos parâmetros ativos")
 save_figure(fig, out_dir / "crossover.png")
 fig
 
@@ -438,3 +439,86 @@ fig
 
 # %%
 print(f"figuras e tabela em {args.out_dir}/ (crossover.json, crossover.png, coactivation.png, ...)")
+
+# %% [markdown]
+# ## 6. Resultados
+#
+# RESULTS_PLACEHOLDER
+#
+# ## Exercícios
+#
+# **1. Top-1 com roteador sigmoide.** Com $k = 1$, renormalizar a porta sobre o escolhido dá
+# $g = s_i / s_i = 1$. Treine uma camada `MoE` com `moe_router="sigmoid"`, `moe_top_k=1`, sem losses
+# auxiliares, e meça a norma do gradiente do roteador vindo só da saída, com a porta crua e com
+# `layer.renormalize = True` forçado. Por que o pacote ignora `moe_renormalize` quando $k = 1$?
+#
+# <details><summary>Resposta medida</summary>
+#
+# Numa camada de 8 especialistas, $C = 16$, 16 tokens, `y.square().sum().backward()`: norma do
+# gradiente do roteador $3{,}2\times10^{-5}$ com a porta crua $s_i$ e $1{,}3\times10^{-12}$ (zero
+# numérico) com a porta renormalizada. Com $g = 1$ a saída não depende dos escores: o roteador só
+# receberia gradiente das losses auxiliares e nunca aprenderia com o modelo de linguagem. Por isso,
+# como no Switch, o pacote usa a porta crua com $k = 1$ (e a exportação para o Mixtral recusa $k=1$).
+# </details>
+#
+# **2. Micro-lote contra sequência.** Construa um lote de 2 sequências, $E = 4$, $k = 2$, em que a
+# primeira sequência manda todos os tokens para os especialistas 0 e 1 e a segunda para 2 e 3 (com
+# `probs` iguais às escolhas). Quanto vale `balance_loss` com `"micro_batch"` e com `"sequence"`? O
+# que isso diz sobre a loss por sequência do DeepSeek-V3 e sobre o argumento do artigo do lote global?
+#
+# <details><summary>Resposta medida</summary>
+#
+# `balance_loss(p, idx, "micro_batch")` = 1,0 (o lote, somado, está perfeitamente equilibrado) e
+# `balance_loss(p, idx, "sequence")` = 2,0 $= E/k$ (cada sequência, sozinha, está colapsada em 2
+# especialistas) — o teste `test_sequence_balance_by_hand_and_its_extremes` confere os dois. A loss
+# por sequência pune justamente a especialização por texto que o lote global permite: é por isso que o
+# DeepSeek-V3 a usa só como complemento, com $\alpha = 10^{-4}$, e que Qiu et al. defendem contar $f_i$
+# no lote inteiro.
+# </details>
+#
+# **3. Especialistas finos.** Para o modelo deste capítulo (2 camadas, $C = 64$, vocabulário 96),
+# compare 8 × top-2, 32 × top-8 e 32 × top-7 + 1 compartilhado: largura de cada especialista,
+# parâmetros ativos e totais, número de combinações de especialistas por token.
+#
+# <details><summary>Resposta medida</summary>
+#
+# | MoE | largura | ativos | totais | combinações |
+# |---|---:|---:|---:|---:|
+# | denso | 192 (MLP) | 100.672 | 100.672 | 1 |
+# | 8 × top-2 | 96 | 101.696 | 322.880 | 28 |
+# | 32 × top-8 | 24 | 104.768 | 325.952 | 10.518.300 |
+# | 32 × top-7 + 1 compartilhado | 24 | 104.768 | 335.168 | 3.365.856 |
+#
+# Os ativos só diferem pelo roteador ($2 \times 64 \times E$); os totais quase não mudam (a mesma
+# largura total de especialistas), mas as combinações crescem de 28 para milhões. O preço aparece no
+# `docs/benchmarks.md`: muitos especialistas estreitos são muitas multiplicações pequenas (1,55× o
+# denso na CPU, contra 1,10× do top-2).
+# </details>
+#
+# **4. O preço do lote global.** Com acumulação de gradiente, `global_balance_prepass` roda um forward
+# a mais, sem gradiente. Meça com `uv run -m scripts.bench_06_routers` quanto um passo de 2
+# micro-lotes custa com `moe_balance_scope="global"` e com `"micro_batch"`. Quanto você esperava?
+#
+# <details><summary>Resposta medida</summary>
+#
+# Esperado: um forward sem gradiente é ~1/3 de forward + backward, então ~1,33×. Medido (1 thread,
+# rodadas alternadas, máquina com carga ~10): 2646 ms contra 1857 ms, 1,42×. Com um micro-lote por
+# passo (o nosso experimento) não há pré-passagem: o forward só soma as contagens entre os processos, e
+# o custo é o do top-2.
+# </details>
+#
+# ## O que você aprendeu
+#
+# - O roteador **sigmoide** do DeepSeek-V3 dá afinidades independentes; as portas são os escores dos
+#   $k$ escolhidos renormalizados (vezes o *routed scaling factor*), e o viés de balanceamento só
+#   escolhe, nunca pesa.
+# - **Onde** se conta $f_i$ muda a loss: micro-lote, sequência (DeepSeek-V3) ou lote global (Qwen).
+#   Global exige somar as **contagens** de todos os micro-lotes e processos **antes** da loss;
+#   com acumulação, uma pré-passagem sem gradiente faz isso exatamente, e os testes provam
+#   2 micro-lotes = 1 lote e 2 processos = 1 processo.
+# - **Especialistas finos** (DeepSeekMoE) trocam poucos especialistas largos por muitos estreitos com
+#   os mesmos parâmetros ativos: muito mais combinações, mais multiplicações pequenas.
+# - Para ler um MoE, **olhe o roteamento**: coativação, especialização por classe e posição, e a
+#   saturação ao longo do treino (OLMoE).
+# - Compare MoE e denso com os mesmos parâmetros ativos e os mesmos tokens, em mais de uma semente,
+#   e também contra o **tempo**: o MoE paga por passo.
