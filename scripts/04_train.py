@@ -320,7 +320,7 @@ if main and result.history:
 #
 # ```bash
 # uv run -m data.prepare_fineweb && uv run -m data.prepare_hellaswag   # uma vez (~20 GB)
-# # 1 GPU (numa GPU de 40 GB: --batch_size=32; a acumulação cresce e os tokens por passo ficam)
+# # 1 GPU (se 64 sequências não couberem na memória: --batch_size=32; a acumulação cresce)
 # uv run -m scripts.04_train --config=gpt2_124m_fineweb
 # uv run -m scripts.04_train --config=gpt2_finetune_machado
 # # 8 GPUs numa máquina
