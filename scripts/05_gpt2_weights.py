@@ -480,7 +480,66 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 # e a transferência parcial ~0,52 nat sobre o moderno do zero. Em 30 passos o MoE ainda não se
 # separou do denso (7,141 × 7,139: a simetria descrita acima). Numa T4 com os pesos reais
 # (`--full`, o padrão quando há GPU) os números serão outros: não medidos ainda — rode e compare.
+
+# %% [markdown]
+# ## Exercícios
 #
+# Preveja antes de abrir a resposta. As respostas foram medidas na configuração `--tiny` deste
+# capítulo (o substituto de 2 camadas e 64 dimensões pré-treinado 100 passos em TinyShakespeare;
+# lotes de 4 × 64 tokens, taxa 1e-3, semente 1337), 1 thread, numa CPU de 2 núcleos compartilhada.
+#
+# **1. Ajuste fino com o corpo congelado.** Congele os blocos (`requires_grad_(False)` em
+# `model.transformer.h`) e treine só os embeddings e a norma final; depois, o contrário: congele os
+# embeddings e treine só os blocos. Quanto cada um perde para o ajuste fino completo em 60 passos?
+#
+# ```python
+# model = GPT(c); model.load_state_dict(pretrained_state)  # c: the GPT-2 config (section 3)
+# for name, p in model.named_parameters():
+#     if name.startswith("transformer.h."):  # ou "transformer.w" para congelar os embeddings
+#         p.requires_grad_(False)
+# train_run(model, train_ids, val_ids, args.lr_finetune, args.steps, "corpo congelado")
+# ```
+#
+# <details><summary>Resposta</summary>
+#
+# Congelar o corpo quase não custa: 7,5588 contra 7,5303 do ajuste fino completo (+0,03 nat).
+# Congelar os embeddings quase impede o aprendizado: 9,4003, perto do ponto de partida (9,4715). No
+# substituto minúsculo, 97% dos parâmetros (3 232 960 de 3 332 928) estão no embedding de 50 257 × 64,
+# que é também a camada de saída (pesos compartilhados): é ali que o modelo aprende quais tokens são
+# comuns em português, e os blocos e a norma final (100 096 parâmetros) sozinhos não chegam lá em
+# 60 passos. Num GPT-2 de verdade os blocos têm 85 milhões dos 124 milhões de parâmetros, e o
+# resultado pode ser outro: não medido aqui.
+#
+# </details>
+#
+# **2. *Upcycling* com top-1.** Com `--moe_top_k=1`, o MoE recém-criado ainda calcula os mesmos logits
+# do modelo denso no passo 0?
+#
+# <details><summary>Resposta</summary>
+#
+# Não. Com top-1 a porta é a probabilidade crua do roteador ($g = p_i < 1$; renormalizar daria
+# $g = 1$ e deixaria o roteador sem gradiente, capítulo 03), então a saída de cada MLP sai
+# multiplicada por $p_i$. Na frase "Capitu tinha olhos de ressaca.", com o modelo moderno
+# transferido e ajustado 60 passos, a maior diferença de logits no passo 0 foi 0,19 com top-1,
+# contra 2,4e-6 (arredondamento) com top-2. Por isso o *upcycling* deste capítulo usa top-2.
+#
+# </details>
+#
+# **3. Quebrar a simetria.** Com especialistas idênticos, o roteador não recebe gradiente da entropia
+# cruzada. Com `--noise_std=0.01` (cada cópia ganha um ruído de 1% do desvio dos pesos), o passo 0
+# continua igual ao denso? E em 30 passos o MoE se separa do denso?
+#
+# <details><summary>Resposta</summary>
+#
+# No passo 0 o ruído quase não muda nada: diferença máxima de logits de 4,1e-4 (contra 2,4e-6 sem
+# ruído). Em 30 passos também não: validação 7,1441 com ruído, 7,1401 sem ruído e 7,1391 do denso
+# continuado, diferenças de milésimos. Quebrar a simetria deixa o roteador aprender, mas 30 passos
+# de 4 × 64 tokens são pouco para os especialistas se separarem; o ganho do MoE, se vier, aparece
+# com mais passos (não medido aqui).
+#
+# </details>
+
+# %% [markdown]
 # ## O que você aprendeu
 #
 # - Carregar pesos de outra implementação é provar, não confiar: cópia estrita de nomes e formas,
