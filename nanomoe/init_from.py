@@ -12,7 +12,8 @@ The run's own config (preset + fields) decides the architecture. When the source
 architecture, every tensor is loaded exactly (GPT-2's position table cropped to a smaller
 block_size, as nanoGPT does). Otherwise chapter 05's `transfer_weights` copies what keeps a
 meaning, adapts what can be adapted, initializes the rest, and its report is printed: nothing is
-silently left at random init.
+silently left at random init. A run whose vocabulary is padded beyond the source's (GPT-2's 50,257
+rows -> 50,304, a multiple of 64 for faster matmuls) keeps the source's rows (`pad_vocab`).
 """
 
 from __future__ import annotations
