@@ -74,7 +74,6 @@ setup("05", written_for=NANOMOE_REF)
 # %%
 import copy
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +144,7 @@ print(f"device: {device} | configuration: {size}" + (" (quick)" if args.quick el
 # os do próprio `transformers` na mesma entrada.
 
 # %%
-from nanomoe.data import DataError, read_corpus, gpt2_tokenizer
+from nanomoe.data import DataError, gpt2_tokenizer, read_corpus
 from nanomoe.hf import HFConversionError, from_hf, load_hf_model, save_random_gpt2
 from nanomoe.train import TrainConfig, evaluate, train
 
@@ -207,7 +206,8 @@ what = {
     "hub": f"REAL pretrained weights: {args.model!r} from the Hugging Face hub",
     "stand-in": (f"STAND-IN, not OpenAI's GPT-2: a tiny GPT-2 ({args.standin_layers} layers, {args.standin_embd} dims, "
                  "GPT-2 tokenizer) "
-                 + (f"pre-trained here for {standin_trained} steps on TinyShakespeare" if standin_trained else "with random weights")),
+                 + (f"pre-trained here for {standin_trained} steps on TinyShakespeare" if standin_trained
+                    else "with random weights")),
 }[source]
 print("weights:", what)
 
@@ -215,8 +215,9 @@ pretrained = from_hf(hf_model)  # every tensor copied, Conv1D transposed
 x = torch.tensor([tok.encode("Capitu tinha olhos de ressaca.")])
 with torch.no_grad():
     diff = (pretrained(x)[0] - hf_model(x).logits).abs().max().item()
-print(f"config: {pretrained.config.n_layer} layers, {pretrained.config.n_head} heads, n_embd {pretrained.config.n_embd}, "
-      f"vocab {pretrained.config.vocab_size}, block_size {pretrained.config.block_size}")
+pc = pretrained.config
+print(f"config: {pc.n_layer} layers, {pc.n_head} heads, n_embd {pc.n_embd}, vocab {pc.vocab_size}, "
+      f"block_size {pc.block_size}")
 print(f"max |logits(nanomoe) - logits(transformers)| = {diff:.2e}")
 assert diff < 1e-4, "the conversion is not exact"
 pretrained_state = copy.deepcopy(pretrained.state_dict())  # the untouched weights, reused in parts 3 and 4
@@ -276,7 +277,7 @@ del scratch
 # | tensor do destino | o que acontece |
 # |---|---|
 # | embeddings `wte` (e `lm_head`, amarrado) | **copiado**: mesmo tokenizador, mesmas linhas |
-# | atenção `c_attn` | q **copiado**; k e v **adaptados**: com GQA há menos cabeças de k/v, e cada uma vira a **média** das cabeças do seu grupo ([GQA][gqa], seção 2.2) |
+# | atenção `c_attn` | q **copiado**; k e v **adaptados**: cada cabeça de k/v é a **média** do seu grupo ([GQA][gqa]) |
 # | atenção `c_proj` | **copiado** |
 # | ganhos das normas | **copiados** (o ganho do LayerNorm vira o ganho do RMSNorm) |
 # | MLP SwiGLU | **inicializado**: a GELU do GPT-2 é outra função, com outra largura |
@@ -342,7 +343,8 @@ fig
 # %%
 torch.manual_seed(args.seed)
 modern_scratch = GPT(modern_cfg)
-res_transfer = train_run(modern_transfer, train_ids, val_ids, args.lr_scratch, args.steps, "modern, partial transfer from GPT-2")
+res_transfer = train_run(modern_transfer, train_ids, val_ids, args.lr_scratch, args.steps,
+                         "modern, partial transfer from GPT-2")
 res_modern = train_run(modern_scratch, train_ids, val_ids, args.lr_scratch, args.steps, "modern, from scratch")
 print("modern after partial transfer + fine-tuning:\n ", sample(modern_transfer).replace("\n", "\n  "))
 del modern_scratch
@@ -375,12 +377,14 @@ with torch.no_grad():
     d = (moe.eval()(x)[0] - dense(x)[0]).abs().max().item()
 print(f"step 0: max |logits(upcycled MoE) - logits(dense)| = {d:.2e}"
       + (" (noise_std > 0: not expected to be 0)" if args.noise_std else ""))
-print(f"params: dense {dense.num_params(non_embedding=False) / 1e6:.1f}M | MoE {moe.num_params(non_embedding=False) / 1e6:.1f}M "
-      f"total, {moe.num_params(non_embedding=False, active=True) / 1e6:.1f}M active per token")
+print(f"params: dense {dense.num_params(non_embedding=False) / 1e6:.1f}M | "
+      f"MoE {moe.num_params(non_embedding=False) / 1e6:.1f}M total, "
+      f"{moe.num_params(non_embedding=False, active=True) / 1e6:.1f}M active per token")
 
 # %%
 dense_more = copy.deepcopy(dense)
-res_moe = train_run(moe, train_ids, val_ids, args.lr_finetune, args.moe_steps, f"upcycled MoE ({args.n_experts} experts, top-{args.moe_top_k})")
+res_moe = train_run(moe, train_ids, val_ids, args.lr_finetune, args.moe_steps,
+                    f"upcycled MoE ({args.n_experts} experts, top-{args.moe_top_k})")
 res_dense = train_run(dense_more, train_ids, val_ids, args.lr_finetune, args.moe_steps, "dense, continued")
 print("upcycled MoE after fine-tuning:\n ", sample(moe).replace("\n", "\n  "))
 
@@ -397,7 +401,8 @@ from nanomoe.plots import plot_panels
 panels = {
     "GPT-2: pré-treinado × do zero": {"pré-treinado": res_pre.history, "do zero": res_scratch.history},
     "moderno: transferência × do zero": {"transferência parcial": res_transfer.history, "do zero": res_modern.history},
-    "upcycling: MoE × denso": {f"MoE {args.n_experts}x top-{args.moe_top_k}": res_moe.history, "denso": res_dense.history},
+    "upcycling: MoE × denso": {f"MoE {args.n_experts}x top-{args.moe_top_k}": res_moe.history,
+                               "denso": res_dense.history},
 }
 title = f"Capítulo 05 — {size} ({'GPT-2 real' if source == 'hub' else 'substituto minúsculo'}), {device}"
 fig = plot_panels(panels, x="step", y="val_loss", title=title, save_path=out_dir / "val_curves.png")
