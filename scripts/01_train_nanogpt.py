@@ -89,7 +89,13 @@ import torch
 from nanomoe import GPT, get_tokenizer, gpt2_config, pick_precision
 from nanomoe.cli import describe, parse_args
 from nanomoe.overfit import (
-    continue_text, overfit_sequence, read_text, reconstruct, run_overfit, set_cpu_threads, shift_targets,
+    continue_text,
+    overfit_sequence,
+    read_text,
+    reconstruct,
+    run_overfit,
+    set_cpu_threads,
+    shift_targets,
 )
 from nanomoe.plots import plot_curves, plot_loss_ppl, save_figure
 

@@ -81,17 +81,15 @@ import torch.nn.functional as F
 from nanomoe import GPT, GPTConfig, KVCache, get_tokenizer, gpt2_config, modern_config
 from nanomoe.attention import CausalSelfAttention, manual_attention
 from nanomoe.cli import parse_args
-from nanomoe.notebook import show_source
 from nanomoe.data import encode_splits, read_corpus
 from nanomoe.device import pick_precision
 from nanomoe.diagrams import plot_gqa_heads, plot_lr_schedule, plot_rope_rotation
 from nanomoe.mlp import MLP
 from nanomoe.norm import RMSNorm
+from nanomoe.notebook import show_source
 from nanomoe.plots import plot_curves, save_figure
 from nanomoe.rope import apply_rope, rope_tables, rotate_half
 from nanomoe.train import TrainConfig, train
-
-
 
 # %% [markdown]
 # ## Parâmetros
