@@ -77,17 +77,26 @@ import torch
 
 from nanomoe import GPT, get_tokenizer, modern_config, moe_config
 from nanomoe.cli import parse_args
-from nanomoe.notebook import show_source
 from nanomoe.data import encode_splits, read_corpus
 from nanomoe.diagrams import plot_moe_dispatch
 from nanomoe.mlp import MLP
-from nanomoe.moe import (MoE, Experts, capacity, capacity_keep, expert_mlp, experts_grouped, experts_loop,
-                         experts_padded, moe_layers, pick_kernel, update_moe_bias)
+from nanomoe.moe import (
+    Experts,
+    MoE,
+    capacity,
+    capacity_keep,
+    expert_mlp,
+    experts_grouped,
+    experts_loop,
+    experts_padded,
+    moe_layers,
+    pick_kernel,
+    update_moe_bias,
+)
 from nanomoe.moe_metrics import MoEMetrics
+from nanomoe.notebook import show_source
 from nanomoe.plots import plot_balance_sweep, plot_curves, plot_expert_load, plot_token_routing, save_figure
 from nanomoe.train import TrainConfig, train
-
-
 
 # %% [markdown]
 # ## Parâmetros
