@@ -47,10 +47,12 @@ class ExpertParallelError(ValueError):
 
 
 def group_size(group: Optional[dist.ProcessGroup] = None) -> int:
+    """Ranks in `group` (the default group when None); 1 without torch.distributed."""
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def group_rank(group: Optional[dist.ProcessGroup] = None) -> int:
+    """This process's rank in `group`; 0 without torch.distributed."""
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -178,6 +180,7 @@ class ExpertParallelMoE(MoE):
 
 
 def ep_layers(model: nn.Module) -> list[ExpertParallelMoE]:
+    """The expert-parallel layers of a model, in order."""
     return [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
 
 
