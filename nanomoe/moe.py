@@ -26,7 +26,7 @@ Auxiliary losses (returned already weighted; the model adds them to the cross-en
     z      = mean_tokens( logsumexp(logits)^2 )  ST-MoE router z-loss (Zoph et al. 2022, eq. 5)
     aux    = moe_aux_loss_coef * balance + moe_z_loss_coef * z
 
-Sigmoid router (DeepSeek-V3, arXiv 2412.19437, eq. 15-17), `moe_router="sigmoid"`:
+Sigmoid router (DeepSeek-V3, arXiv 2412.19437, section 2.1, eq. 12-16), `moe_router="sigmoid"`:
     s      = sigmoid(logits)             (E,)   independent affinities, they do not sum to 1
     S      = top-k(s (+ bias))                  the selection bias only chooses
     g_i    = scaling * s_i / sum_{j in S} s_j   gates renormalized over the chosen k, times the

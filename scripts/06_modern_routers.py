@@ -129,7 +129,7 @@ print(args)
 # ## 1. O roteador sigmoide (DeepSeek-V3)
 #
 # No Mixtral (capítulo 03) o roteador é um softmax: os $E$ escores competem e somam 1. O DeepSeek-V3
-# (seção 2.1.2, eq. 15–16) usa uma **sigmoide** por especialista — afinidades independentes — e
+# (seção 2.1, eq. 12–16) usa uma **sigmoide** por especialista — afinidades independentes — e
 # normaliza só sobre os $k$ escolhidos:
 #
 # $$s_i = \sigma(\mathbf{w}_i^\top x), \qquad S = \operatorname{top-}k\,(s_i + b_i), \qquad
