@@ -342,11 +342,23 @@ for W, s in runs.items():
     print(f"| {W} | {s['tok_per_s']:.0f} | {mb} | {imb} | {s['val_loss']:.4f} |")
 
 # %% [markdown]
-# As curvas se sobrepõem: as diferenças são de arredondamento (a ordem das somas muda), não de
-# algoritmo. Já a velocidade **não** melhora nesta CPU de 2 núcleos: 2 ou 4 processos dividem os
-# mesmos 2 núcleos e ainda pagam as trocas de dados e a sincronização. O paralelismo de
-# especialistas existe para **caber** (cada GPU guarda $E/W$ dos especialistas) e para somar a
-# banda de memória de várias GPUs; aqui medimos a correção e o tráfego, não o ganho de tempo.
+# **Como ler.** Na execução gravada (CPU de 2 núcleos, 26 min para o notebook inteiro), as três
+# losses coincidem em 7 algarismos nos primeiros ~30 passos (no passo 30: 3,2263696 nos três). Depois
+# elas se separam devagar: no passo 35 a diferença é 2e-7 (W=2) e 7e-5 (W=4), no fim 1,8e-2 e
+# 9,2e-2. Não é o algoritmo: é o arredondamento. Somar os gradientes em outra ordem muda o último
+# algarismo, e o treino amplifica essa diferença — um token cujos dois melhores especialistas têm
+# quase o mesmo escore troca de especialista, e a norma do gradiente dá saltos nessa fase (2,7 no
+# passo 40 com W=4, 0,36 nos outros). Duas GPUs com *kernels* não determinísticos fazem o mesmo.
+# A igualdade exata passo a passo é o que o teste verifica em 20 passos (diferença máxima de loss
+# 2,4e-7).
+#
+# **A velocidade.** Os tokens/s da tabela foram medidos numa máquina **compartilhada** com outros
+# programas (carga média ~11 em 2 núcleos): 4 processos ganham do sistema operacional uma fatia
+# maior dos 2 núcleos do que 1 processo, por isso $W$ = 4 aparece mais rápido. Numa máquina só
+# nossa, 2 ou 4 processos dividiriam os mesmos 2 núcleos e ainda pagariam as trocas de dados e a
+# espera pelo rank mais carregado (não medido aqui). O paralelismo de especialistas existe para
+# **caber** (cada GPU guarda $E/W$ dos especialistas) e para somar a memória e a banda de várias
+# GPUs; nesta CPU medimos a correção e o tráfego, não o ganho de tempo.
 
 # %% [markdown]
 # ## 6. A contabilidade: quem manda quanto para quem
@@ -434,7 +446,9 @@ for check in (lambda: check_config(ckpt, moe_config(**{**ckpt["config"], "n_expe
 # Cada atribuição que sai do rank cruza a rede 4 vezes (ida e volta no *forward*, ida e volta no
 # *backward*): $4 \cdot n \cdot S \cdot k \cdot (1 - 1/W) \cdot C \cdot 4$ bytes. Com $n$ = 2,
 # $S$ = 4·8·64 = 2048, $k$ = 2, $C$ = 64: 4,19 MB para $W$ = 2 e 6,29 MB para $W$ = 4. Medimos
-# EX1_ANSWER
+# 4,20 MB ($W$ = 2) e 6,29 MB ($W$ = 4) por passo: a previsão acerta porque o roteador, depois do
+# começo, manda metade (um quarto) das linhas para o próprio rank — 50,0% e 25,0% medidos. Note que
+# o tráfego cresce com $W$: mais ranks, menos linhas ficam em casa ($1/W$).
 #
 # </details>
 #
@@ -443,7 +457,11 @@ for check in (lambda: check_config(ckpt, moe_config(**{**ckpt["config"], "n_expe
 #
 # <details><summary>Resposta</summary>
 #
-# EX2_ANSWER
+# Medido no passo 50 (2 ranks, mesma taxa de aprendizado): com top-1 o tráfego cai pela metade,
+# 2,09 MB contra 4,20 MB por passo (cada token viaja para 1 especialista em vez de 2). A loss fica
+# pior, 3,1545 contra 3,0894, e o desequilíbrio entre os ranks sobe de 1,286 para 1,579: com um só
+# especialista por token a carga oscila mais. Cada especialista top-1 é duas vezes mais largo (mesmos
+# parâmetros ativos), então o cálculo por token é o mesmo: o que se economiza é comunicação.
 #
 # </details>
 #
@@ -452,7 +470,13 @@ for check in (lambda: check_config(ckpt, moe_config(**{**ckpt["config"], "n_expe
 #
 # <details><summary>Resposta</summary>
 #
-# EX3_ANSWER
+# Com `moe_capacity_factor=1.0` (16 vagas por especialista em cada sequência de 64 caracteres,
+# top-2), 47,5% das atribuições foram descartadas na segunda metade dos 50 passos: a loss de
+# balanceamento por micro-lote ainda não tinha equilibrado o roteador. O tráfego caiu para 2,20 MB
+# por passo (atribuições descartadas não viajam: a capacidade é decidida **antes** do despacho), o
+# desequilíbrio ficou em 1,246 (o teto de vagas corta os picos) e a loss subiu de 3,0894 para
+# 3,1303. Capacidade troca qualidade por um limite no tráfego e na espera; sem descarte
+# (MegaBlocks, DeepSeek-V3) é a escolha moderna.
 #
 # </details>
 #
@@ -460,7 +484,12 @@ for check in (lambda: check_config(ckpt, moe_config(**{**ckpt["config"], "n_expe
 #
 # <details><summary>Resposta</summary>
 #
-# EX4_ANSWER
+# Na execução gravada ele **foi** mais rápido (6461 contra 3553 tokens/s), e isso não é mérito do
+# EP: a máquina estava ocupada por outros programas e 4 processos receberam mais tempo de CPU do que
+# 1. O trabalho de um passo é o mesmo nos três casos, e com $W$ = 4 ainda há 6,29 MB de trocas por
+# passo e a espera pelo rank mais carregado (desequilíbrio médio 1,39 contra 1,06 com $W$ = 2).
+# Numa CPU de 2 núcleos livre, 4 processos de 1 thread disputam 2 núcleos; o ganho real do EP
+# aparece com uma GPU por rank, quando cada uma calcula só $E/W$ dos especialistas.
 #
 # </details>
 
