@@ -3,8 +3,9 @@
 Same model and the same global batch for every W (4 micro-batches per step: W = 1 accumulates 4,
 W = 2 two per rank, W = 4 one), so the runs compute the same thing and only the split differs.
 Rounds alternate the world sizes (W = 1, 2, 4, 1, 2, 4, ...) so a busy machine slows all of them
-alike; each run reports the median tokens/s of its second half (start-up excluded) and the bytes
-its ranks sent over the network per step.
+alike (on a machine shared with other programs, more processes also take a bigger share of the
+cores: read the ratios with the load in mind). Each run reports the median tokens/s of its second
+half (start-up excluded) and the bytes its ranks sent over the network per step.
 
     uv run python -m scripts.bench_07_ep                # ~10 min on a 2-core CPU
     uv run python -m scripts.bench_07_ep --rounds=1 --steps=10
@@ -26,8 +27,11 @@ def main() -> None:
     p.add_argument("--out_dir", default="runs/bench_07")
     a = p.parse_args()
     worlds = [int(w) for w in a.worlds.split(",")]
+    # per-micro-batch balance: a global balance with accumulation adds a routing pre-pass to W = 1
+    # and W = 2 but not to W = 4 (one micro-batch per rank), which would skew the comparison
     opts = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, n_experts=8, moe_top_k=2, batch_size=8,
-                max_steps=a.steps, warmup_steps=5, log_interval=a.steps, save_interval=a.steps, eval_iters=1)
+                moe_balance_scope="micro_batch", max_steps=a.steps, warmup_steps=5, log_interval=a.steps,
+                save_interval=a.steps, eval_iters=1)
     tps: dict[int, list[float]] = {w: [] for w in worlds}
     mb: dict[int, float] = {}
     for r in range(a.rounds):
