@@ -109,7 +109,8 @@ class GPTConfig:
         need(
             self.n_embd % self.n_head == 0,
             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-            f"each head gets n_embd // n_head dimensions. Try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}.",
+            f"each head gets n_embd // n_head dimensions. "
+            f"Try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}.",
         )
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.pos_emb in POS_EMBS, f"pos_emb must be one of {POS_EMBS}, got {self.pos_emb!r}")
@@ -124,7 +125,8 @@ class GPTConfig:
             need(self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.n_kv_head is not None:
             need(
-                isinstance(self.n_kv_head, int) and 1 <= self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0,
+                isinstance(self.n_kv_head, int) and 1 <= self.n_kv_head <= self.n_head
+                and self.n_head % self.n_kv_head == 0,
                 f"n_kv_head ({self.n_kv_head}) is the number of key/value heads and must divide "
                 f"n_head ({self.n_head}): 1 = MQA, n_head = MHA, a divisor in between = GQA",
             )
@@ -142,7 +144,10 @@ class GPTConfig:
             need(self.moe_impl in MOE_IMPLS, f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
             need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
             if self.moe_capacity_factor is not None:
-                need(self.moe_capacity_factor > 0, f"moe_capacity_factor must be > 0 or None, got {self.moe_capacity_factor}")
+                need(
+                    self.moe_capacity_factor > 0,
+                    f"moe_capacity_factor must be > 0 or None, got {self.moe_capacity_factor}",
+                )
             need(self.moe_min_capacity >= 1, f"moe_min_capacity must be >= 1, got {self.moe_min_capacity}")
             if self.moe_hidden is not None:
                 need(self.moe_hidden > 0, f"moe_hidden must be positive, got {self.moe_hidden}")

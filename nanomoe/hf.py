@@ -1,12 +1,14 @@
 """Hugging Face `transformers` <-> nanomoe, exactly, both ways (chapter 05).
 
-Three families of the course map onto three `transformers` architectures:
+Three families of the course map onto three `transformers` architectures (nanomoe config ->
+transformers class: what differs in storage):
 
-| nanomoe config | transformers | what differs in storage |
-|---|---|---|
-| GPT-2 preset (learned positions, LayerNorm, GELU-tanh, MHA) | `GPT2LMHeadModel` | GPT-2's `Conv1D` stores weights as (in, out): transpose into `nn.Linear` (out, in) |
-| modern dense (RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA) | `LlamaForCausalLM` | fused `c_attn` rows [q; k; v] <-> `q_proj`/`k_proj`/`v_proj`; `c_fc` rows [gate; up] <-> `gate_proj`/`up_proj` |
-| modern MoE (every layer MoE, top-k renormalized) | `MixtralForCausalLM` | experts `c_fc` (E, C, 2H), y = x @ W <-> `gate_up_proj` (E, 2H, C), y = x @ W^T |
+- GPT-2 preset (learned positions, LayerNorm, GELU-tanh, MHA) -> `GPT2LMHeadModel`: GPT-2's
+  `Conv1D` stores weights as (in, out): transpose into `nn.Linear` (out, in).
+- modern dense (RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA) -> `LlamaForCausalLM`: fused `c_attn` rows
+  [q; k; v] <-> `q_proj`/`k_proj`/`v_proj`; `c_fc` rows [gate; up] <-> `gate_proj`/`up_proj`.
+- modern MoE (every layer MoE, top-k renormalized) -> `MixtralForCausalLM`: experts `c_fc`
+  (E, C, 2H), y = x @ W <-> `gate_up_proj` (E, 2H, C), y = x @ W^T.
 
 Our RoPE is the rotate-half convention HF Llama uses, so q/k weights need no permutation.
 
@@ -249,7 +251,9 @@ def to_hf_gpt2(model: GPT):
 def _gpt2_config_from_hf(c, overrides: dict[str, Any]) -> GPTConfig:
     bad = []
     if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-        bad.append(f"activation_function={c.activation_function!r} (nanomoe supports gelu_new/gelu_pytorch_tanh and gelu)")
+        bad.append(
+            f"activation_function={c.activation_function!r} (nanomoe supports gelu_new/gelu_pytorch_tanh and gelu)"
+        )
     if getattr(c, "scale_attn_by_inverse_layer_idx", False):
         bad.append("scale_attn_by_inverse_layer_idx=True")
     if not getattr(c, "scale_attn_weights", True):
@@ -262,7 +266,8 @@ def _gpt2_config_from_hf(c, overrides: dict[str, Any]) -> GPTConfig:
     base = dict(
         vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
         dropout=0.0, bias=True, pos_emb="learned", norm="layernorm", norm_eps=c.layer_norm_epsilon, mlp="gelu",
-        gelu_approximate="none" if c.activation_function == "gelu" else "tanh", mlp_hidden=hidden, n_kv_head=None, logit_softcap=None, tie_embeddings=bool(c.tie_word_embeddings),
+        gelu_approximate="none" if c.activation_function == "gelu" else "tanh", mlp_hidden=hidden, n_kv_head=None,
+        logit_softcap=None, tie_embeddings=bool(c.tie_word_embeddings),
     )
     return _hidden_or_none(GPTConfig(**{**base, **overrides}), hidden)
 
@@ -274,7 +279,9 @@ def from_hf_gpt2(hf_model, **overrides: Any) -> GPT:
     c = hf_model.config
     cfg = _gpt2_config_from_hf(c, overrides)
     if cfg.block_size > c.n_positions:
-        raise HFConversionError(f"block_size={cfg.block_size} exceeds the {c.n_positions} learned positions of this GPT-2")
+        raise HFConversionError(
+            f"block_size={cfg.block_size} exceeds the {c.n_positions} learned positions of this GPT-2"
+        )
     hf_state = hf_model.state_dict()
     state = {}
     for name, t in hf_state.items():
@@ -466,7 +473,9 @@ def from_hf_llama(hf_model, **overrides: Any) -> GPT:
         for kind in ("weight", "bias"):
             if f"{q}mlp.gate_proj.{kind}" not in hf:
                 continue
-            state[f"{p}mlp.c_fc.{kind}"] = torch.cat([hf[f"{q}mlp.gate_proj.{kind}"], hf[f"{q}mlp.up_proj.{kind}"]], dim=0)
+            state[f"{p}mlp.c_fc.{kind}"] = torch.cat(
+                [hf[f"{q}mlp.gate_proj.{kind}"], hf[f"{q}mlp.up_proj.{kind}"]], dim=0
+            )
             state[f"{p}mlp.c_proj.{kind}"] = hf[f"{q}mlp.down_proj.{kind}"]
     _ends_from_hf(hf, state)
     model = GPT(cfg)
@@ -683,7 +692,8 @@ def from_pretrained(
     except Exception as e:  # offline, unknown name, no access...
         hint = f" (one of {', '.join(GPT2_NAMES)})" if name.startswith("gpt") else ""
         raise HFConversionError(
-            f"could not get {name!r}{hint} from the Hugging Face hub: {type(e).__name__}: {str(e).splitlines()[0][:200]}\n"
+            f"could not get {name!r}{hint} from the Hugging Face hub: "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}\n"
             "Downloading weights needs internet the first time (then they are cached). Offline, pass a local "
             "folder saved with save_pretrained or nanomoe.hf.export_hf."
         ) from None

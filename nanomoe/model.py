@@ -216,7 +216,9 @@ class GPT(nn.Module):
         return logits, loss
 
     # ---- optimization ------------------------------------------------------------------------
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), device_type: str = "cpu"):
+    def configure_optimizers(
+        self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), device_type: str = "cpu"
+    ):
         """AdamW with weight decay on matrices and embeddings only (dim >= 2); norms' gains and
         biases are not decayed. Fused kernel (one multi-tensor update) on CUDA and on CPU."""
         params = [p for p in self.parameters() if p.requires_grad]  # tied weights appear once

@@ -93,7 +93,8 @@ def plot_curves(
             ax.plot(xs, vs, style, ms=3, color=colors[ri % len(colors)], label=name or _label(key))
         for lname, val in (hlines or {}).get(key, {}).items():
             ax.axhline(val, ls="--", lw=1, color="gray")
-            ax.annotate(lname, (0.99, val), xycoords=("axes fraction", "data"), ha="right", va="top", fontsize=8, color="gray")
+            ax.annotate(lname, (0.99, val), xycoords=("axes fraction", "data"), ha="right", va="top",
+                        fontsize=8, color="gray")
         if log:
             ax.set_yscale("log")
         ax.set_xlabel(_label(x))
@@ -199,9 +200,11 @@ def plot_expert_load(
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
 
-    arr = np.stack([np.asarray(l, dtype=float) for l in loads])  # (W, L, E)
+    arr = np.stack([np.asarray(step_load, dtype=float) for step_load in loads])  # (W, L, E)
     if arr.ndim != 3 or arr.shape[0] != len(steps):
-        raise ValueError(f"plot_expert_load: loads must be {len(steps)} arrays of shape (layers, experts), got {arr.shape}")
+        raise ValueError(
+            f"plot_expert_load: loads must be {len(steps)} arrays of shape (layers, experts), got {arr.shape}"
+        )
     W, L, E = arr.shape
     fig, axes = plt.subplots(1, L, figsize=(min(4.2 * L, 16), 3.2), squeeze=False)
     # white = 1/E (balanced), blue = starved, red = overloaded

@@ -179,7 +179,8 @@ def bench_decode(args, V: int) -> dict:
     positions = [int(s) for s in args.positions.split(",")]
     cells = {(p, kind): fn for p in positions for kind, fn in cells_for(p).items()}
     for fn in cells.values():  # warm-up
-        fn(); fn()
+        fn()
+        fn()
     times: dict = {c: [] for c in cells}
     for _ in range(args.decode_reps):  # every rep visits every cell: drifts in machine load hit all alike
         for c, fn in cells.items():
@@ -253,7 +254,8 @@ def bench_memory(args) -> dict:
         argv = [sys.executable, "-m", "scripts.bench_02_modern", f"--mem_child={mode}", f"--threads={args.threads}",
                 f"--gen_tokens={args.gen_tokens}", f"--block_size={args.block_size}", f"--vocab_size={args.vocab_size}",
                 f"--n_layer={args.n_layer}", f"--n_head={args.n_head}", f"--n_embd={args.n_embd}"]
-        r = subprocess.run(argv, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        r = subprocess.run(argv, capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if r.returncode != 0:
             raise RuntimeError(f"memory child {mode} failed:\n{r.stderr[-2000:]}")
         out[mode] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -276,7 +278,8 @@ def main() -> None:
     t_start = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (load average {load:.1f}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads" + (" (quick mode: tiny sizes, targets not checked)" if args.quick else ""))
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+          + (" (quick mode: tiny sizes, targets not checked)" if args.quick else ""))
     res: dict = {}
     checks: list[tuple[str, bool, str]] = []
 
@@ -286,7 +289,8 @@ def main() -> None:
         tr = res["training"] = bench_training(args)
         for name in ("gpt2 (baseline)", "modern"):
             r = tr[name]
-            print(f"  {name:16s} {r['params'] / 1e6:6.3f}M non-embedding params (mlp hidden {r['mlp_hidden']}, kv heads {r['kv_heads']}): "
+            print(f"  {name:16s} {r['params'] / 1e6:6.3f}M non-embedding params "
+                  f"(mlp hidden {r['mlp_hidden']}, kv heads {r['kv_heads']}): "
                   f"{r['tokens_per_s']:,.0f} tok/s (median step {r['step_s'] * 1e3:.1f} ms)")
         checks.append(("modern trains >= 0.9x baseline tokens/s", tr["ratio"] >= 0.9, f"{tr['ratio']:.2f}x"))
 
@@ -310,11 +314,13 @@ def main() -> None:
     for V in vocabs if "generate" in sections else []:
         gen = res["generate"][V] = bench_generate(args, V)
         print(f"  vocab {V}: cache {gen['cache_s']:.2f} s ({gen['tokens'] / gen['cache_s']:,.0f} tok/s) | no cache "
-              f"{gen['no_cache_s']:.2f} s ({gen['tokens'] / gen['no_cache_s']:,.0f} tok/s) | speed-up {gen['speedup']:.1f}x"
+              f"{gen['no_cache_s']:.2f} s ({gen['tokens'] / gen['no_cache_s']:,.0f} tok/s) | "
+              f"speed-up {gen['speedup']:.1f}x"
               f" | same tokens: {gen['same_tokens']}")
         checks.append((f"V={V}: {args.gen_tokens} tokens >= 10x faster with the cache", gen["speedup"] >= 10,
                        f"{gen['speedup']:.1f}x"))
-        checks.append((f"V={V}: cached and uncached greedy tokens identical", gen["same_tokens"], str(gen["same_tokens"])))
+        checks.append((f"V={V}: cached and uncached greedy tokens identical", gen["same_tokens"],
+                       str(gen["same_tokens"])))
 
     print(f"\n[4/5] KV-cache bytes (batch 1, {args.block_size} positions, float32) ...")
     cb = res["cache_bytes"] = cache_bytes(args) if "bytes" in sections else {}

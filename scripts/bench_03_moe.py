@@ -118,7 +118,8 @@ def bench_one(d: int, args, device: str, dtype: torch.dtype) -> list[dict]:
     rows = []
     for name, ts in times.items():
         ms = 1000 * statistics.median(ts)
-        rows.append(dict(d_model=d, variant=name + (" (auto)" if name == auto else ""), ms=ms, ratio=ms / dense_ms, hidden=cfg.expert_hidden_dim if name != "dense" else cfg.hidden_dim,
+        rows.append(dict(d_model=d, variant=name + (" (auto)" if name == auto else ""), ms=ms, ratio=ms / dense_ms,
+                         hidden=cfg.expert_hidden_dim if name != "dense" else cfg.hidden_dim,
                          active_params=n_dense if name == "dense" else n_active))
     return rows
 
@@ -132,7 +133,8 @@ def main(argv=None) -> list[dict]:
     if device == "cpu":
         torch.set_num_threads(args.threads)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    where = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name() if device == "cuda"
+             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     if device == "cpu":
         where += f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     print(f"torch {torch.__version__} | {device} ({where}) | {args.dtype} | {args.tokens} tokens | "
@@ -142,10 +144,11 @@ def main(argv=None) -> list[dict]:
     rows = []
     for d in [int(s) for s in str(args.d_models).split(",")]:
         rows += bench_one(d, args, device, dtype)
-    print(f"\n| d_model | variant | hidden | active params | fwd+bwd ms | / dense |")
+    print("\n| d_model | variant | hidden | active params | fwd+bwd ms | / dense |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['d_model']} | {r['variant']} | {r['hidden']} | {r['active_params']:,} | {r['ms']:.2f} | {r['ratio']:.2f}x |")
+        print(f"| {r['d_model']} | {r['variant']} | {r['hidden']} | {r['active_params']:,} | "
+              f"{r['ms']:.2f} | {r['ratio']:.2f}x |")
     if load:
         load = os.getloadavg()
         print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

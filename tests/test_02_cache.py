@@ -82,7 +82,9 @@ def test_sampled_generation_cache_equals_no_cache():
     model = make(pos_emb="rope", n_kv_head=2)
     idx = torch.zeros(2, 3, dtype=torch.long)
     outs = [
-        model.generate(idx, 15, temperature=0.8, top_k=20, top_p=0.9, use_cache=c, generator=torch.Generator().manual_seed(7))
+        model.generate(
+            idx, 15, temperature=0.8, top_k=20, top_p=0.9, use_cache=c, generator=torch.Generator().manual_seed(7)
+        )
         for c in (True, False)
     ]
     assert torch.equal(outs[0], outs[1])

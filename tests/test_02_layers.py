@@ -74,7 +74,8 @@ def test_sdpa_equals_manual_with_cache(n_kv_head):
     with torch.no_grad():
         for model in (manual, sdpa):
             cache = model.new_cache(2, max_len=16)
-            steps = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 9)]
+            steps = [model(idx[:, :5], cache=cache)[0]]
+            steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 9)]
             outs.append(torch.cat(steps, dim=1))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
@@ -169,7 +170,9 @@ def test_rope_matches_hf_llama(theta):
 
     torch.manual_seed(6)
     B, H, T, D = 2, 3, 50, 16
-    hf_cfg = LlamaConfig(hidden_size=H * D, num_attention_heads=H, head_dim=D, max_position_embeddings=64, rope_theta=theta)
+    hf_cfg = LlamaConfig(
+        hidden_size=H * D, num_attention_heads=H, head_dim=D, max_position_embeddings=64, rope_theta=theta
+    )
     if getattr(hf_cfg, "rope_parameters", None) is not None:
         hf_cfg.rope_parameters["rope_theta"] = theta
     rotary = LlamaRotaryEmbedding(config=hf_cfg)
@@ -185,7 +188,8 @@ def test_rope_matches_hf_llama(theta):
     torch.testing.assert_close(apply_rope(k, cos[:T], sin[:T]), hf_k, atol=1e-5, rtol=1e-5)
     # offset positions (what the KV cache uses) too
     hf_cos2, hf_sin2 = rotary(q, pos_ids + 10)
-    torch.testing.assert_close(apply_rope(q, cos[10 : T + 10], sin[10 : T + 10]), apply_rotary_pos_emb(q, k, hf_cos2, hf_sin2)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(apply_rope(q, cos[10 : T + 10], sin[10 : T + 10]),
+                               apply_rotary_pos_emb(q, k, hf_cos2, hf_sin2)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_rope_is_rotate_half_not_interleaved():

@@ -240,7 +240,9 @@ def test_autocast_keeps_router_fp32_and_paths_agree():
     assert (ref - moe(x)[0]).abs().max() > 0  # bf16 really was used
 
 
-@pytest.mark.parametrize("impl,kernel", [("reference", None), ("fast", "grouped"), ("fast", "loop"), ("fast", "padded")])
+@pytest.mark.parametrize(
+    "impl,kernel", [("reference", None), ("fast", "grouped"), ("fast", "loop"), ("fast", "padded")]
+)
 def test_expert_without_tokens_gets_zero_gradient(impl, kernel):
     moe = make_moe(moe_impl=impl, moe_top_k=1)
     moe.kernel = kernel

@@ -14,7 +14,8 @@ ENV = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
 def test_03_script_quick(tmp_path, shared_data):
     out = tmp_path / "runs03"
     r = subprocess.run(
-        [sys.executable, "-m", "scripts.03_train_moe", "--quick", f"--out_dir={out}", f"--source={shared_data / 'machado'}"],
+        [sys.executable, "-m", "scripts.03_train_moe", "--quick", f"--out_dir={out}",
+         f"--source={shared_data / 'machado'}"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

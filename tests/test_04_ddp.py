@@ -71,7 +71,8 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(driver), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
@@ -96,4 +97,4 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path):
     # only rank 0 wrote a checkpoint and metrics, in the run's out_dir
     assert (tmp_path / "dense" / "latest.pt").is_file()
     lines = (tmp_path / "dense" / "metrics.jsonl").read_text().splitlines()
-    assert len([l for l in lines if json.loads(l)["kind"] == "train"]) == 6  # one writer, no duplicates
+    assert len([line for line in lines if json.loads(line)["kind"] == "train"]) == 6  # one writer, no duplicates

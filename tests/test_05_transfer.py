@@ -45,8 +45,12 @@ def test_report_lists_the_right_tensors_gpt2_to_modern_gqa():
     assert set(rep.adapted) == {layer(i, "attn.c_attn.weight") for i in range(L)}
     assert set(rep.initialized) == {layer(i, k) for i in range(L) for k in ("mlp.c_fc.weight", "mlp.c_proj.weight")}
     skipped = {"transformer.wpe.weight", "transformer.ln_f.bias"}
-    skipped |= {layer(i, k) for i in range(L) for k in ("ln_1.bias", "ln_2.bias", "attn.c_attn.bias", "attn.c_proj.bias",
-                                                        "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")}
+    skipped |= {
+        layer(i, k)
+        for i in range(L)
+        for k in ("ln_1.bias", "ln_2.bias", "attn.c_attn.bias", "attn.c_proj.bias",
+                  "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+    }
     assert set(rep.skipped) == skipped
     # every src tensor is used or skipped; every dst tensor (tied lm_head aside) appears exactly once
     used = {e.src for e in rep.entries if e.action in ("copied", "adapted")}

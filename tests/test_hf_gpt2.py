@@ -61,7 +61,9 @@ def test_from_pretrained_folder_equal_logits_and_preset(hf_folder):
     ref = GPT2LMHeadModel.from_pretrained(hf_folder).eval()
     model = from_pretrained(hf_folder)
     cfg = model.config
-    assert (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.bias, cfg.tie_embeddings) == ("learned", "layernorm", "gelu", True, True)
+    assert (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.bias, cfg.tie_embeddings) == (
+        "learned", "layernorm", "gelu", True, True
+    )
     assert (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd) == (V, 48, 2, 4, 32)
     assert cfg.mlp_hidden is None and cfg.hidden_dim == 128  # 4 * n_embd, the preset rule
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied after loading
@@ -142,7 +144,9 @@ def test_export_folder_loads_with_automodel_and_back(tmp_path, tiktoken_cache):
 
     tok = get_tokenizer("gpt2")
     torch.manual_seed(0)
-    model = GPT(gpt2_config(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16, dropout=0.1)).eval()
+    model = GPT(
+        gpt2_config(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16, dropout=0.1)
+    ).eval()
     folder = export_hf(model, tmp_path / "export", tokenizer=tok)
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     assert json.loads((folder / "nanomoe_tokenizer.json").read_text())["name"] == "gpt2"
@@ -177,7 +181,8 @@ def test_missing_tensor_gives_clear_error(hf_folder, tmp_path):
     del sd["transformer.h.1.attn.c_attn.weight"]
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "config.json").write_text((hf_folder / "config.json").read_text())
-    with pytest.raises(HFConversionError, match=r"missing tensor transformer\.h\.1\.attn\.c_attn\.weight \(expected shape \(32, 96\)\)"):
+    with pytest.raises(HFConversionError, match=r"missing tensor transformer\.h\.1\.attn\.c_attn\.weight "
+                                                r"\(expected shape \(32, 96\)\)"):
         load_hf(tmp_path)
 
 
@@ -186,7 +191,8 @@ def test_wrong_shape_gives_clear_error(hf_folder, tmp_path):
     sd["transformer.h.0.mlp.c_proj.weight"] = torch.zeros(100, 32)
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "config.json").write_text((hf_folder / "config.json").read_text())
-    with pytest.raises(HFConversionError, match=r"transformer\.h\.0\.mlp\.c_proj\.weight has shape \(100, 32\) but config\.json expects \(128, 32\)"):
+    with pytest.raises(HFConversionError, match=r"transformer\.h\.0\.mlp\.c_proj\.weight has shape \(100, 32\) "
+                                                r"but config\.json expects \(128, 32\)"):
         from_pretrained(tmp_path)
 
 

@@ -45,7 +45,9 @@ def test_to_mixtral_equal_logits_and_round_trip(impl, top_k):
     hf = to_hf(model)
     c = hf.config
     assert type(hf).__name__ == "MixtralForCausalLM"
-    assert (c.num_local_experts, c.num_experts_per_tok, c.intermediate_size) == (4, top_k, model.config.expert_hidden_dim)
+    assert (c.num_local_experts, c.num_experts_per_tok, c.intermediate_size) == (
+        4, top_k, model.config.expert_hidden_dim
+    )
     x = ids()
     assert max_diff(model(x)[0], hf(x).logits) < 1e-5
     back = from_hf(hf, moe_impl=impl)
