@@ -23,7 +23,6 @@ from typing import Optional
 import matplotlib.pyplot as plt
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
 from .config import moe_config
@@ -41,6 +40,7 @@ from .expert_parallel import (
 )
 from .model import GPT
 from .moe import MoE
+from .progress import tqdm
 from .tokenizer import get_tokenizer
 from .train import get_lr
 

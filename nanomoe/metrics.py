@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import matplotlib.pyplot as plt
-from tqdm import tqdm as text_tqdm
 
 from .checkpoint import plain
-from .cli import in_notebook
 from .files import atomic_write, write_text
 from .plots import plot_curves
+from .progress import tqdm
 
 
 @dataclass
@@ -49,19 +47,8 @@ class Meter:
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
-    """tqdm where it reads well: a widget in notebooks with ipywidgets (Colab), a live bar in a
-    terminal, a bar refreshed every 30 s when the output goes to a file, and none in a notebook
-    without widgets (its text bar would fill the saved notebook; the evaluation lines remain)."""
-    kw = dict(total=total, initial=initial, desc="train", dynamic_ncols=True)
-    if in_notebook():
-        try:
-            import ipywidgets  # noqa: F401  (optional: only to know whether the widget bar can show)
-            from tqdm.notebook import tqdm as widget_tqdm
-        except ImportError:
-            return text_tqdm(disable=True, **kw)
-        return widget_tqdm(disable=not enabled, **kw)
-    interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-    return text_tqdm(disable=not enabled, mininterval=1.0 if interactive else 30.0, **kw)
+    """The training bar (see nanomoe.progress for what shows where)."""
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=not enabled)
 
 
 class RunLog:

@@ -60,7 +60,8 @@ def setup(chapter: str, written_for: str | None = None) -> str:
         print(f"note: this notebook was written for nanomoe {written_for}; installed is {installed}")
     precision = pick_precision(verbose=False)
     print(precision.describe())
-    print(f"runs and prepared data are written under: {home().resolve()} (data/, runs/; NANOMOE_HOME to change)")
+    where = "the current folder" if str(home()) == "." else str(home())
+    print(f"runs and prepared data are written under {where}: data/, runs/ (NANOMOE_HOME to change)")
     times = CHAPTER_TIMES.get(chapter)
     if times is not None:
         gpu = times["gpu"] or "not measured yet"

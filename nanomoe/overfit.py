@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from . import resources
 from .config import gpt2_config
 from .device import Precision
 from .model import GPT
+from .progress import tqdm
 from .tokenizer import Tokenizer, get_tokenizer
 
 

@@ -7,8 +7,8 @@ import time
 from typing import Sequence, Union
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from ..progress import tqdm
 from ..tokenizer import Tokenizer
 from .errors import DataError
 

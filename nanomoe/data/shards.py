@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..files import atomic_write, write_text
+from ..progress import tqdm
 from ..tokenizer import BPETokenizer, Tokenizer, get_tokenizer, load_tokenizer
 from .encode import _chunks, encode_text, split_text
 from .errors import DataError
