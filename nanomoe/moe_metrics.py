@@ -101,8 +101,8 @@ class MoEMetrics:
             layers.append(layer)
         out: dict = {"steps": self.steps, "layers": layers}
         for k in ("load_cv", "max_over_mean", "dropped_frac", *_MEAN_KEYS):
-            out[k] = sum(l[k] for l in layers) / len(layers) if layers else float("nan")
-        out["dead"] = sum(l["dead"] for l in layers)
+            out[k] = sum(lay[k] for lay in layers) / len(layers) if layers else float("nan")
+        out["dead"] = sum(lay["dead"] for lay in layers)
         return out
 
     def format(self) -> str:
