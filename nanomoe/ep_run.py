@@ -201,7 +201,7 @@ def _train_loop(cfg, info, model, optimizer, loader, tokenizer, step, device, au
     if info.is_main and step == 0:
         metrics.unlink(missing_ok=True)
     log = []
-    # a live bar on a terminal only (None: tqdm turns itself off when the output is a pipe or a notebook cell)
+    # rank 0 shows the bar where nanomoe.progress says (a terminal, a notebook with widgets)
     bar = tqdm(range(step, cfg.max_steps), disable=None if info.is_main else True, desc=f"EP W={info.world_size}")
     for s in bar:
         t0 = time.perf_counter()
@@ -217,7 +217,7 @@ def _train_loop(cfg, info, model, optimizer, loader, tokenizer, step, device, au
             with open(metrics, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if (s + 1) % cfg.log_interval == 0 or s == cfg.max_steps - 1:
-                tqdm.write(format_step(rec))
+                bar.write(format_step(rec))
         if (s + 1) % cfg.save_interval == 0 and s + 1 < cfg.max_steps:
             save(out / "latest.pt", model, optimizer, s + 1, cfg, loader, tokenizer)
     return log
