@@ -26,6 +26,9 @@ CHAPTER_TIMES: dict[str, dict[str, str | None]] = {
     "03": {"cpu": "~23 min", "gpu": None},
     "04": {"cpu": "~7 min", "gpu": None},
     "05": {"cpu": "~13 min (tiny GPT-2 stand-in)", "gpu": None},
+    "06": {"cpu": "~3 min reusing the recorded runs (the six training runs: ~88 min of 1-thread training)",
+           "gpu": None},
+    "07": {"cpu": "~26 min (CPU shared with other work)", "gpu": None},
 }
 CPU_NAME = "2-core CPU"
 
