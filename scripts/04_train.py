@@ -73,7 +73,7 @@ setup("04", written_for=NANOMOE_REF)
 # | config | o que é |
 # |---|---|
 # | `machado_char_modern` | **padrão**: modelo moderno (RoPE, RMSNorm, SwiGLU, MQA), Machado por caractere, ~8 min |
-# | `shakespeare_char_gpt2` | a receita de CPU do README do nanoGPT (4 camadas, 4 cabeças, 128 dims, bloco 64, lote 12, 2000 passos) |
+# | `shakespeare_char_gpt2` | receita de CPU do nanoGPT (4 camadas × 4 cabeças × 128, bloco 64, lote 12, 2000 passos) |
 # | `shakespeare_char_modern` | a mesma receita e os mesmos tokens, com a arquitetura moderna |
 # | `machado_moe` | Mixture-of-Experts (8 especialistas, top-2) em Machado |
 # | `gpt2_124m_fineweb`, `modern_124m_fineweb`, `moe_124m_fineweb` | 124M no FineWeb-Edu, para GPUs (ver abaixo) |
@@ -349,9 +349,10 @@ if main and result.history:
 # | **este curso, as 4 receitas** | | **não medido ainda** | não medido ainda | não medido ainda |
 #
 # As linhas deste curso ficam «não medido ainda» até uma GPU rodar as receitas (tokens/s e MFU
-# incluídos: o laço os registra sozinho). Fontes: o `play.ipynb` do build-nanogpt (3,2924 e 0,2945 para o GPT-2, 0,337 para o GPT-3), o
-# README do nanoGPT, a docstring de `dev/data/hellaswag.py` e a discussão #481 do llm.c, o README do
-# modded-nanogpt (3,2847 para o llm.c); detalhes em `docs/benchmarks.md`.
+# incluídos: o laço os registra sozinho). Fontes: o `play.ipynb` do build-nanogpt (3,2924 e 0,2945
+# para o GPT-2, 0,337 para o GPT-3), o README do nanoGPT, a docstring de `dev/data/hellaswag.py` e
+# a discussão #481 do llm.c, o README do modded-nanogpt (3,2847 para o llm.c); detalhes em
+# `docs/benchmarks.md`.
 
 # %% [markdown]
 # ## Quantos tokens por caractere? char, GPT-2 e um BPE treinado no Machado

@@ -146,7 +146,7 @@ print(f"device: {device} | configuration: {size}" + (" (quick)" if args.quick el
 # %%
 from nanomoe.data import DataError, gpt2_tokenizer, read_corpus
 from nanomoe.hf import HFConversionError, from_hf, load_hf_model, save_random_gpt2
-from nanomoe.train import TrainConfig, evaluate, train
+from nanomoe.train import TrainConfig, train
 
 tok = gpt2_tokenizer()  # tiktoken's GPT-2 BPE (downloaded once, then cached; see nanomoe.tokenizer)
 
