@@ -28,6 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The public corpora and GPT-2's BPE files, standing in for a reader's downloads: $NANOMOE_DATA when
 # set, else the offline copy beside the repository (where CI finds it).
 SHARED_DATA = Path(os.environ.get("NANOMOE_DATA") or REPO_ROOT.parent / "shared" / "data")
+if SHARED_DATA.is_dir():  # the package (and every subprocess a test starts) finds it the reader's way
+    os.environ["NANOMOE_DATA"] = str(SHARED_DATA)
 
 
 class NetworkBlocked(ConnectionError):
