@@ -21,7 +21,7 @@ from .paths import home
 # How long each chapter's default configuration took, and where. Only measured figures: a GPU time
 # is quoted once a run on that GPU was recorded in the chapter (`None` = not measured yet).
 CHAPTER_TIMES: dict[str, dict[str, str | None]] = {
-    "01": {"cpu": "~20 s", "gpu": None},
+    "01": {"cpu": "~15 s of training, 1–3 min for the whole notebook", "gpu": None},
     "02": {"cpu": "~17 min", "gpu": None},
     "03": {"cpu": "~23 min", "gpu": None},
     "04": {"cpu": "~7 min", "gpu": None},
