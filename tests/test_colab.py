@@ -124,8 +124,9 @@ def _execute(nb_path: Path, env: dict, shared_data: Path) -> dict:
     error = None
     try:
         client.execute(env=kernel_env)
-    except nbclient.exceptions.CellExecutionError as e:
-        error = str(e)[-4000:]
+    except (nbclient.exceptions.CellExecutionError, nbclient.exceptions.CellTimeoutError,
+            nbclient.exceptions.DeadKernelError) as e:  # reported by that notebook's test, not by all
+        error = f"{type(e).__name__}: {str(e)[-4000:]}"
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     return {"error": error, "text": text, "seconds": time.perf_counter() - t0, "folder": folder}
 
