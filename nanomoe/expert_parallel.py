@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import GPTConfig
-from .moe import KERNELS, MoE, pick_kernel
+from .moe import MoE
 
 
 class ExpertParallelError(ValueError):
@@ -147,22 +147,12 @@ class ExpertParallelMoE(MoE):
         # received rows are grouped (source rank, local expert): regroup by local expert for the kernel
         local_of = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv.reshape(-1))  # (R,)
         perm = torch.argsort(local_of, stable=True)
-        out = self._run_local_experts(xs[perm], local_of[perm], recv.sum(0))  # (R, C) by local expert
+        out = self._run_experts(xs[perm], local_of[perm], recv.sum(0))  # (R, C) by local expert
         out = torch.empty_like(out).index_copy(0, perm, out)  # back to (source rank, local expert) order
         out = all_to_all(out, send_splits, recv_splits, self.group)  # (M, C) in the order we sent
         out = out * gates[order].unsqueeze(1).to(out.dtype)
         self._account(send_splits, recv_splits, x)
         return torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add_(0, token_sorted, out).to(x.dtype)
-
-    def _run_local_experts(self, xs, expert_sorted, counts):
-        """The single-process expert kernels (`nanomoe.moe.KERNELS`) on this rank's slice."""
-        w_fc, w_proj = self.experts.c_fc, self.experts.c_proj
-        dev = xs.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype  # compute dtype
-        kernel = self.kernel or pick_kernel(dt, xs.device, xs.size(1), self.experts.hidden)
-        if kernel == "grouped" and (dt != xs.dtype or dt != w_fc.dtype):
-            xs, w_fc, w_proj = xs.to(dt), w_fc.to(dt), w_proj.to(dt)  # grouped_mm is not on autocast's lists
-        return KERNELS[kernel](xs, expert_sorted, counts, w_fc, w_proj, self.kind, self.gelu_approximate)
 
     def _account(self, send_splits: list[int], recv_splits: list[int], x: torch.Tensor) -> None:
         """Rows and bytes of this forward's exchanges (the backward moves as many bytes again)."""

@@ -459,15 +459,20 @@ class MoE(nn.Module):
         ones = torch.ones_like(expert_of)
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert_of, ones)  # no host sync
         xs = x.index_select(0, token_sorted)  # (M, C) tokens in expert order
-        w_fc, w_proj = self.experts.c_fc, self.experts.c_proj
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype  # compute dtype
-        kernel = self.kernel or pick_kernel(dt, x.device, x.size(1), self.experts.hidden)
-        if kernel == "grouped" and (dt != xs.dtype or dt != w_fc.dtype):
-            xs, w_fc, w_proj = xs.to(dt), w_fc.to(dt), w_proj.to(dt)  # grouped_mm is not on autocast's lists
-        out = KERNELS[kernel](xs, expert_of[order], counts, w_fc, w_proj, self.kind, self.gelu_approximate)  # (M, C)
+        out = self._run_experts(xs, expert_of[order], counts)  # (M, C)
         out = out * gates[order].unsqueeze(1).to(out.dtype)
         return torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add_(0, token_sorted, out).to(x.dtype)
+
+    def _run_experts(self, xs, expert_sorted, counts):
+        """xs (M, C) rows grouped by expert, counts (E,) -> (M, C): the chosen kernel (`KERNELS`) on
+        this layer's stacked experts, in the autocast dtype when one is active."""
+        w_fc, w_proj = self.experts.c_fc, self.experts.c_proj
+        dev = xs.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype  # compute dtype
+        kernel = self.kernel or pick_kernel(dt, xs.device, xs.size(1), self.experts.hidden)
+        if kernel == "grouped" and (dt != xs.dtype or dt != w_fc.dtype):
+            xs, w_fc, w_proj = xs.to(dt), w_fc.to(dt), w_proj.to(dt)  # grouped_mm is not on autocast's lists
+        return KERNELS[kernel](xs, expert_sorted, counts, w_fc, w_proj, self.kind, self.gelu_approximate)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
