@@ -138,11 +138,11 @@ t_start = time.perf_counter()
 # %% [markdown]
 # ## 1. O texto e o tokenizador
 #
-# O parágrafo está em `data/paragrafo.txt` (escrito para este curso). O tokenizador padrão dá
-# um id para cada caractere distinto do texto, na ordem dos códigos Unicode (não é a ordem
-# alfabética: a quebra de linha e o espaço vêm primeiro, as maiúsculas antes das minúsculas e as
-# letras acentuadas no fim). O vocabulário é pequeno (algumas dezenas de símbolos) e tudo funciona
-# offline. Compare com `--tokenizer=gpt2` (o BPE
+# O parágrafo vem dentro do pacote (`nanomoe/resources/paragrafo.txt`, escrito para este curso). O
+# tokenizador padrão dá um id para cada caractere distinto do texto, na ordem dos códigos Unicode
+# (não é a ordem alfabética: o espaço vem primeiro, com id 0, as maiúsculas antes das minúsculas,
+# 'U' tem id 7, e as letras acentuadas ficam no fim). O vocabulário é pequeno (algumas dezenas de
+# símbolos) e tudo funciona offline. Compare com `--tokenizer=gpt2` (o BPE
 # do GPT-2, 50257 tokens): o mesmo parágrafo vira 187 tokens, e a loss inicial passa a ser
 # ≈ ln 50257 ≈ 10,8 (seção 4).
 
