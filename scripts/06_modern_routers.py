@@ -63,9 +63,9 @@ import time
 
 import torch
 
-from nanomoe import GPT, get_tokenizer, modern_config, moe_config
+from nanomoe import GPT, modern_config, moe_config
 from nanomoe.cli import parse_args
-from nanomoe.crossover import crossover, train_variant
+from nanomoe.crossover import crossover, regime_tokenizer, train_variant
 from nanomoe.data import encode_splits, read_corpus
 from nanomoe.moe import MoE, balance_loss, global_balance_prepass
 from nanomoe.notebook import show_source
@@ -81,23 +81,27 @@ from nanomoe.routing_analysis import (
     routing_of,
     routing_share,
     saturation,
+    top_tokens_per_expert,
 )
 from nanomoe.train import TrainConfig
 
 # %% [markdown]
 # ## Parâmetros
 #
-# Os valores abaixo dão o experimento completo (denso e três MoEs, 600 passos cada, o denso e o
-# MoE top-2 em duas sementes). Como script: `uv run -m scripts.06_modern_routers --threads=1`; num
-# notebook, edite o dicionário ou defina `NANOMOE_ARGS`. `--quick` roda tudo em segundos (é o que
-# os testes usam). Um treino terminado fica salvo em `runs/06/treinos/` e é reaproveitado se a
-# mesma configuração for pedida de novo.
+# Os valores abaixo dão o experimento completo (denso e três MoEs, 600 passos cada, cada um em duas
+# sementes: oito treinos). Como script: `uv run -m scripts.06_modern_routers --threads=1`; num
+# notebook, edite o dicionário ou defina `NANOMOE_ARGS`. `--tokenizer=bpe` refaz o experimento com
+# o BPE português do curso em vez de caracteres (resultados em `runs/06/bpe/`). `--quick` roda tudo
+# em segundos (é o que os testes usam). Um treino terminado fica salvo em `runs/06/treinos/` e é
+# reaproveitado se a mesma configuração for pedida de novo.
 
 # %%
 DEFAULTS = dict(
     quick=False,
     corpus="machado",
     source="",  # a local copy of the corpus (a folder of .txt files) when offline
+    tokenizer="char",  # "char" or "bpe" (a byte-level BPE trained on the training split)
+    bpe_vocab=1024,  # BPE vocabulary size (tokenizer="bpe")
     n_layer=2,
     n_head=4,
     n_embd=64,
@@ -110,16 +114,16 @@ DEFAULTS = dict(
     eval_interval=30,
     eval_iters=8,
     seeds="0,1",  # seeds of the dense and the MoE top-2 runs
-    variant_seeds="0",  # seeds of the other MoE variants
+    variant_seeds="0,1",  # seeds of the other MoE variants
     probe_seqs=32,  # validation sequences the routing analysis reads
     device="auto",
     out_dir="runs/06",
     threads=0,  # torch CPU threads; 0 = torch's default (all cores)
 )
 QUICK = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, steps=8, warmup_steps=2, eval_interval=4,
-             eval_iters=2, seeds="0", probe_seqs=4, threads=1)
+             eval_iters=2, seeds="0", variant_seeds="0", probe_seqs=4, bpe_vocab=320, threads=1)
 args = parse_args(DEFAULTS, quick=QUICK)
-out_dir = in_home(args.out_dir)
+out_dir = in_home(args.out_dir) if args.tokenizer == "char" else in_home(args.out_dir) / args.tokenizer
 out_dir.mkdir(parents=True, exist_ok=True)
 if args.threads > 0:
     torch.set_num_threads(args.threads)
@@ -269,7 +273,8 @@ for name, cfg in {
 # %% [markdown]
 # ## 4. O experimento: onde o MoE passa o denso?
 #
-# Corpus: Machado de Assis, caracteres, 90% treino / 10% validação. Todos os treinos usam a mesma
+# Corpus: Machado de Assis, caracteres (ou, com `--tokenizer=bpe`, o BPE português de 1024 tokens
+# treinado só na parte de treino), 90% treino / 10% validação. Todos os treinos usam a mesma
 # receita (AdamW, warmup + cosseno), os mesmos lotes na mesma ordem (por semente) e os mesmos
 # **parâmetros ativos**:
 #
@@ -284,9 +289,10 @@ for name, cfg in {
 text = read_corpus(args.corpus, source=args.source or None)
 if args.quick:
     text = text[:200_000]
-tok = get_tokenizer("char", text=text)
+tok = regime_tokenizer(args.tokenizer, text, args.bpe_vocab)
 train_ids, val_ids = encode_splits(tok, text)
-print(f"{len(text):,} caracteres, vocabulário de {tok.vocab_size}; {len(train_ids):,} tokens de treino")
+print(f"{len(text):,} caracteres, tokenizador {args.tokenizer} com vocabulário de {tok.vocab_size}; "
+      f"{len(train_ids):,} tokens de treino ({len(text) / (len(train_ids) + len(val_ids)):.2f} caracteres/token)")
 
 shape = dict(shape, vocab_size=tok.vocab_size)
 variants = {
@@ -362,8 +368,9 @@ print(table)
 by_variant = {}
 for (name, seed), r in runs.items():
     by_variant.setdefault(name, {})[seed] = r["history"]
+regime = "caracteres" if args.tokenizer == "char" else f"BPE português, {tok.vocab_size} tokens"
 fig = plot_crossover(by_variant, reference="denso" if seeds else None,
-                     title="Machado (caracteres): denso e MoEs com os mesmos parâmetros ativos")
+                     title=f"Machado ({regime}): denso e MoEs com os mesmos parâmetros ativos")
 save_figure(fig, out_dir / "crossover.png")
 fig
 
@@ -386,29 +393,39 @@ fig
 # %% [markdown]
 # **Especialização por classe de caractere.** Cada coluna é uma classe (vogal, consoante, espaço...);
 # cada célula, a fração das atribuições dessa classe que foi para o especialista. Branco é $1/E$ (o
-# roteador ignora a classe); vermelho, preferência.
+# roteador ignora a classe); vermelho, preferência. Com o BPE, um token é classificado pelo seu
+# primeiro caractere (um token que começa com espaço é um **início de palavra**), e listamos também
+# os tokens que cada especialista mais recebe.
 
 # %%
-chars = [tok.decode([i]) for i in probe.flatten().tolist()]
-classes = char_class_ids(chars).view(probe.shape)
+pieces = [tok.decode([i]) for i in probe.flatten().tolist()]  # one string per token (a character, for char)
+classes = char_class_ids([p[:1] for p in pieces]).view(probe.shape)
 present = [c for c in range(len(CHAR_CLASSES)) if (classes == c).any()]
 mats = [routing_share(d, classes, len(CHAR_CLASSES), E)[:, present] for d in decisions]
-labels = [CHAR_CLASS_PT[CHAR_CLASSES[c]] for c in present]
+names = dict(CHAR_CLASS_PT, space="início de palavra") if args.tokenizer == "bpe" else CHAR_CLASS_PT
+labels = [names[CHAR_CLASSES[c]] for c in present]
+what = "caractere" if args.tokenizer == "char" else "token (pelo 1º caractere)"
 fig = plot_matrices(mats, [f"camada {i}" for i in range(len(mats))], xlabels=labels, center=1 / E,
-                    title="Para onde vai cada classe de caractere (branco = 1/E)")
+                    title=f"Para onde vai cada classe de {what} (branco = 1/E)")
 save_figure(fig, out_dir / "specialization_classes.png")
+if args.tokenizer != "char":
+    print("última camada: os tokens que cada especialista mais recebe (fração das atribuições do token)")
+    for e, top in enumerate(top_tokens_per_expert(decisions[-1], probe, E, n=6)):
+        print(f"  E{e}: " + "  ".join(f"{tok.decode([i])!r} {v:.0%}" for i, v in top if v > 0))
 fig
 
 # %% [markdown]
 # **Posição na palavra e na sequência** (última camada MoE): coluna 0 = não-letra, 1 = primeira
-# letra da palavra, 2 = segunda... e, à direita, a posição na sequência de contexto em 8 faixas.
+# letra da palavra, 2 = segunda... e, à direita, a posição na sequência de contexto em 8 faixas
+# (com o BPE, só a sequência: um token já é um pedaço de palavra).
 
 # %%
-in_word = position_in_word(chars, max_pos=8).view(probe.shape)
 in_seq = position_bins(*probe.shape, n_bins=8)
-fig = plot_matrices([routing_share(decisions[-1], in_word, 9, E), routing_share(decisions[-1], in_seq, 8, E)],
-                    ["posição na palavra (0 = não-letra)", "posição na sequência (8 faixas)"], xlabel="posição",
-                    center=1 / E, title="Última camada: o roteador olha a posição?")
+mats, titles = [routing_share(decisions[-1], in_seq, 8, E)], ["posição na sequência (8 faixas)"]
+if args.tokenizer == "char":
+    in_word = position_in_word(pieces, max_pos=8).view(probe.shape)
+    mats, titles = [routing_share(decisions[-1], in_word, 9, E)] + mats, ["posição na palavra (0 = não-letra)"] + titles
+fig = plot_matrices(mats, titles, xlabel="posição", center=1 / E, title="Última camada: o roteador olha a posição?")
 save_figure(fig, out_dir / "specialization_position.png")
 fig
 
@@ -429,13 +446,13 @@ fig
 
 # %% [markdown]
 # **Um texto colorido pelo especialista** (a vista do capítulo 03): o especialista top-1 de cada
-# caractere em cada camada.
+# token (caractere) em cada camada.
 
 # %%
 sentence = "Olhos de cigana oblíqua e dissimulada." if not args.quick else text[:24]
 ids = torch.tensor([tok.encode(sentence)])
 top1 = [d[0, :, 0].tolist() for d in routing_of(main["model"], ids)]
-fig = plot_token_routing(list(sentence), top1, E)
+fig = plot_token_routing([tok.decode([i]) for i in ids[0].tolist()], top1, E)
 save_figure(fig, out_dir / "token_routing.png")
 fig
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from nanomoe import GPT, moe_config
-from nanomoe.crossover import crossover, train_variant
+from nanomoe.cli import CLIError
+from nanomoe.crossover import crossover, regime_tokenizer, train_variant
+from nanomoe.data import split_text
 from nanomoe.routing_analysis import (
     CHAR_CLASSES,
     char_class,
@@ -126,3 +128,21 @@ def test_train_variant_records_and_reuses_a_finished_run(tmp_path):
     other = train_variant("moe x", cfg, tcfg.__class__(**{**tcfg.to_dict(), "max_steps": 2}), data, data, probe,
                           cache_dir=tmp_path, progress=False)
     assert not other["cached"]  # a different recipe is trained, not read back
+
+
+def test_regime_tokenizer_bpe_never_sees_the_validation_split():
+    # training part: only "casa" words; validation part (last 10%): only "quilo" words
+    text = "casa mesa " * 900 + "quilo " * 150
+    train_text, val_text = split_text(text)
+    assert "quilo" not in train_text and "quilo" in val_text
+    bpe = regime_tokenizer("bpe", text, bpe_vocab=300)
+    assert len(bpe.encode(" casa")) == 1  # merged: seen in training
+    assert len(bpe.encode(" quilo")) > 1  # never merged: validation stays unseen
+    assert bpe.decode(bpe.encode(val_text)) == val_text
+    char = regime_tokenizer("char", text)
+    assert char.vocab_size == len(set(text))  # characters of the whole corpus
+
+
+def test_regime_tokenizer_refuses_an_unknown_regime():
+    with pytest.raises(CLIError, match="--tokenizer must be one of char, bpe, got 'words'"):
+        regime_tokenizer("words", "abc")

@@ -8,20 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
 FIGURES = ("crossover.png", "coactivation.png", "specialization_classes.png", "specialization_position.png",
            "saturation.png", "token_routing.png")
 
 
-def test_06_script_quick(tmp_path, shared_data):
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_06_script_quick(tmp_path, shared_data, tokenizer):
     r = subprocess.run(
         [sys.executable, "-m", "scripts.06_modern_routers", "--quick", f"--out_dir={tmp_path}",
-         f"--source={shared_data / 'machado'}"],
+         f"--source={shared_data / 'machado'}", f"--tokenizer={tokenizer}"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = json.loads((tmp_path / "crossover.json").read_text(encoding="utf-8"))
+    out = tmp_path if tokenizer == "char" else tmp_path / "bpe"  # the BPE regime writes beside the char one
+    res = json.loads((out / "crossover.json").read_text(encoding="utf-8"))
+    assert res["args"]["tokenizer"] == tokenizer
     runs = {(x["variant"], x["seed"]): x for x in res["runs"]}
     assert set(runs) == {("denso", 0), ("MoE top-2", 0), ("sigmoide (DeepSeek-V3)", 0),
                          ("finos 32×top-7 + 1 compartilhado", 0)}
@@ -31,8 +36,11 @@ def test_06_script_quick(tmp_path, shared_data):
         if name != "denso":  # equal active parameters but the router's (2 layers x 32 dims x E), more in total
             assert 0 < x["active"] - dense_active <= 2 * 32 * 32 and x["total"] > x["active"]
     for fig in FIGURES:
-        assert (tmp_path / fig).stat().st_size > 1000, fig
+        assert (out / fig).stat().st_size > 1000, fig
     assert "igual ao pacote" in r.stdout and "gradientes iguais" in r.stdout
+    assert f"tokenizador {tokenizer}" in r.stdout
+    # the BPE regime also lists the tokens each expert receives most
+    assert ("os tokens que cada especialista mais recebe" in r.stdout) == (tokenizer == "bpe")
 
 
 def test_06_benchmark_quick():

@@ -9,7 +9,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from ..progress import tqdm
-from ..tokenizer import Tokenizer
+from ..tokenizer import BPETokenizer, Tokenizer
 from .errors import DataError
 
 
@@ -59,6 +59,12 @@ def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     if n_train == 0:
         raise DataError("the train split is empty: use a longer text or a smaller val_fraction")
     return text[:n_train], text[n_train:]
+
+
+def train_bpe(train_text: str, vocab_size: int) -> BPETokenizer:
+    """The course's Portuguese BPE: a byte-level BPE trained on `train_text` (pass the training split
+    only, so validation stays unseen), fed to the trainer in chunks cut where BPE is exact."""
+    return BPETokenizer.train(_chunks(train_text, 1 << 16), vocab_size=vocab_size)
 
 
 def encode_splits(tok: Tokenizer, text: str, val_fraction: float = 0.1, *,

@@ -22,7 +22,7 @@ import numpy as np
 from ..files import atomic_write, write_text
 from ..progress import tqdm
 from ..tokenizer import BPETokenizer, Tokenizer, get_tokenizer, load_tokenizer
-from .encode import _chunks, encode_text, split_text
+from .encode import encode_text, split_text, train_bpe
 from .errors import DataError
 
 
@@ -68,7 +68,7 @@ def prepare(text: str, tokenizer: Union[str, Tokenizer], out_dir: Union[str, os.
         if tokenizer == "char":
             tok = get_tokenizer("char", text=text)
         elif tokenizer == "bpe":
-            tok = BPETokenizer.train(_chunks(train_text, 1 << 16), vocab_size=vocab_size)
+            tok = train_bpe(train_text, vocab_size)
         else:
             tok = get_tokenizer(tokenizer)
     else:
