@@ -363,9 +363,9 @@ if main and result.history:
 # mais frequentes do português. Contamos no trecho de validação (não visto pelo BPE).
 
 # %%
-if main and args.compare_chars:
-    from nanomoe.data import gpt2_tokenizer, read_corpus
-    from nanomoe.tokenizer import BPETokenizer, get_tokenizer
+if main and args.compare_chars and not args.data_dir:  # a prepared folder (FineWeb...) is not Machado
+    from nanomoe.data import gpt2_tokenizer, read_corpus, train_bpe
+    from nanomoe.tokenizer import get_tokenizer
 
     text = read_corpus("machado")
     cut = int(len(text) * 0.9)
@@ -376,7 +376,7 @@ if main and args.compare_chars:
         toks["gpt2"] = gpt2_tokenizer()
     except Exception as e:  # offline without the GPT-2 files
         print(f"(GPT-2 BPE unavailable: {type(e).__name__})")
-    bpe = BPETokenizer.train([bpe_train[i:i + 65536] for i in range(0, len(bpe_train), 65536)], 4096)
+    bpe = train_bpe(bpe_train, 4096)
     toks["bpe (Machado, 4096)"] = bpe
     rows = compare_tokenizers(sample, toks)
     print(f"{len(sample):,} characters of Machado (validation part)")
@@ -387,7 +387,7 @@ if main and args.compare_chars:
     print("exemplo:", [bpe.decode([i]) for i in bpe.encode(sample[:60])])
 
 # %%
-if main and args.compare_chars:
+if main and args.compare_chars and not args.data_dir:  # a prepared folder (FineWeb...) is not Machado
     import matplotlib.pyplot as plt
 
     from nanomoe.plots import save_figure
@@ -443,7 +443,9 @@ if main and ckpt_file.is_file():
     from nanomoe.inference import generate_text, load_model
 
     gen_model, gen_tok = load_model(tcfg.out_dir, device=args.device)  # latest.pt and its tokenizer
-    prompt = {"machado": "Capitu", "tinyshakespeare": "ROMEO:"}.get(args.dataset, "")
+    # the course's corpora open with a name from the text; a prepared folder (FineWeb...) uses the config's prompt
+    prompt = args.sample_prompt.strip() if args.data_dir else {"machado": "Capitu", "tinyshakespeare": "ROMEO:"}.get(
+        args.dataset, "")
     try:
         prompt_ids = gen_tok.encode(prompt) if prompt else []
     except ValueError:  # a char tokenizer built from another corpus may not know these letters
