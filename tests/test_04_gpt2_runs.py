@@ -29,7 +29,7 @@ CONFIGS = ("gpt2_124m_fineweb", "modern_124m_fineweb", "moe_124m_fineweb", "gpt2
 SMALL = ["--n_layer=2", "--n_head=4", "--n_kv_head=4", "--n_embd=64", "--block_size=32", "--batch_size=2",
          "--tokens_per_step=128", "--max_steps=3", "--warmup_steps=1", "--eval_interval=3", "--eval_iters=2",
          "--log_interval=1", "--compile=false", "--dtype=float32", "--device=cpu", "--sample_tokens=4",
-         "--compare_chars=0", "--threads=1"]
+         "--threads=1"]
 HELLASWAG = [
     {"ctx": "A man is sitting on a roof. He", "label": 3,
      "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
@@ -188,6 +188,9 @@ def test_config_trains_scaled_down(files, env, tmp_path, name):
             "moe_124m_fineweb": ("rope", 8, 50304), "gpt2_finetune_machado": ("learned", 0, 50257)}[name]
     assert (cfg["pos_emb"], cfg["n_experts"], cfg["vocab_size"]) == want  # the rest from the config file
     assert ck["tokenizer"]["name"] == "gpt2"
+    # a prepared folder is not Machado: no Machado tokenizer comparison, and generation starts from the
+    # config's prompt (the FineWeb configs: "Hello, I'm a language model,"), never from "Capitu"
+    assert "characters of Machado" not in proc.stdout and "Capitu" not in proc.stdout
     if name == "gpt2_finetune_machado":
         assert "every tensor loaded exactly" in proc.stdout
         direct = _transformers_val_loss(files, batches=2)
