@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# Without ipywidgets, importing tqdm.auto (transformers and huggingface_hub do) warns "IProgress not
+# found" with a path of this environment; Colab has ipywidgets. An IPython start-up file of the kernels
+# run here keeps that noise out of the saved outputs.
+QUIET_TQDM = "import warnings\nfrom tqdm import TqdmWarning\nwarnings.filterwarnings('ignore', category=TqdmWarning)\n"
 
 
 def find_notebooks(folder: Path, chapters: list[str]) -> list[Path]:
@@ -39,11 +43,15 @@ def find_notebooks(folder: Path, chapters: list[str]) -> list[Path]:
 
 
 def kernel_spec_dir(root: Path) -> Path:
-    """A kernel spec named "python3" that runs this interpreter (found first through JUPYTER_PATH)."""
+    """A kernel spec named "python3" that runs this interpreter (found first through JUPYTER_PATH), and
+    the IPython start-up folder its kernels read (through IPYTHONDIR)."""
     spec = root / "kernels" / "python3"
     spec.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "Python 3", "language": "python"}))
+    startup = root / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True, exist_ok=True)
+    (startup / "00-quiet-tqdm.py").write_text(QUIET_TQDM)
     return root
 
 
@@ -90,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     times, failed = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["JUPYTER_PATH"] = str(kernel_spec_dir(Path(tmp))) + os.pathsep + os.environ.get("JUPYTER_PATH", "")
+        os.environ["IPYTHONDIR"] = str(Path(tmp) / "ipython")
         for nb_path in notebooks:
             print(f"-> {nb_path.name} ...", flush=True)
             try:

@@ -36,6 +36,7 @@ def _outputs(path: Path) -> str:
 def nbs(tmp_path):
     (tmp_path / "nb").mkdir()
     _notebook(tmp_path / "nb" / "01_a.ipynb", "import os\nprint('args=' + os.environ['NANOMOE_ARGS'])",
+              "import warnings\nfrom tqdm import TqdmWarning\nwarnings.warn('IProgress not found', TqdmWarning)",
               "from pathlib import Path\nprint('cwd=' + str(Path.cwd()))")
     _notebook(tmp_path / "nb" / "02_b.ipynb", "print('second')")
     return tmp_path
@@ -46,6 +47,8 @@ def test_full_mode_saves_the_outputs_in_place(nbs):
     assert res.returncode == 0, res.stdout + res.stderr
     out = _outputs(nbs / "nb" / "01_a.ipynb")
     assert "args=--threads=1" in out and f"cwd={nbs}" in out
+    nb = nbformat.read(nbs / "nb" / "01_a.ipynb", as_version=4)
+    assert not any(o.get("name") == "stderr" for c in nb.cells for o in c.outputs)  # tqdm's widget warning
     assert _outputs(nbs / "nb" / "02_b.ipynb") == ""  # not selected: untouched
     assert "01_a.ipynb" in res.stdout and "min" in res.stdout  # the summary with its time
 
