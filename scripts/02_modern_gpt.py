@@ -94,9 +94,8 @@ from nanomoe.train import TrainConfig, train
 # %% [markdown]
 # ## Parâmetros
 #
-# Os valores abaixo são os da execução de referência (seção 10): 7 treinos de 300 passos, 17 min
-# de relógio numa CPU de 2 núcleos compartilhada com outros processos (7,6 min de CPU); numa GPU,
-# não medido ainda. Rode como script com `uv run -m scripts.02_modern_gpt`; para treinos mais longos,
+# Os valores abaixo são os da execução de referência (seção 10): 7 treinos de 300 passos, 8 min
+# de relógio para o notebook inteiro numa CPU de 2 núcleos (1 thread); numa GPU, não medido ainda. Rode como script com `uv run -m scripts.02_modern_gpt`; para treinos mais longos,
 # `--steps=600`. Num notebook, edite o dicionário ou defina `NANOMOE_ARGS="--steps=600"`. `--quick`
 # roda tudo em segundos (é o que os testes usam).
 
@@ -784,20 +783,20 @@ fig
 # Execução de referência: `uv run -m scripts.02_modern_gpt --threads=1` (parâmetros padrão:
 # 4 camadas, 4 cabeças, C = 128, contexto 128, 300 passos × 16 sequências = 614 400 caracteres por
 # configuração, tokenizador de caracteres com 126 símbolos). Máquina: VM x86_64 de 2 núcleos
-# (AVX-512), PyTorch 2.15 só CPU, 1 thread, dividida com outros processos (carga média entre 4 e
-# 9); 17 min de relógio, 7,6 min de CPU. As losses são determinísticas (mesma semente, mesmos
-# lotes: repetimos a execução e elas saíram idênticas); os tokens/s variam cerca de ±10% entre
-# execuções nessa máquina compartilhada.
+# (AVX-512), PyTorch 2.15 só CPU, 1 thread, com outro processo de 1 thread no outro núcleo (carga
+# ~2). Este notebook, executado de cima a baixo com esses parâmetros: 8,1 min de relógio, dos quais
+# 459 s nos 7 treinos. As losses são determinísticas com a mesma versão do PyTorch (mesma semente,
+# mesmos lotes); os tokens/s variam cerca de ±10% entre execuções numa máquina compartilhada.
 #
 # | configuração | parâmetros | tokens/s (lado a lado) | loss treino | loss validação |
 # |---|---:|---:|---:|---:|
-# | gpt2 (baseline) | 825 856 | 9 104 | 2,3464 | 2,3509 |
-# | +rope | 809 472 | 9 288 | 2,0477 | 2,0572 |
-# | +rmsnorm | 808 320 | 8 528 | 2,0479 | 2,0585 |
-# | +swiglu | 825 472 | 8 729 | 1,9554 | 1,9708 |
-# | +gqa (n_kv_head=2) | 759 424 | 8 150 | 1,9556 | 1,9734 |
-# | +no-bias | 754 560 | 10 120 | 1,9774 | 1,9885 |
-# | +softcap (30) | 754 560 | 10 975 | 1,9812 | 1,9957 |
+# | gpt2 (baseline) | 825 856 | 14 367 | 2,3464 | 2,3509 |
+# | +rope | 809 472 | 12 437 | 2,0477 | 2,0573 |
+# | +rmsnorm | 808 320 | 11 152 | 2,0478 | 2,0583 |
+# | +swiglu | 825 472 | 11 376 | 1,9555 | 1,9709 |
+# | +gqa (n_kv_head=2) | 759 424 | 12 496 | 1,9556 | 1,9734 |
+# | +no-bias | 754 560 | 12 415 | 1,9771 | 1,9882 |
+# | +softcap (30) | 754 560 | 12 396 | 1,9812 | 1,9957 |
 #
 # O que a tabela diz, neste orçamento pequeno:
 #
@@ -811,7 +810,7 @@ fig
 # - **SwiGLU** ganha −0,09 nat com praticamente os mesmos parâmetros.
 # - **GQA** (2 cabeças de k/v para 4 de consulta) custa +0,003 nat com 8% menos parâmetros e
 #   corta o KV cache pela metade.
-# - **Sem viés** (+0,015) e **soft-cap 30** (+0,007) ficam ligeiramente piores aqui. Nenhum dos
+# - **Sem viés** (+0,015) e **soft-cap 30** (+0,0075) ficam ligeiramente piores aqui. Nenhum dos
 #   dois foi proposto para melhorar a loss de um modelo pequeno: o PaLM tira os vieses pela
 #   estabilidade de treinos enormes, e o cap de 30 quase não age quando os logits ficam bem abaixo
 #   de 30, como num modelo de caracteres no início do treino. Diferenças desse tamanho (~0,01)
@@ -835,7 +834,7 @@ fig
 # | `n_kv_head` | parâmetros | KV cache (1024 posições, fp32) | loss de validação |
 # |---|---:|---:|---:|
 # | 4 (MHA) | 820 096 | 4,00 MiB | 1,9708 |
-# | 2 (GQA) | 754 560 | 2,00 MiB | 1,9885 |
+# | 2 (GQA) | 754 560 | 2,00 MiB | 1,9882 |
 # | 1 (MQA) | 721 792 | 1,00 MiB | 2,0100 |
 #
 # O cache é exatamente proporcional a `n_kv_head` (a seção 9 calcula: 2 × 4 camadas × n_kv_head ×
@@ -862,7 +861,7 @@ fig
 # | `rope_theta` | loss de validação | quanto gira o par mais lento em 127 posições |
 # |---:|---:|---:|
 # | 100 | 1,9754 | 1,69 rad |
-# | 10 000 (padrão) | 1,9885 | 0,023 rad |
+# | 10 000 (padrão) | 1,9882 | 0,023 rad |
 # | 1 000 000 | 1,9906 | 0,0003 rad |
 #
 # Neste contexto curto, a base menor ganhou (−0,013 nat) e a maior perdeu um pouco (+0,002). Com

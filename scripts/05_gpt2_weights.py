@@ -23,7 +23,7 @@
 #
 # 1. **Carregar exato.** `from_pretrained("gpt2")` copia *cada* tensor do GPT-2 da Hugging Face
 #    para o nosso `GPT` e *prova* que os logits são os mesmos do `transformers`: a diferença máxima
-#    é arredondamento de float32 (9,5e-7 no substituto minúsculo das saídas registradas abaixo; com o
+#    é arredondamento de float32 (1,2e-6 no substituto minúsculo das saídas registradas abaixo; com o
 #    GPT-2 124M real, não medido ainda neste curso; a célula exige < 1e-4). O projeto original
 #    prometia isso e copiava quase nada, escondido atrás de um `load_state_dict(strict=False)`.
 # 2. **Ajuste fino (*fine-tuning*) em Machado de Assis** com o BPE do GPT-2: partindo dos pesos
@@ -42,8 +42,8 @@
 # — o notebook usa um **substituto**: um GPT-2 minúsculo (2 camadas, 64 dimensões, o mesmo
 # tokenizador de 50 257 tokens), salvo numa pasta local com `save_pretrained` exatamente como a do
 # Hub e pré-treinado aqui mesmo por alguns segundos em TinyShakespeare (inglês, como o GPT-2). A
-# saída diz sempre qual dos dois rodou. Tempo: ~13 min na configuração `--tiny` numa CPU de 2
-# núcleos compartilhada (as saídas registradas); numa T4 do Colab, com os pesos reais, não medido
+# saída diz sempre qual dos dois rodou. Tempo: ~2 min na configuração `--tiny` numa CPU de 2
+# núcleos, 1 thread (as saídas registradas); numa T4 do Colab, com os pesos reais, não medido
 # ainda.
 
 # %%
@@ -446,7 +446,7 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 # ## O que observar
 #
 # - **Exatidão primeiro.** A diferença de logits entre o nosso GPT-2 e o do `transformers` é
-#   arredondamento de float32 (9,5e-7 no substituto das saídas registradas; com o GPT-2 real, não
+#   arredondamento de float32 (1,2e-6 no substituto das saídas registradas; com o GPT-2 real, não
 #   medido ainda); um erro de transposição daria diferenças de ordem 1.
 #   O mesmo vale para o MoE exportado como Mixtral e para a volta com `load_hf`.
 # - **Pré-treino vale ouro.** Com os pesos reais do GPT-2 a loss de validação em Machado começa
@@ -466,7 +466,8 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 #
 # ### Resultados registrados neste notebook
 #
-# As saídas acima vêm da configuração **`--tiny` numa CPU de 2 núcleos** compartilhada (~13 min),
+# As saídas acima vêm da configuração **`--tiny` numa CPU de 2 núcleos** (x86_64, PyTorch 2.15, 1
+# thread, com outro processo de 1 thread no outro núcleo; o notebook inteiro levou 1,8 min),
 # sem GPU e sem acesso ao Hugging Face Hub, com o **substituto** — um GPT-2 de 2 camadas e 64
 # dimensões pré-treinado aqui por 100 passos em TinyShakespeare —, **não** do GPT-2 da OpenAI.
 # Cada treino: 60 passos de 4 × 64 tokens (15 360 tokens; upcycling: 30 passos), taxa 1e-3,
@@ -478,12 +479,12 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 # | GPT-2 do zero | 10,837 | 8,095 | 3 277 |
 # | moderno, transferência parcial | 12,295 | 7,793 | 2 423 |
 # | moderno do zero | 10,838 | 8,308 | 4 056 |
-# | MoE por upcycling (4 especialistas, top-2) | 7,793 | 7,141 | 1 262 |
+# | MoE por upcycling (4 especialistas, top-2) | 7,793 | 7,142 | 1 264 |
 # | denso continuado | 7,793 | 7,139 | 1 260 |
 #
 # Mesmo um pré-treino de segundos, em outra língua, dá ~0,56 nat de vantagem depois de 60 passos,
 # e a transferência parcial ~0,52 nat sobre o moderno do zero. Em 30 passos o MoE ainda não se
-# separou do denso (7,141 × 7,139: a simetria descrita acima). Numa T4 com os pesos reais
+# separou do denso (7,142 × 7,139: a simetria descrita acima). Numa T4 com os pesos reais
 # (`--full`, o padrão quando há GPU) os números serão outros: não medidos ainda — rode e compare.
 
 # %% [markdown]
