@@ -111,14 +111,17 @@ def position_bins(B: int, T: int, n_bins: int) -> torch.Tensor:
 def top_tokens_per_expert(topk_idx: torch.Tensor, token_ids: torch.Tensor, n_experts: int, n: int = 8,
                           min_count: int = 5) -> list[list[tuple[int, float]]]:
     """For each expert, the n token ids it receives most in proportion to their occurrences:
-    [(token id, share of that token's assignments going to e)], tokens seen >= min_count times."""
+    [(token id, share of that token's assignments going to e)], tokens seen >= min_count times.
+    Equal shares (with top-k, many tokens always go to the same experts) rank the commoner token first."""
     ids, inverse = torch.unique(token_ids.reshape(-1), return_inverse=True)
     share = routing_share(topk_idx, inverse, len(ids), n_experts)  # (E, U)
     seen = torch.bincount(inverse.reshape(-1), minlength=len(ids))
     share = share.masked_fill(seen.unsqueeze(0) < min_count, -1.0)
+    by_count = seen.argsort(descending=True, stable=True)  # the tie-break: commoner tokens first
     out = []
     for e in range(n_experts):
-        vals, order = share[e].sort(descending=True)
+        vals, pos = share[e, by_count].sort(descending=True, stable=True)
+        order = by_count[pos]
         out.append([(int(ids[i]), float(v)) for v, i in zip(vals[:n], order[:n]) if v >= 0])
     return out
 

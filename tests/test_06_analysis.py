@@ -67,6 +67,10 @@ def test_top_tokens_per_expert_by_hand():
     # token 7: 2 of 3 to expert 0; token 9: 1 of 2 to each; token 5 seen once: left out
     assert top[0] == [(7, pytest.approx(2 / 3)), (9, pytest.approx(0.5))]
     assert top[1] == [(9, pytest.approx(0.5)), (7, pytest.approx(1 / 3))]
+    # equal shares: the commoner token first (8 seen 3 times, 6 twice, both always to expert 0)
+    top = top_tokens_per_expert(torch.zeros(1, 5, 1, dtype=torch.long), torch.tensor([[6, 8, 6, 8, 8]]), 2, n=2,
+                                min_count=1)
+    assert top[0] == [(8, 1.0), (6, 1.0)]
 
 
 def test_saturation_by_hand():
