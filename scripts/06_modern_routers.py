@@ -60,6 +60,7 @@ setup("06", written_for=NANOMOE_REF)
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -88,8 +89,8 @@ from nanomoe.train import TrainConfig
 # %% [markdown]
 # ## Parâmetros
 #
-# Os valores abaixo dão o experimento completo (denso e três MoEs, 600 passos cada, cada um em duas
-# sementes: oito treinos). Como script: `uv run -m scripts.06_modern_routers --threads=1`; num
+# Os valores abaixo dão o experimento completo (denso e três MoEs, 600 passos cada, cada um em três
+# sementes: doze treinos). Como script: `uv run -m scripts.06_modern_routers --threads=1`; num
 # notebook, edite o dicionário ou defina `NANOMOE_ARGS`. `--tokenizer=bpe` refaz o experimento com
 # o BPE português do curso em vez de caracteres (resultados em `runs/06/bpe/`). `--quick` roda tudo
 # em segundos (é o que os testes usam). Um treino terminado fica salvo em `runs/06/treinos/` e é
@@ -113,8 +114,8 @@ DEFAULTS = dict(
     warmup_steps=30,
     eval_interval=30,
     eval_iters=8,
-    seeds="0,1",  # seeds of the dense and the MoE top-2 runs
-    variant_seeds="0,1",  # seeds of the other MoE variants
+    seeds="0,1,2",  # seeds of the dense and the MoE top-2 runs
+    variant_seeds="0,1,2",  # seeds of the other MoE variants
     probe_seqs=32,  # validation sequences the routing analysis reads
     device="auto",
     out_dir="runs/06",
@@ -123,7 +124,8 @@ DEFAULTS = dict(
 QUICK = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, steps=8, warmup_steps=2, eval_interval=4,
              eval_iters=2, seeds="0", variant_seeds="0", probe_seqs=4, bpe_vocab=320, threads=1)
 args = parse_args(DEFAULTS, quick=QUICK)
-out_dir = in_home(args.out_dir) if args.tokenizer == "char" else in_home(args.out_dir) / args.tokenizer
+out_rel = Path(args.out_dir) if args.tokenizer == "char" else Path(args.out_dir) / args.tokenizer  # runs/06/bpe
+out_dir = in_home(out_rel)
 out_dir.mkdir(parents=True, exist_ok=True)
 if args.threads > 0:
     torch.set_num_threads(args.threads)
@@ -409,9 +411,10 @@ fig = plot_matrices(mats, [f"camada {i}" for i in range(len(mats))], xlabels=lab
                     title=f"Para onde vai cada classe de {what} (branco = 1/E)")
 save_figure(fig, out_dir / "specialization_classes.png")
 if args.tokenizer != "char":
-    print("última camada: os tokens que cada especialista mais recebe (fração das atribuições do token)")
+    k = main["model"].config.moe_top_k
+    print("última camada: os tokens que cada especialista mais recebe (em % das ocorrências do token)")
     for e, top in enumerate(top_tokens_per_expert(decisions[-1], probe, E, n=6)):
-        print(f"  E{e}: " + "  ".join(f"{tok.decode([i])!r} {v:.0%}" for i, v in top if v > 0))
+        print(f"  E{e}: " + "  ".join(f"{tok.decode([i])!r} {k * v:.0%}" for i, v in top if v > 0))
 fig
 
 # %% [markdown]
@@ -457,53 +460,85 @@ save_figure(fig, out_dir / "token_routing.png")
 fig
 
 # %%
-print(f"figuras e tabela em {args.out_dir}/ (crossover.json, crossover.png, coactivation.png, ...)")
+print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivation.png, ...)")
 
 # %% [markdown]
 # ## 6. Resultados
 #
-# Execução de referência: `uv run -m scripts.06_modern_routers --threads=1` (parâmetros padrão: 2
-# camadas, $C = 64$, 4 cabeças, contexto 128, lotes de 16; 600 passos = 1,23 milhão de tokens por
-# treino; ~102 mil parâmetros ativos em todos), PyTorch 2.15 numa CPU de 2 núcleos compartilhada
-# com outros processos (carga entre 10 e 14). Os seis treinos rodaram em três processos de 1 thread
-# ao mesmo tempo (`--seeds=0 --variant_seeds=`, `--seeds=1 --variant_seeds=`,
-# `--seeds= --variant_seeds=0`): 48 minutos de relógio, 5.309 s de treino somando os seis. Este
-# notebook foi executado depois, com a configuração padrão, e **reaproveitou** esses treinos salvos
-# (a execução levou 1,7 min); as figuras, a tabela e `runs/06/crossover.json` saem daqui. Os
-# tokens/s da tabela medem sobretudo a carga da máquina; o custo limpo de cada variante está em
-# `docs/benchmarks.md`. O resultado registrado (`crossover.json` e as figuras) está em
-# `docs/results/06/`; um comando o refaz: `uv run -m scripts.06_modern_routers --threads=1`.
+# Execução de referência: este notebook, de cima a baixo, com os parâmetros padrão (2 camadas,
+# $C = 64$, 4 cabeças, contexto 128, lotes de 16; 600 passos = 1,23 milhão de tokens por treino;
+# ~102 mil parâmetros ativos em todos; sementes 0, 1 e 2), PyTorch 2.15 numa CPU x86_64 de 2
+# núcleos, 1 thread, com outro processo de 1 thread no outro núcleo: **6,8 min** de relógio, 354 s
+# de treino somando os 12 treinos. O mesmo comando refaz tudo: `uv run -m scripts.06_modern_routers
+# --threads=1`. O resultado registrado (`crossover.json` e as figuras) está em `docs/results/06/`.
 #
 # | variante | semente | val final | denso | MoE − denso | cruza em tokens | cruza em tempo |
 # |---|---:|---:|---:|---:|---:|---:|
 # | MoE top-2 | 0 | 2,0660 | 2,0775 | −0,0115 | 0,12 M | nunca |
 # | MoE top-2 | 1 | 2,0462 | 2,0573 | −0,0111 | 0,86 M | nunca |
+# | MoE top-2 | 2 | 2,0550 | 2,0612 | −0,0062 | 0,86 M | nunca |
 # | sigmoide (DeepSeek-V3) | 0 | 2,1047 | 2,0775 | +0,0272 | nunca | nunca |
-# | finos 32×top-7 + 1 compartilhado | 0 | 2,0362 | 2,0775 | −0,0413 | desde o início | 858 s (o fim) |
+# | sigmoide (DeepSeek-V3) | 1 | 2,0693 | 2,0573 | +0,0120 | nunca | nunca |
+# | sigmoide (DeepSeek-V3) | 2 | 2,0556 | 2,0612 | −0,0056 | 1,11 M | nunca |
+# | finos 32×top-7 + 1 compartilhado | 0 | 2,0362 | 2,0775 | −0,0413 | desde o início | nunca |
+# | finos 32×top-7 + 1 compartilhado | 1 | 2,0459 | 2,0573 | −0,0114 | 0,86 M | nunca |
+# | finos 32×top-7 + 1 compartilhado | 2 | 2,0117 | 2,0612 | −0,0495 | 0,49 M | nunca |
 #
-# **O cruzamento.** Com os mesmos parâmetros ativos e os mesmos tokens, o MoE top-2 termina ~0,011
-# nats abaixo do denso nas duas sementes, mas o ponto em que passa à frente **para sempre** varia
-# muito: 0,12 M tokens na semente 0 e 0,86 M na semente 1 (o painel da direita mostra a diferença
-# oscilando em torno de zero até ~0,8 M). Num modelo deste tamanho, a vantagem do MoE é do tamanho
-# do ruído entre sementes até perto do fim; ela cresce devagar com os tokens. O capítulo 03 (4
-# camadas, $C = 128$) viu o cruzamento entre 0,6 M e 1,8 M tokens; aqui, com um modelo denso
-# menor, ele aparece antes do fim em ambas as sementes.
+# Tokens por segundo de treino (média das 3 sementes, lado a lado nesta execução): denso 55 344,
+# MoE top-2 43 367 (1,28× o custo do denso por passo), sigmoide 44 189, finos 31 038 (1,78×).
 #
-# **Contra o relógio o MoE top-2 não passa o denso** em nenhuma semente dentro do orçamento: cada
-# passo custa mais (1,10× no benchmark limpo; 6–22% menos tokens/s nestes treinos com a máquina
-# carregada), e a vantagem por token é pequena demais para pagar isso em 1,2 M tokens.
+# **O cruzamento (caracteres).** Com os mesmos parâmetros ativos e os mesmos tokens, o MoE top-2
+# termina abaixo do denso nas três sementes, mas por pouco: −0,0096 nats em média. O ponto em que
+# passa à frente **para sempre** varia muito (0,12 M tokens numa semente, 0,86 M nas outras duas; o
+# painel da direita mostra a diferença oscilando em torno de zero até ~0,8 M). Num modelo deste
+# tamanho, a vantagem do MoE é do tamanho do ruído entre sementes até perto do fim, e cresce
+# devagar com os tokens. O capítulo 03 (4 camadas, $C = 128$, metade dos tokens) mediu a mesma
+# coisa: o MoE top-2 se separa do denso devagar, e a vantagem cresce com os tokens.
 #
-# **Especialistas finos** (32 × top-7 + 1 compartilhado, mesmos ativos) foram o melhor MoE, à frente do
-# denso em todas as avaliações e 0,041 nats abaixo no fim — quase 4× a vantagem do top-2 — e, como o
-# passo custa mais (1,55× no benchmark), passam o denso no relógio só no fim do treino. Uma semente só:
-# é um indício, não uma prova.
+# **Contra o relógio o MoE não passa o denso** com caracteres, em nenhuma semente e em nenhuma
+# variante: cada passo custa 1,28× (top-2) a 1,78× (finos) o do denso, e a vantagem por token é
+# pequena demais para pagar isso em 1,2 M tokens.
 #
-# **O roteador sigmoide** com viés e loss por sequência ($\alpha = 10^{-4}$) ficou **atrás** do denso
-# (+0,027). Nesta escala e com esta receita (viés com taxa $10^{-3}$, 600 passos) ele não ajudou; o
+# **Especialistas finos** (32 × top-7 + 1 compartilhado, mesmos ativos) foram o melhor MoE nas três
+# sementes: −0,034 nats em média, mais de 3× a vantagem do top-2. São também os mais caros por
+# passo (muitas multiplicações pequenas), e por isso não passam o denso no relógio.
+#
+# **O roteador sigmoide** com viés e loss por sequência ($\alpha = 10^{-4}$) ficou atrás do denso
+# em duas das três sementes (+0,011 em média). Com caracteres e 8 especialistas ele não ajudou; o
 # DeepSeek-V3 o usa com 256 especialistas finos, onde competir num softmax de 256 é o problema que a
-# sigmoide resolve. Também uma semente só. O caractere e o BPE português: só os caracteres foram
-# medidos neste capítulo (o BPE fica como experimento para o leitor: `--corpus` e o tokenizador do
-# capítulo 02).
+# sigmoide resolve.
+#
+# ### O outro regime: o BPE português
+#
+# Com `--tokenizer=bpe` o experimento se repete igual, mas sobre o BPE byte-level de 1024 tokens
+# treinado só na parte de treino do Machado (2,46 caracteres por token: os mesmos 1,23 M tokens
+# cobrem ~2,5× mais texto). Comando: `uv run -m scripts.06_modern_routers --threads=1
+# --tokenizer=bpe` (12 treinos, 506 s de treino somados, na mesma máquina; ~161 mil parâmetros
+# ativos, por causa do vocabulário maior). Resultados e figuras registrados em
+# `docs/results/06/bpe/`. A loss é por token BPE, então não se compara com a dos caracteres.
+#
+# | variante | semente | val final | denso | MoE − denso | cruza em tokens | cruza em tempo |
+# |---|---:|---:|---:|---:|---:|---:|
+# | MoE top-2 | 0 | 4,1910 | 4,2616 | −0,0705 | 0,12 M | 26 s |
+# | MoE top-2 | 1 | 4,2047 | 4,3304 | −0,1257 | 0,12 M | 23 s |
+# | MoE top-2 | 2 | 4,2257 | 4,2248 | +0,0009 | nunca | nunca |
+# | sigmoide (DeepSeek-V3) | 0 | 4,2046 | 4,2616 | −0,0569 | 0,18 M | 30 s |
+# | sigmoide (DeepSeek-V3) | 1 | 4,2559 | 4,3304 | −0,0745 | 0,43 M | 32 s |
+# | sigmoide (DeepSeek-V3) | 2 | 4,2018 | 4,2248 | −0,0230 | 0,80 M | nunca |
+# | finos 32×top-7 + 1 compartilhado | 0 | 4,2963 | 4,2616 | +0,0348 | nunca | nunca |
+# | finos 32×top-7 + 1 compartilhado | 1 | 4,2447 | 4,3304 | −0,0857 | 0,31 M | nunca |
+# | finos 32×top-7 + 1 compartilhado | 2 | 4,3098 | 4,2248 | +0,0850 | nunca | nunca |
+#
+# **O que cada regime mostra.** Com BPE a vantagem do MoE top-2 é ~7× maior (−0,065 nats em média)
+# e, em duas das três sementes, grande o bastante para o MoE passar o denso **também no relógio**
+# (aos 23–26 s de treino, com o passo 1,21× mais caro); na terceira semente os dois empatam. O
+# roteador sigmoide, que perdeu com caracteres, ganha do denso nas três sementes com BPE (−0,052 em
+# média). E os especialistas finos, os melhores com caracteres, ficam instáveis com BPE (+0,035,
+# −0,086, +0,085). Uma leitura: com caracteres há pouco para especializar (126 símbolos, quase
+# tudo é "que letra vem depois"), e o que ganha é a quantidade de combinações; com BPE, 1024 tokens
+# de frequências muito diferentes dão aos especialistas largos algo para dividir. Três sementes
+# de modelos de 100 mil parâmetros ativos são um indício, não uma lei: a variação entre sementes
+# do próprio denso (4,22 a 4,33 com BPE) é do tamanho dos efeitos.
 #
 # **O que o roteador aprendeu** (MoE top-2, semente 0). Na camada 0, os especialistas 2 e 3 recebem
 # quase todos os espaços e quebras de linha, e a coativação mostra que eles andam juntos (cada um é o
@@ -515,6 +550,16 @@ print(f"figuras e tabela em {args.out_dir}/ (crossover.json, crossover.png, coac
 # saturação é lenta: metade dos tokens já tem o top-k final com 0,43 M (camada 0) e 0,61 M (camada 1)
 # tokens, 90% só com 1,11 M e 1,23 M — o roteamento ainda muda até o fim, diferente do OLMoE, que
 # satura cedo em bilhões de tokens.
+#
+# **Com o BPE** (MoE top-2, semente 0; figuras em `docs/results/06/bpe/`), a lista dos tokens que
+# cada especialista mais recebe na última camada se lê como gramática: um especialista fica com as
+# terminações verbais e nominais (`ia`, `ão`, `ir`, `ram`, `dor`, `ando`), outro com as palavras
+# curtas mais frequentes (`,`, ` a`, ` e`, ` o`, ` que`, ` de`), outro com pontuação e quebras de
+# linha (`\n`, `.`, `—`, `?`), outro com sílabas do meio da palavra (`ar`, `va`, `ir`, `ca`). Pela
+# classe do primeiro caractere, na camada 0 um especialista recebe quase todos os inícios de
+# palavra e dois dividem a pontuação; na camada 1, dois ficam com os tokens que começam com
+# maiúscula. A saturação chega a 50% com 0,31 M e 0,43 M tokens (camadas 0 e 1) — mais cedo que com
+# caracteres.
 #
 # ## Exercícios
 #
