@@ -181,6 +181,19 @@ print("...")
 print(f"posição {T - 1}: alvo {targets[0, -1].item()} (ignorado: não há token depois do último)")
 
 # %% [markdown]
+# **Construa você mesmo:** o par (entrada, alvo) de um modelo de linguagem é a mesma sequência
+# duas vezes, deslocada uma casa: `x` sem o último token, `y` sem o primeiro. Completando `y` com
+# um `-1` no fim, ele fica do tamanho de `ids`, e deve sair idêntico aos `targets` que o pacote
+# (`shift_targets`, em `nanomoe/overfit.py`) entrega ao laço de treino:
+
+# %%
+x, y = ids[:, :-1], ids[:, 1:]  # input: all but the last token; target: all but the first
+my_targets = torch.cat([y, torch.full_like(ids[:, :1], -1)], dim=1)  # pad y with -1 to length T
+assert torch.equal(my_targets, shift_targets(ids)) and torch.equal(my_targets, targets)
+assert torch.equal(targets[:, :-1], y) and torch.equal(ids[:, :-1], x)
+print(f"igual ao pacote: x e y têm {x.size(1)} tokens cada; targets = y + [-1], {T} posições")
+
+# %% [markdown]
 # ## 3. O modelo
 #
 # A configuração do post: 4 camadas, 4 cabeças de atenção, embeddings de 128 dimensões e
@@ -241,6 +254,27 @@ new0 = cont0[len(tok.decode(ids[0, : args.cont_prefix_tokens].tolist())):]  # on
 print("[continuação] ", repr(cont0), f"| parte gerada: {len(set(new0))} caractere(s) distinto(s): {sorted(set(new0))}")
 with torch.no_grad():  # probability the untrained model gives each correct next token (plotted in section 7)
     p_before = model(ids, targets)[0].softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
+
+# %% [markdown]
+# **Construa você mesmo:** a entropia cruzada é só "−ln da probabilidade do token certo, em média".
+# O log-softmax dos logits dá o ln da probabilidade de cada token do vocabulário em cada posição;
+# pegamos a do alvo `y`, tiramos a média sobre as T − 1 posições (a última não tem alvo) e trocamos
+# o sinal. A perplexidade é exp(loss). Os dois números devem bater com a loss que o
+# `GPT.forward(ids, targets)` do pacote devolve (modo `eval`, sem dropout):
+
+# %%
+model.eval()
+with torch.no_grad():
+    logits, loss_pkg = model(ids, targets)  # (1, T, V) logits and the package's loss
+logp = logits.float().log_softmax(dim=-1)  # ln p(token j | tokens up to t), for every t and j
+logp_right = logp[:, :-1].gather(-1, y[..., None]).squeeze(-1)  # ln p of the right next token, (1, T-1)
+my_loss = -logp_right.mean()
+my_ppl = my_loss.exp()
+torch.testing.assert_close(my_loss, loss_pkg)
+torch.testing.assert_close(my_loss, loss0)
+assert math.isclose(my_ppl.item(), math.exp(loss0.item()), rel_tol=1e-5)
+print(f"igual ao pacote: loss {my_loss.item():.4f}, perplexidade {my_ppl.item():.2f} "
+      f"(ln V = {math.log(V):.4f}, V = {V})")
 
 # %% [markdown]
 # ## 5. Treino

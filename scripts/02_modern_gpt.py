@@ -95,7 +95,8 @@ from nanomoe.train import TrainConfig, train
 # ## Parâmetros
 #
 # Os valores abaixo são os da execução de referência (seção 10): 7 treinos de 300 passos, 8 min
-# de relógio para o notebook inteiro numa CPU de 2 núcleos (1 thread); numa GPU, não medido ainda. Rode como script com `uv run -m scripts.02_modern_gpt`; para treinos mais longos,
+# de relógio para o notebook inteiro numa CPU de 2 núcleos (1 thread); numa GPU, não medido
+# ainda. Rode como script com `uv run -m scripts.02_modern_gpt`; para treinos mais longos,
 # `--steps=600`. Num notebook, edite o dicionário ou defina `NANOMOE_ARGS="--steps=600"`. `--quick`
 # roda tudo em segundos (é o que os testes usam).
 

@@ -85,6 +85,7 @@ setup("04", written_for=NANOMOE_REF)
 
 # %%
 import json
+import math
 import time
 from pathlib import Path
 
@@ -92,11 +93,13 @@ import torch
 
 from nanomoe.accumulation import grad_accum_for
 from nanomoe.cli import in_notebook, short_errors
-from nanomoe.data import compare_tokenizers, data_tokenizer, load_meta, load_split
-from nanomoe.distributed import cleanup_distributed, setup_distributed
+from nanomoe.config import modern_config
+from nanomoe.data import BatchLoader, compare_tokenizers, data_tokenizer, load_meta, load_split
+from nanomoe.distributed import DistInfo, cleanup_distributed, setup_distributed
 from nanomoe.init_from import init_model
+from nanomoe.model import GPT
 from nanomoe.runs import model_config_from_args, parse_run_args, resolve_data_dir, run_defaults, train_config_from_args
-from nanomoe.train import train
+from nanomoe.train import TrainConfig, compute_gradients, get_lr, start_run, train, wrap_model
 
 DEFAULTS = {
     **run_defaults(),
@@ -191,6 +194,36 @@ if main:
 # da GPU (a tabela `PEAK_FLOPS` em `nanomoe/device.py`); na CPU não há pico conhecido, e nas
 # execuções registradas deste curso (todas em CPU) ele não aparece: não medido ainda.
 
+# %% [markdown]
+# ### A taxa de aprendizado, do zero
+#
+# `get_lr` é uma função só do passo. Nos primeiros `warmup_steps` passos a taxa sobe em linha reta
+# até `lr`: no começo os pesos são aleatórios, os gradientes são grandes e as médias do AdamW ainda
+# não se firmaram, e passos grandes ali podem desestabilizar o treino. Depois ela desce em meio
+# cosseno até `min_lr` no passo `max_steps` (ou `decay_steps`) e fica lá (Loshchilov & Hutter,
+# [*SGDR*](https://arxiv.org/abs/1608.03983)). Por depender só do passo, a retomada e o DDP não
+# precisam guardar nada dela. Do zero:
+
+# %%
+def my_lr(step: int, c) -> float:
+    """c: a TrainConfig. Linear warmup, then cosine decay from lr to min_lr, then min_lr."""
+    decay = c.max_steps if c.decay_steps is None else c.decay_steps  # the cosine ends at this step
+    if step < c.warmup_steps:  # lr / (w + 1), 2 lr / (w + 1), ..., w lr / (w + 1)
+        return c.lr * (step + 1) / (c.warmup_steps + 1)
+    if step > decay or decay <= c.warmup_steps:  # past the decay: the floor
+        return c.min_lr
+    r = (step - c.warmup_steps) / (decay - c.warmup_steps)  # 0 -> 1 along the decay
+    return c.min_lr + 0.5 * (1 + math.cos(math.pi * r)) * (c.lr - c.min_lr)
+
+
+# %%
+steps = range(tcfg.max_steps + 50)  # every step of this run's schedule, and a little past its end
+assert all(my_lr(s, tcfg) == get_lr(s, tcfg) for s in steps)
+if main:
+    print(f"igual ao pacote em {len(steps)} passos: lr {my_lr(0, tcfg):.2e} no passo 0, "
+          f"{my_lr(tcfg.warmup_steps, tcfg):.2e} no fim do warmup (passo {tcfg.warmup_steps}), "
+          f"{my_lr(tcfg.max_steps, tcfg):.2e} no passo {tcfg.max_steps}")
+
 # %%
 t0 = time.perf_counter()
 result = train(model, train_tokens, val_tokens, tcfg, tokenizer=tokenizer,
@@ -278,6 +311,62 @@ if main and result.history:
 #   pesos de uma camada só na hora de usá-la (a ideia do ZeRO, [Rajbhandari et al. 2019](https://arxiv.org/abs/1910.02054)).
 #   Serve para modelos que não cabem numa GPU. O curso não o implementa: os modelos daqui cabem com
 #   folga, e o DDP é mais simples e mais rápido quando cabe.
+
+# %% [markdown]
+# ### Acumulação de gradiente, do zero
+#
+# Um lote grande pode não caber na memória: as ativações guardadas para o backward crescem com o
+# número de sequências. A saída é partir o lote em micro-lotes, rodar forward + backward em cada um e
+# só então dar o passo do otimizador: o `.grad` do PyTorch **soma** o que cada `backward` calcula.
+# Como a loss é a média sobre os tokens do lote, a de cada micro-lote é dividida pelo número de
+# micro-lotes, e a soma dá o gradiente do lote inteiro (micro-lotes do mesmo tamanho; a menos de
+# arredondamento). Custa tempo, não memória. Num modelo minúsculo (semente e gerador próprios, para
+# não mexer no acaso do resto do capítulo): um lote de 4 sequências contra 2 micro-lotes de 2.
+
+# %%
+with torch.random.fork_rng(devices=[]):  # a seed of its own; the global RNG is left as it was
+    torch.manual_seed(0)
+    tiny = GPT(modern_config(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16))
+gen = torch.Generator().manual_seed(0)  # a local generator for the data too
+x, y = torch.randint(0, 16, (2, 4, 8), generator=gen)  # one batch: 4 sequences of 8 tokens, and targets
+
+
+def grads(micro_batches, scale: float) -> list[torch.Tensor]:
+    """backward of loss * scale on each micro-batch: .grad adds them up."""
+    tiny.zero_grad()
+    for xb, yb in micro_batches:
+        (tiny(xb, yb)[1] * scale).backward()
+    return [p.grad.clone() for p in tiny.parameters()]
+
+
+# %%
+full = grads([(x, y)], 1.0)  # the whole batch of 4 at once
+micro = grads([(x[:2], y[:2]), (x[2:], y[2:])], 1 / 2)  # 2 micro-batches of 2, each loss / 2
+torch.testing.assert_close(micro, full)
+if main:
+    diff = max((a - f).abs().max().item() for a, f in zip(micro, full))
+    print(f"1 lote de 4 = 2 micro-lotes de 2 com loss / 2: os mesmos gradientes nos {len(full)} tensores "
+          f"(diferença máxima {diff:.1e}, arredondamento)")
+
+# %% [markdown]
+# O laço do pacote faz isso em `compute_gradients`: `loss / run.accum` antes de cada `backward` e,
+# sob DDP, `no_sync` em todos os micro-lotes menos o último. Uma corrida de verdade (`start_run`,
+# como em `train`) com `batch_size=2`, `grad_accum=2` e sem *clipping* tem de dar o gradiente do lote
+# de 4 formado pelos mesmos dois micro-lotes, que um segundo `BatchLoader` com a mesma semente sorteia:
+
+# %%
+tokens = torch.randint(0, 16, (200,), generator=gen)  # a tiny corpus
+pcfg = TrainConfig(batch_size=2, grad_accum=2, grad_clip=0, device="cpu", seed=0)  # grad_clip=0: raw gradients
+run = start_run(tiny, tokens, None, pcfg, DistInfo(), None, None)  # loader and optimizer, as train() builds them
+wrap_model(run)
+ref = BatchLoader(tokens, 2, 8, seed=0)  # the micro-batches the run's loader will draw
+(x0, y0), (x1, y1) = ref.next_batch(), ref.next_batch()
+full = grads([(torch.cat([x0, x1]), torch.cat([y0, y1]))], 1.0)  # their 4 sequences as one batch
+tiny.zero_grad()
+compute_gradients(run, step=0)  # forward + backward over the step's grad_accum micro-batches
+torch.testing.assert_close([p.grad for p in tiny.parameters()], full)
+if main:
+    print("igual ao pacote: compute_gradients com 2 micro-lotes de 2 dá o gradiente do lote de 4")
 
 # %% [markdown]
 # ## Na escala do GPT-2: FineWeb-Edu, HellaSwag, ajuste fino e várias máquinas

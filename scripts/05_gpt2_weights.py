@@ -221,7 +221,28 @@ print(f"config: {pc.n_layer} layers, {pc.n_head} heads, n_embd {pc.n_embd}, voca
 print(f"max |logits(nanomoe) - logits(transformers)| = {diff:.2e}")
 assert diff < 1e-4, "the conversion is not exact"
 pretrained_state = copy.deepcopy(pretrained.state_dict())  # the untouched weights, reused in parts 3 and 4
-del hf_model
+
+# %% [markdown]
+# A transposição, à mão: pegamos um `Conv1D` do `state_dict` do `transformers` e montamos o peso do
+# nosso `nn.Linear` com `.T`, comparando com o tensor que o pacote carregou. Sem transpor, o
+# `c_fc` do MLP nem cabe (forma trocada), e o `c_proj` da atenção, quadrado, cabe mas guarda
+# outros números.
+
+# %%
+hf_state = hf_model.state_dict()
+name = "transformer.h.0.mlp.c_fc.weight"
+w_conv = hf_state[name]  # Conv1D: (in, out) = (n_embd, 4 n_embd), y = x @ W + b
+w_linear = w_conv.T  # nn.Linear: (out, in), y = x @ W.T + b
+w_pkg = pretrained.state_dict()[name]
+assert torch.equal(w_linear, w_pkg)
+print(f"igual ao pacote: {name} {tuple(w_conv.shape)} -> {tuple(w_linear.shape)}")
+# without the transpose: c_fc has the wrong shape; the square attn.c_proj fits, with other numbers
+assert w_conv.shape != w_pkg.shape
+sq = "transformer.h.0.attn.c_proj.weight"
+wrong = (hf_state[sq] - pretrained.state_dict()[sq]).abs().max().item()
+print(f"sem transpor: c_fc {tuple(w_conv.shape)} ≠ {tuple(w_pkg.shape)}; "
+      f"{sq} {tuple(hf_state[sq].shape)} cabe, mas difere em até {wrong:.2e}")
+del hf_model, hf_state
 
 # %% [markdown]
 # ## 2. Ajuste fino em Machado de Assis: pré-treinado × do zero
@@ -380,6 +401,23 @@ print(f"step 0: max |logits(upcycled MoE) - logits(dense)| = {d:.2e}"
 print(f"params: dense {dense.num_params(non_embedding=False) / 1e6:.1f}M | "
       f"MoE {moe.num_params(non_embedding=False) / 1e6:.1f}M total, "
       f"{moe.num_params(non_embedding=False, active=True) / 1e6:.1f}M active per token")
+
+# %% [markdown]
+# O *upcycling* à mão: os pesos do MLP denso, transpostos para a convenção `x @ W` dos especialistas
+# empilhados (capítulo 03), repetidos E vezes com `torch.stack`. O roteador não tem de onde vir:
+# é novo (inicialização do próprio MoE). Comparamos com o MoE que `upcycle_to_moe` criou.
+
+# %%
+E = args.n_experts
+for blk_d, blk_m in zip(dense.transformer.h, moe.transformer.h):
+    fc = torch.stack([blk_d.mlp.c_fc.weight.T] * E)  # (E, C, 2H): E copies of the dense c_fc
+    proj = torch.stack([blk_d.mlp.c_proj.weight.T] * E)  # (E, H, C)
+    if args.noise_std == 0:  # with noise the copies are perturbed on purpose
+        assert torch.equal(fc, blk_m.mlp.experts.c_fc) and torch.equal(proj, blk_m.mlp.experts.c_proj)
+router = moe.transformer.h[0].mlp.router.weight  # (E, C): new, no counterpart in the dense model
+assert not any("router" in k for k in dense.state_dict())
+print(f"igual ao pacote (camadas: {len(moe.transformer.h)}): especialistas {tuple(fc.shape)} e {tuple(proj.shape)}"
+      + (" (só formas: noise_std > 0)" if args.noise_std else "") + f"; roteador novo {tuple(router.shape)}")
 
 # %%
 dense_more = copy.deepcopy(dense)
