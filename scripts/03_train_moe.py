@@ -102,9 +102,9 @@ from nanomoe.train import TrainConfig, train
 # ## Parâmetros
 #
 # Os valores abaixo dão o experimento completo: 8 treinos de 300 passos. Na execução de referência
-# (seção 10), numa CPU de 2 núcleos compartilhada com outros processos, os 8 treinos levaram 1404 s
-# (23 min); com a máquina pouco ocupada, um treino denso leva ~72 s e um MoE 83–89 s (1 thread),
-# ~12 min ao todo. Numa GPU: não medido ainda. Como script: `uv run -m scripts.03_train_moe`; para
+# (seção 10), numa CPU de 2 núcleos (1 thread, com outro processo de 1 thread no outro núcleo), os
+# 8 treinos levaram 578 s (um denso 47 s, um MoE 53–76 s) e o notebook inteiro 9,9 min. Numa GPU:
+# não medido ainda. Como script: `uv run -m scripts.03_train_moe`; para
 # treinos 3× mais longos, `--steps=900`. Num notebook, edite o dicionário ou defina
 # `NANOMOE_ARGS="--steps=900"`. `--quick` roda tudo em segundos (é o que os testes usam).
 
@@ -537,10 +537,9 @@ show_source(MoEMetrics.summary)
 #
 # 1. **denso**: o modelo moderno de `modern_config` com 4 cabeças, que tem **1** cabeça de k/v
 #    (MQA; 721 792 parâmetros). Atenção: a ablação do capítulo 02 terminou com 2 cabeças de k/v
-#    (GQA-2, 754 560 parâmetros, validação 1,9885). Com 1 cabeça de k/v e tudo o mais igual, a
-#    mesma receita do capítulo 02 chega a 2,0100 (medimos; ver o exercício 1 do capítulo 02): a
-#    diferença para o 2,0101 daqui é só arredondamento, e a do 1,9885 de lá é a cabeça de k/v a
-#    menos;
+#    (GQA-2, 754 560 parâmetros, validação 1,9882). Com 1 cabeça de k/v e tudo o mais igual, a
+#    mesma receita do capítulo 02 chega a 2,0100 (medimos; ver o exercício 1 do capítulo 02),
+#    exatamente o denso daqui; a diferença para o 1,9882 de lá é a cabeça de k/v a menos;
 # 2. **MoE top-2** e **MoE top-1**: 8 especialistas em todas as camadas, com os mesmos
 #    parâmetros ativos do denso ($\alpha = 0.01$, $\beta = 0.001$);
 # 3. **varredura de $\alpha$** (top-2): 0, 0.001, 0.01, 0.1 — efeito na carga e na validação;
@@ -717,69 +716,71 @@ for e in range(model.config.n_experts):
 # %% [markdown]
 # ## 10. Resultados
 #
-# Execução de referência: `uv run -m scripts.03_train_moe --threads=1` (parâmetros padrão:
-# 4 camadas, C = 128, 4 cabeças, contexto 128; 300 passos × 16 × 128 = 614 mil tokens de treino
-# por configuração; semente 1337), PyTorch 2.15 em CPU, numa máquina de 2 núcleos (AMD EPYC)
-# compartilhada com outros processos (load average entre 4 e 9): 1404 s para os 8 treinos. As
-# métricas de roteamento são a média das 4 camadas na última janela de 10 passos; omitimos os
-# tokens/s, que aqui mediam a carga da máquina e não os modelos (a velocidade da camada está no
-# benchmark).
+# Execução de referência: este notebook, de cima a baixo, com os parâmetros padrão (4 camadas,
+# C = 128, 4 cabeças, contexto 128; 300 passos × 16 × 128 = 614 mil tokens de treino por
+# configuração; semente 1337), PyTorch 2.15 numa CPU x86_64 de 2 núcleos, 1 thread, com outro
+# processo de 1 thread no outro núcleo: 9,9 min de relógio, 578 s para os 8 treinos. As métricas de
+# roteamento são a média das 4 camadas na última janela de 10 passos; omitimos os tokens/s, que numa
+# CPU compartilhada medem sobretudo a carga da máquina (a velocidade da camada está no benchmark).
 #
 # | treino | params ativos | params totais | loss validação | CV carga | max/média | mortos | descartados | L_bal |
 # |---|---:|---:|---:|---:|---:|---:|---:|---:|
-# | denso | 721 792 | 721 792 | 2,0101 | — | — | — | — | — |
-# | MoE top-2 | 725 888 | 2 347 904 | 2,0087 | 0,123 | 1,18 | 0 | 0,0% | 1,004 |
-# | MoE top-1 | 725 888 | 4 510 592 | 2,1451 | 0,257 | 1,49 | 0 | 0,0% | 1,008 |
-# | MoE top-2 α=0 | 725 888 | 2 347 904 | 2,0310 | 1,379 | 3,77 | 2 | 0,0% | 2,565 |
-# | MoE top-2 α=0.001 | 725 888 | 2 347 904 | 2,0173 | 0,378 | 1,56 | 0 | 0,0% | 1,058 |
-# | MoE top-2 α=0.1 | 725 888 | 2 347 904 | 2,0408 | 0,040 | 1,06 | 0 | 0,0% | 1,001 |
-# | MoE top-2 cf=1 | 725 888 | 2 347 904 | 2,0882 | 0,079 | 1,11 | 0 | 6,4% | 1,001 |
-# | MoE top-2 viés (α=0) | 725 888 | 2 347 904 | 1,9970 | 0,186 | 1,38 | 1 | 0,0% | 1,196 |
+# | denso | 721 792 | 721 792 | 2,0100 | — | — | — | — | — |
+# | MoE top-2 | 725 888 | 2 347 904 | 1,9990 | 0,109 | 1,23 | 0 | 0,0% | 1,006 |
+# | MoE top-1 | 725 888 | 4 510 592 | 2,0996 | 0,200 | 1,31 | 0 | 0,0% | 1,009 |
+# | MoE top-2 α=0 | 725 888 | 2 347 904 | 2,0423 | 1,416 | 3,79 | 7 | 0,0% | 2,639 |
+# | MoE top-2 α=0.001 | 725 888 | 2 347 904 | 2,0214 | 0,382 | 1,57 | 0 | 0,0% | 1,051 |
+# | MoE top-2 α=0.1 | 725 888 | 2 347 904 | 2,0038 | 0,042 | 1,07 | 0 | 0,0% | 1,001 |
+# | MoE top-2 cf=1 | 725 888 | 2 347 904 | 2,0707 | 0,093 | 1,15 | 0 | 6,7% | 1,005 |
+# | MoE top-2 viés (α=0) | 725 888 | 2 347 904 | 1,9810 | 0,326 | 1,77 | 1 | 0,0% | 1,451 |
 #
-# **Denso contra MoE: o MoE não vence no orçamento padrão.** Com 614 mil tokens o MoE top-2 ficou
-# 0,0014 nats abaixo do denso nesta semente — nada, diante da variação entre sementes. Repetimos
-# denso, top-2 e top-1 com outras sementes (`--seed=1`, `--seed=2`) e com 3× mais tokens
-# (`--steps=900 --eval_interval=50 --load_every=30`, 1,84 milhão de tokens por treino):
+# **Denso contra MoE: no orçamento padrão, uma semente não decide.** Com 614 mil tokens o MoE top-2
+# ficou 0,011 nats abaixo do denso nesta semente. Repetimos denso, top-2 e top-1 com outras sementes
+# (`--seed=1`, `--seed=2`) e com 3× mais tokens (`--steps=900 --eval_interval=50 --load_every=30`,
+# 1,84 milhão de tokens por treino), com o mesmo código:
 #
 # | passos (tokens) | semente | denso | MoE top-2 | MoE top-1 | MoE top-2 viés (α=0) |
 # |---|---:|---:|---:|---:|---:|
-# | 300 (614 mil) | 1337 | 2,0101 | 2,0087 | 2,1451 | 1,9970 |
-# | 300 (614 mil) | 1 | **1,9765** | 1,9998 | 2,1019 | — |
-# | 300 (614 mil) | 2 | **1,9722** | 2,0035 | 2,3310 | — |
-# | 900 (1,84 milhão) | 1337 | 1,6680 | **1,6456** | 1,7458 | 1,6468 |
-# | 900 (1,84 milhão) | 1 | 1,6548 | **1,6328** | 1,7133 | — |
+# | 300 (614 mil) | 1337 | 2,0100 | **1,9990** | 2,0996 | 1,9810 |
+# | 300 (614 mil) | 1 | **1,9765** | 2,0076 | 2,0568 | — |
+# | 300 (614 mil) | 2 | **1,9722** | 1,9971 | 2,1369 | — |
+# | 900 (1,84 milhão) | 1337 | 1,6674 | **1,6260** | 1,7265 | 1,6494 |
+# | 900 (1,84 milhão) | 1 | 1,6546 | **1,6409** | 1,7284 | — |
 #
-# Com 300 passos o denso ganha em média (1,986 contra 2,004 do top-2, três sementes); com 900
-# passos o MoE top-2 ganha por 0,022 nats nas duas sementes, e a curva de validação mostra a
-# diferença crescendo ao longo do treino. Faz sentido: cada especialista só vê ~1/4 dos tokens
-# (top-2 de 8), então precisa de mais dados para aprender; o MoE tem 3,3× mais parâmetros, mas
-# eles só pagam quando o modelo denso começa a ficar limitado pela sua capacidade, não no começo
-# do treino, quando os dois ainda estão aprendendo o básico (letras, sílabas, espaços).
+# Com 300 passos o denso ganha em média (1,986 contra 2,001 do top-2, três sementes: o MoE só ganhou
+# na semente 1337); com 900 passos o MoE top-2 ganha nas duas sementes (por 0,041 e 0,014 nats), e a
+# curva de validação mostra a diferença crescendo ao longo do treino. Faz sentido: cada especialista
+# só vê ~1/4 dos tokens (top-2 de 8), então precisa de mais dados para aprender; o MoE tem 3,3× mais
+# parâmetros, mas eles só pagam quando o modelo denso começa a ficar limitado pela sua capacidade,
+# não no começo do treino, quando os dois ainda estão aprendendo o básico (letras, sílabas, espaços).
 #
-# **Top-1 perde sempre** (e foi instável numa semente): cada especialista é tão largo quanto o MLP
-# denso, mas vê só 1/8 dos tokens, e sua saída é multiplicada por $p_i$, que começa perto de
-# $1/8$ — o MLP contribui pouco no início. O Switch Transformer usa top-1 numa escala em que cada
-# especialista recebe bilhões de tokens.
+# **Top-1 perde sempre**, e varia mais entre sementes (2,057 a 2,137, contra 1,997 a 2,008 do
+# top-2): cada especialista é tão largo quanto o MLP denso, mas vê só 1/8 dos tokens, e sua saída é
+# multiplicada por $p_i$, que começa perto de $1/8$ — o MLP contribui pouco no início. O Switch
+# Transformer usa top-1 numa escala em que cada especialista recebe bilhões de tokens.
 #
-# **Varredura de α.** Sem a loss de balanceamento (α = 0) o roteador colapsa: CV 1,38, o
-# especialista mais carregado de cada camada com 3,8× a carga média e 2 especialistas mortos nas
-# 4 camadas (o mapa de calor mostra camadas inteiras usando 2 ou 3 dos 8). α = 0,001 já reduz o CV
-# a 0,38; α = 0,01 (o valor do Switch) chega a 0,12 com a melhor validação; α = 0,1 equilibra quase
-# perfeitamente (CV 0,04) mas piora a validação: forte demais, a loss de balanceamento briga com a
-# entropia cruzada.
+# **Varredura de α.** Sem a loss de balanceamento (α = 0) o roteador colapsa: CV 1,42, o
+# especialista mais carregado de cada camada com 3,8× a carga média e 7 especialistas mortos nas 4
+# camadas (no mapa de calor, uma camada inteira usa só 2 dos 8 especialistas — o colapso total — e
+# outra usa 3). α = 0,001 já reduz o CV a 0,38; α = 0,01 (o valor do Switch) chega a 0,11 com a
+# melhor validação da varredura; α = 0,1 equilibra quase perfeitamente (CV 0,04) mas piora a
+# validação: forte demais, a loss de balanceamento briga com a entropia cruzada.
 #
-# **Capacidade** (cf = 1): 6,4% das atribuições descartadas e +0,08 nats de validação — o descarte
+# **Capacidade** (cf = 1): 6,7% das atribuições descartadas e +0,07 nats de validação — o descarte
 # vale também na avaliação, e cada descarte tira metade do MLP de um token. É por isso que o
 # Mixtral (e o nosso padrão) não descarta nada.
 #
-# **Viés do DeepSeek-V3** (α = 0): equilibra sem nenhuma loss auxiliar (CV 0,19 em 300 passos,
-# 0,013 em 900) e empata com o melhor α (1,9970 contra 2,0087; 1,6468 contra 1,6456), sem
-# precisar escolher um coeficiente.
+# **Viés do DeepSeek-V3** (α = 0): equilibra sem nenhuma loss auxiliar (CV 0,33 em 300 passos,
+# 0,008 em 900). Com 300 passos teve a melhor validação de todos os treinos (1,9810 contra 1,9990 do
+# melhor α); com 900 ficou atrás do top-2 com α = 0,01 (1,6494 contra 1,6260), ainda à frente do
+# denso (1,6674). Numa semente só, nenhum vencedor claro entre os dois; a vantagem do viés é não
+# precisar escolher um coeficiente nem pôr um gradiente estranho à entropia cruzada no roteador.
 #
 # **Especialização.** Na execução de referência, na última camada do MoE top-2, um especialista
-# recebeu 100% dos espaços e quebras de linha; outro, a pontuação e o "q"; outros, grupos de
-# consoantes (j, f, t, h, v, d) ou de vogais (e, é, a, o). Ninguém programou isso: o roteador
-# aprendeu com o gradiente que chega pelas portas.
+# recebeu 100% dos espaços e quebras de linha; outro, o "é", o "á" e o ponto final (e metade dos
+# "a" e "o"); outro, o "q" (e metade dos "c"); outros, grupos de consoantes (j, h, z, v, t) ou de
+# vogais (e, a, u). Ninguém programou isso: o roteador aprendeu com o gradiente que chega pelas
+# portas.
 
 # %% [markdown]
 # ## 11. Exercícios
@@ -794,9 +795,10 @@ for e in range(model.config.n_experts):
 #
 # <details><summary>Resposta</summary>
 #
-# O top-2 ganha sempre, e por muito: validação 2,0087 / 1,9998 / 2,0035 (sementes 1337, 1 e 2)
-# contra 2,1451 / 2,1019 / 2,3310 do top-1; com 900 passos, 1,6456 / 1,6328 contra 1,7458 / 1,7133.
-# O top-1 também é o mais instável (2,33 numa semente). Cada especialista do top-1 vê só 1/8 dos
+# O top-2 ganha sempre, e por muito: validação 1,9990 / 2,0076 / 1,9971 (sementes 1337, 1 e 2)
+# contra 2,0996 / 2,0568 / 2,1369 do top-1; com 900 passos, 1,6260 / 1,6409 contra 1,7265 / 1,7284.
+# O top-1 também varia mais entre sementes (0,08 nats de uma ponta à outra, contra 0,01 do top-2).
+# Cada especialista do top-1 vê só 1/8 dos
 # tokens, e a sua saída é multiplicada por $g = p_i$, que começa perto de 1/8: o MLP quase não
 # contribui no início. O top-2 renormaliza as portas (somam 1) e cada token combina dois
 # especialistas.
@@ -813,12 +815,13 @@ for e in range(model.config.n_experts):
 #
 # <details><summary>Resposta</summary>
 #
-# O roteador colapsa, mas não totalmente: na última janela, 2 especialistas mortos somando as 4
-# camadas, o mais carregado de cada camada com 3,77× a carga média, CV 1,38 (contra 0,12 com
-# α = 0,01) e $\mathcal{L}_{bal}$ = 2,57 (1 seria o equilíbrio; 4 = $N/k$, o colapso total). O mapa de
-# calor mostra camadas usando 2 ou 3 dos 8 especialistas. A validação piora pouco (2,0310 contra
-# 2,0087): num modelo de caracteres, poucos especialistas bem treinados ainda dão conta; o que se
-# perde é a capacidade extra que o MoE prometia.
+# O roteador colapsa: na última janela, 7 especialistas mortos somando as 4 camadas, o mais
+# carregado de cada camada com 3,79× a carga média, CV 1,42 (contra 0,11 com α = 0,01) e
+# $\mathcal{L}_{bal}$ = 2,64 (1 seria o equilíbrio; 4 = $N/k$, o colapso total). O mapa de calor mostra
+# uma camada inteira usando só 2 dos 8 especialistas (nela, o MoE virou um MLP denso dividido em
+# dois) e outra usando 3. A validação piora 0,043 nats (2,0423 contra 1,9990) e fica atrás até do
+# denso (2,0100): a capacidade extra que o MoE prometia se perde, e o roteador ainda gasta passos
+# mudando de ideia antes de colapsar.
 #
 # </details>
 #
@@ -828,11 +831,11 @@ for e in range(model.config.n_experts):
 #
 # <details><summary>Resposta</summary>
 #
-# 6,4% das atribuições foram descartadas (linha `cf=1` da tabela), com a carga equilibrada (CV
-# 0,08). Equilíbrio médio não basta: numa sequência de 128 tokens a carga flutua, e todo
-# especialista que passa da sua cota descarta o excedente. O custo foi +0,08 nat de validação (2,0882
-# contra 2,0087), porque o descarte vale também na avaliação e cada descarte tira metade do MLP de
-# um token. Uma pista para escolher o fator: a razão máximo/média da carga (1,18 no MoE top-2 sem
+# 6,7% das atribuições foram descartadas (linha `cf=1` da tabela), com a carga equilibrada (CV
+# 0,09). Equilíbrio médio não basta: numa sequência de 128 tokens a carga flutua, e todo
+# especialista que passa da sua cota descarta o excedente. O custo foi +0,07 nat de validação (2,0707
+# contra 1,9990), porque o descarte vale também na avaliação e cada descarte tira metade do MLP de
+# um token. Uma pista para escolher o fator: a razão máximo/média da carga (1,23 no MoE top-2 sem
 # capacidade, média das janelas) — mas sequências isoladas flutuam mais que a média (não medimos
 # outros fatores).
 #
