@@ -607,8 +607,8 @@ print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivat
 #
 # Os ativos só diferem pelo roteador ($2 \times 64 \times E$); os totais quase não mudam (a mesma
 # largura total de especialistas), mas as combinações crescem de 28 para milhões. O preço aparece no
-# `docs/benchmarks.md`: muitos especialistas estreitos são muitas multiplicações pequenas (1,55× o
-# denso na CPU, contra 1,10× do top-2).
+# `docs/benchmarks.md`: muitos especialistas estreitos são muitas multiplicações pequenas (2,08× o
+# denso na CPU, contra 1,40× do top-2).
 # </details>
 #
 # **4. O preço do lote global.** Com acumulação de gradiente, `global_balance_prepass` roda um forward
@@ -618,9 +618,8 @@ print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivat
 # <details><summary>Resposta medida</summary>
 #
 # Esperado: um forward sem gradiente é ~1/3 de forward + backward, então ~1,33×. Medido (1 thread,
-# rodadas alternadas, máquina com carga ~10, o modelo padrão do benchmark: 4 camadas, $C = 48$):
-# 2646 ms contra 1857 ms, 1,42×. Com um micro-lote por
-# passo (o nosso experimento) não há pré-passagem: o forward só soma as contagens entre os processos, e
+# rodadas alternadas, máquina sem outra carga, o modelo padrão do benchmark: 4 camadas, $C = 48$):
+# 159,4 ms contra 123,7 ms, 1,29×. Com um micro-lote por passo (o nosso experimento) não há pré-passagem: o forward só soma as contagens entre os processos, e
 # o custo é o do top-2.
 # </details>
 #
