@@ -619,8 +619,8 @@ print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivat
 #
 # Esperado: um forward sem gradiente é ~1/3 de forward + backward, então ~1,33×. Medido (1 thread,
 # rodadas alternadas, máquina sem outra carga, o modelo padrão do benchmark: 4 camadas, $C = 48$):
-# 159,4 ms contra 123,7 ms, 1,29×. Com um micro-lote por passo (o nosso experimento) não há pré-passagem: o forward só soma as contagens entre os processos, e
-# o custo é o do top-2.
+# 159,4 ms contra 123,7 ms, 1,29×. Com um micro-lote por passo (o nosso experimento) não há
+# pré-passagem: o forward só soma as contagens entre os processos, e o custo é o do top-2.
 # </details>
 #
 # ## O que você aprendeu
