@@ -21,11 +21,11 @@ from .paths import home
 # How long each chapter's default configuration took, and where. Only measured figures: a GPU time
 # is quoted once a run on that GPU was recorded in the chapter (`None` = not measured yet).
 CHAPTER_TIMES: dict[str, dict[str, str | None]] = {
-    "01": {"cpu": "~15 s of training, 1–3 min for the whole notebook", "gpu": None},
+    "01": {"cpu": "~15 s of training, ~30 s for the whole notebook", "gpu": None},
     "02": {"cpu": "~8 min", "gpu": None},
     "03": {"cpu": "~10 min", "gpu": None},
     "04": {"cpu": "~5 min", "gpu": None},
-    "05": {"cpu": "~2 min (tiny GPT-2 stand-in)", "gpu": None},
+    "05": {"cpu": "~2.5 min (tiny GPT-2 stand-in)", "gpu": None},
     "06": {"cpu": "~7 min (12 training runs)", "gpu": None},
     "07": {"cpu": "~26 min (CPU shared with other work)", "gpu": None},
 }

@@ -42,7 +42,7 @@
 # — o notebook usa um **substituto**: um GPT-2 minúsculo (2 camadas, 64 dimensões, o mesmo
 # tokenizador de 50 257 tokens), salvo numa pasta local com `save_pretrained` exatamente como a do
 # Hub e pré-treinado aqui mesmo por alguns segundos em TinyShakespeare (inglês, como o GPT-2). A
-# saída diz sempre qual dos dois rodou. Tempo: ~2 min na configuração `--tiny` numa CPU de 2
+# saída diz sempre qual dos dois rodou. Tempo: ~2,5 min na configuração `--tiny` numa CPU de 2
 # núcleos, 1 thread (as saídas registradas); numa T4 do Colab, com os pesos reais, não medido
 # ainda.
 
@@ -505,7 +505,7 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 # ### Resultados registrados neste notebook
 #
 # As saídas acima vêm da configuração **`--tiny` numa CPU de 2 núcleos** (x86_64, PyTorch 2.15, 1
-# thread, com outro processo de 1 thread no outro núcleo; o notebook inteiro levou 1,8 min),
+# thread, com outro processo de 1 thread no outro núcleo; o notebook inteiro levou 2,5 min),
 # sem GPU e sem acesso ao Hugging Face Hub, com o **substituto** — um GPT-2 de 2 camadas e 64
 # dimensões pré-treinado aqui por 100 passos em TinyShakespeare —, **não** do GPT-2 da OpenAI.
 # Cada treino: 60 passos de 4 × 64 tokens (15 360 tokens; upcycling: 30 passos), taxa 1e-3,
