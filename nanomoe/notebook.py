@@ -24,7 +24,7 @@ CHAPTER_TIMES: dict[str, dict[str, str | None]] = {
     "01": {"cpu": "~15 s of training, ~30 s for the whole notebook", "gpu": None},
     "02": {"cpu": "~8 min", "gpu": None},
     "03": {"cpu": "~10 min", "gpu": None},
-    "04": {"cpu": "~5 min", "gpu": None},
+    "04": {"cpu": "~6 min", "gpu": None},
     "05": {"cpu": "~2.5 min (tiny GPT-2 stand-in)", "gpu": None},
     "06": {"cpu": "~7 min (12 training runs)", "gpu": None},
     "07": {"cpu": "~26 min (CPU shared with other work)", "gpu": None},

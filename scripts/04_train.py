@@ -37,7 +37,7 @@
 # O mesmo código é o script `scripts/04_train.py`, pareado com este notebook pelo jupytext:
 #
 # ```bash
-# uv run -m scripts.04_train                                   # Machado, ~5 min numa CPU de 2 núcleos
+# uv run -m scripts.04_train                                   # Machado, ~6 min numa CPU de 2 núcleos
 # uv run -m scripts.04_train --config=shakespeare_char_gpt2    # a receita de CPU do nanoGPT
 # uv run -m scripts.04_train --config=machado_moe --max_steps=500
 # uv run -m scripts.04_train --resume                          # continua do último checkpoint
@@ -72,7 +72,7 @@ setup("04", written_for=NANOMOE_REF)
 #
 # | config | o que é |
 # |---|---|
-# | `machado_char_modern` | **padrão**: modelo moderno (RoPE, RMSNorm, SwiGLU, MQA), Machado por caractere, ~5 min |
+# | `machado_char_modern` | **padrão**: modelo moderno (RoPE, RMSNorm, SwiGLU, MQA), Machado por caractere, ~6 min |
 # | `shakespeare_char_gpt2` | receita de CPU do nanoGPT (4 camadas × 4 cabeças × 128, bloco 64, lote 12, 2000 passos) |
 # | `shakespeare_char_modern` | a mesma receita e os mesmos tokens, com a arquitetura moderna |
 # | `machado_moe` | Mixture-of-Experts (8 especialistas, top-2) em Machado |
@@ -274,10 +274,10 @@ if main and result.history:
 # | modelo | moderno (RoPE, RMSNorm, SwiGLU, MQA: 4 cabeças de consulta, 1 de k/v), 4 camadas, C = 128, bloco 128 |
 # | parâmetros | 721 792 (0,72 milhão) |
 # | dados | Machado por caractere (126 símbolos), 4,3M tokens de treino, 478k de validação |
-# | treino | 2000 passos x 12 x 128 = 3,07M tokens (0,71 época), 242 s de treino (~12,7k tokens/s) |
+# | treino | 2000 passos x 12 x 128 = 3,07M tokens (0,71 época), 310 s de treino (~9,9k tokens/s) |
 # | validação | 4,92 no início (chute uniforme: ln 126 = 4,84), 2,42 no passo 100, 1,64 no 1000, **1,494 no 2000** |
 # | perplexidade final | 4,45 |
-# | tempo total | 4,9 min para o notebook inteiro (treino, avaliações, amostras, comparação de tokenizadores, geração) |
+# | tempo total | 6,3 min para o notebook inteiro (treino, avaliações, amostras, comparação de tokenizadores, geração) |
 #
 # Com 1,5 nat por caractere o modelo já escreve palavras e pontuação de português, diálogos com
 # travessão, "CAPÍTULO" e nomes de personagens (Maria, Iaiá, Sofia), mas as frases ainda não fazem
@@ -621,7 +621,7 @@ if main and ckpt_file.is_file():
 #
 # Muito mais devagar, e de forma imprevisível. Medimos (`docs/benchmarks.md`, capítulo 04): com 2
 # threads, o mesmo modelo variou de 700 a 20 000 tokens/s de uma execução para outra; com 1 thread,
-# a execução registrada neste notebook fez 12 668 tokens/s em média. Cada operação do
+# a execução registrada neste notebook fez 9 904 tokens/s em média. Cada operação do
 # PyTorch divide o trabalho entre as threads e espera a mais lenta; quando outro processo ocupa o
 # segundo núcleo, a segunda thread só roda quando o sistema operacional lhe dá a vez, e todas as
 # operações esperam por ela. Numa máquina livre, 2 threads ajudam; numa compartilhada, 1 thread (ou
