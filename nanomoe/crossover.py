@@ -21,6 +21,7 @@ import torch
 from .cli import CLIError
 from .config import GPTConfig
 from .data import split_text, train_bpe
+from .device import hardware, pick_device
 from .files import atomic_write
 from .model import GPT
 from .routing_analysis import routing_of
@@ -100,7 +101,8 @@ def train_variant(
     progress: bool = True,
 ) -> dict:
     """Train (or reload) one variant; returns {"name", "seed", "model", "history", "seconds",
-    "tokens_per_s", "active", "total", "snapshots", "cached"}. `snapshots` is a list of
+    "tokens_per_s", "hardware", "active", "total", "snapshots", "cached"} ("hardware": where it was
+    trained, which its times belong to). `snapshots` is a list of
     {"step", "tokens", "topk": [one (B, T, k) tensor per MoE layer]} for the probe batch (B, T)."""
     path, key = None, _key(cfg, tcfg)
     if cache_dir is not None:
@@ -126,6 +128,7 @@ def train_variant(
     record = {
         "name": name, "seed": tcfg.seed, "history": history,
         "seconds": res.train_time_s, "tokens_per_s": res.tokens_per_s, "snapshots": snapshots,
+        "hardware": hardware(pick_device(tcfg.device)),
         "active": model.num_params(active=True), "total": model.num_params(),
     }
     model = model.cpu().eval()

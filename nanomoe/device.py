@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import platform
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -103,6 +104,17 @@ def pick_precision(device: Optional[str] = None, dtype: Optional[str] = None, ve
     if verbose:
         print(p.describe())
     return p
+
+
+def hardware(device: str) -> str:
+    """Where a run happens, in words for a figure or a table: "CPU x86_64, 1 thread",
+    "GPU NVIDIA A100-SXM4-80GB", "Apple MPS"."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(torch.device(device))}"
+    if device.startswith("mps"):
+        return "Apple MPS"
+    threads = torch.get_num_threads()
+    return f"CPU {platform.machine()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def peak_flops(device: str, dtype: torch.dtype) -> Optional[float]:

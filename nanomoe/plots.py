@@ -299,9 +299,11 @@ def plot_crossover(
     reference: Optional[str] = None,
     xs: Sequence[str] = ("tokens", "elapsed_s"),
     title: Optional[str] = None,
+    hardware: Optional[str] = None,
     save_path: Optional[PathLike] = None,
 ) -> Figure:
-    """Chapter 06: validation loss of each variant against tokens seen and against training time.
+    """Chapter 06: validation loss of each variant against tokens seen and against training time
+    (`hardware`, e.g. "CPU x86_64, 1 thread", names where that time was measured).
 
     `runs` maps a variant name to {seed: history} (one colour per variant, one line style per seed).
     With `reference` (e.g. "denso") a last panel shows each variant's validation loss minus the
@@ -317,7 +319,8 @@ def plot_crossover(
                 if pts:
                     ax.plot(*zip(*pts), styles[seeds.index(seed) % len(styles)], color=f"C{ci}", lw=1.4,
                             label=f"{name} (semente {seed})")
-        ax.set_xlabel({"elapsed_s": "tempo de treino (s)"}.get(xk, _label(xk)))
+        time_label = f"tempo de treino (s; {hardware})" if hardware else "tempo de treino (s)"
+        ax.set_xlabel({"elapsed_s": time_label}.get(xk, _label(xk)))
         ax.set_ylabel(_label("val_loss"))
         ax.grid(alpha=0.3)
     if reference is not None:

@@ -46,7 +46,7 @@ import importlib.util
 import subprocess
 import sys
 
-NANOMOE_REF = "v0.2.0"
+NANOMOE_REF = "v0.2.1"
 if importlib.util.find_spec("nanomoe") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
                     f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
@@ -353,6 +353,7 @@ for (name, seed), r in runs.items():
     sec_x = crossover(dense["history"], r["history"], "elapsed_s") if dense and name != "denso" else None
     summary.append(dict(variant=name, seed=seed, active=r["active"], total=r["total"],
                         val_loss=r["history"][-1]["val_loss"], seconds=r["seconds"], tokens_per_s=r["tokens_per_s"],
+                        hardware=r.get("hardware"),
                         crossover_tokens=tok_x, crossover_seconds=sec_x,
                         history=[{k: h.get(k) for k in ("step", "tokens", "elapsed_s", "train_loss", "val_loss")}
                                  for h in r["history"]]))
@@ -371,7 +372,8 @@ by_variant = {}
 for (name, seed), r in runs.items():
     by_variant.setdefault(name, {})[seed] = r["history"]
 regime = "caracteres" if args.tokenizer == "char" else f"BPE português, {tok.vocab_size} tokens"
-fig = plot_crossover(by_variant, reference="denso" if seeds else None,
+where = sorted({r.get("hardware") or "lugar não registrado" for r in runs.values()})  # where the times come from
+fig = plot_crossover(by_variant, reference="denso" if seeds else None, hardware=" + ".join(where),
                      title=f"Machado ({regime}): denso e MoEs com os mesmos parâmetros ativos")
 save_figure(fig, out_dir / "crossover.png")
 fig

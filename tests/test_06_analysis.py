@@ -127,6 +127,7 @@ def test_train_variant_records_and_reuses_a_finished_run(tmp_path):
     assert [h["step"] for h in first["history"] if h.get("val_loss") is not None][-1] == 4
     again = train_variant("moe x", cfg, tcfg, data, data, probe, cache_dir=tmp_path, progress=False)
     assert again["cached"] and again["history"] == first["history"]
+    assert first["hardware"].startswith("CPU ") and again["hardware"] == first["hardware"]  # where its times belong
     for a, b in zip(again["model"].state_dict().values(), first["model"].state_dict().values()):
         assert torch.equal(a, b)
     other = train_variant("moe x", cfg, tcfg.__class__(**{**tcfg.to_dict(), "max_steps": 2}), data, data, probe,
@@ -150,3 +151,19 @@ def test_regime_tokenizer_bpe_never_sees_the_validation_split():
 def test_regime_tokenizer_refuses_an_unknown_regime():
     with pytest.raises(CLIError, match="--tokenizer must be one of char, bpe, got 'words'"):
         regime_tokenizer("words", "abc")
+
+
+def test_hardware_names_where_a_run_happens():
+    import platform
+
+    from nanomoe.device import hardware
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert hardware("cpu") == f"CPU {platform.machine()}, 1 thread"
+        torch.set_num_threads(2)
+        assert hardware("cpu") == f"CPU {platform.machine()}, 2 threads"
+    finally:
+        torch.set_num_threads(threads)
+    assert hardware("mps") == "Apple MPS"
