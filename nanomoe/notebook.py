@@ -27,7 +27,7 @@ CHAPTER_TIMES: dict[str, dict[str, str | None]] = {
     "04": {"cpu": "~6 min", "gpu": None},
     "05": {"cpu": "~2.5 min (tiny GPT-2 stand-in)", "gpu": None},
     "06": {"cpu": "~7 min (12 training runs)", "gpu": None},
-    "07": {"cpu": "~26 min (CPU shared with other work)", "gpu": None},
+    "07": {"cpu": "~4 min", "gpu": None},
 }
 CPU_NAME = "2-core CPU"
 
@@ -53,7 +53,7 @@ def versions() -> str:
 def setup(chapter: str, written_for: str | None = None) -> str:
     """Print versions, device and precision, the output folder and the chapter's measured run time.
 
-    `written_for` is the release tag the notebook pins (e.g. "v0.2.0"); a different installed
+    `written_for` is the release tag the notebook pins (e.g. "v0.2.1"); a different installed
     version is pointed out, since figures and outputs in the text came from that release.
     Returns the device name the chapter will use (`cuda`, `mps` or `cpu`)."""
     print(versions())

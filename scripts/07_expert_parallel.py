@@ -57,7 +57,7 @@ import importlib.util
 import subprocess
 import sys
 
-NANOMOE_REF = "v0.2.0"
+NANOMOE_REF = "v0.2.1"
 if importlib.util.find_spec("nanomoe") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
                     f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
@@ -342,7 +342,7 @@ for W, s in runs.items():
     print(f"| {W} | {s['tok_per_s']:.0f} | {mb} | {imb} | {s['val_loss']:.4f} |")
 
 # %% [markdown]
-# **Como ler.** Na execução gravada (CPU de 2 núcleos, 26 min para o notebook inteiro), as três
+# **Como ler.** Na execução gravada (CPU x86_64 de 2 núcleos, 3,8 min para o notebook inteiro), as três
 # losses coincidem em 7 algarismos nos primeiros ~30 passos (no passo 30: 3,2263696 nos três). Depois
 # elas se separam devagar: no passo 35 a diferença é 2e-7 (W=2) e 7e-5 (W=4), no fim 1,8e-2 e
 # 9,2e-2. Não é o algoritmo: é o arredondamento. Somar os gradientes em outra ordem muda o último
@@ -352,11 +352,12 @@ for W, s in runs.items():
 # A igualdade exata passo a passo é o que o teste verifica em 20 passos (diferença máxima de loss
 # 2,4e-7).
 #
-# **A velocidade.** Os tokens/s da tabela foram medidos numa máquina **compartilhada** com outros
-# programas (carga média ~11 em 2 núcleos): 4 processos ganham do sistema operacional uma fatia
-# maior dos 2 núcleos do que 1 processo, por isso $W$ = 4 aparece mais rápido. Numa máquina só
-# nossa, 2 ou 4 processos dividiriam os mesmos 2 núcleos e ainda pagariam as trocas de dados e a
-# espera pelo rank mais carregado (não medido aqui). O paralelismo de especialistas existe para
+# **A velocidade.** Os tokens/s da tabela foram medidos nesta CPU de 2 núcleos quase livre (carga
+# ~1; testes curtos rodaram ao lado por alguns segundos). Com $W$ = 1 o treino fez 26 164 tokens/s;
+# com $W$ = 2, 13 944: dois processos dividem os mesmos 2 núcleos e ainda pagam as trocas de dados e
+# a espera pelo rank mais carregado; com $W$ = 4, 19 423, caindo de ~25 mil para ~13 mil ao longo do
+# treino: 4 processos em 2 núcleos ficam à mercê do agendador do sistema operacional, e a mediana
+# mede sobretudo isso. Numa CPU, mais processos não trazem mais núcleos. O paralelismo de especialistas existe para
 # **caber** (cada GPU guarda $E/W$ dos especialistas) e para somar a memória e a banda de várias
 # GPUs; nesta CPU medimos a correção e o tráfego, não o ganho de tempo.
 
