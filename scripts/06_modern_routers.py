@@ -470,7 +470,7 @@ print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivat
 # Execução de referência: este notebook, de cima a baixo, com os parâmetros padrão (2 camadas,
 # $C = 64$, 4 cabeças, contexto 128, lotes de 16; 600 passos = 1,23 milhão de tokens por treino;
 # ~102 mil parâmetros ativos em todos; sementes 0, 1 e 2), PyTorch 2.15 numa CPU x86_64 de 2
-# núcleos, 1 thread, com outro processo de 1 thread no outro núcleo: **6,8 min** de relógio, 354 s
+# núcleos, 1 thread, com outro processo de 1 thread no outro núcleo: **8,4 min** de relógio, 435 s
 # de treino somando os 12 treinos. O mesmo comando refaz tudo: `uv run -m scripts.06_modern_routers
 # --threads=1`. O resultado registrado (`crossover.json` e as figuras) está em `docs/results/06/`.
 #
@@ -486,8 +486,8 @@ print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivat
 # | finos 32×top-7 + 1 compartilhado | 1 | 2,0459 | 2,0573 | −0,0114 | 0,86 M | nunca |
 # | finos 32×top-7 + 1 compartilhado | 2 | 2,0117 | 2,0612 | −0,0495 | 0,49 M | nunca |
 #
-# Tokens por segundo de treino (média das 3 sementes, lado a lado nesta execução): denso 55 344,
-# MoE top-2 43 367 (1,28× o custo do denso por passo), sigmoide 44 189, finos 31 038 (1,78×).
+# Tokens por segundo de treino (média das 3 sementes, nesta execução): denso 43 306, MoE top-2
+# 34 933 (1,24× o custo do denso por passo), sigmoide 36 957 (1,17×), finos 25 614 (1,69×).
 #
 # **O cruzamento (caracteres).** Com os mesmos parâmetros ativos e os mesmos tokens, o MoE top-2
 # termina abaixo do denso nas três sementes, mas por pouco: −0,0096 nats em média. O ponto em que
@@ -498,7 +498,7 @@ print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivat
 # coisa: o MoE top-2 se separa do denso devagar, e a vantagem cresce com os tokens.
 #
 # **Contra o relógio o MoE não passa o denso** com caracteres, em nenhuma semente e em nenhuma
-# variante: cada passo custa 1,28× (top-2) a 1,78× (finos) o do denso, e a vantagem por token é
+# variante: cada passo custa 1,17× (sigmoide) a 1,69× (finos) o do denso, e a vantagem por token é
 # pequena demais para pagar isso em 1,2 M tokens.
 #
 # **Especialistas finos** (32 × top-7 + 1 compartilhado, mesmos ativos) foram o melhor MoE nas três
