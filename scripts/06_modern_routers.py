@@ -515,17 +515,17 @@ print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivat
 # Com `--tokenizer=bpe` o experimento se repete igual, mas sobre o BPE byte-level de 1024 tokens
 # treinado só na parte de treino do Machado (2,46 caracteres por token: os mesmos 1,23 M tokens
 # cobrem ~2,5× mais texto). Comando: `uv run -m scripts.06_modern_routers --threads=1
-# --tokenizer=bpe` (12 treinos, 506 s de treino somados, na mesma máquina; ~161 mil parâmetros
+# --tokenizer=bpe` (12 treinos, 603 s de treino somados, na mesma máquina, sozinho nela; ~161 mil parâmetros
 # ativos, por causa do vocabulário maior). Resultados e figuras registrados em
 # `docs/results/06/bpe/`. A loss é por token BPE, então não se compara com a dos caracteres.
 #
 # | variante | semente | val final | denso | MoE − denso | cruza em tokens | cruza em tempo |
 # |---|---:|---:|---:|---:|---:|---:|
-# | MoE top-2 | 0 | 4,1910 | 4,2616 | −0,0705 | 0,12 M | 26 s |
-# | MoE top-2 | 1 | 4,2047 | 4,3304 | −0,1257 | 0,12 M | 23 s |
+# | MoE top-2 | 0 | 4,1910 | 4,2616 | −0,0705 | 0,12 M | 5 s |
+# | MoE top-2 | 1 | 4,2047 | 4,3304 | −0,1257 | 0,12 M | 24 s |
 # | MoE top-2 | 2 | 4,2257 | 4,2248 | +0,0009 | nunca | nunca |
-# | sigmoide (DeepSeek-V3) | 0 | 4,2046 | 4,2616 | −0,0569 | 0,18 M | 30 s |
-# | sigmoide (DeepSeek-V3) | 1 | 4,2559 | 4,3304 | −0,0745 | 0,43 M | 32 s |
+# | sigmoide (DeepSeek-V3) | 0 | 4,2046 | 4,2616 | −0,0569 | 0,18 M | 23 s |
+# | sigmoide (DeepSeek-V3) | 1 | 4,2559 | 4,3304 | −0,0745 | 0,43 M | nunca |
 # | sigmoide (DeepSeek-V3) | 2 | 4,2018 | 4,2248 | −0,0230 | 0,80 M | nunca |
 # | finos 32×top-7 + 1 compartilhado | 0 | 4,2963 | 4,2616 | +0,0348 | nunca | nunca |
 # | finos 32×top-7 + 1 compartilhado | 1 | 4,2447 | 4,3304 | −0,0857 | 0,31 M | nunca |
@@ -533,9 +533,12 @@ print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivat
 #
 # **O que cada regime mostra.** Com BPE a vantagem do MoE top-2 é ~7× maior (−0,065 nats em média)
 # e, em duas das três sementes, grande o bastante para o MoE passar o denso **também no relógio**
-# (aos 23–26 s de treino, com o passo 1,21× mais caro); na terceira semente os dois empatam. O
-# roteador sigmoide, que perdeu com caracteres, ganha do denso nas três sementes com BPE (−0,052 em
-# média). E os especialistas finos, os melhores com caracteres, ficam instáveis com BPE (+0,035,
+# (aos 5 e aos 24 s de treino; o passo do top-2 custa 1,18× o do denso: 27 750 contra 32 709
+# tokens/s); na terceira semente os dois empatam. O relógio é a medida mais frágil: nesta execução o
+# mesmo modelo denso rodou entre 28 803 e 35 125 tokens/s de uma semente para outra (a máquina é
+# compartilhada), e o "5 s" da semente 0 deve muito a isso. O roteador sigmoide, que perdeu com
+# caracteres, ganha do denso nas três sementes com BPE (−0,052 em média; no relógio, em uma).
+# E os especialistas finos, os melhores com caracteres, ficam instáveis com BPE (+0,035,
 # −0,086, +0,085). Uma leitura: com caracteres há pouco para especializar (126 símbolos, quase
 # tudo é "que letra vem depois"), e o que ganha é a quantidade de combinações; com BPE, 1024 tokens
 # de frequências muito diferentes dão aos especialistas largos algo para dividir. Três sementes
