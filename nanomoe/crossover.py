@@ -20,12 +20,12 @@ import torch
 
 from .cli import CLIError
 from .config import GPTConfig
-from .data import split_text, train_bpe
+from .data import corpus_tokenizer
 from .device import hardware, pick_device
 from .files import atomic_write
 from .model import GPT
 from .routing_analysis import routing_of
-from .tokenizer import Tokenizer, get_tokenizer
+from .tokenizer import Tokenizer
 from .train import TrainConfig, train
 
 REGIMES = ("char", "bpe")
@@ -34,11 +34,9 @@ REGIMES = ("char", "bpe")
 def regime_tokenizer(regime: str, text: str, bpe_vocab: int = 1024) -> Tokenizer:
     """The experiment's two regimes: "char" (the characters of the whole corpus) or "bpe" (the
     course's Portuguese byte-level BPE with `bpe_vocab` tokens, trained on the training split only)."""
-    if regime == "char":
-        return get_tokenizer("char", text=text)
-    if regime == "bpe":
-        return train_bpe(split_text(text)[0], bpe_vocab)
-    raise CLIError(f"--tokenizer must be one of {', '.join(REGIMES)}, got {regime!r}")
+    if regime not in REGIMES:
+        raise CLIError(f"--tokenizer must be one of {', '.join(REGIMES)}, got {regime!r}")
+    return corpus_tokenizer(regime, text, vocab_size=bpe_vocab)
 
 
 def _evals(history: Sequence[dict]) -> list[dict]:

@@ -14,7 +14,7 @@ Everything is importable from `nanomoe.data` directly.
 from ..tokenizer import gpt2_tokenizer
 from .commands import prepare_corpus_cli, prepare_fineweb_cli
 from .corpora import CORPORA, MACHADO_FILES, MACHADO_SHA256, TINYSHAKESPEARE_SHA256, iter_documents, read_corpus
-from .encode import compare_tokenizers, encode_splits, encode_text, split_text, train_bpe
+from .encode import compare_tokenizers, corpus_tokenizer, encode_splits, encode_text, split_text, train_bpe
 from .errors import DataError
 from .loader import BatchLoader, TokenSource
 from .shards import (
@@ -30,8 +30,8 @@ from .shards import (
 
 __all__ = [
     "BatchLoader", "CORPORA", "DataError", "FINEWEB_DIR", "MACHADO_FILES", "MACHADO_SHA256",
-    "TINYSHAKESPEARE_SHA256", "TokenSource", "compare_tokenizers", "data_tokenizer", "encode_splits",
-    "encode_text", "gpt2_tokenizer", "iter_documents", "load_meta", "load_split", "prepare",
+    "TINYSHAKESPEARE_SHA256", "TokenSource", "compare_tokenizers", "corpus_tokenizer", "data_tokenizer",
+    "encode_splits", "encode_text", "gpt2_tokenizer", "iter_documents", "load_meta", "load_split", "prepare",
     "prepare_corpus_cli", "prepare_fineweb_cli", "read_corpus", "split_text", "summary", "token_dtype", "train_bpe",
     "write_document_shards",
 ]

@@ -9,7 +9,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from ..progress import tqdm
-from ..tokenizer import BPETokenizer, Tokenizer
+from ..tokenizer import BPETokenizer, Tokenizer, get_tokenizer
 from .errors import DataError
 
 
@@ -65,6 +65,17 @@ def train_bpe(train_text: str, vocab_size: int) -> BPETokenizer:
     """The course's Portuguese BPE: a byte-level BPE trained on `train_text` (pass the training split
     only, so validation stays unseen), fed to the trainer in chunks cut where BPE is exact."""
     return BPETokenizer.train(_chunks(train_text, 1 << 16), vocab_size=vocab_size)
+
+
+def corpus_tokenizer(name: str, text: str, vocab_size: int = 4096, val_fraction: float = 0.1) -> Tokenizer:
+    """The tokenizer `name` for this corpus: "char" = the alphabet of the whole text (so validation
+    has no unknown characters), "bpe" = `train_bpe` on the training split only (validation stays
+    unseen), any other name = `get_tokenizer(name)` ("bytes", "gpt2", "hf:...")."""
+    if name == "char":
+        return get_tokenizer("char", text=text)
+    if name == "bpe":
+        return train_bpe(split_text(text, val_fraction)[0], vocab_size)
+    return get_tokenizer(name)
 
 
 def encode_splits(tok: Tokenizer, text: str, val_fraction: float = 0.1, *,

@@ -21,8 +21,8 @@ import numpy as np
 
 from ..files import atomic_write, write_text
 from ..progress import tqdm
-from ..tokenizer import BPETokenizer, Tokenizer, get_tokenizer, load_tokenizer
-from .encode import encode_text, split_text, train_bpe
+from ..tokenizer import BPETokenizer, Tokenizer, load_tokenizer
+from .encode import corpus_tokenizer, encode_text, split_text
 from .errors import DataError
 
 
@@ -64,15 +64,7 @@ def prepare(text: str, tokenizer: Union[str, Tokenizer], out_dir: Union[str, os.
 
     t0 = time.perf_counter()
     tok_files = []
-    if isinstance(tokenizer, str):
-        if tokenizer == "char":
-            tok = get_tokenizer("char", text=text)
-        elif tokenizer == "bpe":
-            tok = train_bpe(train_text, vocab_size)
-        else:
-            tok = get_tokenizer(tokenizer)
-    else:
-        tok = tokenizer
+    tok = corpus_tokenizer(tokenizer, text, vocab_size, val_fraction) if isinstance(tokenizer, str) else tokenizer
     info = dict(tok.info())
     if isinstance(tok, BPETokenizer):
         tok.save(out / "tokenizer.json")
