@@ -9,7 +9,7 @@ Needs internet once (raw.githubusercontent.com); offline, copy the file there by
 
 import argparse
 
-from nanomoe.hellaswag import DEFAULT_PATH, URLS, HellaSwagError, download, load_examples
+from nanomoe.interop.hellaswag import DEFAULT_PATH, URLS, HellaSwagError, download, load_examples
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],

@@ -97,8 +97,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .distributed import unwrap
 from .mlp import MLP, activation
+from .parallel.distributed import unwrap
 
 
 def expert_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, kind: str, approximate: str = "tanh"):

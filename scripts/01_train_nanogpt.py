@@ -50,7 +50,7 @@ if importlib.util.find_spec("nanomoe") is None:
                     f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
     importlib.invalidate_caches()
 
-from nanomoe.notebook import setup
+from nanomoe.course.notebook import setup
 
 setup("01", written_for=NANOMOE_REF)
 
@@ -87,8 +87,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from nanomoe import GPT, get_tokenizer, gpt2_config, pick_precision
-from nanomoe.cli import describe, parse_args
-from nanomoe.overfit import (
+from nanomoe.course.overfit import (
     continue_text,
     overfit_sequence,
     read_text,
@@ -97,7 +96,8 @@ from nanomoe.overfit import (
     set_cpu_threads,
     shift_targets,
 )
-from nanomoe.plots import plot_curves, plot_loss_ppl, save_figure
+from nanomoe.course.plots import plot_curves, plot_loss_ppl, save_figure
+from nanomoe.training.cli import describe, parse_args
 
 DEFAULTS = dict(
     text_file="paragrafo.txt",  # the paragraph shipped with nanomoe, or a path to any UTF-8 text file
@@ -184,7 +184,7 @@ print(f"posição {T - 1}: alvo {targets[0, -1].item()} (ignorado: não há toke
 # **Construa você mesmo:** o par (entrada, alvo) de um modelo de linguagem é a mesma sequência
 # duas vezes, deslocada uma casa: `x` sem o último token, `y` sem o primeiro. Completando `y` com
 # um `-1` no fim, ele fica do tamanho de `ids`, e deve sair idêntico aos `targets` que o pacote
-# (`shift_targets`, em `nanomoe/overfit.py`) entrega ao laço de treino:
+# (`shift_targets`, em `nanomoe/course/overfit.py`) entrega ao laço de treino:
 
 # %%
 x, y = ids[:, :-1], ids[:, 1:]  # input: all but the last token; target: all but the first
@@ -282,7 +282,7 @@ print(f"igual ao pacote: loss {my_loss.item():.4f}, perplexidade {my_ppl.item():
 # O laço é o mais simples possível: a cada passo, o parágrafo inteiro entra no modelo, a loss
 # é calculada sobre todas as posições, `backward()` e um passo do AdamW
 # (`model.configure_optimizers`, com weight decay só nas matrizes). O código está em
-# `nanomoe/overfit.py` (`overfit_sequence`).
+# `nanomoe/course/overfit.py` (`overfit_sequence`).
 #
 # A loss "de treino" de cada passo é medida com dropout ligado, por isso oscila; a cada
 # `eval_every` passos medimos também a loss sem dropout (modo `eval`), que é a que vale para

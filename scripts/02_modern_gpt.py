@@ -64,7 +64,7 @@ if importlib.util.find_spec("nanomoe") is None:
                     f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
     importlib.invalidate_caches()
 
-from nanomoe.notebook import setup
+from nanomoe.course.notebook import setup
 
 setup("02", written_for=NANOMOE_REF)
 
@@ -80,16 +80,16 @@ import torch.nn.functional as F
 
 from nanomoe import GPT, GPTConfig, KVCache, get_tokenizer, gpt2_config, modern_config
 from nanomoe.attention import CausalSelfAttention, manual_attention
-from nanomoe.cli import parse_args
+from nanomoe.course.diagrams import plot_gqa_heads, plot_lr_schedule, plot_rope_rotation
+from nanomoe.course.notebook import show_source
+from nanomoe.course.plots import plot_curves, save_figure
 from nanomoe.data import encode_splits, read_corpus
 from nanomoe.device import pick_precision
-from nanomoe.diagrams import plot_gqa_heads, plot_lr_schedule, plot_rope_rotation
 from nanomoe.mlp import MLP
 from nanomoe.norm import RMSNorm
-from nanomoe.notebook import show_source
-from nanomoe.plots import plot_curves, save_figure
 from nanomoe.rope import apply_rope, rope_tables, rotate_half
-from nanomoe.train import TrainConfig, train
+from nanomoe.training.cli import parse_args
+from nanomoe.training.train import TrainConfig, train
 
 # %% [markdown]
 # ## Parâmetros
@@ -498,14 +498,14 @@ tcfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
 print(f"{len(configs)} configurações x {tcfg.max_steps * tcfg.batch_size * args.block_size:,} tokens de treino cada")
 
 # %% [markdown]
-# ### O laço de treino: o que `nanomoe.train.train` faz a cada passo
+# ### O laço de treino: o que `nanomoe.training.train.train` faz a cada passo
 #
 # O capítulo 01 usou o laço mais simples possível. Daqui em diante todo treino passa por
-# `nanomoe.train.train` (o mesmo do capítulo 04, de uma CPU a várias GPUs). A cada passo do
+# `nanomoe.training.train.train` (o mesmo do capítulo 04, de uma CPU a várias GPUs). A cada passo do
 # otimizador ele:
 #
 # 1. **calcula a taxa de aprendizado só a partir do número do passo** (`get_lr` em
-#    `nanomoe/train.py`): *warmup* linear nos primeiros `warmup_steps` passos e depois decaimento
+#    `nanomoe/training/train.py`): *warmup* linear nos primeiros `warmup_steps` passos e depois decaimento
 #    cosseno até `min_lr` (Loshchilov & Hutter 2016, [SGDR](https://arxiv.org/abs/1608.03983)). O
 #    warmup existe porque, no início, o AdamW ainda não tem boas estimativas das médias do gradiente
 #    e do seu quadrado: passos grandes nessa hora jogam o modelo numa solução ruim (o exercício 4
@@ -903,7 +903,7 @@ fig
 # - O KV cache dá exatamente os mesmos tokens que a geração sem cache. O nosso é pré-alocado, então
 #   o custo por token fica constante (a atenção lê o buffer inteiro); em geral a atenção de um passo
 #   custa $O(t)$.
-# - `nanomoe.train` faz, a cada passo: taxa de aprendizado com warmup + cosseno, acumulação,
+# - `nanomoe.training.train` faz, a cada passo: taxa de aprendizado com warmup + cosseno, acumulação,
 #   clipping do gradiente e AdamW com weight decay só nas matrizes.
 #
 # **Para ler.** Os artigos de cada interruptor estão na tabela do início. E também: Touvron et al.

@@ -46,7 +46,7 @@
 # [dsmoe]: https://arxiv.org/abs/2401.06066
 # [dsv3]: https://arxiv.org/abs/2412.19437
 #
-# O código mora em `nanomoe/moe.py` (a camada) e `nanomoe/moe_metrics.py` (as métricas); aqui
+# O código mora em `nanomoe/moe.py` (a camada) e `nanomoe/course/moe_metrics.py` (as métricas); aqui
 # lemos esse código, verificamos cada equação e, no fim, treinamos no Machado de Assis um modelo
 # denso contra MoEs com **o mesmo número de parâmetros ativos**. Cada afirmação tem um teste em
 # `tests/test_03_*.py` (`uv run pytest tests/test_03_*.py`).
@@ -63,7 +63,7 @@ if importlib.util.find_spec("nanomoe") is None:
                     f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
     importlib.invalidate_caches()
 
-from nanomoe.notebook import setup
+from nanomoe.course.notebook import setup
 
 setup("03", written_for=NANOMOE_REF)
 
@@ -76,9 +76,11 @@ from pathlib import Path
 import torch
 
 from nanomoe import GPT, get_tokenizer, modern_config, moe_config
-from nanomoe.cli import parse_args
+from nanomoe.course.diagrams import plot_moe_dispatch
+from nanomoe.course.moe_metrics import MoEMetrics
+from nanomoe.course.notebook import show_source
+from nanomoe.course.plots import plot_balance_sweep, plot_curves, plot_expert_load, plot_token_routing, save_figure
 from nanomoe.data import encode_splits, read_corpus
-from nanomoe.diagrams import plot_moe_dispatch
 from nanomoe.mlp import MLP
 from nanomoe.moe import (
     Experts,
@@ -93,10 +95,8 @@ from nanomoe.moe import (
     pick_kernel,
     update_moe_bias,
 )
-from nanomoe.moe_metrics import MoEMetrics
-from nanomoe.notebook import show_source
-from nanomoe.plots import plot_balance_sweep, plot_curves, plot_expert_load, plot_token_routing, save_figure
-from nanomoe.train import TrainConfig, train
+from nanomoe.training.cli import parse_args
+from nanomoe.training.train import TrainConfig, train
 
 # %% [markdown]
 # ## Parâmetros
@@ -444,7 +444,7 @@ print("1 token, cf=1, N=8, k=2: capacidade =", capacity(1, 8, 2, 1.0, 1), "com m
 # Depois de cada passo do otimizador, $b_i \leftarrow b_i + \gamma\,\text{sign}(\bar c - c_i)$,
 # onde $c_i$ é a carga do especialista $i$ no passo e $\bar c$ a média: especialistas
 # sobrecarregados ficam menos atraentes. Ligue com `moe_bias_balance=True`; o laço de treino
-# (`nanomoe.train.train`) chama `update_moe_bias(model)` depois de cada `optimizer.step()`
+# (`nanomoe.training.train.train`) chama `update_moe_bias(model)` depois de cada `optimizer.step()`
 # (somando as cargas de todos os micro-lotes e, com DDP, de todos os processos).
 
 # %%

@@ -23,7 +23,7 @@
 #
 # 1. **Dados em disco**: o corpus é tokenizado uma vez em *shards* `.npy` (uint16) e lido por
 #    *memory map*; o carregador sorteia janelas aleatórias e sabe quantos lotes já entregou.
-# 2. **Um laço de treino só**, `nanomoe.train.train`, para CPU, uma GPU ou várias com
+# 2. **Um laço de treino só**, `nanomoe.training.train.train`, para CPU, uma GPU ou várias com
 #    `torchrun`: warmup + decaimento cosseno, *gradient clipping*, acumulação de gradiente,
 #    precisão mista escolhida pelo dispositivo (bf16 em Ampere/Hopper, fp16 + `GradScaler` na T4,
 #    fp32 na CPU), `torch.compile` opcional, avaliação periódica, amostras de texto, `metrics.jsonl`
@@ -56,7 +56,7 @@ if importlib.util.find_spec("nanomoe") is None:
                     f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
     importlib.invalidate_caches()
 
-from nanomoe.notebook import setup
+from nanomoe.course.notebook import setup
 
 setup("04", written_for=NANOMOE_REF)
 
@@ -91,15 +91,21 @@ from pathlib import Path
 
 import torch
 
-from nanomoe.accumulation import grad_accum_for
-from nanomoe.cli import in_notebook, short_errors
 from nanomoe.config import modern_config
 from nanomoe.data import BatchLoader, compare_tokenizers, data_tokenizer, load_meta, load_split
-from nanomoe.distributed import DistInfo, cleanup_distributed, setup_distributed
-from nanomoe.init_from import init_model
+from nanomoe.interop.init_from import init_model
 from nanomoe.model import GPT
-from nanomoe.runs import model_config_from_args, parse_run_args, resolve_data_dir, run_defaults, train_config_from_args
-from nanomoe.train import TrainConfig, compute_gradients, get_lr, start_run, train, wrap_model
+from nanomoe.parallel.distributed import DistInfo, cleanup_distributed, setup_distributed
+from nanomoe.training.accumulation import grad_accum_for
+from nanomoe.training.cli import in_notebook, short_errors
+from nanomoe.training.runs import (
+    model_config_from_args,
+    parse_run_args,
+    resolve_data_dir,
+    run_defaults,
+    train_config_from_args,
+)
+from nanomoe.training.train import TrainConfig, compute_gradients, get_lr, start_run, train, wrap_model
 
 DEFAULTS = {
     **run_defaults(),
@@ -146,9 +152,9 @@ if main:
 # do vocabulário vem dos dados. A semente fixa garante o mesmo modelo inicial em todos os
 # processos (o DDP ainda copia os pesos do processo 0 para os outros, por garantia).
 # `--init_from` diz de onde vêm os pesos: `scratch` (padrão, aleatórios), `resume`, o GPT-2 da
-# OpenAI (`gpt2`), uma pasta do Hugging Face ou um checkpoint do nanomoe (`nanomoe.init_from`, mais
+# OpenAI (`gpt2`), uma pasta do Hugging Face ou um checkpoint do nanomoe (`nanomoe.interop.init_from`, mais
 # abaixo). `tokens_per_step`, quando a receita o define, fixa os tokens de cada passo e a acumulação
-# de gradiente sai dele e do número de processos (`nanomoe.accumulation`).
+# de gradiente sai dele e do número de processos (`nanomoe.training.accumulation`).
 
 # %%
 config = model_config_from_args(args, tokenizer.vocab_size)
@@ -169,7 +175,7 @@ if main:
 # %% [markdown]
 # ## Treinar
 #
-# O que acontece a cada passo está no docstring de `nanomoe/train.py`. Duas escolhas tornam a
+# O que acontece a cada passo está no docstring de `nanomoe/training/train.py`. Duas escolhas tornam a
 # retomada exata: o lote número *g* da corrida é sorteado por um gerador semeado com
 # `(seed, g)`, e o gerador do dropout é ressemeado com `(seed, rank, passo)` no início de cada
 # passo. Nada depende do que foi sorteado antes, então parar e retomar não muda nada.
@@ -247,7 +253,7 @@ if result.stopped and not in_notebook():
 
 # %%
 if main and result.history:
-    from nanomoe.plots import plot_curves
+    from nanomoe.course.plots import plot_curves
 
     runs = {"treino": [{"step": r["step"], "loss": r["ce"]} for r in result.log],
             "validação": [{"step": r["step"], "loss": r["val_loss"]} for r in result.history if "val_loss" in r]}
@@ -388,7 +394,7 @@ if main:
 #
 # **Tokens por passo, não micro-lotes.** Uma receita é ajustada para um lote medido em tokens
 # (~0,5M para o GPT-2 124M: tabela 2.1 de [Brown et al. 2020](https://arxiv.org/abs/2005.14165));
-# `tokens_per_step` fixa esse número e `nanomoe.accumulation` deriva dele e do número de processos
+# `tokens_per_step` fixa esse número e `nanomoe.training.accumulation` deriva dele e do número de processos
 # quantos micro-lotes cada processo acumula: 524.288 = 64 × 1024 × 8 micro-lotes numa GPU, × 1 em
 # cada uma de 8 GPUs. O script diz o que escolheu
 # (`524,288 tokens/step (from tokens_per_step) = 8 process(es) x 1 micro-batch(es) x 64 x 1024 tokens`);
@@ -396,13 +402,13 @@ if main:
 # `tokens_per_step`, `grad_accum` é arredondado para cima até um múltiplo do número de processos: por
 # isso `torchrun --nproc_per_node=2` roda a receita padrão (com o dobro de tokens por passo, e avisa).
 #
-# **`--init_from`** (`nanomoe.init_from`): `scratch` (padrão), `resume`, um nome do GPT-2 (`gpt2`,
+# **`--init_from`** (`nanomoe.interop.init_from`): `scratch` (padrão), `resume`, um nome do GPT-2 (`gpt2`,
 # `gpt2-medium`, ...), uma pasta do Hugging Face ou um checkpoint do nanomoe. Se a arquitetura da
 # receita é a da origem, cada tensor é carregado exatamente (a tabela de posições do GPT-2 é cortada
 # para um contexto menor, como no nanoGPT); se não é, a transferência parcial do capítulo 05 copia o
 # que tem significado e imprime o relatório do que foi copiado, adaptado, inicializado e descartado.
 #
-# **HellaSwag** ([Zellers et al. 2019](https://arxiv.org/abs/1905.07830), `nanomoe.hellaswag`) a cada
+# **HellaSwag** ([Zellers et al. 2019](https://arxiv.org/abs/1905.07830), `nanomoe.interop.hellaswag`) a cada
 # avaliação, quando `data/hellaswag/hellaswag_val.jsonl` existe (`uv run -m data.prepare_hellaswag`):
 # cada exemplo tem um contexto e quatro continuações; a perda do modelo é medida **só nos tokens da
 # continuação**, e a de menor perda média por token é a resposta (`acc_norm`; `acc` usa a perda
@@ -480,7 +486,7 @@ if main and args.compare_chars and not args.data_dir:  # a prepared folder (Fine
 if main and args.compare_chars and not args.data_dir:  # a prepared folder (FineWeb...) is not Machado
     import matplotlib.pyplot as plt
 
-    from nanomoe.plots import save_figure
+    from nanomoe.course.plots import save_figure
 
     fig_tok, ax = plt.subplots(figsize=(7, 2.6))
     ax.barh([r["tokenizer"] for r in rows], [r["tokens_per_char"] for r in rows], color="C0")
@@ -505,7 +511,7 @@ if main and args.compare_chars and not args.data_dir:  # a prepared folder (Fine
 # ele: `load_model` lê do checkpoint a configuração do modelo **e o tokenizador** (o alfabeto do
 # tokenizador por caractere, o `tokenizer.json` do BPE treinado que está ao lado do checkpoint, ou
 # o GPT-2), então nada precisa ser repetido à mão. O mesmo `load_model` abre uma pasta exportada
-# para o Hugging Face (`nanomoe.hf.export_hf`, capítulo 05) ou baixa o GPT-2 pelo nome (`"gpt2"`).
+# para o Hugging Face (`nanomoe.interop.hf.export_hf`, capítulo 05) ou baixa o GPT-2 pelo nome (`"gpt2"`).
 #
 # `generate_text` escreve o texto à medida que os tokens saem (`stream_to=sys.stdout`). Um token
 # de um BPE byte-level pode carregar só metade de um caractere UTF-8 (o "ã" são dois bytes); por
@@ -530,7 +536,7 @@ if main and args.compare_chars and not args.data_dir:  # a prepared folder (Fine
 # %%
 ckpt_file = Path(tcfg.out_dir or ".") / "latest.pt"
 if main and ckpt_file.is_file():
-    from nanomoe.inference import generate_text, load_model
+    from nanomoe.interop.inference import generate_text, load_model
 
     gen_model, gen_tok = load_model(tcfg.out_dir, device=args.device)  # latest.pt and its tokenizer
     # the course's corpora open with a name from the text; a prepared folder (FineWeb...) uses the config's prompt
@@ -577,7 +583,7 @@ if main and ckpt_file.is_file():
 # %% [markdown]
 # ## Exercícios
 #
-# Preveja antes de abrir a resposta. As respostas 1 e 2 foram medidas com `nanomoe.train.train` no
+# Preveja antes de abrir a resposta. As respostas 1 e 2 foram medidas com `nanomoe.training.train.train` no
 # tamanho do `--quick` (modelo moderno de 2 camadas, C = 32, contexto 32, lotes de 4, 40 passos,
 # avaliação a cada 10, os primeiros 200 mil caracteres de Machado), 1 thread, numa CPU de 2 núcleos.
 #
@@ -634,7 +640,7 @@ if main and ckpt_file.is_file():
 #
 # - O corpus vira *shards* de tokens em disco, lidos por *memory map*; o lote número *g* é sorteado
 #   por um gerador semeado com `(seed, g)`, o que torna a retomada e o DDP exatos.
-# - Um só laço (`nanomoe.train.train`) serve à CPU, a uma GPU e a várias: warmup + cosseno,
+# - Um só laço (`nanomoe.training.train.train`) serve à CPU, a uma GPU e a várias: warmup + cosseno,
 #   acumulação, *clipping*, AdamW, precisão mista (bf16, ou fp16 + `GradScaler`), DDP com `no_sync`.
 # - Checkpoints atômicos (arquivo temporário + `fsync` + `os.replace`), lidos com
 #   `weights_only=True`; parar e retomar dá as mesmas losses, bit a bit, na CPU.

@@ -58,7 +58,7 @@ if importlib.util.find_spec("nanomoe") is None:
                     f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
     importlib.invalidate_caches()
 
-from nanomoe.notebook import setup
+from nanomoe.course.notebook import setup
 
 setup("05", written_for=NANOMOE_REF)
 
@@ -80,8 +80,8 @@ import numpy as np
 import torch
 
 from nanomoe import GPT, modern_config
-from nanomoe.cli import parse_args
 from nanomoe.device import pick_device
+from nanomoe.training.cli import parse_args
 
 DEFAULTS = dict(
     model="gpt2",  # hub name ("gpt2", "gpt2-medium", ...) or a local save_pretrained folder
@@ -139,14 +139,14 @@ print(f"device: {device} | configuration: {size}" + (" (quick)" if args.quick el
 # **transposta** na cópia (copiar sem transpor dá erro de forma — ou, pior, numa matriz quadrada
 # como `c_proj`, um modelo que roda e calcula outra coisa).
 #
-# `nanomoe.hf.from_hf` monta o `state_dict` de destino e carrega com checagem estrita de nomes e
+# `nanomoe.interop.hf.from_hf` monta o `state_dict` de destino e carrega com checagem estrita de nomes e
 # formas: nenhum tensor fica esquecido na inicialização aleatória. Depois comparamos os logits com
 # os do próprio `transformers` na mesma entrada.
 
 # %%
 from nanomoe.data import DataError, gpt2_tokenizer, read_corpus
-from nanomoe.hf import HFConversionError, from_hf, load_hf_model, save_random_gpt2
-from nanomoe.train import TrainConfig, train
+from nanomoe.interop.hf import HFConversionError, from_hf, load_hf_model, save_random_gpt2
+from nanomoe.training.train import TrainConfig, train
 
 tok = gpt2_tokenizer()  # tiktoken's GPT-2 BPE (downloaded once, then cached; see nanomoe.tokenizer)
 
@@ -193,7 +193,7 @@ if hf_model is None:
             print(f"TinyShakespeare not available ({e}); the stand-in stays random")
             shakespeare = None
         if shakespeare is not None:
-            from nanomoe.hf import export_hf
+            from nanomoe.interop.hf import export_hf
 
             pre = from_hf(load_hf_model(folder))
             tr, va = split(tok.encode(shakespeare))
@@ -292,7 +292,7 @@ del scratch
 # ## 3. Transferência parcial para a arquitetura moderna
 #
 # A arquitetura moderna (capítulo 02) não é o GPT-2, mas muita coisa tem o mesmo papel nas duas.
-# `nanomoe.transfer.transfer_weights(src, dst)` copia o que tem significado, adapta o que dá para
+# `nanomoe.interop.transfer.transfer_weights(src, dst)` copia o que tem significado, adapta o que dá para
 # adaptar e deixa o resto com a inicialização do próprio destino:
 #
 # | tensor do destino | o que acontece |
@@ -314,7 +314,7 @@ del scratch
 # [gqa]: https://arxiv.org/abs/2305.13245
 
 # %%
-from nanomoe.transfer import transfer_weights, upcycle_to_moe
+from nanomoe.interop.transfer import transfer_weights, upcycle_to_moe
 
 c = pretrained.config
 modern_cfg = modern_config(vocab_size=c.vocab_size, block_size=c.block_size, n_layer=c.n_layer, n_head=c.n_head,
@@ -338,7 +338,7 @@ del gpt2_orig
 # %%
 import matplotlib.pyplot as plt
 
-from nanomoe.plots import save_figure
+from nanomoe.course.plots import save_figure
 
 actions = {"copied": ("copiado", "C2"), "adapted": ("adaptado", "C0"), "initialized": ("inicializado", "C3")}
 rows = {"todos os parâmetros": lambda name: True, "sem o embedding": lambda name: "wte" not in name}
@@ -434,7 +434,7 @@ print("upcycled MoE after fine-tuning:\n ", sample(moe).replace("\n", "\n  "))
 # modelo denso, com especialistas idênticos.
 
 # %%
-from nanomoe.plots import plot_panels
+from nanomoe.course.plots import plot_panels
 
 panels = {
     "GPT-2: pré-treinado × do zero": {"pré-treinado": res_pre.history, "do zero": res_scratch.history},
@@ -468,7 +468,7 @@ print(f"\nfigure: {out_dir / 'val_curves.png'}")
 # %%
 from transformers import AutoModelForCausalLM
 
-from nanomoe.hf import export_hf, load_hf
+from nanomoe.interop.hf import export_hf, load_hf
 
 moe = moe.cpu().eval()
 folder = export_hf(moe, out_dir / "moe-hf", tokenizer=tok)

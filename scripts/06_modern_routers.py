@@ -37,7 +37,7 @@
 # Cada ideia é um campo de `GPTConfig` (os padrões mantêm o capítulo 03 bit a bit):
 # `moe_router`, `moe_routed_scaling`, `moe_balance_scope`, `moe_dense_layers`, e os especialistas
 # finos são só `n_experts`, `moe_top_k` e `n_shared_experts` crescendo juntos. O código mora em
-# `nanomoe/moe.py` (roteamento), `nanomoe/routing_analysis.py` (análise) e `nanomoe/crossover.py`
+# `nanomoe/moe.py` (roteamento), `nanomoe/course/routing_analysis.py` (análise) e `nanomoe/course/crossover.py`
 # (o experimento); as provas, em `tests/test_06_*.py`.
 
 # %%
@@ -52,7 +52,7 @@ if importlib.util.find_spec("nanomoe") is None:
                     f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
     importlib.invalidate_caches()
 
-from nanomoe.notebook import setup
+from nanomoe.course.notebook import setup
 
 setup("06", written_for=NANOMOE_REF)
 
@@ -65,14 +65,10 @@ from pathlib import Path
 import torch
 
 from nanomoe import GPT, modern_config, moe_config
-from nanomoe.cli import parse_args
-from nanomoe.crossover import crossover, regime_tokenizer, train_variant
-from nanomoe.data import encode_splits, read_corpus
-from nanomoe.moe import MoE, balance_loss, global_balance_prepass
-from nanomoe.notebook import show_source
-from nanomoe.paths import in_home
-from nanomoe.plots import plot_crossover, plot_matrices, plot_saturation, plot_token_routing, save_figure
-from nanomoe.routing_analysis import (
+from nanomoe.course.crossover import crossover, regime_tokenizer, train_variant
+from nanomoe.course.notebook import show_source
+from nanomoe.course.plots import plot_crossover, plot_matrices, plot_saturation, plot_token_routing, save_figure
+from nanomoe.course.routing_analysis import (
     CHAR_CLASS_PT,
     CHAR_CLASSES,
     char_class_ids,
@@ -84,7 +80,11 @@ from nanomoe.routing_analysis import (
     saturation,
     top_tokens_per_expert,
 )
-from nanomoe.train import TrainConfig
+from nanomoe.data import encode_splits, read_corpus
+from nanomoe.moe import MoE, balance_loss, global_balance_prepass
+from nanomoe.paths import in_home
+from nanomoe.training.cli import parse_args
+from nanomoe.training.train import TrainConfig
 
 # %% [markdown]
 # ## Parâmetros

@@ -41,14 +41,14 @@
 # (`all_to_all_single`, `all_reduce`, `all_gather`) rodam na CPU com o backend **gloo** do
 # `torch.distributed`. Este notebook lança os processos para você (com `torchrun`, num
 # subprocesso) e prova, número a número, que $W$ ranks calculam **o mesmo** que um processo só.
-# O código mora em `nanomoe/expert_parallel.py` (a camada), `nanomoe/ep_train.py` (o passo de
-# treino e os checkpoints) e `nanomoe/ep_run.py` (o programa que o `torchrun` executa); os testes
+# O código mora em `nanomoe/parallel/expert_parallel.py` (a camada), `nanomoe/parallel/ep_train.py` (o passo de
+# treino e os checkpoints) e `nanomoe/parallel/ep_run.py` (o programa que o `torchrun` executa); os testes
 # em `tests/test_07_expert_parallel.py`.
 #
 # ```bash
 # uv run -m scripts.07_expert_parallel                                    # este capítulo, na CPU
-# torchrun --standalone --nproc_per_node=2 -m nanomoe.ep_run              # um treino EP com 2 processos (gloo)
-# torchrun --standalone --nproc_per_node=2 -m nanomoe.ep_run --check      # uma camada EP contra 1 processo
+# torchrun --standalone --nproc_per_node=2 -m nanomoe.parallel.ep_run              # um treino EP com 2 processos (gloo)
+# torchrun --standalone --nproc_per_node=2 -m nanomoe.parallel.ep_run --check      # uma camada EP contra 1 processo
 # ```
 
 # %%
@@ -63,7 +63,7 @@ if importlib.util.find_spec("nanomoe") is None:
                     f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
     importlib.invalidate_caches()
 
-from nanomoe.notebook import setup
+from nanomoe.course.notebook import setup
 
 setup("07", written_for=NANOMOE_REF)
 
@@ -76,22 +76,22 @@ import matplotlib.pyplot as plt
 import torch
 
 from nanomoe import moe_config
-from nanomoe.checkpoint import CheckpointError, check_config, load_checkpoint
-from nanomoe.cli import parse_args
+from nanomoe.course.ep_plots import plot_comm, plot_dispatch
+from nanomoe.course.notebook import show_source
+from nanomoe.course.plots import save_figure
 from nanomoe.data import read_corpus
-from nanomoe.ep_plots import plot_comm, plot_dispatch
-from nanomoe.ep_run import launch
-from nanomoe.expert_parallel import (
+from nanomoe.moe import MoE, expert_mlp
+from nanomoe.parallel.ep_run import launch
+from nanomoe.parallel.expert_parallel import (
     ExpertParallelError,
     ExpertParallelMoE,
     check_world_size,
     clip_grad_norm,
     sync_gradients,
 )
-from nanomoe.moe import MoE, expert_mlp
-from nanomoe.notebook import show_source
 from nanomoe.paths import in_home
-from nanomoe.plots import save_figure
+from nanomoe.training.checkpoint import CheckpointError, check_config, load_checkpoint
+from nanomoe.training.cli import parse_args
 
 # %% [markdown]
 # ## Parâmetros
@@ -253,7 +253,7 @@ show_source(ExpertParallelMoE._dispatch_fast)
 # autograd `AllToAll` do pacote faz (o PyTorch também oferece uma versão em
 # `torch.distributed._functional_collectives`).
 #
-# Agora, de verdade: `python -m nanomoe.ep_run --check` sob `torchrun` constrói a mesma camada
+# Agora, de verdade: `python -m nanomoe.parallel.ep_run --check` sob `torchrun` constrói a mesma camada
 # (mesma semente) em cada rank, dá a cada um uma fatia das sequências, roda *forward* e
 # *backward* e compara com a camada inteira num processo só. As diferenças vêm apenas da ordem das
 # somas em ponto flutuante.
@@ -305,7 +305,7 @@ show_source(sync_gradients, clip_grad_norm)
 #
 # Nestes treinos a loss de balanceamento é **por micro-lote** (a do capítulo 03; em EP, cada rank
 # conta os seus tokens), para que os três custem o mesmo: com `moe_balance_scope="global"` (o
-# padrão de `nanomoe.ep_run`) e acumulação, cada passo paga antes uma passada extra só de
+# padrão de `nanomoe.parallel.ep_run`) e acumulação, cada passo paga antes uma passada extra só de
 # roteamento (capítulo 06), e com $W$ = 4 (1 micro-lote por rank) não — a comparação de velocidade
 # ficaria torta. A versão global foi verificada na seção 3.
 
@@ -400,7 +400,7 @@ for W, until in ((1, args.steps + extra), (2, args.steps + 2 * extra)):
 # %% [markdown]
 # E o que **não** pode: um checkpoint de outra configuração, ou um número de ranks que não divide
 # $E$. Cada recusa diz o que difere. Abaixo chamamos, neste processo, as mesmas funções que o
-# `nanomoe.ep_run` chama ao começar (`python -m nanomoe.ep_run` imprime a mensagem numa linha
+# `nanomoe.parallel.ep_run` chama ao começar (`python -m nanomoe.parallel.ep_run` imprime a mensagem numa linha
 # `error: ...` e sai com código 2).
 
 # %%
@@ -421,7 +421,7 @@ for check in (lambda: check_config(ckpt, moe_config(**{**ckpt["config"], "n_expe
 # cada rank pega a GPU `cuda:LOCAL_RANK`). Numa máquina com 8 GPUs:
 #
 # ```bash
-# torchrun --standalone --nproc_per_node=8 -m nanomoe.ep_run --dtype=bfloat16 \
+# torchrun --standalone --nproc_per_node=8 -m nanomoe.parallel.ep_run --dtype=bfloat16 \
 #     --n_layer=8 --n_embd=512 --n_head=8 --block_size=256 --n_experts=64 --moe_top_k=4 --batch_size=32
 # ```
 #

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from nanomoe import GPT, GPTConfig, gpt2_config, modern_config
-from nanomoe.cli import parse_args
+from nanomoe.training.cli import parse_args
 
 DEFAULTS = dict(
     quick=False,

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from nanomoe import moe_config
-from nanomoe.cli import parse_args
 from nanomoe.mlp import MLP
 from nanomoe.moe import MoE, pick_kernel
+from nanomoe.training.cli import parse_args
 
 DEFAULTS = dict(
     quick=False,

@@ -28,8 +28,8 @@ import time
 import torch
 
 from nanomoe import GPT, modern_config, moe_config
-from nanomoe.cli import parse_args
 from nanomoe.moe import global_balance_prepass
+from nanomoe.training.cli import parse_args
 
 DEFAULTS = dict(quick=False, n_layer=4, n_head=4, n_embd=48, block_size=128, batch_size=16, micro_batches=2,
                 vocab_size=96, threads=1, warmup=2, runs=9, seed=0)

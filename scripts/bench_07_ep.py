@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from nanomoe.ep_run import launch
+from nanomoe.parallel.ep_run import launch
 
 
 def main() -> None:

@@ -2,12 +2,12 @@
 
     uv run -m scripts.generate runs/04/latest.pt "Era uma vez"
     uv run -m scripts.generate runs/04 "Era uma vez" --temperature=0.8 --top_k=50 --num_samples=3 --seed=1
-    uv run -m scripts.generate hf_export/ "Capitu" --temperature 0          # a folder from nanomoe.hf.export_hf
+    uv run -m scripts.generate hf_export/ "Capitu" --temperature 0          # a folder from nanomoe.interop.hf.export_hf
     uv run -m scripts.generate gpt2 "The future of AI is" --top_p=0.9       # GPT-2 from the hub (internet)
 
 The text streams to stdout as the tokens arrive; what the script says about the run (which model,
 tokens/s, time to first token) goes to stderr, so `> out.txt` keeps only the text. Options follow
-the course's one convention (`nanomoe.cli`: `--key=value` or `--key value`, dashes or underscores,
+the course's one convention (`nanomoe.training.cli`: `--key=value` or `--key value`, dashes or underscores,
 `--no-cache`, `--help`). Bad input ends with one line `generate: error: ...` on stderr and exit code 2.
 """
 
@@ -18,10 +18,10 @@ import sys
 
 import torch
 
-from nanomoe.checkpoint import CheckpointError
-from nanomoe.cli import CLIError, parse_args
-from nanomoe.inference import InferenceError, encode_prompt, generate_text, load_model, warm_up
+from nanomoe.interop.inference import InferenceError, encode_prompt, generate_text, load_model, warm_up
 from nanomoe.tokenizer import TokenizerError
+from nanomoe.training.checkpoint import CheckpointError
+from nanomoe.training.cli import CLIError, parse_args
 
 DEFAULT_MAX_NEW_TOKENS = 200
 DEFAULTS = dict(
@@ -38,7 +38,7 @@ DEFAULTS = dict(
     cache=True,  # --no-cache: re-run the whole context at each token (nanoGPT's loop; slides past the context)
 )
 POSITIONALS = {
-    "checkpoint": "checkpoint file (.pt) or its out_dir (latest.pt), a nanomoe.hf.export_hf folder, "
+    "checkpoint": "checkpoint file (.pt) or its out_dir (latest.pt), a nanomoe.interop.hf.export_hf folder, "
                   "a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or hf:ORG/NAME",
     "prompt": 'text to continue ("" starts from <|endoftext|> with GPT-2\'s tokenizer)',
 }

@@ -1,5 +1,5 @@
-"""Chapter 01: memorizing one paragraph (nanomoe.overfit), the chapter script end to end, and the
-command-line parameters (nanomoe.cli) every chapter uses."""
+"""Chapter 01: memorizing one paragraph (nanomoe.course.overfit), the chapter script end to end, and the
+command-line parameters (nanomoe.training.cli) every chapter uses."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from nanomoe import GPT, gpt2_config
-from nanomoe.cli import CLIError, describe, format_help, in_notebook, parse_args
-from nanomoe.overfit import (
+from nanomoe.course.overfit import (
     checkpoint_steps,
     continue_text,
     read_text,
@@ -22,6 +21,7 @@ from nanomoe.overfit import (
     set_cpu_threads,
     shift_targets,
 )
+from nanomoe.training.cli import CLIError, describe, format_help, in_notebook, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 PARAGRAPH = REPO / "nanomoe" / "resources" / "paragrafo.txt"
@@ -154,7 +154,7 @@ def test_plots_save_and_draw_what_they_say(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from nanomoe.plots import plot_curves, plot_loss_ppl
+    from nanomoe.course.plots import plot_curves, plot_loss_ppl
 
     h1 = [{"step": s, "train_loss": 3.0 / (s + 1), "val_loss": 3.2 / (s + 1)} for s in range(10)]
     h2 = [{"step": s, "train_loss": 2.0 / (s + 1)} for s in range(5)]
@@ -199,7 +199,7 @@ def test_script_runs_end_to_end(tmp_path):
     assert (tmp_path / "loss_ppl.png").stat().st_size > 1000
 
 
-# ---- nanomoe.cli ------------------------------------------------------------------------------------
+# ---- nanomoe.training.cli ------------------------------------------------------------------------------------
 
 DEFAULTS = dict(epochs=100, lr=1e-3, betas=(0.9, 0.95), name="char", quick=False, top_k=None, dropout=0.2, bias=True)
 

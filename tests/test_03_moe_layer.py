@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from nanomoe import GPT, GPTConfig, modern_config, moe_config
+from nanomoe.course.moe_metrics import MoEMetrics
 from nanomoe.mlp import MLP
 from nanomoe.moe import MoE, capacity, capacity_keep, moe_layers, update_moe_bias
-from nanomoe.moe_metrics import MoEMetrics
 
 
 def layer_config(**kw) -> GPTConfig:

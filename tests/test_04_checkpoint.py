@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nanomoe import GPT, preset
-from nanomoe.checkpoint import (
+from nanomoe.training.checkpoint import (
     CheckpointError,
     check_config,
     load_checkpoint,
@@ -23,7 +23,7 @@ from nanomoe.checkpoint import (
     strip_prefixes,
     tokenizer_from_checkpoint,
 )
-from nanomoe.train import TrainConfig, train
+from nanomoe.training.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,7 +159,7 @@ def test_empty_data_folder_message(tmp_path):
     from types import SimpleNamespace
 
     from nanomoe.data import DataError
-    from nanomoe.runs import resolve_data_dir
+    from nanomoe.training.runs import resolve_data_dir
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no 'train' shards"):

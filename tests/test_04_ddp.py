@@ -29,7 +29,7 @@ import torch
 def run(out_dir, moe, info=None):
     torch.set_num_threads(1)
     from nanomoe import GPT, preset
-    from nanomoe.train import TrainConfig, train
+    from nanomoe.training.train import TrainConfig, train
 
     rng = np.random.default_rng(1)
     base = np.tile(rng.integers(0, 40, 89), 120)[:10_000]
@@ -46,7 +46,7 @@ def run(out_dir, moe, info=None):
 
 
 if __name__ == "__main__":
-    from nanomoe.distributed import cleanup_distributed, setup_distributed
+    from nanomoe.parallel.distributed import cleanup_distributed, setup_distributed
 
     out = sys.argv[1]
     info = setup_distributed("cpu")  # one process group for both runs

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from nanomoe import GPT, hf
-from nanomoe.accumulation import grad_accum_for
+from nanomoe import GPT
 from nanomoe.data import BatchLoader, gpt2_tokenizer, load_split, read_corpus, write_document_shards
-from nanomoe.init_from import InitError, architecture_diff, init_model
+from nanomoe.interop import hf
+from nanomoe.interop.init_from import InitError, architecture_diff, init_model
+from nanomoe.training.accumulation import grad_accum_for
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ("gpt2_124m_fineweb", "modern_124m_fineweb", "moe_124m_fineweb", "gpt2_finetune_machado")
@@ -83,7 +84,7 @@ def _records(out: Path, kind: str) -> list[dict]:
 
 
 def test_configs_at_full_size():
-    from nanomoe.runs import load_run_config, model_config_from_args, parse_run_args
+    from nanomoe.training.runs import load_run_config, model_config_from_args, parse_run_args
 
     sizes = {}
     for name in CONFIGS:
@@ -202,7 +203,7 @@ def test_config_trains_scaled_down(files, env, tmp_path, name):
 
 def _transformers_val_loss(files: Path, batches: int) -> float:
     """GPT2LMHeadModel's own mean cross-entropy on the run's fixed validation batches (the first
-    `batches` batches of a loader seeded with 0, as `nanomoe.evaluate` draws them)."""
+    `batches` batches of a loader seeded with 0, as `nanomoe.training.evaluate` draws them)."""
     from transformers import GPT2LMHeadModel
 
     ref = GPT2LMHeadModel.from_pretrained(files / "tiny_gpt2").eval()
@@ -230,7 +231,7 @@ def run(files, out_dir):
     from nanomoe import GPT, preset
     from nanomoe.data import load_split
     from nanomoe.tokenizer import gpt2_tokenizer
-    from nanomoe.train import TrainConfig, train
+    from nanomoe.training.train import TrainConfig, train
 
     torch.manual_seed(0)
     model = GPT(preset("gpt2", vocab_size=50304, block_size=32, n_layer=2, n_head=4, n_embd=64))
@@ -246,7 +247,7 @@ def run(files, out_dir):
 
 
 if __name__ == "__main__":
-    from nanomoe.distributed import cleanup_distributed, setup_distributed
+    from nanomoe.parallel.distributed import cleanup_distributed, setup_distributed
 
     files, out = sys.argv[1], sys.argv[2]
     info = setup_distributed("cpu")

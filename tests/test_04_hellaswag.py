@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from nanomoe import hf
-from nanomoe.hellaswag import (
+from nanomoe.interop import hf
+from nanomoe.interop.hellaswag import (
     Example,
     HellaSwagError,
     ending_losses,
@@ -109,7 +109,7 @@ def test_hellaswag_errors_are_one_line(tmp_path):
 
 
 def test_for_training_skips_with_a_note(tmp_path, capsys):
-    from nanomoe.hellaswag import for_training
+    from nanomoe.interop.hellaswag import for_training
 
     assert for_training("", 0, object()) is None
     assert for_training(str(tmp_path / "missing.jsonl"), 0, object()) is None

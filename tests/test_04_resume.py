@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanomoe.checkpoint import load_checkpoint
+from nanomoe.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ import torch
 def run(out_dir, max_steps, moe=False, **kw):
     torch.set_num_threads(1)
     from nanomoe import GPT, preset
-    from nanomoe.train import TrainConfig, train
+    from nanomoe.training.train import TrainConfig, train
 
     rng = np.random.default_rng(0)
     # a learnable stream: a repeated random "sentence" with 10% noise
@@ -98,7 +98,7 @@ def test_resume_is_bitwise_exact(tmp_path, moe):
 
 def test_resume_needs_the_optimizer_state(tmp_path):
     """The test above can fail: dropping the AdamW moments from the checkpoint breaks exactness."""
-    from nanomoe.checkpoint import save_checkpoint
+    from nanomoe.training.checkpoint import save_checkpoint
 
     run = _driver()
     _, straight = run(tmp_path / "straight", 6)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from nanomoe import GPT, preset
-from nanomoe.checkpoint import load_checkpoint
 from nanomoe.data import BatchLoader
 from nanomoe.device import pick_precision
-from nanomoe.train import TrainConfig, evaluate, get_lr, train
+from nanomoe.training.checkpoint import load_checkpoint
+from nanomoe.training.train import TrainConfig, evaluate, get_lr, train
 
 
 @pytest.fixture(autouse=True)
@@ -203,11 +203,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
         assert torch.equal(v, ck["model"][k]), k
 
 
-# ---- run configs (nanomoe.runs: packaged JSON + --key=value) -------------------------------------------------
+# ---- run configs (nanomoe.training.runs: packaged JSON + --key=value) ------------------------------------------------
 
 
 def test_run_config_precedence():
-    from nanomoe.runs import load_run_config, model_config_from_args, parse_run_args, train_config_from_args
+    from nanomoe.training.runs import load_run_config, model_config_from_args, parse_run_args, train_config_from_args
 
     cfg = load_run_config("shakespeare_char_gpt2")
     assert cfg["n_layer"] == 4 and cfg["block_size"] == 64 and cfg["batch_size"] == 12 and cfg["max_steps"] == 2000

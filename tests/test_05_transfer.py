@@ -7,7 +7,7 @@ import torch
 
 from nanomoe import GPT
 from nanomoe.config import gpt2_config, modern_config
-from nanomoe.transfer import transfer_weights, upcycle_to_moe
+from nanomoe.interop.transfer import transfer_weights, upcycle_to_moe
 
 V, C, NH, L = 64, 32, 4, 3
 

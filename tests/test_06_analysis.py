@@ -4,10 +4,8 @@ import pytest
 import torch
 
 from nanomoe import GPT, moe_config
-from nanomoe.cli import CLIError
-from nanomoe.crossover import crossover, regime_tokenizer, train_variant
-from nanomoe.data import split_text
-from nanomoe.routing_analysis import (
+from nanomoe.course.crossover import crossover, regime_tokenizer, train_variant
+from nanomoe.course.routing_analysis import (
     CHAR_CLASSES,
     char_class,
     char_class_ids,
@@ -19,7 +17,9 @@ from nanomoe.routing_analysis import (
     saturation,
     top_tokens_per_expert,
 )
-from nanomoe.train import TrainConfig
+from nanomoe.data import split_text
+from nanomoe.training.cli import CLIError
+from nanomoe.training.train import TrainConfig
 
 # 4 tokens, top-2 of 4 experts: {0,1}, {0,1}, {0,2}, {3,1}
 TOPK = torch.tensor([[[0, 1], [1, 0], [0, 2], [3, 1]]])

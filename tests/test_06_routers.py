@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nanomoe import GPT, GPTConfig, modern_config, moe_config
-from nanomoe.hf import HFConversionError, hf_family
+from nanomoe.interop.hf import HFConversionError, hf_family
 from nanomoe.mlp import MLP
 from nanomoe.moe import MoE, balance_loss, global_balance_prepass, moe_layers, update_moe_bias
 

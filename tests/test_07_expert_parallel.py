@@ -2,7 +2,7 @@
 
 W ranks each hold E/W experts; tokens travel with all_to_all to the rank owning their expert and
 back. The references are the single-process `MoE` layer and a plain single-process training loop
-(written here, independently of `nanomoe.ep_train`). Only the order of floating-point additions may
+(written here, independently of `nanomoe.parallel.ep_train`). Only the order of floating-point additions may
 differ (a weight gradient sums its tokens' contributions per rank, then over ranks), so the
 tolerances are float32 round-off: outputs and gradients within atol 1e-6 / rtol 1e-5 (the measured
 max differences are printed with -s), training losses within rel 1e-5.
@@ -19,9 +19,9 @@ import torch
 import torch.multiprocessing as mp
 
 from nanomoe import GPT, moe_config
-from nanomoe.checkpoint import CheckpointError, check_config, load_checkpoint
-from nanomoe.expert_parallel import ExpertParallelError, ExpertParallelMoE, check_world_size
 from nanomoe.moe import MoE, global_balance_prepass, moe_layers, update_moe_bias
+from nanomoe.parallel.expert_parallel import ExpertParallelError, ExpertParallelMoE, check_world_size
+from nanomoe.training.checkpoint import CheckpointError, check_config, load_checkpoint
 
 ATOL, RTOL = 1e-6, 1e-5
 DEAD = 5  # an expert nobody picks (selection bias -10; probabilities are <= 1)
@@ -110,7 +110,7 @@ def _layer_loss(y, aux, target):
 
 
 def _layer_worker(rank, world, out_dir):
-    from nanomoe.expert_parallel import sync_gradients
+    from nanomoe.parallel.expert_parallel import sync_gradients
 
     res = {}
     for case in LAYER_CASES:
@@ -245,7 +245,7 @@ def _reference_steps(model, opt, data, steps):
 
 
 def _ep_steps(model, opt, data, steps, rank):
-    from nanomoe.ep_train import train_step
+    from nanomoe.parallel.ep_train import train_step
 
     losses, norms, comm = [], [], []
     for s in steps:
@@ -257,7 +257,7 @@ def _ep_steps(model, opt, data, steps, rank):
 
 
 def _train_worker(rank, world, out_dir):
-    from nanomoe.expert_parallel import full_optimizer_state, full_state_dict, shard_model
+    from nanomoe.parallel.expert_parallel import full_optimizer_state, full_state_dict, shard_model
 
     data = _data(STEPS)
     res = {}
@@ -305,8 +305,8 @@ CKPT_CASE, K = "dropless", 4  # steps per phase
 
 
 def _ckpt_worker(rank, world, out_dir, phase):
-    from nanomoe.ep_train import restore, save
-    from nanomoe.expert_parallel import shard_model
+    from nanomoe.parallel.ep_train import restore, save
+    from nanomoe.parallel.expert_parallel import shard_model
 
     data = _data(3 * K)
     model = shard_model(_new_model(CKPT_CASE))
@@ -322,7 +322,7 @@ def _ckpt_worker(rank, world, out_dir, phase):
 
 
 def test_checkpoint_moves_2_ranks_to_1_process_and_back(tmp_path):
-    from nanomoe.ep_train import restore, save
+    from nanomoe.parallel.ep_train import restore, save
 
     data = _data(3 * K)
     _spawn(_ckpt_worker, 2, str(tmp_path), "start")
@@ -349,8 +349,8 @@ def test_checkpoint_moves_2_ranks_to_1_process_and_back(tmp_path):
 
 
 def test_checkpoint_mismatch_says_what_differs(tmp_path):
-    from nanomoe.ep_train import save
-    from nanomoe.expert_parallel import load_full_state_dict, shard_model
+    from nanomoe.parallel.ep_train import save
+    from nanomoe.parallel.expert_parallel import load_full_state_dict, shard_model
 
     model = _new_model(CKPT_CASE)
     save(tmp_path / "w1.pt", model, model.configure_optimizers(0.1, LR), step=0)

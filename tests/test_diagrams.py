@@ -1,4 +1,4 @@
-"""The explanatory diagrams of chapters 02-03 (nanomoe.diagrams) draw what the code computes."""
+"""The explanatory diagrams of chapters 02-03 (nanomoe.course.diagrams) draw what the code computes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from nanomoe import GPTConfig, moe_config  # noqa: E402
 from nanomoe.attention import CausalSelfAttention  # noqa: E402
-from nanomoe.diagrams import (  # noqa: E402
+from nanomoe.course.diagrams import (  # noqa: E402
     gqa_groups,
     plot_gqa_heads,
     plot_lr_schedule,
@@ -22,7 +22,7 @@ from nanomoe.diagrams import (  # noqa: E402
     rope_pairs,
 )
 from nanomoe.moe import MoE  # noqa: E402
-from nanomoe.train import TrainConfig, get_lr  # noqa: E402
+from nanomoe.training.train import TrainConfig, get_lr  # noqa: E402
 
 
 def _gids(fig) -> set[str]:

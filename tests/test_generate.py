@@ -1,7 +1,7 @@
-"""Generation from checkpoints and exported folders: nanomoe.inference and scripts/generate.py.
+"""Generation from checkpoints and exported folders: nanomoe.interop.inference and scripts/generate.py.
 
-Tiny models are trained for a few steps here with chapter 04's `nanomoe.train.train` (which writes
-latest.pt / best.pt through nanomoe.checkpoint), so the checkpoints are the real thing. Every
+Tiny models are trained for a few steps here with chapter 04's `nanomoe.training.train.train` (which writes
+latest.pt / best.pt through nanomoe.training.checkpoint), so the checkpoints are the real thing. Every
 expected text is computed in this process with `model.generate` and compared with what the
 script prints in its own process. Only three subprocesses (each pays torch's import); the other
 CLI paths call `scripts.generate.main(argv)` in-process, which runs the same code."""
@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from nanomoe import GPT, gpt2_config, modern_config, moe_config
-from nanomoe.checkpoint import save_checkpoint
-from nanomoe.inference import InferenceError, StreamDecoder, encode_prompt, generate_text, load_model
+from nanomoe.interop.inference import InferenceError, StreamDecoder, encode_prompt, generate_text, load_model
 from nanomoe.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, get_tokenizer
-from nanomoe.train import TrainConfig, train
+from nanomoe.training.checkpoint import save_checkpoint
+from nanomoe.training.train import TrainConfig, train
 from scripts.generate import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def char_run(tmp_path_factory):
 def bpe_run(tmp_path_factory):
     """MoE model (Mixtral-style), trained byte-level BPE, vocab padded to a multiple of 64, trained
     30 steps -> out_dir with latest.pt + tokenizer.json; also exported as a Hugging Face folder."""
-    from nanomoe.hf import export_hf
+    from nanomoe.interop.hf import export_hf
 
     tok = BPETokenizer.train([TEXT], vocab_size=300)
     tok.save(tmp_path_factory.mktemp("bpe_tok") / "tokenizer.json")
@@ -179,7 +179,7 @@ def test_bad_checkpoints(char_run, bpe_run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
 
     # an exported folder without a tokenizer
-    from nanomoe.hf import export_hf
+    from nanomoe.interop.hf import export_hf
 
     export_hf(char_run[1], tmp_path / "hf_no_tok")
     assert "no tokenizer" in _err(capsys, [tmp_path / "hf_no_tok", "oi"])

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # no
 
 from nanomoe import GPT  # noqa: E402
 from nanomoe.config import gpt2_config, modern_config  # noqa: E402
-from nanomoe.hf import (  # noqa: E402
+from nanomoe.interop.hf import (  # noqa: E402
     HFConversionError,
     export_hf,
     from_hf,

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 from nanomoe import GPT  # noqa: E402
 from nanomoe.config import modern_config  # noqa: E402
-from nanomoe.hf import HFConversionError, export_hf, from_hf, hf_family, llama_hf_config, load_hf, to_hf  # noqa: E402
+from nanomoe.interop.hf import HFConversionError, export_hf, from_hf, hf_family, llama_hf_config, load_hf, to_hf  # noqa: E402
 
 V = 80
 

@@ -11,8 +11,8 @@ import pytest
 
 import nanomoe
 from nanomoe import paths, resources
-from nanomoe.overfit import read_text
-from nanomoe.runs import load_run_config, resolve_data_dir
+from nanomoe.course.overfit import read_text
+from nanomoe.training.runs import load_run_config, resolve_data_dir
 
 PKG = Path(nanomoe.__file__).resolve().parent
 

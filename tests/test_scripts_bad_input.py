@@ -1,7 +1,7 @@
 """Every script turns bad input into one clear line on stderr and a non-zero exit, never a traceback.
 
 The scripts run as real subprocesses from an empty folder (as a reader runs them), several at once.
-Bad option values and unknown options of every script go through `nanomoe.cli` (tested in process in
+Bad option values and unknown options of every script go through `nanomoe.training.cli` (tested in process in
 test_01_overfit.py and test_generate.py); here, one subprocess per kind of failure."""
 
 from __future__ import annotations

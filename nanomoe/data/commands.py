@@ -1,6 +1,6 @@
 """The command lines of data/prepare_*.py (kept here so the scripts stay thin).
 
-They follow the course's one convention (`nanomoe.cli.parse_args`): `--key=value`, `--flag`/`--no-flag`,
+They follow the course's one convention (`nanomoe.training.cli.parse_args`): `--key=value`, `--flag`/`--no-flag`,
 `--help`; a bad option or input ends with one line on stderr and a non-zero exit.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from ..cli import CLIError, parse_args
 from ..paths import data_root, in_home
 from ..tokenizer import Tokenizer, gpt2_tokenizer
+from ..training.cli import CLIError, parse_args
 from .corpora import iter_documents, read_corpus
 from .errors import DataError
 from .shards import FINEWEB_DIR, prepare, summary, write_document_shards

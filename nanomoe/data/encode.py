@@ -8,8 +8,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from ..progress import tqdm
 from ..tokenizer import BPETokenizer, Tokenizer, get_tokenizer
+from ..training.progress import tqdm
 from .errors import DataError
 
 

@@ -20,8 +20,8 @@ from typing import Iterable, Iterator, Optional, Union
 import numpy as np
 
 from ..files import atomic_write, write_text
-from ..progress import tqdm
 from ..tokenizer import BPETokenizer, Tokenizer, load_tokenizer
+from ..training.progress import tqdm
 from .encode import corpus_tokenizer, encode_text, split_text
 from .errors import DataError
 

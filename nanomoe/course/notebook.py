@@ -15,8 +15,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from .device import pick_precision
-from .paths import home
+from ..device import pick_precision
+from ..paths import home
 
 # How long each chapter's default configuration took, and where. Only measured figures: a GPU time
 # is quoted once a run on that GPU was recorded in the chapter (`None` = not measured yet).

@@ -33,11 +33,11 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .config import GPTConfig
-from .distributed import unwrap
-from .files import atomic_write, remove_stale_temps
-from .model import GPT
-from .tokenizer import load_tokenizer
+from ..config import GPTConfig
+from ..files import atomic_write, remove_stale_temps
+from ..model import GPT
+from ..parallel.distributed import unwrap
+from ..tokenizer import load_tokenizer
 
 FORMAT = "nanomoe"
 VERSION = 1
@@ -214,7 +214,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
                 else f"a dict with keys {sorted(map(str, ckpt))[:8]}")
         raise CheckpointError(
             f"{p} is not a nanomoe checkpoint (it holds {what}, without format='nanomoe'). "
-            "For Hugging Face weights use nanomoe.hf.load_hf; for a raw state_dict build GPT(config) and "
+            "For Hugging Face weights use nanomoe.interop.hf.load_hf; for a raw state_dict build GPT(config) and "
             "call load_state_dict yourself."
         )
     if ckpt.get("version", 0) > VERSION:

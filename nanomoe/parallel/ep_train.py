@@ -1,7 +1,7 @@
 """One optimizer step of expert-parallel training, its accounting, and checkpoints (chapter 07).
 
 Every rank is a data-parallel replica for the dense weights and the owner of E/W experts
-(`nanomoe.expert_parallel`). One optimizer step on each rank (`train_step`):
+(`nanomoe.parallel.expert_parallel`). One optimizer step on each rank (`train_step`):
 
     for each of its grad_accum micro-batches:   forward (tokens travel to their experts and back),
                                                 (loss / grad_accum).backward()  (and back again)
@@ -14,7 +14,7 @@ micro-batches see exactly what one process with W*A micro-batches sees, so the t
 same computation (`tests/test_07_expert_parallel.py` checks 20 steps). Checkpoints (`save`,
 `restore`) hold the full experts in the single-process layout: a run saved on W ranks resumes on
 any world size that divides E, and a single-process checkpoint starts an expert-parallel run.
-The command-line run is `nanomoe.ep_run`."""
+The command-line run is `nanomoe.parallel.ep_run`."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .checkpoint import check_config, load_checkpoint, save_checkpoint
-from .data import BatchLoader
+from ..data import BatchLoader
+from ..moe import global_balance_prepass, update_moe_bias
+from ..training.checkpoint import check_config, load_checkpoint, save_checkpoint
 from .expert_parallel import (
     clip_grad_norm,
     comm_summary,
@@ -39,7 +40,6 @@ from .expert_parallel import (
     reset_comm,
     sync_gradients,
 )
-from .moe import global_balance_prepass, update_moe_bias
 
 # ---- one optimizer step -----------------------------------------------------------------------
 

@@ -35,9 +35,9 @@ from typing import Any, Optional
 
 import torch
 
-from .config import GPTConfig
-from .distributed import unwrap
-from .model import GPT
+from ..config import GPTConfig
+from ..model import GPT
+from ..parallel.distributed import unwrap
 
 ACTIONS = ("copied", "adapted", "initialized", "skipped")
 

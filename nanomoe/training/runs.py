@@ -19,13 +19,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from . import resources
+from .. import resources
+from ..config import GPTConfig, preset
+from ..data import DataError, load_split, prepare, read_corpus
+from ..parallel.distributed import DistInfo, barrier
+from ..paths import data_root, in_home
+from ..tokenizer import gpt2_tokenizer
 from .cli import parse_args, to_bool
-from .config import GPTConfig, preset
-from .data import DataError, load_split, prepare, read_corpus
-from .distributed import DistInfo, barrier
-from .paths import data_root, in_home
-from .tokenizer import gpt2_tokenizer
 from .train import TrainConfig
 
 DATA_KEYS = dict(data_dir="", dataset="machado", tokenizer="char", bpe_vocab=4096, max_chars=0)
@@ -33,7 +33,7 @@ DATA_KEYS = dict(data_dir="", dataset="machado", tokenizer="char", bpe_vocab=409
 
 def run_defaults() -> dict[str, Any]:
     """Every key a run config may set, with its default (model fields: None = preset default)."""
-    # init_from: scratch | resume | a GPT-2 name | a Hugging Face folder | a checkpoint (nanomoe.init_from)
+    # init_from: scratch | resume | a GPT-2 name | a Hugging Face folder | a checkpoint (nanomoe.interop.init_from)
     d: dict[str, Any] = {"config": "", "quick": False, "init_from": "scratch", "preset": "modern", **DATA_KEYS}
     d.update({f.name: None for f in fields(GPTConfig)})
     t = TrainConfig().to_dict()

@@ -18,15 +18,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from .cli import CLIError
-from .config import GPTConfig
-from .data import corpus_tokenizer
-from .device import hardware, pick_device
-from .files import atomic_write
-from .model import GPT
+from ..config import GPTConfig
+from ..data import corpus_tokenizer
+from ..device import hardware, pick_device
+from ..files import atomic_write
+from ..model import GPT
+from ..tokenizer import Tokenizer
+from ..training.cli import CLIError
+from ..training.train import TrainConfig, train
 from .routing_analysis import routing_of
-from .tokenizer import Tokenizer
-from .train import TrainConfig, train
 
 REGIMES = ("char", "bpe")
 

@@ -6,7 +6,7 @@ Without a display (CI, ssh) matplotlib falls back to the non-interactive Agg bac
 so importing this module never needs a screen.
 
 Histories are lists of dicts, one dict per logged step, e.g.
-`[{"step": 0, "train_loss": 3.9, "val_loss": 3.9}, {"step": 100, ...}]` (what `nanomoe.train`
+`[{"step": 0, "train_loss": 3.9, "val_loss": 3.9}, {"step": 100, ...}]` (what `nanomoe.training.train`
 returns in `TrainResult.history`); a key missing from a dict is simply not plotted there.
 """
 

@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from .data import BatchLoader, TokenSource
-from .device import Precision
-from .distributed import DistInfo, all_reduce_sum, unwrap
+from ..data import BatchLoader, TokenSource
+from ..device import Precision
+from ..parallel.distributed import DistInfo, all_reduce_sum, unwrap
 
 
 @torch.no_grad()

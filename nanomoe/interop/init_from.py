@@ -3,10 +3,10 @@
 | init_from | weights |
 |---|---|
 | `scratch` (default) | random init of the run's config |
-| `resume` | the run's own `out_dir/latest.pt`, optimizer and data position included (exact resume, `nanomoe.train`) |
+| `resume` | the run's own `out_dir/latest.pt`, optimizer and data position included (exact resume, `training.train`) |
 | `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` | OpenAI's GPT-2 from the Hugging Face hub (`hf.from_pretrained`) |
-| a folder with `config.json` | a Hugging Face folder (`save_pretrained`, or `nanomoe.hf.export_hf`) |
-| a `.pt` file, or a run folder with `latest.pt` | a nanomoe checkpoint (`nanomoe.checkpoint`): weights only, new run |
+| a folder with `config.json` | a Hugging Face folder (`save_pretrained`, or `nanomoe.interop.hf.export_hf`) |
+| a `.pt` file, or a run folder with `latest.pt` | a nanomoe checkpoint (`training.checkpoint`): weights only, new run |
 
 The run's own config (preset + fields) decides the architecture. When the source has the same
 architecture, every tensor is loaded exactly (GPT-2's position table cropped to a smaller
@@ -23,11 +23,11 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint as ck
+from ..config import GPTConfig
+from ..model import GPT
+from ..training import checkpoint as ck
 from . import hf
-from .config import GPTConfig
 from .hf import GPT2_NAMES
-from .model import GPT
 from .transfer import TransferReport, transfer_weights
 
 SCRATCH, RESUME = "scratch", "resume"
@@ -51,7 +51,7 @@ def load_source(init_from: str) -> GPT:
     """The pretrained model `init_from` names, on CPU in float32 (see the module docstring)."""
     path = Path(init_from).expanduser()
     if (path.is_dir() and (path / "config.json").is_file()) or init_from in GPT2_NAMES:
-        try:  # (nanomoe.hf imports transformers only inside its functions)
+        try:  # (nanomoe.interop.hf imports transformers only inside its functions)
             return hf.from_pretrained(str(path) if path.is_dir() else init_from)
         except hf.HFConversionError as e:
             raise InitError(f"--init_from={init_from}: " + " ".join(str(e).split())) from None

@@ -16,7 +16,7 @@ answer. Two ways to read "lowest loss" give the two numbers every report quotes:
     result.acc, result.acc_norm
 
 Under DDP each rank scores every world_size-th example and the counts are summed, so every rank
-gets the same result (`nanomoe.distributed.all_reduce_sum`).
+gets the same result (`nanomoe.parallel.distributed.all_reduce_sum`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import files
-from .distributed import DistInfo, all_reduce_sum, count_ranks, unwrap
-from .paths import in_home
+from .. import files
+from ..parallel.distributed import DistInfo, all_reduce_sum, count_ranks, unwrap
+from ..paths import in_home
 
 URLS = {
     split: f"https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"

@@ -6,9 +6,9 @@
     out.stats         # time to first token, tokens/s
 
 `load_model` accepts:
-- a checkpoint file written by chapter 04's training (`nanomoe.checkpoint`), or the `out_dir` that
+- a checkpoint file written by chapter 04's training (`nanomoe.training.checkpoint`), or the `out_dir` that
   holds it (latest.pt, else best.pt);
-- a folder written by `nanomoe.hf.export_hf` (config.json + safetensors + nanomoe_tokenizer.json);
+- a folder written by `nanomoe.interop.hf.export_hf` (config.json + safetensors + nanomoe_tokenizer.json);
 - a GPT-2 name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") or "hf:ORG/NAME" for another hub
   model: downloaded by Hugging Face (needs internet the first time, then it is cached).
 The tokenizer always comes from the source's own metadata (char alphabet, trained BPE file,
@@ -34,14 +34,14 @@ from urllib.parse import urlparse
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
 
+from ..device import pick_device, pick_dtype
+from ..model import GPT
+from ..model import check_fits as model_check_fits
+from ..sampling import check_sampling_args
+from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from ..training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from . import hf
-from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .device import pick_device, pick_dtype
 from .hf import GPT2_NAMES
-from .model import GPT
-from .model import check_fits as model_check_fits
-from .sampling import check_sampling_args
-from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 # File names looked for, in this order, when the source is a training out_dir.
 CHECKPOINT_NAMES = ("latest.pt", "best.pt", "ckpt.pt")
@@ -62,7 +62,7 @@ def _one_line(e: BaseException) -> str:
 
 def _describe_sources() -> str:
     return (
-        "give a chapter-04 checkpoint (.pt) or its out_dir, a folder written by nanomoe.hf.export_hf, "
+        "give a chapter-04 checkpoint (.pt) or its out_dir, a folder written by nanomoe.interop.hf.export_hf, "
         f"a GPT-2 name ({', '.join(GPT2_NAMES)}) or hf:ORG/NAME for another Hugging Face model"
     )
 
@@ -101,7 +101,7 @@ def _load_checkpoint_file(path: Path) -> tuple[GPT, Tokenizer]:
     if not info:
         raise InferenceError(
             f"{path} does not say which tokenizer it was trained with (no 'tokenizer' entry): "
-            "save checkpoints with nanomoe.train so the tokenizer travels with the weights"
+            "save checkpoints with nanomoe.training.train so the tokenizer travels with the weights"
         )
     return model, _tokenizer_from_info(info, path.parent, path)
 
@@ -139,7 +139,7 @@ def _load_hf_folder(folder: Path) -> tuple[GPT, Tokenizer]:
         else:
             raise InferenceError(
                 f"{folder} has weights but no tokenizer ({hf.TOKENIZER_INFO_FILE} or tokenizer.json): "
-                "export it with nanomoe.hf.export_hf(model, folder, tokenizer)"
+                "export it with nanomoe.interop.hf.export_hf(model, folder, tokenizer)"
             )
     return model, tok
 

@@ -23,12 +23,12 @@ from typing import Callable, Optional
 
 import torch
 
-from . import resources
-from .config import gpt2_config
-from .device import Precision
-from .model import GPT
-from .progress import tqdm
-from .tokenizer import Tokenizer, get_tokenizer
+from .. import resources
+from ..config import gpt2_config
+from ..device import Precision
+from ..model import GPT
+from ..tokenizer import Tokenizer, get_tokenizer
+from ..training.progress import tqdm
 
 
 def shift_targets(ids: torch.Tensor) -> torch.Tensor:
@@ -238,7 +238,7 @@ def _measure(model: GPT, seq: torch.Tensor, targets: torch.Tensor, precision: Op
 
 class TextFileNotFound(FileNotFoundError, ValueError):
     """A missing text file: an OSError for code that catches those, and a ValueError, the kind of error
-    a script prints as one line (`nanomoe.cli.short_errors`)."""
+    a script prints as one line (`nanomoe.training.cli.short_errors`)."""
 
 
 def read_text(path: str, max_chars: int = 0) -> str:

@@ -1,12 +1,12 @@
 """The chapter-07 run: a character-level MoE trained with expert parallelism under torchrun.
 
-    torchrun --standalone --nproc_per_node=2 -m nanomoe.ep_run --max_steps=200      # CPU: gloo
-    torchrun --standalone --nproc_per_node=8 -m nanomoe.ep_run --dtype=bfloat16     # GPUs: NCCL
+    torchrun --standalone --nproc_per_node=2 -m nanomoe.parallel.ep_run --max_steps=200      # CPU: gloo
+    torchrun --standalone --nproc_per_node=8 -m nanomoe.parallel.ep_run --dtype=bfloat16     # GPUs: NCCL
 
 Every rank builds the same model from the same seed and keeps its E/W experts; rank 0 writes
 metrics.jsonl (loss, tokens/s, rows sent/received per rank, bytes, imbalance), comm.png and
 latest.pt (full experts: `--resume` works on any world size that divides E, `--init_from` takes a
-single-process checkpoint). The step itself is `nanomoe.ep_train.train_step`."""
+single-process checkpoint). The step itself is `nanomoe.parallel.ep_train.train_step`."""
 
 from __future__ import annotations
 
@@ -24,11 +24,16 @@ import matplotlib.pyplot as plt
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError
-from .config import moe_config
-from .data import BatchLoader, encode_splits, read_corpus
+from ..config import moe_config
+from ..course.ep_plots import plot_comm
+from ..data import BatchLoader, encode_splits, read_corpus
+from ..model import GPT
+from ..moe import MoE
+from ..tokenizer import get_tokenizer
+from ..training.checkpoint import CheckpointError
+from ..training.progress import tqdm
+from ..training.train import get_lr
 from .distributed import cleanup_distributed, setup_distributed
-from .ep_plots import plot_comm
 from .ep_train import evaluate, gather_comm, restore, save, train_step
 from .expert_parallel import (
     ExpertParallelError,
@@ -38,11 +43,6 @@ from .expert_parallel import (
     shard_model,
     sync_gradients,
 )
-from .model import GPT
-from .moe import MoE
-from .progress import tqdm
-from .tokenizer import get_tokenizer
-from .train import get_lr
 
 
 @dataclass
@@ -201,7 +201,7 @@ def _train_loop(cfg, info, model, optimizer, loader, tokenizer, step, device, au
     if info.is_main and step == 0:
         metrics.unlink(missing_ok=True)
     log = []
-    # rank 0 shows the bar where nanomoe.progress says (a terminal, a notebook with widgets)
+    # rank 0 shows the bar where nanomoe.training.progress says (a terminal, a notebook with widgets)
     bar = tqdm(range(step, cfg.max_steps), disable=None if info.is_main else True, desc=f"EP W={info.world_size}")
     for s in bar:
         t0 = time.perf_counter()
@@ -257,13 +257,13 @@ def _plot(log: list[dict], path: Path, world: int) -> None:
 
 
 def launch(world: int, timeout: float = 3600, **options) -> tuple[dict, str]:
-    """Run `torchrun --standalone --nproc_per_node=world -m nanomoe.ep_run --key=value ...` as a
+    """Run `torchrun --standalone --nproc_per_node=world -m nanomoe.parallel.ep_run --key=value ...` as a
     subprocess (how a notebook starts W processes on one machine; gloo on CPU, one thread each).
     Returns rank 0's summary (its last JSON line) and the printed output. Raises RuntimeError with
     the end of the output when the run fails."""
     args = [f"--{k}={v}" if not isinstance(v, bool) else (f"--{k}" if v else f"--no-{k}") for k, v in options.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           "-m", "nanomoe.ep_run", *args]
+           "-m", "nanomoe.parallel.ep_run", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if sys.platform.startswith("linux") and not torch.cuda.is_available():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: talk over the loopback interface

@@ -7,7 +7,7 @@ device this rank drives. Without those variables it is a no-op: one process, ran
 
 Rules the trainer follows so that N ranks behave like one big process (nanoGPT's train.py does the same):
 - every rank builds the same model; DDP broadcasts rank 0's weights when it wraps the model;
-- each rank reads a different slice of every optimizer step's batches (see `nanomoe.train`);
+- each rank reads a different slice of every optimizer step's batches (see `nanomoe.training.train`);
 - gradients are averaged across ranks only on the last micro-step of a step (`no_sync` on the others);
 - the learning rate depends only on the step, and every stop decision is taken on an all-reduced
   value, so all ranks take the same one (a decision taken on rank 0 alone hangs the others);

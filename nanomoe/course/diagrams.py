@@ -3,10 +3,10 @@
 Each diagram is computed, not drawn by hand: the RoPE figure rotates vectors with
 `nanomoe.rope.apply_rope`, the GQA figure uses the head-to-group map of `CausalSelfAttention`
 (kv head h // (n_head // n_kv_head)), the MoE figure shows the experts and gates that
-`MoE.route` chose, and the schedule figure calls `nanomoe.train.get_lr` at every step. So a figure
+`MoE.route` chose, and the schedule figure calls `nanomoe.training.train.get_lr` at every step. So a figure
 changes when the code does.
 
-Every function returns a `matplotlib.figure.Figure` (never `plt.show()`), like `nanomoe.plots`.
+Every function returns a `matplotlib.figure.Figure` (never `plt.show()`), like `nanomoe.course.plots`.
 The links of the GQA and MoE diagrams carry a `gid` ("q3-kv1", "t2-e5", "e5-y2") so tests can read
 the structure back from the figure.
 """
@@ -20,9 +20,9 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
+from ..rope import apply_rope, rope_tables
+from ..training.train import get_lr
 from .plots import PathLike, save_figure
-from .rope import apply_rope, rope_tables
-from .train import get_lr
 
 
 def rope_pairs(x: torch.Tensor, positions: Sequence[int], theta: float = 10000.0) -> torch.Tensor:
@@ -173,8 +173,8 @@ def plot_moe_dispatch(
 
 
 def plot_lr_schedule(tcfg, *, save_path: Optional[PathLike] = None) -> Figure:
-    """The learning rate `nanomoe.train.train` uses at every optimizer step of `tcfg` (a
-    TrainConfig): linear warmup, cosine decay to min_lr (`nanomoe.train.get_lr`)."""
+    """The learning rate `nanomoe.training.train.train` uses at every optimizer step of `tcfg` (a
+    TrainConfig): linear warmup, cosine decay to min_lr (`nanomoe.training.train.get_lr`)."""
     steps = list(range(tcfg.max_steps))
     lrs = [get_lr(s, tcfg) for s in steps]
     fig, ax = plt.subplots(figsize=(7, 3))

@@ -16,9 +16,9 @@ from typing import Optional, Union
 
 import matplotlib.pyplot as plt
 
+from ..course.plots import plot_curves
+from ..files import atomic_write, write_text
 from .checkpoint import plain
-from .files import atomic_write, write_text
-from .plots import plot_curves
 from .progress import tqdm
 
 
@@ -47,7 +47,7 @@ class Meter:
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
-    """The training bar (see nanomoe.progress for what shows where)."""
+    """The training bar (see nanomoe.training.progress for what shows where)."""
     return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=not enabled)
 
 

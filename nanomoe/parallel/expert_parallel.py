@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import GPTConfig
-from .moe import MoE
+from ..config import GPTConfig
+from ..moe import MoE
 
 
 class ExpertParallelError(ValueError):

@@ -10,7 +10,7 @@ ddp_world_size)`). Deriving the count from tokens_per_step makes one config run 
     tokens_per_step = 524,288 = 64 x 1024 x 8 micro-batches      1 GPU:  8 micro-batches each
                                                                   8 GPUs: 1 micro-batch each
 
-`grad_accum` (what `nanomoe.train.TrainConfig` uses) counts micro-batches over all ranks, so W
+`grad_accum` (what `nanomoe.training.train.TrainConfig` uses) counts micro-batches over all ranks, so W
 ranks with grad_accum / W micro-batches each read exactly what one process reads.
 """
 

@@ -18,7 +18,7 @@ What one optimizer step does (nanoGPT's train.py, made resumable and testable):
 Every `eval_interval` steps: validation cross-entropy on a fixed set of validation batches (the
 MoE auxiliary losses are *not* part of it; perplexity = exp(CE)), a sample generation when a
 tokenizer is given, a line in `out_dir/metrics.jsonl`, the curves plot, and the checkpoints
-`latest.pt` / `best.pt` (atomic, see `nanomoe.checkpoint`).
+`latest.pt` / `best.pt` (atomic, see `nanomoe.training.checkpoint`).
 
 Exact resume. The randomness of a step is a function of (seed, step) only: the batch of the g-th
 micro-batch of the run is drawn by a generator seeded with (seed, g), and the dropout generator is
@@ -45,16 +45,16 @@ from typing import Any, Callable, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..config import from_dict, require
+from ..data import BatchLoader, DataError, TokenSource
+from ..device import Precision, peak_flops, pick_precision
+from ..interop.hellaswag import Example, evaluate_hellaswag, for_training
+from ..moe import global_balance_prepass, update_moe_bias
+from ..parallel.distributed import DistInfo, all_reduce_mean, barrier, count_ranks, process_group
 from . import checkpoint as ck
 from .accumulation import grad_accum_for
-from .config import from_dict, require
-from .data import BatchLoader, DataError, TokenSource
-from .device import Precision, peak_flops, pick_precision
-from .distributed import DistInfo, all_reduce_mean, barrier, count_ranks, process_group
 from .evaluate import evaluate, sample_text, validation_loss
-from .hellaswag import Example, evaluate_hellaswag, for_training
 from .metrics import Meter, RunLog, save_curves, trim_metrics
-from .moe import global_balance_prepass, update_moe_bias
 
 TokenData = TokenSource  # 1-D ids or a list of shards
 # `evaluate` and `save_curves` live in their own modules; the chapters import them from here too.
@@ -69,7 +69,7 @@ class TrainConfig:
     batch_size: int = 12  # sequences per micro-batch (per rank)
     block_size: Optional[int] = None  # tokens per sequence; None = model.config.block_size
     grad_accum: int = 1  # micro-batches per optimizer step, over all ranks (rounded up to a multiple of them)
-    tokens_per_step: int = 0  # > 0: grad_accum derived from it and the world size (nanomoe.accumulation)
+    tokens_per_step: int = 0  # > 0: grad_accum derived from it and the world size (nanomoe.training.accumulation)
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 100  # linear warmup steps
@@ -477,7 +477,7 @@ def evaluate_step(run: Run, log: RunLog, step: int, window: Optional[Meter]) -> 
         val = validation_loss(run.fwd, run.val_data, tcfg.batch_size, run.block_size, tcfg.eval_iters,
                               run.precision, run.dist)
         rec["val_loss"], rec["val_ppl"] = val, math.exp(min(val, 700.0))
-    if run.hellaswag:  # completion-style accuracy (nanomoe.hellaswag), examples split over the ranks
+    if run.hellaswag:  # completion-style accuracy (nanomoe.interop.hellaswag), examples split over the ranks
         hs = evaluate_hellaswag(run.raw, run.tokenizer, run.hellaswag, device=run.precision.device,
                                 autocast=run.precision.autocast(), dist_info=run.dist)
         rec.update(hellaswag_n=hs.n, hellaswag_acc=hs.acc, hellaswag_acc_norm=hs.acc_norm)

@@ -12,7 +12,7 @@ transformers class: what differs in storage):
 
 Our RoPE is the rotate-half convention HF Llama uses, so q/k weights need no permutation.
 
-    from nanomoe.hf import from_pretrained, to_hf, from_hf, export_hf, load_hf
+    from nanomoe.interop.hf import from_pretrained, to_hf, from_hf, export_hf, load_hf
     model = from_pretrained("gpt2")          # hub (needs internet once) or a local folder
     hf_model = to_hf(model)                  # GPT2LMHeadModel / LlamaForCausalLM / MixtralForCausalLM
     export_hf(model, "out/my-model", tok)    # folder that AutoModelForCausalLM.from_pretrained loads
@@ -36,10 +36,10 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from .config import GPTConfig
-from .distributed import unwrap
-from .model import GPT
-from .tokenizer import TIKTOKEN_GPT2_FILES, load_tokenizer
+from ..config import GPTConfig
+from ..model import GPT
+from ..parallel.distributed import unwrap
+from ..tokenizer import TIKTOKEN_GPT2_FILES, load_tokenizer
 
 # transformers is imported inside the functions that need it: it is heavy (seconds to import), and
 # chapters 01-04 and the training loop never need it.
@@ -641,7 +641,7 @@ def load_hf_model(name_or_folder: Union[str, os.PathLike], **kwargs: Any):
         raise HFConversionError(
             f"the weights in {name_or_folder} do not match its config.json ({hf.config.model_type}):\n"
             + "\n".join(lines)
-            + "\nRe-export the folder (nanomoe.hf.export_hf) or fix config.json."
+            + "\nRe-export the folder (nanomoe.interop.hf.export_hf) or fix config.json."
         )
     return hf.eval()
 
@@ -695,7 +695,7 @@ def from_pretrained(
             f"could not get {name!r}{hint} from the Hugging Face hub: "
             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}\n"
             "Downloading weights needs internet the first time (then they are cached). Offline, pass a local "
-            "folder saved with save_pretrained or nanomoe.hf.export_hf."
+            "folder saved with save_pretrained or nanomoe.interop.hf.export_hf."
         ) from None
     return from_hf(hf, **overrides)
 

@@ -1,0 +1,1 @@
+"""Course-only helpers: plots, diagrams, notebook set-up and the chapters' analyses."""

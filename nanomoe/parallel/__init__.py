@@ -1,0 +1,1 @@
+"""Parallelism: data parallel (DDP) and expert parallel (EP) across processes."""

@@ -1,0 +1,1 @@
+"""Training: the one loop, checkpoints, evaluation, run configs and the command line."""
