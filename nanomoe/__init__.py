@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .config import GPTConfig, gpt2_config, modern_config, moe_config, preset
 from .device import pick_device, pick_dtype, pick_precision
 from .kv_cache import KVCache
-from .model import GPT
+from .model import GPT, GPTOutput
 from .tokenizer import get_tokenizer, load_tokenizer
 
 try:
@@ -19,6 +19,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "GPT",
     "GPTConfig",
+    "GPTOutput",
     "KVCache",
     "gpt2_config",
     "modern_config",

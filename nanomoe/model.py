@@ -13,6 +13,7 @@ architecture branches beyond "is there a cache" and "is this layer MoE".
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -41,6 +42,29 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, block_size: int, use_cac
         )
 
 
+@dataclass
+class GPTOutput:
+    """What `GPT.forward` computes; unpacks as `logits, loss = model(idx, targets)` (like
+    transformers' `MoeCausalLMOutputWithPast`, which also carries the auxiliary loss and the routing).
+
+    logits (B, T, V); loss: what training optimizes, cross-entropy + weighted MoE auxiliary losses
+    (None without targets); ce_loss: the cross-entropy alone, detached (perplexity, validation);
+    aux_loss: the weighted auxiliary losses, detached (None for a dense model); moe_stats: one
+    `RoutingStats` per MoE layer, in order."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    ce_loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    moe_stats: list = field(default_factory=list)
+
+    def __iter__(self):
+        return iter((self.logits, self.loss))
+
+    def __getitem__(self, i):  # out[0] is the logits, out[1] the loss, as with the tuple it replaces
+        return (self.logits, self.loss)[i]
+
+
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -57,11 +81,12 @@ class Block(nn.Module):
                 config.n_embd, config.hidden_dim, config.mlp, config.bias, config.dropout, config.gelu_approximate
             )
 
-    def forward(self, x: torch.Tensor, rope=None, cache: Optional[KVCache] = None):
-        """Returns (x, aux_loss, moe_stats); aux_loss and moe_stats are None for a dense layer."""
+    def forward(self, x: torch.Tensor, rope=None, cache: Optional[KVCache] = None, step_load=None):
+        """Returns (x, aux_loss, moe_stats); aux_loss and moe_stats are None for a dense layer.
+        step_load: the step's expert counts for the global balance scope (see `nanomoe.moe`)."""
         x = x + self.attn(self.ln_1(x), rope, cache)
         if self.is_moe:
-            y, aux, stats = self.mlp(self.ln_2(x))
+            y, aux, stats = self.mlp(self.ln_2(x), step_load)
             return x + y, aux, stats
         return x + self.mlp(self.ln_2(x)), None, None
 
@@ -94,12 +119,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if "c_proj" in name and p.dim() >= 2:
                 nn.init.normal_(p, mean=0.0, std=0.02 / (2 * config.n_layer) ** 0.5)
-
-        # Filled by every forward (see `forward`): cross-entropy alone, weighted auxiliary loss,
-        # and one dict of routing statistics per MoE layer.
-        self.last_ce_loss: Optional[torch.Tensor] = None
-        self.last_aux_loss: Optional[torch.Tensor] = None
-        self.last_moe_stats: list[dict] = []
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -161,8 +180,9 @@ class GPT(nn.Module):
                     f"must match config.vocab_size"
                 )
 
-    def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None):
-        """idx (B, T) -> final normalized hidden states (B, T, C), summed MoE aux loss, MoE stats."""
+    def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None, moe_loads: Optional[list] = None):
+        """idx (B, T) -> final normalized hidden states (B, T, C), summed MoE aux loss, MoE stats.
+        moe_loads: one (E,) step count per MoE layer for the global balance scope (see `nanomoe.moe`)."""
         start = cache.pos if cache is not None else 0
         self._check_idx(idx, start)
         B, T = idx.shape
@@ -176,7 +196,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         aux_total, stats = None, []
         for block in self.transformer.h:
-            x, aux, st = block(x, rope, cache)
+            step_load = moe_loads[len(stats)] if moe_loads is not None and block.is_moe else None
+            x, aux, st = block(x, rope, cache, step_load)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
                 stats.append(st)
@@ -193,27 +214,30 @@ class GPT(nn.Module):
             logits = cap * torch.tanh(logits.float() / cap)
         return logits
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
-        """Returns (logits (B, T, V), loss or None).
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        moe_loads: Optional[list] = None,
+    ) -> GPTOutput:
+        """idx (B, T) -> `GPTOutput`, which unpacks as (logits (B, T, V), loss or None).
 
         `loss` is what training optimizes: mean cross-entropy over targets != -1, plus the
-        weighted MoE auxiliary losses when the model has MoE layers. After each call,
-        `self.last_ce_loss` holds the cross-entropy alone (use it for perplexity and
-        validation), `self.last_aux_loss` the weighted auxiliary loss (or None), and
-        `self.last_moe_stats` one dict of routing statistics per MoE layer."""
-        h, aux, stats = self.hidden_states(idx, cache)
+        weighted MoE auxiliary losses when the model has MoE layers; `ce_loss` is the
+        cross-entropy alone (use it for perplexity and validation), `aux_loss` the weighted
+        auxiliary loss (or None), `moe_stats` one dict of routing statistics per MoE layer.
+        moe_loads: the step's expert counts for the global balance scope (`global_balance_prepass`)."""
+        h, aux, stats = self.hidden_states(idx, cache, moe_loads)
         logits = self.logits(h)
-        loss = None
-        self.last_ce_loss = None
+        loss = ce = None
         if targets is not None:
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
             ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             loss = ce if aux is None else ce + aux
-            self.last_ce_loss = ce.detach()
-        self.last_aux_loss = None if aux is None else aux.detach()
-        self.last_moe_stats = stats
-        return logits, loss
+            ce = ce.detach()
+        return GPTOutput(logits, loss, ce, None if aux is None else aux.detach(), stats)
 
     # ---- optimization ------------------------------------------------------------------------
     def configure_optimizers(

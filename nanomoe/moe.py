@@ -41,11 +41,13 @@ Balance scope (`moe_balance_scope`), where f_i is counted:
     "global"       the whole optimizer step: every micro-batch of every rank (Qiu et al. 2025,
                    "Demons in the Detail", arXiv 2501.11873). f_i . P_i is not linear, so the
                    counts are summed first and the loss comes after. How, exactly:
-                   - one micro-batch per step: the forward all-reduces the counts over the ranks;
-                   - with gradient accumulation: `global_balance_prepass(model, micro_batches)`
-                     runs a no-grad routing pass over the step's micro-batches before the first
-                     backward (one extra forward, ~+1/3 compute), sums the counts over ranks,
-                     and every training forward of the step uses that f. The loss of micro-batch
+                   - one micro-batch in one process: this forward's own counts are the step's;
+                   - with gradient accumulation or several ranks, the training step calls
+                     `global_balance_prepass(model, micro_batches)`: a no-grad routing pass over
+                     the step's micro-batches before the first backward (one extra forward,
+                     ~+1/3 compute) whose counts it sums over the ranks, and passes them to every
+                     training forward of the step (`model(x, y, moe_loads=...)`); the layer
+                     itself never talks to other ranks. The loss of micro-batch
                      m is then N sum_i f_i P_i^(m); averaged over equal micro-batches (the loop
                      divides by grad_accum) and ranks (DDP) it is exactly N sum_i f_i P_i of the
                      whole step. Tests: 2 micro-batches == 1 batch, 2 gloo ranks == 1 process.
@@ -53,7 +55,9 @@ Balance scope (`moe_balance_scope`), where f_i is counted:
 Aux-loss-free balancing (DeepSeek-V3, 2024, section 2.1.2), `moe_bias_balance=True`: a per-expert
 bias b_i is added to p_i *for the top-k selection only*; gates still come from the unbiased p.
 After each optimizer step the training loop calls `update_moe_bias(model)`, which moves
-b_i <- b_i + rate * sign(mean_load - load_i): overloaded experts become less attractive.
+b_i <- b_i + rate * sign(mean_load - load_i): overloaded experts become less attractive. The loads
+are the step's training forwards' `stats["load"]`, summed by the training step (`add_loads`): the
+layer keeps no state between forwards.
 
 Capacity (Switch Transformer; `moe_capacity_factor=None` is dropless, the default):
     capacity = max(moe_min_capacity, ceil(cf * T * k / E))      per sequence of T tokens
@@ -337,14 +341,6 @@ class MoE(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(config.n_experts))
         else:
             self.expert_bias = None
-        # Load accumulated over training forwards since the last `update_moe_bias` call. A plain
-        # attribute, not a buffer: DDP would broadcast rank 0's buffer over the others'.
-        self._load_since_update: Optional[torch.Tensor] = None
-        # Global balance scope: the step's counts from `global_balance_prepass` (E,), the local
-        # tokens they still cover, and the pre-pass's running sum while it runs.
-        self._step_load: Optional[torch.Tensor] = None
-        self._step_tokens_left = 0
-        self._prepass_load: Optional[torch.Tensor] = None
 
     # ---- routing -------------------------------------------------------------------------------
     def route(self, x: torch.Tensor):
@@ -357,23 +353,20 @@ class MoE(nn.Module):
         gates = gate_weights(scores, topk_idx, self.renormalize, self.routed_scaling)  # (B, T, k)
         return logits, probs, topk_idx, gates
 
-    def _global_load(self, load: torch.Tensor, tokens: int) -> torch.Tensor:
-        """The (E,) counts of the whole optimizer step for the global balance loss (training only)."""
-        if self._step_load is not None:  # gradient accumulation: counts from the routing pre-pass
-            if tokens > self._step_tokens_left:
-                raise RuntimeError("global balance: this step has more tokens than global_balance_prepass saw; "
-                                   "call it with exactly the step's micro-batches")
-            self._step_tokens_left -= tokens
-            step_load = self._step_load
-            if self._step_tokens_left == 0:
-                self._step_load = None  # the step is over
+    @staticmethod
+    def _global_load(load: torch.Tensor, step_load: Optional[torch.Tensor]) -> torch.Tensor:
+        """The (E,) counts of the whole optimizer step for the global balance loss (training only):
+        the training step's `step_load`, or this forward's own when it is the whole step."""
+        if step_load is not None:
             return step_load
-        if dist.is_available() and dist.is_initialized():  # one micro-batch per step: sum over ranks
-            load = load.clone()
-            dist.all_reduce(load)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError("global balance across ranks: the training step must pass the step's counts, "
+                               "model(x, y, moe_loads=global_balance_prepass(model, micro_batches))")
         return load
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, step_load: Optional[torch.Tensor] = None):
+        """x (B, T, C) -> (y (B, T, C), aux_loss, stats). step_load (E,): the step's expert counts
+        for the global balance scope (from `global_balance_prepass`), else None."""
         B, T, C = x.shape
         E, k = self.n_experts, self.top_k
         logits, probs, topk_idx, gates = self.route(x)
@@ -394,15 +387,10 @@ class MoE(nn.Module):
 
         # ---- auxiliary losses (from the full distribution, before any dropping) ----
         load = expert_counts(topk_idx.reshape(1, B * T, k), E)[0]  # (E,) assignments of this forward
-        if self._prepass_load is not None:  # inside global_balance_prepass
-            self._prepass_load += load
-        if self.training and self.expert_bias is not None:
-            acc = self._load_since_update
-            self._load_since_update = load if acc is None else acc + load
 
         def balance() -> torch.Tensor:
             if self.balance_scope == "global" and self.training:
-                return balance_loss(probs, topk_idx, "global", self._global_load(load, B * T))
+                return balance_loss(probs, topk_idx, "global", self._global_load(load, step_load))
             return balance_loss(probs, topk_idx, self.balance_scope, load if self.balance_scope != "sequence" else None)
 
         def z_loss() -> torch.Tensor:
@@ -476,59 +464,61 @@ class MoE(nn.Module):
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
-    """The MoE layers of a model, in order (the order of `model.last_moe_stats`)."""
+    """The MoE layers of a model, in order (the order of a forward's `moe_stats`)."""
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-@torch.no_grad()
-def update_moe_bias(model: nn.Module) -> int:
-    """DeepSeek-V3 auxiliary-loss-free balancing: call once after each optimizer step.
+def add_loads(acc: Optional[list], stats: list) -> list:
+    """Running per-layer sum of the (E,) expert loads of a step's training forwards:
+    `acc = add_loads(acc, out.moe_stats)` after each micro-batch (acc starts as None)."""
+    loads = [st["load"] for st in stats]
+    return loads if acc is None else [a + b for a, b in zip(acc, loads)]
 
-    For every MoE layer with `moe_bias_balance`, b_i += rate * sign(mean_load - load_i) using the
-    load accumulated by the training forwards since the previous call (all micro-batches; summed
-    over ranks under torch.distributed so every rank keeps the same bias), then resets it.
-    Returns the number of layers updated (0 for a model without bias balancing)."""
+
+@torch.no_grad()
+def update_moe_bias(model: nn.Module, loads: Optional[list]) -> int:
+    """DeepSeek-V3 auxiliary-loss-free balancing: the training step calls it once after each
+    optimizer step with `loads`, one (E,) tensor per MoE layer summed over the step's training
+    forwards (`add_loads`).
+
+    For every MoE layer with `moe_bias_balance`, b_i += rate * sign(mean_load - load_i), the loads
+    summed over ranks under torch.distributed so every rank keeps the same bias. Returns the
+    number of layers updated (0 for a model without bias balancing, or no loads)."""
     n = 0
-    for m in moe_layers(unwrap(model)):
-        if m.expert_bias is None or m._load_since_update is None:
+    for m, load in zip(moe_layers(unwrap(model)), loads or []):
+        if m.expert_bias is None:
             continue
-        load = m._load_since_update.to(m.expert_bias.device)
+        load = load.to(m.expert_bias.device, copy=True)  # the all-reduce below must not touch the stats
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(load)
         m.expert_bias.add_(m.bias_update_rate * torch.sign(load.mean() - load))
-        m._load_since_update = None
         n += 1
     return n
 
 
 @torch.no_grad()
-def global_balance_prepass(model: nn.Module, micro_batches: Iterable[torch.Tensor]) -> int:
-    """Global-batch balance with gradient accumulation: call once per optimizer step, before the
-    step's first forward, with the step's input micro-batches (each (B, T) token ids, on this rank).
+def global_balance_prepass(model: nn.Module, micro_batches: Iterable[torch.Tensor]) -> Optional[list]:
+    """Global-batch balance: the training step calls it once per optimizer step, before the step's
+    first forward, with the step's input micro-batches (each (B, T) token ids, on this rank).
 
     Runs the model without gradients in eval mode (routing only; dropout must be 0, which the
     config enforces), sums each MoE layer's expert counts over the micro-batches and over the
-    ranks, and hands them to the training forwards of the step (Qiu et al. 2025, arXiv
-    2501.11873: f_i of the whole global batch). Costs one extra forward per step. Returns the
-    number of layers prepared (0 when no layer has moe_balance_scope="global")."""
+    ranks (Qiu et al. 2025, arXiv 2501.11873: f_i of the whole global batch), and returns them,
+    one (E,) tensor per MoE layer, for the step's training forwards: `model(x, y, moe_loads=...)`.
+    Costs one extra forward per step. Returns None when no layer has moe_balance_scope="global"."""
     raw = unwrap(model)
-    layers = [m for m in moe_layers(raw) if m.balance_scope == "global"]
-    if not layers:
-        return 0
-    for m in layers:
-        m._prepass_load = torch.zeros(m.n_experts, device=m.router.weight.device)
-    tokens = 0
+    if not any(m.balance_scope == "global" for m in moe_layers(raw)):
+        return None
+    loads = None
     was_training = raw.training
     raw.eval()
     try:
         for idx in micro_batches:
-            raw.hidden_states(idx)  # routes every layer; no lm_head, no loss
-            tokens += idx.numel()
+            loads = add_loads(loads, raw.hidden_states(idx)[2])  # routes every layer; no lm_head, no loss
     finally:
         raw.train(was_training)
-    for m in layers:
-        load, m._prepass_load = m._prepass_load, None
-        if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
+        loads = [load.clone() for load in loads]
+        for load in loads:
             dist.all_reduce(load)
-        m._step_load, m._step_tokens_left = load, tokens
-    return len(layers)
+    return loads

@@ -315,8 +315,9 @@ for k in (1, 2):
 #
 # A loss total é $\mathcal{L} = \text{CE} + \alpha\,\mathcal{L}_{bal} + \beta\,\mathcal{L}_z$
 # (`moe_aux_loss_coef` $=\alpha$, `moe_z_loss_coef` $=\beta$). O modelo devolve essa soma como
-# `loss` (é o que o treino otimiza), e guarda a entropia cruzada sozinha em
-# `model.last_ce_loss`: validação e perplexidade usam só ela, nunca CE + losses auxiliares.
+# `loss` (é o que o treino otimiza), e a entropia cruzada sozinha em `out.ce_loss` (a saída do
+# forward também traz `aux_loss` e `moe_stats`): validação e perplexidade usam só ela, nunca
+# CE + losses auxiliares.
 
 # %%
 show_source(MoE.forward)
@@ -444,7 +445,7 @@ print("1 token, cf=1, N=8, k=2: capacidade =", capacity(1, 8, 2, 1.0, 1), "com m
 # Depois de cada passo do otimizador, $b_i \leftarrow b_i + \gamma\,\text{sign}(\bar c - c_i)$,
 # onde $c_i$ é a carga do especialista $i$ no passo e $\bar c$ a média: especialistas
 # sobrecarregados ficam menos atraentes. Ligue com `moe_bias_balance=True`; o laço de treino
-# (`nanomoe.training.train.train`) chama `update_moe_bias(model)` depois de cada `optimizer.step()`
+# (`nanomoe.training.train.train`) chama `update_moe_bias(model, loads)` depois de cada `optimizer.step()`
 # (somando as cargas de todos os micro-lotes e, com DDP, de todos os processos).
 
 # %%
@@ -518,7 +519,7 @@ for cf in (None, 1.0):
 #
 # ## 8. Métricas de roteamento
 #
-# Depois de cada forward, `model.last_moe_stats` tem um dicionário por camada MoE (tensores
+# A saída de cada forward traz `out.moe_stats`, um dicionário por camada MoE (tensores
 # desligados do grafo). `MoEMetrics` acumula essas estatísticas numa janela e resume:
 # fração da carga por especialista, coeficiente de variação (CV) da carga, carga máxima / média
 # (o fator de capacidade que teria evitado todo descarte), especialistas mortos, fração
@@ -586,8 +587,8 @@ def run_one(name: str, cfg) -> dict:
     model = GPT(cfg)
     window, loads, load_steps, summaries = MoEMetrics(), [], [], []
 
-    def on_step(step: int, model, loss: float) -> None:
-        window.update(model.last_moe_stats)
+    def on_step(step: int, model, st) -> None:
+        window.update(st.moe_stats)
         if window.steps and (step % args.load_every == 0 or step == args.steps):
             loads.append(window.load_fractions().numpy())
             load_steps.append(step)
@@ -687,8 +688,8 @@ sentence = "Olhos de cigana oblíqua e dissimulada." if not args.quick else text
 model = results["MoE top-2"]["model"]
 ids = torch.tensor([tok.encode(sentence)])
 with torch.no_grad():
-    model(ids)
-experts = [st["topk_idx"][0, :, 0].tolist() for st in model.last_moe_stats]  # (layers, T)
+    out = model(ids)
+experts = [st["topk_idx"][0, :, 0].tolist() for st in out.moe_stats]  # (layers, T)
 fig = plot_token_routing(list(sentence), experts, model.config.n_experts)
 save_figure(fig, out_dir / "token_routing.png")
 fig
@@ -702,8 +703,8 @@ fig
 n_chars = 4096 if not args.quick else 256
 chunk = torch.tensor(val_ids[: n_chars], dtype=torch.long).view(-1, min(args.block_size, n_chars))
 with torch.no_grad():
-    model(chunk)
-top1 = model.last_moe_stats[-1]["topk_idx"][..., 0].flatten().tolist()
+    out = model(chunk)
+top1 = out.moe_stats[-1]["topk_idx"][..., 0].flatten().tolist()
 chars = [tok.decode([i]) for i in chunk.flatten().tolist()]
 per_char = Counter(chars)
 pairs = Counter(zip(top1, chars))

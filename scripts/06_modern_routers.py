@@ -186,12 +186,14 @@ print("probs somam 1:", probs.sum(-1).flatten()[:3].tolist())
 #   todos os especialistas, o que briga com a especialização por domínio.
 #
 # Como $f_i P_i$ não é linear, "global" exige somar as **contagens** primeiro e só então calcular a
-# loss — calcular a loss por processo e tirar a média é outra coisa. Com um micro-lote por passo, o
-# forward soma as contagens entre os processos (`all_reduce`). Com acumulação de gradiente, o
-# micro-lote 1 precisaria das contagens do micro-lote 2, que ainda não rodou; a nossa solução,
-# exata: `global_balance_prepass` roda **antes** do passo um forward sem gradiente sobre os
-# micro-lotes do passo, só para contar (custa um forward a mais por passo, ~1/3 do custo de um
-# passo). Como os micro-lotes têm o mesmo tamanho, a média das losses $N\sum_i f_i P_i^{(m)}$ é
+# loss — calcular a loss por processo e tirar a média é outra coisa. Num processo só, com um
+# micro-lote por passo, as contagens do forward já são as do passo. Com acumulação de gradiente, o
+# micro-lote 1 precisaria das contagens do micro-lote 2, que ainda não rodou (e, com vários
+# processos, das dos outros ranks); a nossa solução, exata: `global_balance_prepass` roda **antes**
+# do passo um forward sem gradiente sobre os micro-lotes do passo, só para contar, soma as
+# contagens entre os processos e as entrega a cada forward do passo (`model(x, y, moe_loads=...)`;
+# a camada nunca fala com os outros ranks). Custa um forward a mais por passo, ~1/3 do custo de um
+# passo. Como os micro-lotes têm o mesmo tamanho, a média das losses $N\sum_i f_i P_i^{(m)}$ é
 # exatamente $N\sum_i f_i P_i$ do passo inteiro.
 #
 # Construímos a loss por sequência à mão e conferimos:
@@ -230,12 +232,12 @@ _, loss_full = model(xb, xb)
 grads_full = torch.autograd.grad(loss_full, list(model.parameters()))
 
 # the package: two micro-batches of 2, counts gathered by the pre-pass
-global_balance_prepass(model, [xb[:2], xb[2:]])
+step_loads = global_balance_prepass(model, [xb[:2], xb[2:]])
 aux, total = 0.0, 0.0
 for part in (xb[:2], xb[2:]):
-    _, loss = model(part, part)
-    aux += model.last_aux_loss / 2
-    total = total + loss / 2
+    out = model(part, part, moe_loads=step_loads)
+    aux += out.aux_loss / 2
+    total = total + out.loss / 2
 grads_acc = torch.autograd.grad(total, list(model.parameters()))
 torch.testing.assert_close(aux, by_hand)
 for a, b in zip(grads_acc, grads_full):

@@ -54,9 +54,9 @@ def variants(args) -> dict:
 def train_step(model: GPT, micro: list[torch.Tensor]) -> None:
     """Forward + backward of one optimizer step over the micro-batches (no optimizer update)."""
     model.zero_grad(set_to_none=True)
-    global_balance_prepass(model, micro)  # does nothing unless the scope is global
+    step_loads = global_balance_prepass(model, micro)  # None unless the scope is global
     for x in micro:
-        _, loss = model(x, x)
+        _, loss = model(x, x, moe_loads=step_loads)
         (loss / len(micro)).backward()
 
 

@@ -38,13 +38,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         losses = []
         for _ in range(3):
             idx = torch.randint(0, 32, (2, 16), generator=g)
-            _, loss = ddp(idx, idx)
+            out = ddp(idx, idx)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            out.loss.backward()
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-            loads = [st["load"] for st in model.last_moe_stats]
+            loads = [st["load"] for st in out.moe_stats]
             opt.step()
-            losses.append(loss.item())
+            losses.append(out.loss.item())
         torch.save({"grads": grads, "loads": loads, "losses": losses}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from nanomoe import GPT, GPTConfig, modern_config, moe_config
 from nanomoe.course.moe_metrics import MoEMetrics
 from nanomoe.mlp import MLP
-from nanomoe.moe import MoE, capacity, capacity_keep, moe_layers, update_moe_bias
+from nanomoe.moe import MoE, add_loads, capacity, capacity_keep, moe_layers, update_moe_bias
 
 
 def layer_config(**kw) -> GPTConfig:
@@ -94,12 +94,13 @@ def test_model_loss_is_ce_plus_aux_and_ce_is_kept_apart():
     torch.manual_seed(0)
     model = GPT(layer_config(moe_aux_loss_coef=0.5, moe_z_loss_coef=0.1))
     idx = torch.randint(0, 32, (2, 16))
-    logits, loss = model(idx, idx)
+    out = model(idx, idx)
+    logits = out.logits
     ce = F.cross_entropy(logits.view(-1, logits.size(-1)), idx.view(-1))
-    assert model.last_ce_loss.item() == pytest.approx(ce.item(), rel=1e-6)  # perplexity = exp(this)
-    aux = sum(0.5 * st["balance_loss"] + 0.1 * st["z_loss"] for st in model.last_moe_stats)
-    assert model.last_aux_loss.item() == pytest.approx(float(aux), rel=1e-5) and aux > 0.5
-    assert loss.item() == pytest.approx(ce.item() + float(aux), rel=1e-6)
+    assert out.ce_loss.item() == pytest.approx(ce.item(), rel=1e-6)  # perplexity = exp(this)
+    aux = sum(0.5 * st["balance_loss"] + 0.1 * st["z_loss"] for st in out.moe_stats)
+    assert out.aux_loss.item() == pytest.approx(float(aux), rel=1e-5) and aux > 0.5
+    assert out.loss.item() == pytest.approx(ce.item() + float(aux), rel=1e-6)
 
 
 def test_z_loss_and_aux_weighting():
@@ -121,9 +122,9 @@ def test_router_gets_gradient_from_cross_entropy_alone(k):
     cfg = layer_config(moe_top_k=k, moe_aux_loss_coef=0.0, moe_z_loss_coef=0.0)
     model = GPT(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 16))
-    _, loss = model(idx, idx)
-    assert loss.item() == pytest.approx(model.last_ce_loss.item())  # aux coefficients 0
-    loss.backward()
+    out = model(idx, idx)
+    assert out.loss.item() == pytest.approx(out.ce_loss.item())  # aux coefficients 0
+    out.loss.backward()
     for moe in moe_layers(model):
         assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
@@ -325,16 +326,12 @@ def test_update_moe_bias_moves_towards_balance():
     torch.manual_seed(0)
     cfg = layer_config(moe_top_k=1, moe_bias_balance=True, moe_bias_update_rate=0.01)
     model = GPT(cfg)
-    assert update_moe_bias(model) == 0  # nothing accumulated yet
+    assert update_moe_bias(model, None) == 0  # nothing accumulated yet
     idx = torch.randint(0, 32, (4, 16))
-    model.eval()
-    model(idx)
-    assert update_moe_bias(model) == 0  # eval forwards do not count
-    model.train()
-    model(idx)
-    model(idx)  # two micro-batches, both counted
-    loads = [2 * st["load"] for st in model.last_moe_stats]
-    assert update_moe_bias(model) == 2
+    loads = add_loads(add_loads(None, model(idx).moe_stats), model(idx).moe_stats)  # two micro-batches
+    assert all(torch.equal(a, 2 * st["load"]) for a, st in zip(loads, model(idx).moe_stats))
+    loads = [2 * st["load"] for st in model(idx).moe_stats]
+    assert update_moe_bias(model, loads) == 2
     for moe, load in zip(moe_layers(model), loads):
         want = 0.01 * torch.sign(load.mean() - load)
         torch.testing.assert_close(moe.expert_bias, want)
@@ -348,8 +345,7 @@ def test_moe_every_places_layers():
     cfg = layer_config(n_layer=4, moe_every=2)
     model = GPT(cfg)
     assert [isinstance(b.mlp, MoE) for b in model.transformer.h] == [False, True, False, True]
-    model(torch.randint(0, 32, (1, 8)))
-    assert len(model.last_moe_stats) == 2
+    assert len(model(torch.randint(0, 32, (1, 8))).moe_stats) == 2
     active = model.num_params(active=True)
     assert active < model.num_params()
 
@@ -362,9 +358,9 @@ def test_dense_configs_never_build_moe():
         assert not moe_layers(model)
         assert not any("router" in n or "experts" in n for n, _ in model.named_parameters())
         idx = torch.randint(0, 32, (1, 8))
-        _, loss = model(idx, idx)
-        assert model.last_aux_loss is None and model.last_moe_stats == []
-        assert loss.item() == model.last_ce_loss.item()
+        out = model(idx, idx)
+        assert out.aux_loss is None and out.moe_stats == []
+        assert out.loss.item() == out.ce_loss.item()
 
 
 def test_active_params_equal_dense_mlp():
@@ -404,8 +400,7 @@ def test_moe_metrics_from_model():
     model = GPT(layer_config(n_layer=3))
     m = MoEMetrics()
     for _ in range(2):
-        model(torch.randint(0, 32, (2, 8)))
-        m.update(model.last_moe_stats)
+        m.update(model(torch.randint(0, 32, (2, 8))).moe_stats)
     s = m.summary()
     assert len(s["layers"]) == 3
     for layer in s["layers"]:

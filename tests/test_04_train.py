@@ -105,7 +105,7 @@ def test_on_step_sees_every_step_and_training_learns():
     calls = []
     res = train(_model(), _data(), _data(seed=1), TrainConfig(max_steps=30, batch_size=8, warmup_steps=3, lr=1e-2,
                                                                eval_interval=15, eval_iters=2),
-                on_step=lambda step, m, loss: calls.append((step, loss)), progress=False)
+                on_step=lambda step, m, st: calls.append((step, st.loss)), progress=False)
     assert [c[0] for c in calls] == list(range(1, 31))
     assert [c[1] for c in calls] == res.losses
     assert [h["step"] for h in res.history] == [0, 15, 30]
@@ -124,9 +124,9 @@ def test_validation_is_cross_entropy_only_for_moe():
     with torch.no_grad():
         for _ in range(3):
             x, y = loader.next_batch()
-            _, loss = model(x, y)
-            totals.append(loss.item())
-            ces.append(model.last_ce_loss.item())
+            out = model(x, y)
+            totals.append(out.loss.item())
+            ces.append(out.ce_loss.item())
     assert ce == pytest.approx(float(np.mean(ces)), rel=1e-6)
     assert float(np.mean(totals)) > ce + 0.01  # the aux loss is there, and left out
     tcfg = TrainConfig(max_steps=2, eval_interval=2, eval_iters=3, batch_size=4, lr=1e-5, min_lr=1e-6)
@@ -184,7 +184,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
 
     model.lm_head.register_forward_hook(hook)
 
-    def on_step(step, m, loss):
+    def on_step(step, m, st):
         if step == 3:
             poison["on"] = True  # step 4's forward returns NaN logits
 

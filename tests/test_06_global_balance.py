@@ -33,14 +33,14 @@ def _grads(model) -> dict:
 def _accumulate(model, ddp, micro_batches) -> tuple[dict, float]:
     """One optimizer step's backward over `micro_batches` (loss / their number); the step's aux loss."""
     model.zero_grad(set_to_none=True)
-    global_balance_prepass(ddp, micro_batches)
+    step_loads = global_balance_prepass(ddp, micro_batches)
     aux = 0.0
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last or ddp is model else ddp.no_sync():
-            _, loss = ddp(mb, mb)
-            (loss / len(micro_batches)).backward()
-        aux += float(model.last_aux_loss) / len(micro_batches)
+            out = ddp(mb, mb, moe_loads=step_loads)
+            (out.loss / len(micro_batches)).backward()
+        aux += float(out.aux_loss) / len(micro_batches)
     return _grads(model), aux
 
 
@@ -56,9 +56,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ddp = DDP(model)
         x = _data()
         part = x[4 * rank : 4 * rank + 4]  # this rank's share of the step
-        _, loss = ddp(part, part)  # A: one micro-batch, counts all-reduced inside the forward
-        loss.backward()
-        out = {"A": _grads(model), "A_aux": float(model.last_aux_loss)}
+        res = ddp(part, part, moe_loads=global_balance_prepass(ddp, [part]))  # A: one micro-batch, counts
+        res.loss.backward()  # summed over the ranks by the pre-pass (the layer never talks to other ranks)
+        out = {"A": _grads(model), "A_aux": float(res.aux_loss)}
         out["B"], out["B_aux"] = _accumulate(model, ddp, [part[:2], part[2:]])  # B: pre-pass + 2 micro-batches
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -102,6 +102,5 @@ def test_global_balance_two_ranks_equal_one_process_with_accumulation(tmp_path):
     local.load_state_dict(model.state_dict())
     per_rank = 0.0
     for part in (x[:4], x[4:]):
-        local(part, part)
-        per_rank += float(local.last_aux_loss) / 2
+        per_rank += float(local(part, part).aux_loss) / 2
     assert abs(per_rank - aux_a) > 1e-4

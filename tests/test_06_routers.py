@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from nanomoe import GPT, GPTConfig, modern_config, moe_config
 from nanomoe.interop.hf import HFConversionError, hf_family
 from nanomoe.mlp import MLP
-from nanomoe.moe import MoE, balance_loss, global_balance_prepass, moe_layers, update_moe_bias
+from nanomoe.moe import MoE, add_loads, balance_loss, global_balance_prepass, moe_layers, update_moe_bias
 
 
 def layer_config(**kw) -> GPTConfig:
@@ -95,9 +95,9 @@ def test_sigmoid_bias_update_balances_the_load():
     cfg = layer_config(moe_router="sigmoid", moe_bias_balance=True, moe_bias_update_rate=0.05)
     model = GPT(cfg)
     idx = torch.randint(0, 32, (4, 32))
-    model(idx, idx)
-    loads = [st["load"].clone() for st in model.last_moe_stats]
-    assert update_moe_bias(model) == 2
+    out = model(idx, idx)
+    loads = [st["load"].clone() for st in out.moe_stats]
+    assert update_moe_bias(model, add_loads(None, out.moe_stats)) == 2
     for m, load in zip(moe_layers(model), loads):
         torch.testing.assert_close(m.expert_bias, 0.05 * torch.sign(load.mean() - load))
 
@@ -137,14 +137,15 @@ def test_global_balance_two_micro_batches_equal_one_batch():
     cfg = layer_config(moe_balance_scope="global", moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0)
     model = GPT(cfg)
     x = torch.randint(0, 32, (4, 32))
-    _, full = model(x, x)
-    aux_full = model.last_aux_loss
+    res = model(x, x)
+    full, aux_full = res.loss, res.aux_loss
     g_full = _grads(model, full)
-    assert global_balance_prepass(model, [x[:2], x[2:]]) == 2
+    step_loads = global_balance_prepass(model, [x[:2], x[2:]])
+    assert len(step_loads) == 2
     total, aux = 0.0, 0.0
     for part in (x[:2], x[2:]):
-        _, loss = model(part, part)
-        total, aux = total + loss / 2, aux + model.last_aux_loss / 2
+        res = model(part, part, moe_loads=step_loads)
+        total, aux = total + res.loss / 2, aux + res.aux_loss / 2
     torch.testing.assert_close(aux, aux_full)
     for a, b in zip(_grads(model, total), g_full):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -153,19 +154,20 @@ def test_global_balance_two_micro_batches_equal_one_batch():
     model_mb.load_state_dict(model.state_dict())
     aux_mb = 0.0
     for part in (x[:2], x[2:]):
-        model_mb(part, part)
-        aux_mb = aux_mb + model_mb.last_aux_loss / 2
+        aux_mb = aux_mb + model_mb(part, part).aux_loss / 2
     assert not torch.allclose(aux_mb, aux_full)
 
 
-def test_global_prepass_refuses_a_step_it_did_not_see():
+def test_global_prepass_counts_are_the_step_ones():
     torch.manual_seed(7)
     model = GPT(layer_config(moe_balance_scope="global"))
     x = torch.randint(0, 32, (4, 32))
-    global_balance_prepass(model, [x[:2]])
-    with pytest.raises(RuntimeError, match="global_balance_prepass"):
-        model(x, x)  # 4 sequences, the pre-pass counted 2
-    assert global_balance_prepass(GPT(layer_config()), [x]) == 0  # nothing to do for other scopes
+    step_loads = global_balance_prepass(model, [x[:2], x[2:]])
+    whole = model(x, x)  # one forward over the whole step counts the same
+    assert all(torch.equal(a, st["load"]) for a, st in zip(step_loads, whole.moe_stats))
+    half = model(x[:2], x[:2])
+    assert not torch.equal(half.aux_loss, model(x[:2], x[:2], moe_loads=step_loads).aux_loss)
+    assert global_balance_prepass(GPT(layer_config()), [x]) is None  # nothing to do for other scopes
 
 
 def test_global_scope_needs_no_dropout():
@@ -190,8 +192,7 @@ def test_dense_first_layers():
     assert [b.is_moe for b in model.transformer.h] == [False, False, True, True]
     assert isinstance(model.transformer.h[0].mlp, MLP) and len(moe_layers(model)) == 2
     idx = torch.randint(0, 32, (2, 8))
-    model(idx, idx)
-    assert len(model.last_moe_stats) == 2
+    assert len(model(idx, idx).moe_stats) == 2
     for bad, msg in ((4, "at least one MoE"), (-1, "between 0")):
         with pytest.raises(ValueError, match=msg):
             layer_config(n_layer=4, moe_dense_layers=bad)
@@ -273,10 +274,10 @@ def test_no_causality_leak(name):
     a = torch.randint(0, 32, (2, 16))
     b = a.clone()
     b[:, 10:] = (b[:, 10:] + 7) % 32
-    la, _ = model(a)
-    ra = [st["topk_idx"] for st in model.last_moe_stats]
-    lb, _ = model(b)
-    rb = [st["topk_idx"] for st in model.last_moe_stats]
+    out_a, out_b = model(a), model(b)
+    la, lb = out_a.logits, out_b.logits
+    ra = [st["topk_idx"] for st in out_a.moe_stats]
+    rb = [st["topk_idx"] for st in out_b.moe_stats]
     torch.testing.assert_close(la[:, :10], lb[:, :10])
     assert all(torch.equal(x[:, :10], y[:, :10]) for x, y in zip(ra, rb))
     assert not torch.allclose(la[:, 10:], lb[:, 10:])

@@ -16,10 +16,11 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanomoe import GPT, moe_config
-from nanomoe.moe import MoE, global_balance_prepass, moe_layers, update_moe_bias
+from nanomoe.moe import MoE, add_loads, expert_counts, global_balance_prepass, moe_layers, update_moe_bias
 from nanomoe.parallel.expert_parallel import ExpertParallelError, ExpertParallelMoE, check_world_size
 from nanomoe.training.checkpoint import CheckpointError, check_config, load_checkpoint
 
@@ -122,7 +123,10 @@ def _layer_worker(rank, world, out_dir):
         layer.load_state_dict(state)
         b = B_ALL // world
         xr = x[rank * b:(rank + 1) * b].clone().requires_grad_(True)  # this rank's sequences
-        y, aux, stats = layer(xr)
+        with torch.no_grad():  # the global balance's counts: the training step's pre-pass, summed over ranks
+            load = expert_counts(layer.route(xr)[2].reshape(1, -1, layer.top_k), layer.n_experts)[0]
+            dist.all_reduce(load)
+        y, aux, stats = layer(xr, load)
         _layer_loss(y, aux, target[rank * b:(rank + 1) * b]).backward()
         sync_gradients(layer)
         res[case] = {"y": y.detach(), "aux": aux.detach(), "x_grad": xr.grad, "dropped": stats["dropped"],
@@ -229,17 +233,18 @@ def _reference_steps(model, opt, data, steps):
     losses, norms, dropped = [], [], 0
     for s in steps:
         opt.zero_grad(set_to_none=True)
-        global_balance_prepass(model, [data[s, m, 0] for m in range(MICRO)])
-        ce = 0.0
+        step_loads = global_balance_prepass(model, [data[s, m, 0] for m in range(MICRO)])
+        ce, loads = 0.0, None
         for m in range(MICRO):
-            _, loss = model(data[s, m, 0], data[s, m, 1])
-            (loss / MICRO).backward()
-            ce += float(model.last_ce_loss) / MICRO
-            dropped += sum(int(st["dropped"]) for st in model.last_moe_stats)
-            assert all(st["load"][DEAD] == 0 for st in model.last_moe_stats)
+            out = model(data[s, m, 0], data[s, m, 1], moe_loads=step_loads)
+            loads = add_loads(loads, out.moe_stats)
+            (out.loss / MICRO).backward()
+            ce += float(out.ce_loss) / MICRO
+            dropped += sum(int(st["dropped"]) for st in out.moe_stats)
+            assert all(st["load"][DEAD] == 0 for st in out.moe_stats)
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
         opt.step()
-        update_moe_bias(model)
+        update_moe_bias(model, loads)
         losses.append(ce)
     return {"losses": losses, "norms": norms, "dropped": dropped}
 

@@ -116,7 +116,7 @@ def train_variant(
     snapshots = []
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum * (tcfg.block_size or cfg.block_size)
 
-    def on_step(step: int, raw, loss: float) -> None:
+    def on_step(step: int, raw, st) -> None:
         if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
             topk = [t.to(torch.int16) for t in routing_of(raw, probe.to(next(raw.parameters()).device))]
             snapshots.append({"step": step, "tokens": step * tokens_per_step, "topk": topk})

@@ -1,13 +1,13 @@
 """Routing health of an MoE model, accumulated over a logging window.
 
-After every forward, `model.last_moe_stats` holds one dict per MoE layer (see `nanomoe.moe.MoE`).
-`MoEMetrics.update(model.last_moe_stats)` adds them up; `summary()` turns the window into numbers
+Every forward returns `out.moe_stats`, one dict per MoE layer (see `nanomoe.moe.MoE`).
+`MoEMetrics.update(out.moe_stats)` adds them up; `summary()` turns the window into numbers
 you can log, and `reset()` starts a new window:
 
     metrics = MoEMetrics()
     for step in ...:
-        loss.backward(); opt.step()
-        metrics.update(model.last_moe_stats)
+        out = model(x, y); out.loss.backward(); opt.step()
+        metrics.update(out.moe_stats)
         if step % log_interval == 0:
             print(metrics.summary()); metrics.reset()
 
@@ -33,7 +33,7 @@ _MEAN_KEYS = ("entropy", "top1_prob", "balance_loss", "z_loss")
 
 
 class MoEMetrics:
-    """Accumulates `model.last_moe_stats` over a window; see the module docstring."""
+    """Accumulates `out.moe_stats` (a forward's output) over a window; see the module docstring."""
 
     def __init__(self) -> None:
         self.reset()

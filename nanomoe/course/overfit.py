@@ -93,11 +93,11 @@ def evaluate_sequence(
     model.eval()
     try:
         with precision.autocast() if precision is not None else nullcontext():
-            logits, _ = model(seq, targets.view(1, -1))
+            out = model(seq, targets.view(1, -1))
     finally:
         model.train(was_training)
-    rec = torch.cat([seq[0, :1], logits[0, :-1].argmax(dim=-1)])
-    return float(model.last_ce_loss), rec
+    rec = torch.cat([seq[0, :1], out.logits[0, :-1].argmax(dim=-1)])
+    return float(out.ce_loss), rec
 
 
 def checkpoint_steps(epochs: int, n: int = 4) -> list[int]:

@@ -1,7 +1,7 @@
 """What the router learned (chapter 06): co-activation, specialization, position, saturation.
 
 Every function reads routing decisions, the `topk_idx` (B, T, k) that each MoE layer reports in
-`model.last_moe_stats` (see `routing_of`), and returns plain tensors that `nanomoe.course.plots` draws.
+a forward's `moe_stats` (see `routing_of`), and returns plain tensors that `nanomoe.course.plots` draws.
 The measures follow the OLMoE paper's routing analysis (Muennighoff et al. 2024, arXiv 2409.02060,
 section 5): co-activation of expert pairs, specialization by token, and router saturation.
 

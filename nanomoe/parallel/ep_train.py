@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import BatchLoader
-from ..moe import global_balance_prepass, update_moe_bias
+from ..moe import add_loads, global_balance_prepass, update_moe_bias
 from ..training.checkpoint import check_config, load_checkpoint, save_checkpoint
 from .expert_parallel import (
     clip_grad_norm,
@@ -52,25 +52,27 @@ def train_step(model, optimizer, micro_batches, lr: float, grad_clip: float, gro
         g["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     reset_comm(model)
-    if len(micro_batches) > 1:  # global balance scope: count the whole step's routing first (else a no-op);
-        with autocast or nullcontext():  # with one micro-batch the forward all-reduces the counts itself
-            global_balance_prepass(model, [x for x, _ in micro_batches])
+    step_loads = None  # global balance scope: count the whole step's routing first (else None)
+    if len(micro_batches) > 1 or (dist.is_initialized() and dist.get_world_size() > 1):
+        with autocast or nullcontext():
+            step_loads = global_balance_prepass(model, [x for x, _ in micro_batches])
     prepass_bytes = comm_summary(model).get("bytes", 0)  # its forwards exchange tokens too (no backward)
     reset_comm(model)
-    ce, dropped = 0.0, 0
+    ce, dropped, loads = 0.0, 0, None
     for x, y in micro_batches:
         with autocast or nullcontext():
-            _, loss = model(x, y)
-        (loss / len(micro_batches)).backward()
-        ce += float(model.last_ce_loss) / len(micro_batches)
-        dropped += sum(int(st["dropped"]) for st in model.last_moe_stats)  # capacity drops (assignments)
+            out = model(x, y, moe_loads=step_loads)
+        (out.loss / len(micro_batches)).backward()
+        ce += float(out.ce_loss) / len(micro_batches)
+        dropped += sum(int(st["dropped"]) for st in out.moe_stats)  # capacity drops (assignments)
+        loads = add_loads(loads, out.moe_stats)
     comm = comm_summary(model)  # the training forwards; their backward sends as many bytes again
     sent, received = comm.get("sent", 0), comm.get("received", 0)
     sent_bytes = prepass_bytes + 2 * comm.get("bytes", 0)
     sync_gradients(model, group)
     norm = clip_grad_norm(model, grad_clip, group)
     optimizer.step()
-    update_moe_bias(model)
+    update_moe_bias(model, loads)
     ce = _mean_over_ranks(ce, group)
     return {"loss": ce, "grad_norm": norm, "sent": sent, "received": received, "bytes": sent_bytes,
             "dropped": dropped}
@@ -114,8 +116,7 @@ def evaluate(model, loader: BatchLoader, iters: int, device, autocast=None, grou
     for _ in range(iters):
         x, y = loader.next_batch(device)
         with autocast or nullcontext():
-            model(x, y)
-        total += float(model.last_ce_loss)
+            total += float(model(x, y).ce_loss)
     model.train()
     return _mean_over_ranks(total / max(iters, 1), group)
 

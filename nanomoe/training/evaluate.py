@@ -22,14 +22,12 @@ def eval_sums(model: torch.nn.Module, data: TokenSource, batch_size: int, block_
               device: str, precision: Precision, seed: int, rank: int = 0, world: int = 1) -> tuple[float, int]:
     """Sum of the per-batch mean CE over this rank's share of `iters` fixed validation batches
     (global batches 0 .. iters-1 of a loader seeded with `seed`; rank r takes r, r+world, ...)."""
-    raw = unwrap(model)
     loader = BatchLoader(data, batch_size, block_size, seed=seed, rank=rank, world_size=world)
     total, n = 0.0, 0
     for _ in range(rank, iters, world):
         x, y = loader.next_batch(device)
         with precision.autocast():
-            _, loss = model(x, y)
-        ce = raw.last_ce_loss if raw.last_ce_loss is not None else loss  # CE only, never CE + aux
+            ce = model(x, y).ce_loss  # CE only, never CE + aux
         total += float(ce)
         n += 1
     return total, n

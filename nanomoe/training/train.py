@@ -49,7 +49,7 @@ from ..config import from_dict, require
 from ..data import BatchLoader, DataError, TokenSource
 from ..device import Precision, peak_flops, pick_precision
 from ..interop.hellaswag import Example, evaluate_hellaswag, for_training
-from ..moe import global_balance_prepass, update_moe_bias
+from ..moe import add_loads, global_balance_prepass, update_moe_bias
 from ..parallel.distributed import DistInfo, all_reduce_mean, barrier, count_ranks, process_group
 from . import checkpoint as ck
 from .accumulation import grad_accum_for
@@ -223,6 +223,9 @@ class StepStats:
     loss: float  # the optimized loss (CE + MoE aux), mean over the step's micro-batches
     ce: float  # cross-entropy alone
     grad_norm: float
+    aux: Optional[torch.Tensor] = None  # this rank's last micro-batch's weighted MoE aux loss (None when dense)
+    moe_stats: list = field(default_factory=list)  # this rank's last micro-batch's routing, one per MoE layer
+    moe_loads: Optional[list] = None  # this rank's expert loads summed over the step (bias balancing only)
 
 
 def start_run(model, train_data, val_data, tcfg: TrainConfig, dist: DistInfo, tokenizer, extra_state) -> Run:
@@ -396,20 +399,24 @@ def compute_gradients(run: Run, step: int) -> StepStats:
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     batches = [run.loader.next_batch(run.precision.device) for _ in range(run.accum)]
-    if run.accum > 1 and raw.config.n_experts > 0 and raw.config.moe_balance_scope == "global":
+    step_loads = None  # the global balance scope's counts of the whole step (see nanomoe.moe)
+    if (run.accum > 1 or run.dist.world_size > 1) and raw.config.n_experts > 0:
         with run.precision.autocast():  # route exactly as the training forwards will (same dtype)
-            global_balance_prepass(raw, [x for x, _ in batches])  # f_i of the whole step (see nanomoe.moe)
+            step_loads = global_balance_prepass(raw, [x for x, _ in batches])  # None unless scope is global
     loss_sum = torch.zeros((), device=run.precision.device)
     ce_sum = torch.zeros((), device=run.precision.device)
+    out = moe_loads = None
     for micro, (x, y) in enumerate(batches):
         # DDP all-reduces the gradients only on the last micro-batch (Li et al. 2020, arXiv 2006.15704)
         sync = fwd.no_sync() if run.dist.world_size > 1 and micro < run.accum - 1 else nullcontext()
         with sync:
             with run.precision.autocast():
-                _, loss = fwd(x, y)
-            run.scaler.scale(loss / run.accum).backward()
-        loss_sum += loss.detach().float()
-        ce_sum += (raw.last_ce_loss if raw.last_ce_loss is not None else loss.detach()).float()
+                out = fwd(x, y, moe_loads=step_loads)
+            run.scaler.scale(out.loss / run.accum).backward()
+        loss_sum += out.loss.detach().float()
+        ce_sum += out.ce_loss.float()
+        if raw.config.moe_bias_balance:
+            moe_loads = add_loads(moe_loads, out.moe_stats)
     # Decide on values all-reduced over ranks, so every rank takes the same decision.
     stats = torch.stack([loss_sum / run.accum, ce_sum / run.accum])
     all_reduce_mean(stats, run.dist)
@@ -417,7 +424,8 @@ def compute_gradients(run: Run, step: int) -> StepStats:
     run.scaler.unscale_(run.optimizer)  # true gradients (a no-op without fp16 loss scaling)
     # DDP already averaged the gradients, so this norm is the same on every rank.
     grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), tcfg.grad_clip or float("inf")))
-    return StepStats(lr=lr, loss=loss_v, ce=ce_v, grad_norm=grad_norm)
+    return StepStats(lr=lr, loss=loss_v, ce=ce_v, grad_norm=grad_norm, aux=out.aux_loss, moe_stats=out.moe_stats,
+                     moe_loads=moe_loads)
 
 
 def bad_step(st: StepStats, precision: Precision) -> Optional[str]:
@@ -430,13 +438,13 @@ def bad_step(st: StepStats, precision: Precision) -> Optional[str]:
     return None
 
 
-def apply_update(run: Run) -> None:
+def apply_update(run: Run, st: StepStats) -> None:
     """The optimizer step (through the GradScaler), then the DeepSeek-V3 routing bias for MoE models."""
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     if run.raw.config.n_experts > 0 and run.raw.config.moe_bias_balance:
-        update_moe_bias(run.raw)  # sums the expert loads over ranks: every rank keeps the same bias
+        update_moe_bias(run.raw, st.moe_loads)  # sums the step's loads over ranks: every rank keeps the same bias
 
 
 def stop(run: Run, log: RunLog, why: str, step: int, lr: float) -> None:
@@ -458,8 +466,8 @@ def log_train(run: Run, log: RunLog, step: int, st: StepStats, window: Meter) ->
     res, tps = run.result, window.tokens_per_s
     rec = {"kind": "train", "step": step, "tokens": res.tokens, "loss": st.loss, "ce": window.mean_ce, "lr": st.lr,
            "grad_norm": st.grad_norm, "tokens_per_s": tps, "mfu": run.mfu(tps), "elapsed_s": res.train_time_s}
-    if run.raw.last_aux_loss is not None:
-        rec["aux"] = float(run.raw.last_aux_loss)
+    if st.aux is not None:
+        rec["aux"] = float(st.aux)
     res.log.append(rec)
     log.record(rec)
     log.bar.set_postfix(loss=f"{window.mean_ce:.4f}", lr=f"{st.lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
@@ -509,15 +517,16 @@ def train(
     tcfg: Optional[TrainConfig] = None,
     *,
     tokenizer=None,
-    on_step: Optional[Callable[[int, torch.nn.Module, float], None]] = None,
+    on_step: Optional[Callable[[int, torch.nn.Module, StepStats], None]] = None,
     progress: bool = True,
     extra_state: Optional[dict] = None,
 ) -> TrainResult:
     """Train `model` (a nanomoe GPT) in place on token arrays; see the module docstring.
 
     train_data / val_data: 1-D token arrays (numpy, memmap or torch) or lists of shards.
-    on_step(step, model, loss): called after every optimizer step; `step` counts the steps done
-    (1 .. max_steps), `model` is the plain (unwrapped) model, `loss` the step's loss (CE + aux).
+    on_step(step, model, st): called after every optimizer step; `step` counts the steps done
+    (1 .. max_steps), `model` is the plain (unwrapped) model, `st` the step's `StepStats` (`st.loss`:
+    CE + aux; `st.moe_stats`: the routing of the step's last micro-batch).
     extra_state: plain data stored in the checkpoints (e.g. where the data came from).
     Under torchrun, every rank calls train() with the same arguments."""
     tcfg = tcfg or TrainConfig()
@@ -541,7 +550,7 @@ def train(
             if why is not None:
                 stop(run, log, why, step + 1, st.lr)
                 break
-            apply_update(run)
+            apply_update(run, st)
             done, dt = step + 1, time.perf_counter() - t0
             res.tokens += run.tokens_per_step
             res.train_time_s += dt
@@ -549,7 +558,7 @@ def train(
             since_log.add(st.ce, dt, run.tokens_per_step)
             since_eval.add(st.ce, dt, run.tokens_per_step)
             if on_step is not None:
-                on_step(done, run.raw, st.loss)
+                on_step(done, run.raw, st)
             log.bar.update(1)
             last = done == tcfg.max_steps
             if done % tcfg.log_interval == 0 or last:
