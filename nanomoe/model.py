@@ -65,6 +65,21 @@ class GPTOutput:
         return (self.logits, self.loss)[i]
 
 
+def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
+    """Raise a clear ValueError when a token id is outside [0, vocab_size).
+
+    Called where ids enter (the batch loader, prompt encoding, `GPT.generate`), never in `forward`:
+    reading a min/max back to the host would stop the CPU from queuing work ahead of the GPU."""
+    if idx.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"token id {bad} is out of range [0, {vocab_size}): the tokenizer's vocab_size must match config.vocab_size"
+        )
+
+
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -156,6 +171,8 @@ class GPT(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
     def _check_idx(self, idx: torch.Tensor, start: int) -> None:
+        """Shape, dtype and length checks: metadata only, no host sync (the ids' range is checked where
+        they enter, see `check_token_ids`)."""
         cfg = self.config
         if idx.dim() != 2:
             raise ValueError(f"idx must be a (batch, time) tensor of token ids, got shape {tuple(idx.shape)}")
@@ -170,15 +187,6 @@ class GPT(nn.Module):
                 f"sequence of {T} tokens{where} exceeds block_size={cfg.block_size}: "
                 f"crop the input to the last {cfg.block_size - start} tokens or use a model with a larger block_size"
             )
-        if not torch.compiler.is_compiling():
-            lo, hi = torch.aminmax(idx)
-            lo, hi = int(lo), int(hi)
-            if lo < 0 or hi >= cfg.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"token id {bad} is out of range [0, {cfg.vocab_size}): the tokenizer's vocab_size "
-                    f"must match config.vocab_size"
-                )
 
     def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None, moe_loads: Optional[list] = None):
         """idx (B, T) -> final normalized hidden states (B, T, C), summed MoE aux loss, MoE stats.
@@ -285,6 +293,7 @@ class GPT(nn.Module):
         bs = self.config.block_size
         B, T = idx.shape
         check_fits(T, max_new_tokens, bs, use_cache)
+        check_token_ids(idx, self.config.vocab_size)  # once, here: the forward itself never syncs
         was_training = self.training
         self.eval()
         try:

@@ -76,9 +76,10 @@ Two dispatches with identical results (tests check outputs and gradients):
                  `F.grouped_mm` (PyTorch's MoE kernel), a loop of matmuls over `W.unbind(0)`
                  (not `W[e]`: each `W[e]`'s backward writes a full-size zero tensor), or two
                  `bmm` over the experts padded to the largest count; then scatter back.
-                 The dropless grouped path has no host sync and compiles (torch.compile) to
-                 one graph; capacity (`nonzero`), the loop and the padding read a count on the
-                 host and break the graph there.
+                 The grouped path has no host sync, dropless or with capacity (dropped
+                 assignments sort after every expert's group instead of being removed with
+                 `nonzero`), and compiles (torch.compile) to one graph; the loop and the padding
+                 read a count on the host and break the graph there (tests/test_no_host_sync.py).
 
 Routing statistics (`stats`) are computed only when read: a `RoutingStats` mapping holds the
 tensors the forward already has and computes entropy, top-1 probability, ... on first access,
@@ -139,7 +140,9 @@ def capacity_keep(topk_idx: torch.Tensor, n_experts: int, cap: int) -> torch.Ten
     """topk_idx (B, T, k) -> keep (B, T, k) bool: assignment kept iff fewer than `cap` EARLIER
     tokens of the same sequence chose that expert. Tokens claim slots in position order, so
     nothing a later token does (or another sequence does) can drop an earlier token."""
-    chosen = F.one_hot(topk_idx, n_experts).sum(2)  # (B, T, E) 0/1: the k experts of a token are distinct
+    # (B, T, E) 0/1: the k experts of a token are distinct (scatter, not one_hot, which checks the ids' range)
+    chosen = torch.zeros(*topk_idx.shape[:-1], n_experts, dtype=torch.long, device=topk_idx.device)
+    chosen.scatter_(-1, topk_idx, 1)
     earlier = chosen.cumsum(1) - chosen  # (B, T, E) how many earlier tokens chose each expert
     return earlier.gather(-1, topk_idx) < cap  # (B, T, k)
 
@@ -439,25 +442,39 @@ class MoE(nn.Module):
         """x (N, C), expert_of (N*k,), gates (N*k,), keep (B, T, k) or None -> y (N, C)."""
         E, k = self.n_experts, self.top_k
         token_of = torch.arange(expert_of.numel(), device=x.device) // k  # (N*k,) assignment -> token
-        if keep is not None:  # capacity: remove dropped assignments before dispatch
-            kept = keep.reshape(-1).nonzero().squeeze(1)
-            expert_of, gates, token_of = expert_of[kept], gates[kept], token_of[kept]
-        order = torch.argsort(expert_of, stable=True)  # group assignments by expert
+        kernel = self._kernel(x)
+        if keep is not None and kernel != "grouped":  # the loop and the padding read counts on the host anyway:
+            kept = keep.reshape(-1).nonzero().squeeze(1)  # remove dropped assignments before dispatch
+            expert_of, gates, token_of, keep = expert_of[kept], gates[kept], token_of[kept], None
+        # grouped kernel with capacity: dropped assignments get the key E, sort after every expert's
+        # group and stay out of the kernel's groups (no `nonzero`, so no host sync)
+        key = expert_of if keep is None else torch.where(keep.reshape(-1), expert_of, E)
+        order = torch.argsort(key, stable=True)  # group assignments by expert
         token_sorted = token_of[order]
-        ones = torch.ones_like(expert_of)
-        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert_of, ones)  # no host sync
+        counts = torch.zeros(E + 1, dtype=torch.long, device=x.device).scatter_add_(0, key, torch.ones_like(key))
         xs = x.index_select(0, token_sorted)  # (M, C) tokens in expert order
-        out = self._run_experts(xs, expert_of[order], counts)  # (M, C)
+        kept_sorted = None if keep is None else keep.reshape(-1)[order].unsqueeze(1)  # (M, 1)
+        if kept_sorted is not None:  # rows past the last group are never written by the kernel:
+            xs = torch.where(kept_sorted, xs, 0.0)  # where (not *) keeps their gradient out of x
+        out = self._run_experts(xs, key[order], counts[:E], kernel)  # (M, C)
+        if kept_sorted is not None:
+            out = torch.where(kept_sorted, out, 0.0)
         out = out * gates[order].unsqueeze(1).to(out.dtype)
         return torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add_(0, token_sorted, out).to(x.dtype)
 
-    def _run_experts(self, xs, expert_sorted, counts):
+    def _kernel(self, x: torch.Tensor) -> str:
+        """The expert kernel for input x: `self.kernel` when forced, else `pick_kernel` for the compute dtype."""
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # compute dtype
+        return self.kernel or pick_kernel(dt, x.device, x.size(1), self.experts.hidden)
+
+    def _run_experts(self, xs, expert_sorted, counts, kernel: Optional[str] = None):
         """xs (M, C) rows grouped by expert, counts (E,) -> (M, C): the chosen kernel (`KERNELS`) on
         this layer's stacked experts, in the autocast dtype when one is active."""
         w_fc, w_proj = self.experts.c_fc, self.experts.c_proj
         dev = xs.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype  # compute dtype
-        kernel = self.kernel or pick_kernel(dt, xs.device, xs.size(1), self.experts.hidden)
+        kernel = kernel or self._kernel(xs)
         if kernel == "grouped" and (dt != xs.dtype or dt != w_fc.dtype):
             xs, w_fc, w_proj = xs.to(dt), w_fc.to(dt), w_proj.to(dt)  # grouped_mm is not on autocast's lists
         return KERNELS[kernel](xs, expert_sorted, counts, w_fc, w_proj, self.kind, self.gelu_approximate)

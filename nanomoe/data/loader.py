@@ -7,7 +7,7 @@ position is a tiny dict (`state_dict()`) that is the same on every rank.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ class BatchLoader:
     """
 
     def __init__(self, tokens: TokenSource, batch_size: int, block_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, sequential: bool = False):
+                 world_size: int = 1, sequential: bool = False, vocab_size: Optional[int] = None):
         if batch_size < 1 or block_size < 1:
             raise DataError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -62,6 +62,7 @@ class BatchLoader:
         self.batch_size, self.block_size = int(batch_size), int(block_size)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.sequential = bool(sequential)
+        self.vocab_size = vocab_size  # when given, every batch's ids are checked on the host, before the device
         T = self.block_size
         for i, s in enumerate(self.shards):
             if len(s) < T + 1:  # a window needs T inputs plus the one extra target
@@ -111,7 +112,10 @@ class BatchLoader:
         g = self.global_batches + self.rank
         T = self.block_size
         rows = [np.asarray(self.shards[s][p:p + T + 1], dtype=np.int64) for s, p in self.positions(g)]
-        buf = torch.from_numpy(np.stack(rows))  # (B, T+1)
+        buf = np.stack(rows)  # (B, T+1)
+        if self.vocab_size is not None:
+            self._check_ids(buf)
+        buf = torch.from_numpy(buf)
         x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
         self.global_batches += self.world_size
         device = torch.device(device)
@@ -120,6 +124,14 @@ class BatchLoader:
         elif device.type != "cpu":
             x, y = x.to(device), y.to(device)
         return x, y
+
+    def _check_ids(self, buf: np.ndarray) -> None:
+        lo, hi = int(buf.min()), int(buf.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise DataError(
+                f"token id {lo if lo < 0 else hi} in the data is out of range [0, {self.vocab_size}): the data was "
+                f"tokenized with another vocabulary than the model's vocab_size; prepare it with the run's tokenizer"
+            )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

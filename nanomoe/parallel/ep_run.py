@@ -174,7 +174,7 @@ def _run(cfg: EPConfig, info) -> dict:
         shard_model(model)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=torch.device(device).type)
     loader = BatchLoader(train_ids, cfg.batch_size, cfg.block_size, seed=cfg.seed, rank=info.rank,
-                         world_size=info.world_size)
+                         world_size=info.world_size, vocab_size=tok.vocab_size)
     out = Path(cfg.out_dir)
     step = 0
     if cfg.resume and (out / "latest.pt").is_file():

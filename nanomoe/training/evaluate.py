@@ -22,7 +22,8 @@ def eval_sums(model: torch.nn.Module, data: TokenSource, batch_size: int, block_
               device: str, precision: Precision, seed: int, rank: int = 0, world: int = 1) -> tuple[float, int]:
     """Sum of the per-batch mean CE over this rank's share of `iters` fixed validation batches
     (global batches 0 .. iters-1 of a loader seeded with `seed`; rank r takes r, r+world, ...)."""
-    loader = BatchLoader(data, batch_size, block_size, seed=seed, rank=rank, world_size=world)
+    loader = BatchLoader(data, batch_size, block_size, seed=seed, rank=rank, world_size=world,
+                         vocab_size=unwrap(model).config.vocab_size)
     total, n = 0.0, 0
     for _ in range(rank, iters, world):
         x, y = loader.next_batch(device)

@@ -244,7 +244,8 @@ def start_run(model, train_data, val_data, tcfg: TrainConfig, dist: DistInfo, to
     tcfg = replace(tcfg, grad_accum=accum)  # what the steps, the checkpoints and resume see
     # Global batch g of the run is drawn from a generator seeded with (seed, g); rank r's n-th batch is
     # g = n * world + r, so W ranks x A micro-batches read what 1 process x W*A micro-batches reads.
-    loader = BatchLoader(train_data, tcfg.batch_size, T, seed=tcfg.seed, rank=dist.rank, world_size=world)
+    V = model.config.vocab_size  # token ids are checked where they enter, never inside the forward
+    loader = BatchLoader(train_data, tcfg.batch_size, T, seed=tcfg.seed, rank=dist.rank, world_size=world, vocab_size=V)
     if val_data is not None and tcfg.eval_iters > 0:
         BatchLoader(val_data, tcfg.batch_size, T)  # fail now, not at the first evaluation, on bad val data
     out = Path(tcfg.out_dir) if tcfg.out_dir else None
