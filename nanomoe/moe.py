@@ -1,5 +1,11 @@
 """Mixture-of-Experts feed-forward layer: router, experts, balance losses, capacity, two dispatches.
 
+Shape suffixes (as in torchtitan; the same in `nanomoe.dispatch`): B batch, T time, N = B*T tokens,
+D model width (n_embd, C in the other modules), E experts, L experts held by this process (E, or
+E/W under expert parallelism), F an expert's hidden width (2H for SwiGLU's gate and up, else H),
+k experts per token, A = N*k assignments, M rows handed to the expert kernel. `x_ND` is x with
+shape (N, D); `w1_EFD`-style names spell a weight's shape the same way.
+
 A token x (C,) picks k of E experts (Shazeer et al. 2017, "Outrageously Large Neural Networks"):
 
     logits = W_r x                       (E,)   router, float32, no bias
@@ -102,6 +108,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
+from .dispatch import LocalDispatcher
 from .mlp import MLP, activation
 from .parallel.distributed import unwrap
 
@@ -306,7 +313,7 @@ class MoE(nn.Module):
     `stats` a `RoutingStats` (computed when read): load, importance, tokens, dropped, entropy,
     top1_prob, balance_loss, z_loss, topk_idx."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, dispatcher=None):
         super().__init__()
         if config.n_experts < 1:
             raise ValueError("MoE needs config.n_experts >= 1 (n_experts=0 builds a dense MLP instead)")
@@ -330,8 +337,12 @@ class MoE(nn.Module):
         # KERNELS ("grouped", "loop", "padded") for benchmarks and tests.
         self.kernel: Optional[str] = None
 
+        # How rows reach their experts: all here (`LocalDispatcher`), or spread over ranks
+        # (`nanomoe.parallel.expert_parallel.AllToAllDispatcher`); this process builds only the
+        # experts it holds (dispatcher.local_experts of them).
+        self.dispatcher = dispatcher or LocalDispatcher(config.n_experts, config.moe_top_k)
         self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)
-        self.experts = Experts(config.n_experts, config.n_embd, config.expert_hidden_dim, config.mlp,
+        self.experts = Experts(self.dispatcher.local_experts, config.n_embd, config.expert_hidden_dim, config.mlp,
                                config.gelu_approximate)
         self.shared = None
         if config.n_shared_experts > 0:
@@ -368,27 +379,36 @@ class MoE(nn.Module):
         return load
 
     def forward(self, x: torch.Tensor, step_load: Optional[torch.Tensor] = None):
-        """x (B, T, C) -> (y (B, T, C), aux_loss, stats). step_load (E,): the step's expert counts
-        for the global balance scope (from `global_balance_prepass`), else None."""
+        """x (B, T, C) -> (y (B, T, C), aux_loss, stats): route -> dispatch -> experts -> combine.
+        step_load (E,): the step's expert counts for the global balance scope (from
+        `global_balance_prepass`), else None."""
         B, T, C = x.shape
         E, k = self.n_experts, self.top_k
-        logits, probs, topk_idx, gates = self.route(x)
-
+        logits, probs, topk_idx, gates = self.route(x)  # (B, T, E) x2, (B, T, k) x2
         keep = None
         if self.capacity_factor is not None:
             keep = capacity_keep(topk_idx, E, capacity(T, E, k, self.capacity_factor, self.min_capacity))
 
-        x_flat = x.reshape(B * T, C)
+        x_ND = x.reshape(B * T, C)
         if self.impl == "reference":
-            y = self._dispatch_reference(x_flat, topk_idx.reshape(-1, k), gates.reshape(-1, k), keep)
+            y_ND = self._dispatch_reference(x_ND, topk_idx.reshape(-1, k), gates.reshape(-1, k), keep)
         else:
-            y = self._dispatch_fast(x_flat, topk_idx.reshape(-1), gates.reshape(-1), keep)
-        y = y.view(B, T, C)
+            keep_A = None if keep is None else keep.reshape(-1)
+            xs_MD, counts_L, state = self.dispatcher.dispatch(x_ND, topk_idx.reshape(-1), gates.reshape(-1), keep_A)
+            out_MD = self._run_experts(xs_MD, counts_L)
+            y_ND = self.dispatcher.combine(out_MD, state)
+        y = y_ND.view(B, T, C)
         if self.shared is not None:
             y = y + self.shared(x)
         y = self.dropout(y)
+        aux, stats = self._losses(logits, probs, topk_idx, keep, step_load)
+        return y, aux, stats
 
-        # ---- auxiliary losses (from the full distribution, before any dropping) ----
+    def _losses(self, logits, probs, topk_idx, keep, step_load):
+        """The weighted auxiliary loss and the `RoutingStats`, from the full distribution (before
+        any dropping): logits, probs (B, T, E), topk_idx (B, T, k), keep (B, T, k) or None."""
+        B, T, k = topk_idx.shape
+        E = self.n_experts
         load = expert_counts(topk_idx.reshape(1, B * T, k), E)[0]  # (E,) assignments of this forward
 
         def balance() -> torch.Tensor:
@@ -410,7 +430,7 @@ class MoE(nn.Module):
         stats = RoutingStats({
             "load": lambda: load,
             "importance": lambda: probs.reshape(-1, E).mean(0),
-            "tokens": lambda: torch.tensor(B * T, device=x.device),
+            "tokens": lambda: torch.tensor(B * T, device=logits.device),
             "dropped": lambda: (~keep).sum() if keep is not None else topk_idx.new_zeros(()),
             "entropy": lambda: _entropy(probs.reshape(-1, E)),
             "top1_prob": lambda: probs.reshape(-1, E).max(-1).values.mean(),
@@ -418,7 +438,7 @@ class MoE(nn.Module):
             "z_loss": (lambda: z) if z is not None else z_loss,
             "topk_idx": lambda: topk_idx,
         })
-        return y, aux, stats
+        return aux, stats
 
     # ---- dispatch: readable reference --------------------------------------------------------
     def _dispatch_reference(self, x, topk_idx, gates, keep):
@@ -437,47 +457,23 @@ class MoE(nn.Module):
             y.index_add_(0, tok, (out * g).to(y.dtype))  # add (never overwrite): a token sums its k experts
         return y
 
-    # ---- dispatch: sorted, one (grouped) matmul per expert ----------------------------------
-    def _dispatch_fast(self, x, expert_of, gates, keep):
-        """x (N, C), expert_of (N*k,), gates (N*k,), keep (B, T, k) or None -> y (N, C)."""
-        E, k = self.n_experts, self.top_k
-        token_of = torch.arange(expert_of.numel(), device=x.device) // k  # (N*k,) assignment -> token
-        kernel = self._kernel(x)
-        if keep is not None and kernel != "grouped":  # the loop and the padding read counts on the host anyway:
-            kept = keep.reshape(-1).nonzero().squeeze(1)  # remove dropped assignments before dispatch
-            expert_of, gates, token_of, keep = expert_of[kept], gates[kept], token_of[kept], None
-        # grouped kernel with capacity: dropped assignments get the key E, sort after every expert's
-        # group and stay out of the kernel's groups (no `nonzero`, so no host sync)
-        key = expert_of if keep is None else torch.where(keep.reshape(-1), expert_of, E)
-        order = torch.argsort(key, stable=True)  # group assignments by expert
-        token_sorted = token_of[order]
-        counts = torch.zeros(E + 1, dtype=torch.long, device=x.device).scatter_add_(0, key, torch.ones_like(key))
-        xs = x.index_select(0, token_sorted)  # (M, C) tokens in expert order
-        kept_sorted = None if keep is None else keep.reshape(-1)[order].unsqueeze(1)  # (M, 1)
-        if kept_sorted is not None:  # rows past the last group are never written by the kernel:
-            xs = torch.where(kept_sorted, xs, 0.0)  # where (not *) keeps their gradient out of x
-        out = self._run_experts(xs, key[order], counts[:E], kernel)  # (M, C)
-        if kept_sorted is not None:
-            out = torch.where(kept_sorted, out, 0.0)
-        out = out * gates[order].unsqueeze(1).to(out.dtype)
-        return torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add_(0, token_sorted, out).to(x.dtype)
-
-    def _kernel(self, x: torch.Tensor) -> str:
-        """The expert kernel for input x: `self.kernel` when forced, else `pick_kernel` for the compute dtype."""
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # compute dtype
-        return self.kernel or pick_kernel(dt, x.device, x.size(1), self.experts.hidden)
-
-    def _run_experts(self, xs, expert_sorted, counts, kernel: Optional[str] = None):
-        """xs (M, C) rows grouped by expert, counts (E,) -> (M, C): the chosen kernel (`KERNELS`) on
-        this layer's stacked experts, in the autocast dtype when one is active."""
+    # ---- the experts: one kernel over rows grouped by expert ---------------------------------
+    def _run_experts(self, xs_MD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+        """xs_MD rows grouped by local expert (counts_L[e] each; rows past them were dropped by
+        capacity) -> (M, D): the chosen kernel (`KERNELS`) on this layer's stacked experts, in the
+        autocast dtype when one is active."""
         w_fc, w_proj = self.experts.c_fc, self.experts.c_proj
-        dev = xs.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype  # compute dtype
-        kernel = kernel or self._kernel(xs)
-        if kernel == "grouped" and (dt != xs.dtype or dt != w_fc.dtype):
-            xs, w_fc, w_proj = xs.to(dt), w_fc.to(dt), w_proj.to(dt)  # grouped_mm is not on autocast's lists
-        return KERNELS[kernel](xs, expert_sorted, counts, w_fc, w_proj, self.kind, self.gelu_approximate)
+        dev = xs_MD.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs_MD.dtype  # compute dtype
+        kernel = self.kernel or pick_kernel(dt, xs_MD.device, xs_MD.size(1), self.experts.hidden)
+        if kernel == "grouped":  # rows past the last group are left alone (no host sync)
+            if dt != xs_MD.dtype or dt != w_fc.dtype:
+                xs_MD, w_fc, w_proj = xs_MD.to(dt), w_fc.to(dt), w_proj.to(dt)  # grouped_mm is not on autocast's lists
+            return experts_grouped(xs_MD, None, counts_L, w_fc, w_proj, self.kind, self.gelu_approximate)
+        # the loop and the padding read the counts on the host anyway: run the kept rows only
+        xs_MD = xs_MD[: int(counts_L.sum())]
+        expert_M = torch.repeat_interleave(torch.arange(counts_L.numel(), device=xs_MD.device), counts_L)
+        return KERNELS[kernel](xs_MD, expert_M, counts_L, w_fc, w_proj, self.kind, self.gelu_approximate)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

@@ -81,6 +81,7 @@ from nanomoe.course.moe_metrics import MoEMetrics
 from nanomoe.course.notebook import show_source
 from nanomoe.course.plots import plot_balance_sweep, plot_curves, plot_expert_load, plot_token_routing, save_figure
 from nanomoe.data import encode_splits, read_corpus
+from nanomoe.dispatch import LocalDispatcher, sort_by_expert
 from nanomoe.mlp import MLP
 from nanomoe.moe import (
     Experts,
@@ -484,10 +485,14 @@ print("probabilidades iguais:", torch.equal(p0, p1), "| portas = p renormalizado
 # - `padded`: completa com zeros os tokens de cada especialista até o tamanho do maior e faz duas
 #   `bmm` — poucos kernels grandes, pagando as contas do enchimento.
 #
-# Com capacidade, as atribuições descartadas saem da lista antes do despacho.
+# Com capacidade, as atribuições descartadas vão para o fim da ordem (depois de todos os
+# especialistas) e ficam fora dos grupos do kernel, sem ler nada de volta na CPU. A ordenação é
+# `sort_by_expert`; o `LocalDispatcher` despacha (`dispatch`) e combina (`combine`), e o `MoE.forward`
+# lê rotear → despachar → especialistas → combinar.
 
 # %%
-show_source(MoE._dispatch_reference, MoE._dispatch_fast, experts_grouped, experts_loop, experts_padded, pick_kernel)
+show_source(MoE._dispatch_reference, sort_by_expert, LocalDispatcher, experts_grouped, experts_loop, experts_padded,
+            pick_kernel)
 
 # %%
 cfg = moe_config(vocab_size=16, block_size=64, n_layer=1, n_head=2, n_embd=64, n_experts=8, moe_top_k=2)

@@ -83,8 +83,8 @@ from nanomoe.data import read_corpus
 from nanomoe.moe import MoE, expert_mlp
 from nanomoe.parallel.ep_run import launch
 from nanomoe.parallel.expert_parallel import (
+    AllToAllDispatcher,
     ExpertParallelError,
-    ExpertParallelMoE,
     check_world_size,
     clip_grad_norm,
     sync_gradients,
@@ -238,14 +238,15 @@ with torch.no_grad():
 # %% [markdown]
 # ## 3. O mesmo com `torch.distributed`
 #
-# No pacote, cada rank é um processo. A camada `ExpertParallelMoE` **herda** do `MoE` do capítulo
-# 03 o roteamento, a capacidade, as losses auxiliares e as estatísticas, e troca só o despacho.
+# No pacote, cada rank é um processo. A camada é o mesmo `MoE` do capítulo 03 (roteamento,
+# capacidade, losses auxiliares e estatísticas), com outro despachante: `MoE.forward` lê
+# rotear → despachar → especialistas → combinar, e o `AllToAllDispatcher` troca só o despacho.
 # Repare nas duas trocas de dados: primeiro as **contagens** (`recv` diz quantas linhas chegam de
 # cada rank para cada especialista local; é daí que sai o tamanho dos buffers), depois as linhas.
 # A ordem das contagens é a mesma das linhas: ambas seguem os especialistas em ordem crescente.
 
 # %%
-show_source(ExpertParallelMoE._dispatch_fast)
+show_source(AllToAllDispatcher.dispatch, AllToAllDispatcher.combine)
 
 # %% [markdown]
 # O `all_to_all` precisa de gradiente: no *backward*, o gradiente de cada linha recebida volta ao

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from nanomoe import GPT, moe_config
 from nanomoe.moe import MoE, add_loads, expert_counts, global_balance_prepass, moe_layers, update_moe_bias
-from nanomoe.parallel.expert_parallel import ExpertParallelError, ExpertParallelMoE, check_world_size
+from nanomoe.parallel.expert_parallel import ExpertParallelError, check_world_size, expert_parallel_moe
 from nanomoe.training.checkpoint import CheckpointError, check_config, load_checkpoint
 
 ATOL, RTOL = 1e-6, 1e-5
@@ -116,8 +116,9 @@ def _layer_worker(rank, world, out_dir):
     res = {}
     for case in LAYER_CASES:
         full, x, target = _layer_inputs(case)
-        layer = ExpertParallelMoE(_layer_config(case))
-        sl = slice(layer.first_expert, layer.first_expert + layer.local_experts)
+        layer = expert_parallel_moe(_layer_config(case))  # builds only this rank's experts
+        d = layer.dispatcher
+        sl = slice(d.first_expert, d.first_expert + d.local_experts)
         state = full.state_dict()
         state["experts.c_fc"], state["experts.c_proj"] = state["experts.c_fc"][sl], state["experts.c_proj"][sl]
         layer.load_state_dict(state)
@@ -131,7 +132,7 @@ def _layer_worker(rank, world, out_dir):
         sync_gradients(layer)
         res[case] = {"y": y.detach(), "aux": aux.detach(), "x_grad": xr.grad, "dropped": stats["dropped"],
                      "grads": {n: p.grad for n, p in layer.named_parameters()},
-                     "sent": layer.last_comm["sent"], "received": layer.last_comm["received"]}
+                     "sent": d.last_comm["sent"], "received": d.last_comm["received"]}
     torch.save(res, f"{out_dir}/rank{rank}.pt")
 
 

@@ -37,8 +37,8 @@ from .distributed import cleanup_distributed, setup_distributed
 from .ep_train import evaluate, gather_comm, restore, save, train_step
 from .expert_parallel import (
     ExpertParallelError,
-    ExpertParallelMoE,
     check_world_size,
+    expert_parallel_moe,
     load_full_state_dict,
     shard_model,
     sync_gradients,
@@ -147,8 +147,8 @@ def check_layer(cfg: EPConfig, info, sequences_per_rank: int = 2) -> dict:
     return diffs
 
 
-def shard_model_layer(single: MoE, config) -> ExpertParallelMoE:
-    layer = ExpertParallelMoE(config).to(single.router.weight.device)
+def shard_model_layer(single: MoE, config) -> MoE:
+    layer = expert_parallel_moe(config).to(single.router.weight.device)
     load_full_state_dict(layer, single.state_dict())
     return layer
 

@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import GPTConfig
+from ..dispatch import scatter_back, sort_by_expert
 from ..moe import MoE
 
 
@@ -97,62 +98,48 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 # ---- the layer -------------------------------------------------------------------------------------
 
 
-class ExpertParallelMoE(MoE):
-    """An MoE layer whose experts are split over the ranks of `group` (the default group when None).
+class AllToAllDispatcher:
+    """Expert parallelism's dispatcher (see `nanomoe.dispatch`): this rank holds experts
+    first_expert .. first_expert + L - 1 (L = E/W) and exchanges rows with the other ranks of `group`.
 
-    Same routing, capacity, auxiliary losses and statistics as `MoE` (inherited); only the dispatch
-    differs. `experts.c_fc` / `experts.c_proj` hold this rank's slice (E/W, ., .) of the stacked
-    weights: experts first_expert .. first_expert + E/W - 1. After each forward `last_comm` holds
-    the rows sent to / received from each rank (int64 tensors (W,)) and the bytes this rank sent
-    over the network; `comm_total` sums them over the forwards since `reset_comm`."""
+    dispatch: `sort_by_expert` (the kept rows, by expert, hence by destination rank), all_to_all of
+    the counts (sizes the receive buffer), all_to_all of the rows, regrouped by local expert.
+    combine: back to (source rank, local expert) order, all_to_all home, gates, scatter to tokens.
+    After each forward `last_comm` holds the rows sent to / received from each rank (int64 (W,)) and
+    the bytes this rank sent over the network; `comm_total` sums them since `reset_comm`."""
 
-    def __init__(self, config: GPTConfig, group: Optional[dist.ProcessGroup] = None):
-        super().__init__(config)
-        self.group = group
+    def __init__(self, n_experts: int, top_k: int, group: Optional[dist.ProcessGroup] = None):
+        self.n_experts, self.top_k, self.group = n_experts, top_k, group
         self.world, self.rank = group_size(group), group_rank(group)
-        check_world_size(config.n_experts, self.world)
-        self.local_experts = config.n_experts // self.world
+        check_world_size(n_experts, self.world)
+        self.local_experts = n_experts // self.world
         self.first_expert = self.rank * self.local_experts
-        sl = slice(self.first_expert, self.first_expert + self.local_experts)
-        # keep only this rank's slice (the full init is drawn first, so every world size starts
-        # from the same weights as one process with the same seed)
-        self.experts.c_fc = nn.Parameter(self.experts.c_fc.detach()[sl].clone())
-        self.experts.c_proj = nn.Parameter(self.experts.c_proj.detach()[sl].clone())
-        self.experts.n_experts = self.local_experts
-        self.impl = "fast"  # the reference loop needs every expert locally
         self.last_comm: dict[str, Any] = {}
         self.comm_total: dict[str, Any] = {}
 
-    def extra_repr(self) -> str:
-        last = self.first_expert + self.local_experts - 1
-        return f"experts {self.first_expert}..{last} of {self.n_experts} on rank {self.rank}/{self.world}"
-
-    def _dispatch_fast(self, x, expert_of, gates, keep):
-        """x (N, C), expert_of (N*k,), gates (N*k,), keep (B, T, k) or None -> y (N, C)."""
-        E, k, W, L = self.n_experts, self.top_k, self.world, self.local_experts
-        token_of = torch.arange(expert_of.numel(), device=x.device) // k  # (N*k,) assignment -> token
-        if keep is not None:  # capacity: dropped assignments never leave the rank
-            kept = keep.reshape(-1).nonzero().squeeze(1)
-            expert_of, gates, token_of = expert_of[kept], gates[kept], token_of[kept]
-        order = torch.argsort(expert_of, stable=True)  # by expert, hence by destination rank
-        token_sorted = token_of[order]
-        counts = torch.bincount(expert_of, minlength=E)  # (E,) rows for each expert, in the order sent
-        # counts first: recv[s, j] = rows rank s sends to my local expert j (sizes the receive buffer)
-        recv = torch.empty_like(counts)
-        dist.all_to_all_single(recv, counts, group=self.group)
-        recv = recv.view(W, L)
-        send_splits = counts.view(W, L).sum(1).tolist()  # host sync: the collective needs the sizes
-        recv_splits = recv.sum(1).tolist()
-        xs = all_to_all(x.index_select(0, token_sorted), recv_splits, send_splits, self.group)  # (R, C)
+    def dispatch(self, x_ND, expert_A, gate_A, keep_A):
+        """-> xs_MD (rows received for my L experts, grouped by local expert), counts_L, state."""
+        W, L = self.world, self.local_experts
+        s = sort_by_expert(expert_A, keep_A, self.n_experts, self.top_k)  # dropped rows never leave the rank
+        # counts first: recv_WL[s, j] = rows rank s sends to my local expert j (sizes the receive buffer)
+        recv_WL = torch.empty_like(s.counts_E)
+        dist.all_to_all_single(recv_WL, s.counts_E, group=self.group)
+        recv_WL = recv_WL.view(W, L)
+        send_splits = s.counts_E.view(W, L).sum(1).tolist()  # host sync: the collective needs the sizes
+        recv_splits = recv_WL.sum(1).tolist()
+        rows_MD = x_ND.index_select(0, s.token_A[: sum(send_splits)])  # the kept rows, in expert order
+        xs_RD = all_to_all(rows_MD, recv_splits, send_splits, self.group)
         # received rows are grouped (source rank, local expert): regroup by local expert for the kernel
-        local_of = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv.reshape(-1))  # (R,)
-        perm = torch.argsort(local_of, stable=True)
-        out = self._run_experts(xs[perm], local_of[perm], recv.sum(0))  # (R, C) by local expert
-        out = torch.empty_like(out).index_copy(0, perm, out)  # back to (source rank, local expert) order
-        out = all_to_all(out, send_splits, recv_splits, self.group)  # (M, C) in the order we sent
-        out = out * gates[order].unsqueeze(1).to(out.dtype)
-        self._account(send_splits, recv_splits, x)
-        return torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add_(0, token_sorted, out).to(x.dtype)
+        local_R = torch.arange(L, device=x_ND.device).repeat(W).repeat_interleave(recv_WL.reshape(-1))
+        perm_R = torch.argsort(local_R, stable=True)
+        self._account(send_splits, recv_splits, x_ND)
+        return xs_RD[perm_R], recv_WL.sum(0), (s, gate_A, x_ND, perm_R, send_splits, recv_splits)
+
+    def combine(self, out_RD, state):
+        s, gate_A, x_ND, perm_R, send_splits, recv_splits = state
+        out_RD = torch.empty_like(out_RD).index_copy(0, perm_R, out_RD)  # back to (source rank, local expert)
+        out_MD = all_to_all(out_RD, send_splits, recv_splits, self.group)  # (M, D) in the order we sent
+        return scatter_back(out_MD, gate_A, s, x_ND)
 
     def _account(self, send_splits: list[int], recv_splits: list[int], x: torch.Tensor) -> None:
         """Rows and bytes of this forward's exchanges (the backward moves as many bytes again)."""
@@ -166,12 +153,26 @@ class ExpertParallelMoE(MoE):
         self.comm_total = {k: t[k] + v for k, v in self.last_comm.items()} if t else dict(self.last_comm)
 
 
+def expert_parallel_moe(config: GPTConfig, group: Optional[dist.ProcessGroup] = None) -> MoE:
+    """An MoE layer whose experts are split over the ranks of `group` (the default group when None):
+    the same `MoE` (routing, capacity, losses, statistics) with an `AllToAllDispatcher`; it builds
+    only this rank's E/W experts."""
+    layer = MoE(config, AllToAllDispatcher(config.n_experts, config.moe_top_k, group))
+    layer.impl = "fast"  # the reference loop needs every expert locally
+    return layer
+
+
+def is_expert_parallel(m: nn.Module) -> bool:
+    """An MoE layer whose experts are spread over ranks."""
+    return isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatcher)
+
+
 # ---- building, gradients, checkpoints -----------------------------------------------------------
 
 
-def ep_layers(model: nn.Module) -> list[ExpertParallelMoE]:
+def ep_layers(model: nn.Module) -> list[MoE]:
     """The expert-parallel layers of a model, in order."""
-    return [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
+    return [m for m in model.modules() if is_expert_parallel(m)]
 
 
 def expert_parameters(model: nn.Module) -> set[int]:
@@ -180,14 +181,14 @@ def expert_parameters(model: nn.Module) -> set[int]:
 
 
 def shard_model(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> nn.Module:
-    """Turn every MoE layer of a GPT into an `ExpertParallelMoE` over `group`, in place.
+    """Turn every MoE layer of a GPT into an expert-parallel one (`expert_parallel_moe`) over `group`, in place.
 
     The model's current weights are kept: dense ones as they are, experts sliced for this rank. Build
     the same model with the same seed on every rank first (or load a checkpoint after)."""
     for block in model.transformer.h:
-        if getattr(block, "is_moe", False) and not isinstance(block.mlp, ExpertParallelMoE):
+        if getattr(block, "is_moe", False) and not is_expert_parallel(block.mlp):
             full = block.mlp.state_dict()
-            layer = ExpertParallelMoE(model.config, group).to(next(block.mlp.parameters()).device)
+            layer = expert_parallel_moe(model.config, group).to(next(block.mlp.parameters()).device)
             layer.load_state_dict(_slice_experts(full, layer))
             layer.kernel = block.mlp.kernel
             layer.train(block.mlp.training)
@@ -195,9 +196,9 @@ def shard_model(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> 
     return model
 
 
-def _slice_experts(state: dict[str, torch.Tensor], layer: ExpertParallelMoE, prefix: str = "") -> dict:
+def _slice_experts(state: dict[str, torch.Tensor], layer: MoE, prefix: str = "") -> dict:
     out = dict(state)
-    sl = slice(layer.first_expert, layer.first_expert + layer.local_experts)
+    sl = slice(layer.dispatcher.first_expert, layer.dispatcher.first_expert + layer.dispatcher.local_experts)
     for name in ("experts.c_fc", "experts.c_proj"):
         out[prefix + name] = state[prefix + name][sl]
     return out
@@ -265,7 +266,7 @@ def full_state_dict(model: nn.Module, group: Optional[dist.ProcessGroup] = None)
     state = model.state_dict()
     for name, layer in _ep_layer_names(model):
         for w in ("experts.c_fc", "experts.c_proj"):
-            state[name + w] = _gather_rows(state[name + w], layer.group)
+            state[name + w] = _gather_rows(state[name + w], layer.dispatcher.group)
     return state
 
 
@@ -282,19 +283,20 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         if have != want:
             raise ExpertParallelError(
                 f"{key} has shape {have} in the checkpoint but this model needs the full {want} "
-                f"({layer.n_experts} experts, split {layer.local_experts} per rank): was it saved from another "
+                f"({layer.n_experts} experts, split {layer.dispatcher.local_experts} per rank): was it saved from "
+                f"another "
                 "config, or as a shard instead of with full_state_dict?"
             )
         state = _slice_experts(state, layer, prefix=name)
     model.load_state_dict(state)
 
 
-def _ep_layer_names(model: nn.Module) -> list[tuple[str, ExpertParallelMoE]]:
+def _ep_layer_names(model: nn.Module) -> list[tuple[str, MoE]]:
     """(state-dict prefix, layer) of every expert-parallel layer ("" when `model` is the layer)."""
-    return [(f"{n}." if n else "", m) for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)]
+    return [(f"{n}." if n else "", m) for n, m in model.named_modules() if is_expert_parallel(m)]
 
 
-def _expert_param_slices(model: nn.Module) -> dict[int, ExpertParallelMoE]:
+def _expert_param_slices(model: nn.Module) -> dict[int, MoE]:
     """id of each sharded expert parameter -> its layer."""
     return {id(p): m for m in ep_layers(model) for p in m.experts.parameters()}
 
@@ -313,8 +315,8 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, gro
         if layer is None:
             continue
         for key, v in state.items():
-            if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == layer.local_experts:
-                state[key] = _gather_rows(v, layer.group)
+            if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == layer.dispatcher.local_experts:
+                state[key] = _gather_rows(v, layer.dispatcher.group)
     return sd
 
 
@@ -327,7 +329,7 @@ def load_full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module
         layer = owner.get(index[int(i)])
         if layer is None:
             continue
-        sl = slice(layer.first_expert, layer.first_expert + layer.local_experts)
+        sl = slice(layer.dispatcher.first_expert, layer.dispatcher.first_expert + layer.dispatcher.local_experts)
         for key, v in state.items():
             if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == layer.n_experts:
                 state[key] = v[sl].clone()
@@ -343,14 +345,14 @@ def _param_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
 def reset_comm(model: nn.Module) -> None:
     """Start counting the exchanges afresh (see `comm_summary`)."""
     for m in ep_layers(model):
-        m.comm_total = {}
+        m.dispatcher.comm_total = {}
 
 
 def comm_summary(model: nn.Module, total: bool = True) -> dict[str, Any]:
     """This rank's exchanges summed over layers, since `reset_comm` (total) or in the last forward:
     rows sent to and received from each rank (W,), and bytes sent over the network (dispatch +
     combine of the forwards; a backward sends as many bytes again)."""
-    comms = [m.comm_total if total else m.last_comm for m in ep_layers(model)]
+    comms = [m.dispatcher.comm_total if total else m.dispatcher.last_comm for m in ep_layers(model)]
     comms = [c for c in comms if c]
     if not comms:
         return {}
