@@ -36,14 +36,12 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import from_dict, require
 from ..data import BatchLoader, DataError, TokenSource
@@ -51,6 +49,7 @@ from ..device import Precision, peak_flops, pick_precision
 from ..interop.hellaswag import Example, evaluate_hellaswag, for_training
 from ..moe import add_loads, global_balance_prepass, update_moe_bias
 from ..parallel.distributed import DistInfo, all_reduce_mean, barrier, count_ranks, process_group
+from ..parallel.strategy import STRATEGIES, DDPStrategy, make_strategy
 from . import checkpoint as ck
 from .accumulation import grad_accum_for
 from .evaluate import evaluate, sample_text, validation_loss
@@ -95,6 +94,7 @@ class TrainConfig:
     plot: bool = True  # write out_dir/curves.png at each evaluation
     hellaswag: str = ""  # HellaSwag .jsonl scored at each evaluation when the file exists ("" = off)
     hellaswag_examples: int = 0  # score its first N examples (0 = all)
+    parallel: str = "ddp"  # how ranks share the run: ddp (whole model each) | ep (experts split; nanomoe.parallel)
 
     def __post_init__(self) -> None:
         need = partial(require, owner="TrainConfig")
@@ -115,6 +115,7 @@ class TrainConfig:
         need(len(self.betas) == 2, f"betas must be two numbers, got {self.betas}")
         need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         need(self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}")
+        need(self.parallel in STRATEGIES, f"parallel must be one of {list(STRATEGIES)}, got {self.parallel!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -191,6 +192,7 @@ class Run:
     hellaswag: Optional[list[Example]]  # scored at each evaluation (None = off)
     extra_state: Optional[dict]
     result: TrainResult
+    strategy: DDPStrategy  # how the ranks share the model (nanomoe.parallel.strategy)
     fwd: Optional[torch.nn.Module] = None  # what the steps call: raw, compiled and/or DDP-wrapped
     saved_step: Optional[int] = None  # the step of the last checkpoint written (for the NaN message)
     flops_per_token: Optional[float] = None
@@ -256,16 +258,34 @@ def start_run(model, train_data, val_data, tcfg: TrainConfig, dist: DistInfo, to
     barrier(dist)
     model.to(precision.device)
     model.train()
+    strategy = make_strategy(tcfg.parallel, world)
+    _check_strategy(strategy, tcfg, val_data)
+    model = strategy.shard(model)  # before the optimizer: EP replaces the expert parameters by this rank's shard
     optimizer = model.configure_optimizers(tcfg.weight_decay, tcfg.lr, tcfg.betas, precision.device_type)
     return Run(
         tcfg=tcfg, dist=dist, precision=precision, raw=model, optimizer=optimizer,
         scaler=torch.amp.GradScaler(precision.device_type, enabled=precision.use_scaler), loader=loader,
         val_data=val_data, block_size=T, accum=accum // world, step_line=step_line, out=out, tokenizer=tokenizer,
         tok_info=tok_info, extra_state=extra_state, result=TrainResult(out_dir=str(out) if out else None),
+        strategy=strategy,
         hellaswag=for_training(tcfg.hellaswag, tcfg.hellaswag_examples, tokenizer, dist, precision.device),
         flops_per_token=model.flops_per_token(T) if hasattr(model, "flops_per_token") else None,
         peak_flops=peak_flops(precision.device, precision.dtype),
     )
+
+
+def _check_strategy(strategy: DDPStrategy, tcfg: TrainConfig, val_data) -> None:
+    """Under expert parallelism every forward needs every rank: evaluations must give each rank the
+    same number of batches, and HellaSwag (examples split unevenly over ranks) is not supported."""
+    if not strategy.every_rank_runs_the_model:
+        return
+    W = strategy.world
+    if val_data is not None and tcfg.eval_iters % W:
+        raise ValueError(f"parallel='ep' on {W} ranks needs eval_iters to be a multiple of {W} (every rank runs "
+                         f"every evaluation forward), got eval_iters={tcfg.eval_iters}")
+    if tcfg.hellaswag:
+        raise ValueError("parallel='ep' does not score HellaSwag during training: set hellaswag='' (score the "
+                         "checkpoint afterwards with one process)")
 
 
 def _prepare_out_dir(out: Path, tokenizer) -> Optional[dict]:
@@ -287,10 +307,8 @@ def wrap_model(run: Run) -> None:
     """torch.compile and/or DDP around the plain model, after its weights are loaded (so checkpoints
     always see the plain model)."""
     fwd = torch.compile(run.raw) if run.tcfg.compile else run.raw
-    if run.dist.world_size > 1:
-        ids = [torch.device(run.precision.device).index or 0] if run.precision.device_type == "cuda" else None
-        fwd = DDP(fwd, device_ids=ids)
-    run.fwd = fwd
+    ids = [torch.device(run.precision.device).index or 0] if run.precision.device_type == "cuda" else None
+    run.fwd = run.strategy.wrap(fwd, ids)  # DDP for "ddp" on several ranks; EP was sharded in start_run
 
 
 # ---- checkpoint and resume ------------------------------------------------------------------------
@@ -300,11 +318,11 @@ def training_state(run: Run, step: int) -> dict[str, Any]:
     """Everything a checkpoint needs to continue exactly at `step` (plain data: weights_only-safe)."""
     res, tcfg = run.result, run.tcfg
     return {
-        "model": ck.model_state_dict(run.raw),
+        "model": run.strategy.model_state(run.raw),  # EP: the full experts, gathered from the ranks
         "config": run.raw.config.to_dict(),
         "train_config": tcfg.to_dict(),
         "tokenizer": run.tok_info,
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": run.strategy.optimizer_state(run.optimizer, run.raw),
         "scaler": run.scaler.state_dict() if run.precision.use_scaler else None,
         "step": step,
         "tokens": res.tokens,
@@ -326,8 +344,9 @@ def save(run: Run, step: int, is_best: bool) -> None:
     if run.out is None or not run.tcfg.save_checkpoints:
         return
     run.saved_step = step
+    state = training_state(run, step) if run.main or run.strategy.collective_save else None  # EP: a collective
     if run.main:
-        ck.save_checkpoint(run.out / ck.LATEST, training_state(run, step))
+        ck.save_checkpoint(run.out / ck.LATEST, state)
         if is_best:
             ck.copy_checkpoint(run.out / ck.LATEST, run.out / ck.BEST)
 
@@ -352,8 +371,7 @@ def resume(run: Run) -> int:
         return 0
     state = ck.load_checkpoint(path, map_location=run.precision.device)
     ck.check_config(state, run.raw.config)
-    run.raw.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    run.strategy.load(run.raw, run.optimizer, state)  # EP: this rank's slice of the full experts
     if state.get("scaler") and run.precision.use_scaler:
         run.scaler.load_state_dict(state["scaler"])
     ck.set_rng_state(state["rng"])
@@ -409,8 +427,7 @@ def compute_gradients(run: Run, step: int) -> StepStats:
     out = moe_loads = None
     for micro, (x, y) in enumerate(batches):
         # DDP all-reduces the gradients only on the last micro-batch (Li et al. 2020, arXiv 2006.15704)
-        sync = fwd.no_sync() if run.dist.world_size > 1 and micro < run.accum - 1 else nullcontext()
-        with sync:
+        with run.strategy.no_sync(fwd, micro == run.accum - 1):
             with run.precision.autocast():
                 out = fwd(x, y, moe_loads=step_loads)
             run.scaler.scale(out.loss / run.accum).backward()
@@ -423,8 +440,7 @@ def compute_gradients(run: Run, step: int) -> StepStats:
     all_reduce_mean(stats, run.dist)
     loss_v, ce_v = (float(v) for v in stats.tolist())
     run.scaler.unscale_(run.optimizer)  # true gradients (a no-op without fp16 loss scaling)
-    # DDP already averaged the gradients, so this norm is the same on every rank.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), tcfg.grad_clip or float("inf")))
+    grad_norm = run.strategy.clip(raw, tcfg.grad_clip)  # synced over ranks first; the same norm on every rank
     return StepStats(lr=lr, loss=loss_v, ce=ce_v, grad_norm=grad_norm, aux=out.aux_loss, moe_stats=out.moe_stats,
                      moe_loads=moe_loads)
 
@@ -490,7 +506,7 @@ def evaluate_step(run: Run, log: RunLog, step: int, window: Optional[Meter]) -> 
         hs = evaluate_hellaswag(run.raw, run.tokenizer, run.hellaswag, device=run.precision.device,
                                 autocast=run.precision.autocast(), dist_info=run.dist)
         rec.update(hellaswag_n=hs.n, hellaswag_acc=hs.acc, hellaswag_acc_norm=hs.acc_norm)
-    if run.main:
+    if run.main or run.strategy.every_rank_runs_the_model:  # EP: every rank takes part in each forward
         rec["sample"] = sample_text(run.raw, run.tokenizer, tcfg.sample_prompt, tcfg.sample_tokens,
                                     tcfg.sample_temperature, tcfg.seed, run.precision)
     res.history.append(rec)
