@@ -36,8 +36,8 @@ def run(out_dir, parallel, max_steps=6, resume=False):
     model = GPT(preset("moe", vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
                        n_experts=4, moe_top_k=2, moe_bias_balance=True))
     cfg = TrainConfig(max_steps=max_steps, decay_steps=8, warmup_steps=2, batch_size=4, grad_accum=2, lr=3e-3,
-                      eval_interval=3, eval_iters=2, log_interval=1, out_dir=out_dir, plot=False, device="cpu", parallel=parallel,
-                      resume=resume)
+                      eval_interval=3, eval_iters=2, log_interval=1, out_dir=out_dir, plot=False, device="cpu",
+                      parallel=parallel, resume=resume)
     res = train(model, ids[:9_000], ids[9_000:], cfg, progress=False)
     return {"losses": res.losses, "val": [h["val_loss"] for h in res.history],
             "grad_norms": [r["grad_norm"] for r in res.log]}
