@@ -28,7 +28,7 @@ from ..config import moe_config
 from ..course.ep_plots import plot_comm
 from ..data import BatchLoader, encode_splits, read_corpus
 from ..model import GPT
-from ..moe import MoE
+from ..moe import MoE, expert_counts
 from ..tokenizer import get_tokenizer
 from ..training.checkpoint import CheckpointError
 from ..training.progress import tqdm
@@ -128,14 +128,15 @@ def check_layer(cfg: EPConfig, info, sequences_per_rank: int = 2) -> dict:
     layer = shard_model_layer(single, config) if info.enabled else single
     b = sequences_per_rank
     xr = x[info.rank * b:(info.rank + 1) * b].clone().requires_grad_(True)
-    y, aux, _ = layer(xr)
+    with torch.no_grad():  # the step's expert counts (global balance scope): every rank has the whole batch
+        load = expert_counts(single.route(x)[2].reshape(1, -1, config.moe_top_k), config.n_experts)[0]
+    y, aux, _ = layer(xr, load)
     (y.square().mean() + aux).backward()  # any scalar of the outputs (a mean over tokens, like the CE)
     sync_gradients(layer)
     ys = _gather(y.detach(), info)
     grads = {n: _gather(p.grad, info) if n.startswith("experts.") else p.grad for n, p in layer.named_parameters()}
-    # the reference runs on every rank: under torch.distributed a global balance scope all-reduces
-    # the counts, and W identical copies leave the fractions f_i unchanged
-    y1, aux1, _ = single(x)
+    # the reference runs on every rank, on the whole batch and its counts
+    y1, aux1, _ = single(x, load)
     (y1.square().mean() + aux1).backward()
     if not info.is_main:
         return {}
