@@ -42,6 +42,7 @@
 # uv run -m scripts.04_train --config=machado_moe --max_steps=500
 # uv run -m scripts.04_train --resume                          # continua do último checkpoint
 # torchrun --standalone --nproc_per_node=2 -m scripts.04_train --config=machado_char_modern  # DDP
+# torchrun --standalone --nproc_per_node=2 -m scripts.04_train --config=machado_moe_ep  # experts split (cap. 07)
 # ```
 
 # %%
