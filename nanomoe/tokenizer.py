@@ -265,7 +265,7 @@ def get_tokenizer(name: str, text: Optional[str] = None, path: Optional[str] = N
     if name == "bytes":
         return ByteTokenizer()
     if name in ("gpt2", "tiktoken"):
-        return TiktokenGPT2()
+        return gpt2_tokenizer()  # the one GPT-2 path: tiktoken's cache, or the offline $NANOMOE_DATA/gpt2
     if name == "bpe":
         if path is None:
             raise TokenizerError("the bpe tokenizer is loaded from a file: pass path=.../tokenizer.json")
@@ -301,13 +301,15 @@ def load_tokenizer(info: dict[str, Any], base_dir: Optional[str | os.PathLike] =
 
 
 def gpt2_tokenizer() -> Tokenizer:
-    """tiktoken's GPT-2 BPE. Offline, tiktoken's cache is filled from $NANOMOE_DATA/gpt2 when that
-    folder holds encoder.json and vocab.bpe (TIKTOKEN_CACHE_DIR is then set to ~/.cache/nanomoe/tiktoken)."""
+    """tiktoken's GPT-2 BPE, the one path every "gpt2" tokenizer takes (`get_tokenizer`,
+    `load_tokenizer`, data preparation, `--tokenizer=gpt2`). Offline, tiktoken's cache is filled
+    from $NANOMOE_DATA/gpt2 when that folder holds encoder.json and vocab.bpe (TIKTOKEN_CACHE_DIR is
+    then set to ~/.cache/nanomoe/tiktoken)."""
     try:
-        return get_tokenizer("gpt2")
+        return TiktokenGPT2()
     except TokenizerError:
         shared = shared_data_dir()
         if shared is None or not (shared / "gpt2" / "encoder.json").is_file():
             raise
         os.environ["TIKTOKEN_CACHE_DIR"] = str(fill_tiktoken_cache(shared / "gpt2", cache_dir() / "tiktoken"))
-        return get_tokenizer("gpt2")
+        return TiktokenGPT2()

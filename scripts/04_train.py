@@ -101,6 +101,7 @@ from nanomoe.training.accumulation import grad_accum_for
 from nanomoe.training.cli import in_notebook, short_errors
 from nanomoe.training.runs import (
     model_config_from_args,
+    model_fields_set,
     parse_run_args,
     resolve_data_dir,
     run_defaults,
@@ -160,7 +161,9 @@ if main:
 # %%
 config = model_config_from_args(args, tokenizer.vocab_size)
 torch.manual_seed(args.seed)
-model, transfer_report = init_model(args.init_from, config, verbose=main)  # scratch: GPT(config)
+model, transfer_report = init_model(args.init_from, config, verbose=main,  # scratch: GPT(config)
+                                    explicit=model_fields_set(args))  # sizes not set: a pretrained source's
+config = model.config  # the source's architecture when the run set no size of its own
 tcfg = train_config_from_args(args)
 accum, _ = grad_accum_for(tcfg.batch_size, config.block_size, dist_info.world_size, tcfg.tokens_per_step,
                           tcfg.grad_accum)

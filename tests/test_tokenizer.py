@@ -66,6 +66,7 @@ def test_gpt2_offline_with_empty_cache_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.delitem(tiktoken.registry.ENCODINGS, "gpt2", raising=False)  # no in-process copy either
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.delenv("NANOMOE_DATA", raising=False)  # and no offline copy of GPT-2's files to fall back on
     with pytest.raises(TokenizerError, match="fill_tiktoken_cache|TIKTOKEN_CACHE_DIR") as e:
         get_tokenizer("gpt2")
     assert "internet" in str(e.value)

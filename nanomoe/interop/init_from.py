@@ -8,7 +8,9 @@
 | a folder with `config.json` | a Hugging Face folder (`save_pretrained`, or `nanomoe.interop.hf.export_hf`) |
 | a `.pt` file, or a run folder with `latest.pt` | a nanomoe checkpoint (`training.checkpoint`): weights only, new run |
 
-The run's own config (preset + fields) decides the architecture. When the source has the same
+A pretrained source brings its architecture, as nanoGPT's `init_from='gpt2'` does, unless the run
+sets an architecture field itself (`explicit`, e.g. n_layer or n_embd from a run config or the
+command line): then the run's own config (preset + fields) decides. When the source has the same
 architecture, every tensor is loaded exactly (GPT-2's position table cropped to a smaller
 block_size, as nanoGPT does). Otherwise chapter 05's `transfer_weights` copies what keeps a
 meaning, adapts what can be adapted, initializes the rest, and its report is printed: nothing is
@@ -104,14 +106,39 @@ def pad_vocab(src: GPT, dst: GPT) -> GPT:
     return grown
 
 
-def init_model(init_from: str, config: GPTConfig, *, verbose: bool = True) -> tuple[GPT, Optional[TransferReport]]:
+def architecture_fields() -> set[str]:
+    """The GPTConfig fields that decide which tensors exist (all but the runtime ones and vocab_size)."""
+    return set(GPTConfig().to_dict()) - set(_RUNTIME) - {"vocab_size"}
+
+
+def source_config(src: GPTConfig, run: GPTConfig, explicit: set[str]) -> GPTConfig:
+    """The source's architecture with the run's runtime settings: dropout and the implementation
+    switches always, block_size when the run sets it, a vocabulary padded to the run's when larger."""
+    keep = {k: getattr(run, k) for k in _RUNTIME if k in explicit and k not in ("mlp_hidden", "moe_hidden",
+                                                                               "mlp_multiple_of", "n_kv_head")}
+    keep.setdefault("dropout", run.dropout)
+    return src.replace(vocab_size=max(src.vocab_size, run.vocab_size), **keep)
+
+
+def init_model(init_from: str, config: GPTConfig, *, verbose: bool = True,
+               explicit: Optional[set[str]] = None) -> tuple[GPT, Optional[TransferReport]]:
     """The model a run starts from: GPT(config) with its weights taken from `init_from`.
+    explicit: the config fields the run set itself; when none of them is an architecture field, a
+    pretrained source's architecture is used (None: the run's config always decides).
     Returns (model, transfer report or None when the load was exact or there was no source).
     The random init is drawn first in every case, so call torch.manual_seed before."""
-    model = GPT(config)
     if init_from in (SCRATCH, RESUME, "", None):
-        return model, None
-    src = load_source(init_from)
+        return GPT(config), None
+    if explicit is None or explicit & architecture_fields():
+        model = GPT(config)  # the run's init is drawn before the source is loaded (same random tensors as before)
+        src = load_source(init_from)
+    else:
+        src = load_source(init_from)
+        config = source_config(src.config, config, explicit)
+        model = GPT(config)
+        if verbose:
+            print(f"init_from {init_from}: the run sets no architecture field, so it takes the source's "
+                  f"({config.n_layer} layers, {config.n_embd} wide, {config.n_head} heads)")
     padded = ""
     if config.vocab_size > src.config.vocab_size and src.config.n_embd == config.n_embd:
         padded = f" (vocabulary padded from {src.config.vocab_size:,} to {config.vocab_size:,} rows: new rows at init)"

@@ -101,6 +101,12 @@ def model_config_from_args(args, vocab_size: int):
     return preset(args.preset, **over)
 
 
+def model_fields_set(args) -> set[str]:
+    """The GPTConfig fields a run sets itself (run config, --quick or the command line), vocab_size aside:
+    with none of the architecture ones, `--init_from` a pretrained model takes the source's architecture."""
+    return {f.name for f in fields(GPTConfig) if getattr(args, f.name, None) is not None}
+
+
 def train_config_from_args(args) -> TrainConfig:
     """TrainConfig from a run's options (a relative out_dir goes under $NANOMOE_HOME when set)."""
     keys = {f.name for f in fields(TrainConfig)} - {"block_size"}
