@@ -190,7 +190,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None, moe_loads: Optional[list] = None):
         """idx (B, T) -> final normalized hidden states (B, T, C), summed MoE aux loss, MoE stats.
-        moe_loads: one (E,) step count per MoE layer for the global balance scope (see `nanomoe.moe`)."""
+        moe_loads: one (E,) step count per MoE layer for the global balance scope, or a function of a
+        layer's own counts (`nanomoe.moe.sum_over_ranks`); see `nanomoe.moe`."""
         start = cache.pos if cache is not None else 0
         self._check_idx(idx, start)
         B, T = idx.shape
@@ -204,7 +205,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         aux_total, stats = None, []
         for block in self.transformer.h:
-            step_load = moe_loads[len(stats)] if moe_loads is not None and block.is_moe else None
+            step_load = moe_loads[len(stats)] if isinstance(moe_loads, list) and block.is_moe else moe_loads
             x, aux, st = block(x, rope, cache, step_load)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux

@@ -47,13 +47,14 @@ Balance scope (`moe_balance_scope`), where f_i is counted:
     "global"       the whole optimizer step: every micro-batch of every rank (Qiu et al. 2025,
                    "Demons in the Detail", arXiv 2501.11873). f_i . P_i is not linear, so the
                    counts are summed first and the loss comes after. How, exactly:
-                   - one micro-batch in one process: this forward's own counts are the step's;
-                   - with gradient accumulation or several ranks, the training step calls
+                   - one micro-batch per rank: the training step passes `moe_loads=sum_over_ranks`,
+                     which sums this forward's counts over the ranks (the identity in one process);
+                   - with gradient accumulation, the training step calls
                      `global_balance_prepass(model, micro_batches)`: a no-grad routing pass over
                      the step's micro-batches before the first backward (one extra forward,
                      ~+1/3 compute) whose counts it sums over the ranks, and passes them to every
-                     training forward of the step (`model(x, y, moe_loads=...)`); the layer
-                     itself never talks to other ranks. The loss of micro-batch
+                     training forward of the step (`model(x, y, moe_loads=...)`).
+                   The layer decides nothing about ranks: what to sum is the step's. The loss of micro-batch
                      m is then N sum_i f_i P_i^(m); averaged over equal micro-batches (the loop
                      divides by grad_accum) and ranks (DDP) it is exactly N sum_i f_i P_i of the
                      whole step. Tests: 2 micro-batches == 1 batch, 2 gloo ranks == 1 process.
@@ -368,9 +369,12 @@ class MoE(nn.Module):
         return logits, probs, topk_idx, gates
 
     @staticmethod
-    def _global_load(load: torch.Tensor, step_load: Optional[torch.Tensor]) -> torch.Tensor:
+    def _global_load(load: torch.Tensor, step_load) -> torch.Tensor:
         """The (E,) counts of the whole optimizer step for the global balance loss (training only):
-        the training step's `step_load`, or this forward's own when it is the whole step."""
+        the training step's `step_load` (counts, or a function of this forward's counts such as
+        `sum_over_ranks` when one micro-batch is the rank's whole step), or this forward's own."""
+        if callable(step_load):
+            return step_load(load)
         if step_load is not None:
             return step_load
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -479,6 +483,16 @@ class MoE(nn.Module):
 def moe_layers(model: nn.Module) -> list[MoE]:
     """The MoE layers of a model, in order (the order of a forward's `moe_stats`)."""
     return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def sum_over_ranks(load: torch.Tensor) -> torch.Tensor:
+    """The training step's way to give a one-micro-batch step its global counts: passed as
+    `model(x, y, moe_loads=sum_over_ranks)`, it sums this forward's (E,) counts over the ranks
+    (no extra forward; the step decides, the layer only calls what it is given)."""
+    load = load.clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(load)
+    return load
 
 
 def add_loads(acc: Optional[list], stats: list) -> list:

@@ -186,15 +186,15 @@ print("probs somam 1:", probs.sum(-1).flatten()[:3].tolist())
 #   todos os especialistas, o que briga com a especialização por domínio.
 #
 # Como $f_i P_i$ não é linear, "global" exige somar as **contagens** primeiro e só então calcular a
-# loss — calcular a loss por processo e tirar a média é outra coisa. Num processo só, com um
-# micro-lote por passo, as contagens do forward já são as do passo. Com acumulação de gradiente, o
-# micro-lote 1 precisaria das contagens do micro-lote 2, que ainda não rodou (e, com vários
-# processos, das dos outros ranks); a nossa solução, exata: `global_balance_prepass` roda **antes**
-# do passo um forward sem gradiente sobre os micro-lotes do passo, só para contar, soma as
-# contagens entre os processos e as entrega a cada forward do passo (`model(x, y, moe_loads=...)`;
-# a camada nunca fala com os outros ranks). Custa um forward a mais por passo, ~1/3 do custo de um
-# passo. Como os micro-lotes têm o mesmo tamanho, a média das losses $N\sum_i f_i P_i^{(m)}$ é
-# exatamente $N\sum_i f_i P_i$ do passo inteiro.
+# loss — calcular a loss por processo e tirar a média é outra coisa. Com um micro-lote por passo, o
+# passo de treino entrega ao forward `moe_loads=sum_over_ranks`, que soma as contagens entre os
+# processos (`all_reduce`; num processo só, nada muda). Com acumulação de gradiente, o micro-lote 1
+# precisaria das contagens do micro-lote 2, que ainda não rodou; a nossa solução, exata:
+# `global_balance_prepass` roda **antes** do passo um forward sem gradiente sobre os micro-lotes do
+# passo, só para contar, soma as contagens entre os processos e as entrega a cada forward do passo
+# (`model(x, y, moe_loads=...)`). Quem decide o que somar é o passo de treino, nunca a camada. Custa
+# um forward a mais por passo, ~1/3 do custo de um passo. Como os micro-lotes têm o mesmo tamanho,
+# a média das losses $N\sum_i f_i P_i^{(m)}$ é exatamente $N\sum_i f_i P_i$ do passo inteiro.
 #
 # Construímos a loss por sequência à mão e conferimos:
 

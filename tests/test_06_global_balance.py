@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from nanomoe import GPT, moe_config
-from nanomoe.moe import global_balance_prepass
+from nanomoe.moe import global_balance_prepass, sum_over_ranks
 
 
 def _config(scope="global"):
@@ -56,8 +56,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ddp = DDP(model)
         x = _data()
         part = x[4 * rank : 4 * rank + 4]  # this rank's share of the step
-        res = ddp(part, part, moe_loads=global_balance_prepass(ddp, [part]))  # A: one micro-batch, counts
-        res.loss.backward()  # summed over the ranks by the pre-pass (the layer never talks to other ranks)
+        res = ddp(part, part, moe_loads=sum_over_ranks)  # A: one micro-batch, its counts summed over the
+        res.loss.backward()  # ranks by what the training step passes (the layer decides nothing about ranks)
         out = {"A": _grads(model), "A_aux": float(res.aux_loss)}
         out["B"], out["B_aux"] = _accumulate(model, ddp, [part[:2], part[2:]])  # B: pre-pass + 2 micro-batches
         torch.save(out, f"{out_dir}/rank{rank}.pt")

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import BatchLoader
-from ..moe import add_loads, global_balance_prepass, update_moe_bias
+from ..moe import add_loads, global_balance_prepass, sum_over_ranks, update_moe_bias
 from ..training.checkpoint import check_config, load_checkpoint, save_checkpoint
 from .expert_parallel import (
     clip_grad_norm,
@@ -52,8 +52,8 @@ def train_step(model, optimizer, micro_batches, lr: float, grad_clip: float, gro
         g["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     reset_comm(model)
-    step_loads = None  # global balance scope: count the whole step's routing first (else None)
-    if len(micro_batches) > 1 or (dist.is_initialized() and dist.get_world_size() > 1):
+    step_loads = sum_over_ranks  # global balance scope, one micro-batch: its counts summed over ranks
+    if len(micro_batches) > 1:  # several: count the whole step's routing first (None unless the scope is global)
         with autocast or nullcontext():
             step_loads = global_balance_prepass(model, [x for x, _ in micro_batches])
     prepass_bytes = comm_summary(model).get("bytes", 0)  # its forwards exchange tokens too (no backward)

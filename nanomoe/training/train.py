@@ -47,7 +47,7 @@ from ..config import from_dict, require
 from ..data import BatchLoader, DataError, TokenSource
 from ..device import Precision, peak_flops, pick_precision
 from ..interop.hellaswag import Example, evaluate_hellaswag, for_training
-from ..moe import add_loads, global_balance_prepass, update_moe_bias
+from ..moe import add_loads, global_balance_prepass, sum_over_ranks, update_moe_bias
 from ..parallel.distributed import DistInfo, all_reduce_mean, barrier, count_ranks, process_group
 from ..parallel.strategy import STRATEGIES, DDPStrategy, make_strategy
 from . import checkpoint as ck
@@ -419,9 +419,11 @@ def compute_gradients(run: Run, step: int) -> StepStats:
         g["lr"] = lr
     batches = [run.loader.next_batch(run.precision.device) for _ in range(run.accum)]
     step_loads = None  # the global balance scope's counts of the whole step (see nanomoe.moe)
-    if (run.accum > 1 or run.dist.world_size > 1) and raw.config.n_experts > 0:
+    if run.accum > 1 and raw.config.n_experts > 0:
         with run.precision.autocast():  # route exactly as the training forwards will (same dtype)
             step_loads = global_balance_prepass(raw, [x for x, _ in batches])  # None unless scope is global
+    elif run.dist.world_size > 1 and raw.config.n_experts > 0 and raw.config.moe_balance_scope == "global":
+        step_loads = sum_over_ranks  # one micro-batch per rank: its counts summed over ranks, no extra forward
     loss_sum = torch.zeros((), device=run.precision.device)
     ce_sum = torch.zeros((), device=run.precision.device)
     out = moe_loads = None
