@@ -309,7 +309,7 @@ def describe(args: SimpleNamespace, defaults: Mapping[str, Any]) -> str:
 
 # ---- errors as one line ---------------------------------------------------------------------------
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # to recognise errors raised by nanomoe itself
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # nanomoe/: errors raised by nanomoe itself
 
 
 def short_errors() -> None:
