@@ -52,7 +52,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.notebook import setup
 
-setup("01", written_for=NANOMOE_REF)
+device = setup("01", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %% [markdown]
 # ## Parâmetros

@@ -66,7 +66,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.notebook import setup
 
-setup("02", written_for=NANOMOE_REF)
+device = setup("02", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %%
 import math
@@ -190,7 +190,6 @@ show_source(rope_tables, rotate_half, apply_rope)
 
 # %%
 fig = plot_rope_rotation(head_dim=16, positions=range(8), pairs=(0, 2, 7), save_path=out_dir / "rope_rotation.png")
-fig
 
 # %% [markdown]
 # **Construa você mesmo.** O RoPE em sete linhas, direto da equação: uma frequência $\theta_i$ por
@@ -249,7 +248,6 @@ ax.set_ylabel("q · k após o RoPE")
 ax.set_title("RoPE: o score depende só da distância (q = k = 1, d = 64)")
 ax.grid(alpha=0.3)
 save_figure(fig, out_dir / "rope_decay.png")
-fig
 
 # %% [markdown]
 # ## 2. RMSNorm (Zhang & Sennrich 2019)
@@ -348,7 +346,6 @@ show_source(CausalSelfAttention.forward)
 
 # %%
 fig = plot_gqa_heads(((8, 8), (8, 2), (8, 1)), save_path=out_dir / "gqa_heads.png")
-fig
 
 # %% [markdown]
 # **Construa você mesmo: atenção causal com GQA.** Dez linhas: repetir cada cabeça de k/v para o
@@ -453,7 +450,6 @@ ax.set_xlabel("logit z")
 ax.legend()
 ax.grid(alpha=0.3)
 save_figure(fig, out_dir / "softcap.png")
-fig
 
 # %% [markdown]
 # ## 8. A ablação: ligando os interruptores um a um
@@ -528,7 +524,6 @@ print(f"{len(configs)} configurações x {tcfg.max_steps * tcfg.batch_size * arg
 
 # %%
 fig = plot_lr_schedule(tcfg, save_path=out_dir / "lr_schedule.png")
-fig
 
 # %%
 results, models = {}, {}
@@ -594,8 +589,8 @@ for name, r in results.items():
     rows.append(f"| {name} | {r['params']:,} | {r['tokens_per_s']:,.0f} | {r['train_loss']:.4f} | "
                 f"{r['val_loss']:.4f} |")
 table = "\n".join(rows)
-print(table)
 (out_dir / "ablation.md").write_text(table + "\n", encoding="utf-8")
+print(table)
 
 # %%
 fig = plot_curves({n: r["history"] for n, r in results.items()}, x="tokens", y="val_loss",
@@ -605,7 +600,6 @@ late = [h["val_loss"] for r in results.values() for h in r["history"] if h["step
 if late:
     fig.axes[0].set_ylim(min(late) - 0.05, max(late) + 0.05)
 save_figure(fig, out_dir / "ablation_val_loss.png")
-fig
 
 # %% [markdown]
 # Como ler a tabela (os números da nossa execução estão na seção 10): a loss é a entropia cruzada
@@ -739,7 +733,6 @@ ax.set_title(f"Tempo por token ({args.n_layer} camadas, C={args.n_embd}, CPU)")
 ax.legend()
 ax.grid(alpha=0.3)
 save_figure(fig, out_dir / "kv_time_per_token.png")
-fig
 
 # %% [markdown]
 # ### Quanto de memória o cache ocupa
@@ -776,7 +769,6 @@ axes[1].set_ylabel("GiB")
 axes[1].set_title("escala Llama 3 8B (8192 posições, bf16)")
 fig.tight_layout()
 save_figure(fig, out_dir / "kv_cache_bytes.png")
-fig
 
 # %% [markdown]
 # ## 10. Resultados que obtivemos

@@ -65,7 +65,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.notebook import setup
 
-setup("03", written_for=NANOMOE_REF)
+device = setup("03", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %%
 import inspect
@@ -187,7 +187,6 @@ for t in range(3):
 # %%
 fig = plot_moe_dispatch(topk_idx[0], gates[0], toy.n_experts, token_labels=["x0", "x1", "x2"],
                         save_path=out_dir / "moe_dispatch.png")
-fig
 
 # %% [markdown]
 # **Construa você mesmo: uma camada MoE em dez linhas.** O roteador (softmax dos logits), o top-k, as
@@ -644,7 +643,6 @@ main_runs = [n for n in ("denso", "MoE top-2", "MoE top-1") if n in results]
 fig = plot_curves({n: results[n]["history"] for n in main_runs}, x="tokens", y="val_loss",
                   title="Machado de Assis: denso vs MoE (validação)", figsize=(8, 4.5))
 save_figure(fig, out_dir / "val_dense_vs_moe.png")
-fig
 
 # %% [markdown]
 # ### A carga dos especialistas ao longo do treino (MoE top-2, α = 0.01)
@@ -656,7 +654,6 @@ fig
 r = results["MoE top-2"]
 fig = plot_expert_load(r["loads"], r["load_steps"], title="MoE top-2, α = 0.01: carga por especialista")
 save_figure(fig, out_dir / "expert_load_top2.png")
-fig
 
 # %%
 no_aux = f"MoE top-2 α={0:g}"
@@ -664,7 +661,6 @@ if no_aux in results:
     r = results[no_aux]
     fig = plot_expert_load(r["loads"], r["load_steps"], title="MoE top-2, α = 0 (sem loss de balanceamento)")
     save_figure(fig, out_dir / "expert_load_top2_alpha0.png")
-fig
 
 # %% [markdown]
 # ### A varredura do coeficiente de balanceamento
@@ -674,7 +670,6 @@ sweep = {c: results["MoE top-2" if c == args.main_aux else f"MoE top-2 α={c:g}"
 fig = plot_balance_sweep(list(sweep), [s["load_cv"] for s in sweep.values()], [s["val_loss"] for s in sweep.values()],
                          title="Loss de balanceamento: carga vs qualidade (MoE top-2)")
 save_figure(fig, out_dir / "balance_sweep.png")
-fig
 
 # %% [markdown]
 # ### Para qual especialista vai cada caractere?
@@ -691,7 +686,6 @@ with torch.no_grad():
 experts = [st["topk_idx"][0, :, 0].tolist() for st in model.last_moe_stats]  # (layers, T)
 fig = plot_token_routing(list(sentence), experts, model.config.n_experts)
 save_figure(fig, out_dir / "token_routing.png")
-fig
 
 # %% [markdown]
 # E em muitos caracteres de validação: para cada especialista da última camada, os caracteres que

@@ -58,7 +58,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.notebook import setup
 
-setup("04", written_for=NANOMOE_REF)
+device = setup("04", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %% [markdown]
 # ## Parâmetros: um arquivo de configuração + `--chave=valor`

@@ -60,7 +60,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.notebook import setup
 
-setup("05", written_for=NANOMOE_REF)
+device = setup("05", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %% [markdown]
 # ## Parâmetros
@@ -359,7 +359,6 @@ ax.set_xlabel("fração dos parâmetros do modelo moderno")
 ax.set_title(f"Transferência GPT-2 → moderno ({'GPT-2 real' if source == 'hub' else 'substituto minúsculo'})")
 ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), frameon=False)
 save_figure(fig, out_dir / "transfer_shares.png")
-fig
 
 # %%
 torch.manual_seed(args.seed)

@@ -65,7 +65,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.notebook import setup
 
-setup("07", written_for=NANOMOE_REF)
+device = setup("07", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %%
 import json
