@@ -54,3 +54,5 @@ html_theme_options = {
     "launch_buttons": {"colab_url": "https://colab.research.google.com"},
     "show_toc_level": 2,
 }
+# pydata-sphinx-theme logs "Got invalid theme mode" on a first visit unless a default is set
+html_context = {"default_mode": "auto"}

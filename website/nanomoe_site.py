@@ -10,6 +10,7 @@ is generated from the same list, and so is an Atom feed (feedgen writes the XML)
 from __future__ import annotations
 
 import ast
+import html
 import json
 import re
 import shutil
@@ -126,6 +127,11 @@ def _drop_badges(doctree: nodes.document, chapter: bool) -> None:
             reference.replace(image, nodes.Text("Abrir no Colab"))
 
 
+def _plain(markdown: str) -> str:
+    """A title's text for raw HTML: no markdown emphasis or code marks, escaped."""
+    return html.escape(re.sub(r"[*_`]", "", markdown))
+
+
 def _header(found: list[Chapter], i: int) -> list[nodes.Node]:
     ch = found[i]
     summary = nodes.paragraph(classes=["chapter-summary"])
@@ -135,9 +141,9 @@ def _header(found: list[Chapter], i: int) -> list[nodes.Node]:
     time += nodes.Text(ch.time + ".")
     nav = []
     if i > 0:
-        nav.append(f'<a class="chapter-prev" href="{found[i - 1].html}">← {found[i - 1].title}</a>')
+        nav.append(f'<a class="chapter-prev" href="{found[i - 1].html}">← {_plain(found[i - 1].title)}</a>')
     if i + 1 < len(found):
-        nav.append(f'<a class="chapter-next" href="{found[i + 1].html}">{found[i + 1].title} →</a>')
+        nav.append(f'<a class="chapter-next" href="{found[i + 1].html}">{_plain(found[i + 1].title)} →</a>')
     name = Path(ch.docname).name
     html = (f'<div class="chapter-actions"><a class="chapter-button colab-button" href="{ch.colab}">Abrir no Colab</a>'
             f' <a class="chapter-button download-button" href="{name}.ipynb" download>Baixar o notebook (.ipynb)</a>'

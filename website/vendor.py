@@ -76,3 +76,12 @@ def ensure_assets() -> Path:
         _extract(_tarball(name, version, integrity), keep, dest)
         stamp.touch()
     return STATIC
+
+
+def ready() -> bool:
+    """True when every pinned library is already extracted (a build then needs no network)."""
+    return all((STATIC / folder / f".{name}-{version}").exists() for name, version, _, _, folder in PACKAGES)
+
+
+if __name__ == "__main__":  # `uv run python website/vendor.py`: fetch now (CI does, before the offline tests)
+    print(f"site assets ready in {ensure_assets()}")
