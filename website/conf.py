@@ -36,7 +36,8 @@ suppress_warnings = ["mystnb.unknown_mime_type"]
 html_static_path = [str(vendor.ensure_assets()), "static"]
 mathjax_path = "mathjax/tex-chtml.js"
 mermaid_use_local = "mermaid/mermaid.esm.min.mjs"
-mermaid_fullscreen = False
+mermaid_fullscreen = True  # a button to see a diagram at full size
+mermaid_height = "auto"  # the diagram at the width of the text, not squeezed into 500 px
 
 html_theme = "sphinx_book_theme"
 html_title = "nanomoe"

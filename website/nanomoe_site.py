@@ -224,7 +224,24 @@ def on_build_finished(app, exception) -> None:
     write_feed(app, found, out)
 
 
+def add_translations(app) -> None:
+    """The theme's words that its own catalogs lack in Portuguese (website/locale/*.po, compiled here)."""
+    from babel.messages.mofile import write_mo
+    from babel.messages.pofile import read_po
+
+    source = Path(__file__).resolve().parent / "locale"
+    compiled = Path(__file__).resolve().parent / "_build" / "locale"
+    for po in source.glob("*/LC_MESSAGES/*.po"):
+        mo = compiled / po.relative_to(source).with_suffix(".mo")
+        mo.parent.mkdir(parents=True, exist_ok=True)
+        with po.open("rb") as f_in, mo.open("wb") as f_out:
+            write_mo(f_out, read_po(f_in))
+    for domain in {po.stem for po in source.glob("*/LC_MESSAGES/*.po")}:
+        app.add_message_catalog(domain, str(compiled))
+
+
 def setup(app):
+    add_translations(app)
     app.connect("builder-inited", on_builder_inited)
     app.connect("source-read", on_source_read)
     app.connect("doctree-read", on_doctree_read)
