@@ -151,11 +151,24 @@ def _header(found: list[Chapter], i: int) -> list[nodes.Node]:
     return [summary, time, nodes.raw("", html, format="html")]
 
 
+def _link_notebook_paths(doctree: nodes.document, found: list[Chapter]) -> None:
+    """On the home page, `notebooks/NN_x.ipynb` written as code (the chapter table) links to its page."""
+    pages = {ch.docname + ".ipynb": ch.docname + ".html" for ch in found}
+    for literal in list(doctree.findall(nodes.literal)):
+        target = pages.get(literal.astext())
+        if target is not None and not isinstance(literal.parent, nodes.reference):
+            reference = nodes.reference("", "", refuri=target, internal=True)
+            literal.replace_self(reference)
+            reference += literal
+
+
 def on_doctree_read(app, doctree: nodes.document) -> None:
     docname = app.env.docname
     found = app.env.nanomoe_chapters
     index = next((i for i, ch in enumerate(found) if ch.docname == docname), None)
     _drop_badges(doctree, chapter=index is not None)
+    if docname == app.config.root_doc:
+        _link_notebook_paths(doctree, found)
     if index is None:
         return
     section = doctree.next_node(nodes.section)
