@@ -7,9 +7,9 @@ an error, every link inside the site resolves (fragment included), the home page
 README's two Mermaid diagrams as SVG, a chapter with formulas shows typeset math, each chapter's
 "Abrir no Colab" opens its own notebook, and the Portuguese search finds the chapters.
 
-Needs Chromium (`apt-get install -y chromium`) and the site's JavaScript libraries, fetched once
-from the npm registry (`uv run python website/vendor.py`); `.ci/run` does both, and in CI a missing
-one fails instead of skipping (NANOMOE_REQUIRE_BROWSER=1 or CI set).
+Needs Chromium (`apt-get install -y chromium`, or NANOMOE_CHROMIUM=path) and the site's
+JavaScript libraries, fetched once from the npm registry (`uv run python website/vendor.py`);
+`.ci/run` does both, and in CI a missing one fails instead of skipping (NANOMOE_REQUIRE_BROWSER=1 or CI set).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "website"))
 import vendor  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = os.environ.get("NANOMOE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CHAPTERS = sorted(p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -81,7 +81,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(site):  # after `site`: where Chromium is missing, that fixture skips before a launch fails
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

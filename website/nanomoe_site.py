@@ -127,9 +127,14 @@ def _drop_badges(doctree: nodes.document, chapter: bool) -> None:
             reference.replace(image, nodes.Text("Abrir no Colab"))
 
 
+def _text(markdown: str) -> str:
+    """A title's text: no markdown emphasis or code marks."""
+    return re.sub(r"[*_`]", "", markdown)
+
+
 def _plain(markdown: str) -> str:
-    """A title's text for raw HTML: no markdown emphasis or code marks, escaped."""
-    return html.escape(re.sub(r"[*_`]", "", markdown))
+    """A title's text for raw HTML, escaped."""
+    return html.escape(_text(markdown))
 
 
 def _header(found: list[Chapter], i: int) -> list[nodes.Node]:
@@ -216,7 +221,7 @@ def write_feed(app, found: list[Chapter], out: Path) -> None:
     for ch in found:
         entry = feed.add_entry(order="prepend")
         entry.id(base + ch.docname + ".html")
-        entry.title(ch.title)
+        entry.title(_text(ch.title))
         entry.link(href=base + ch.docname + ".html")
         entry.summary(ch.summary)
         entry.published(_git_date(root, ch.docname + ".ipynb", first=True))
