@@ -107,6 +107,7 @@ def page(browser, server):
     context.route("**/*", only_loopback)
     page.on("console", lambda msg: msg.type == "error" and page.errors.append(msg.text))
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    page.on("response", lambda r: r.status >= 400 and page.errors.append(f"HTTP {r.status} {r.url}"))
     yield page
     context.close()
 

@@ -41,9 +41,11 @@ mermaid_height = "auto"  # the diagram at the width of the text, not squeezed in
 
 html_theme = "sphinx_book_theme"
 html_title = "nanomoe"
+html_favicon = "static/favicon.svg"  # without one the browser asks for /favicon.ico, a 404 in the console
 html_baseurl = "https://sagui-nlp.github.io/nanomoe/"
 html_search_language = "pt"
 html_css_files = ["nanomoe.css"]
+html_js_files = ["copybutton_pt.js"]  # after copybutton.js (priority 800 > 500)
 html_show_sourcelink = False
 html_last_updated_fmt = None
 html_theme_options = {
