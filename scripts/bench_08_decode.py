@@ -39,7 +39,7 @@ DEFAULTS = dict(
     threads=1,
     new_tokens=32,  # tokens generated per timed run
     prompt=8,  # prompt tokens
-    rounds=3,  # alternating rounds (the median is reported)
+    rounds=5,  # alternating rounds (the median is reported)
     n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024,
     compile=True,  # also time the torch.compile'd static step (fp32, bf16)
     hf=True,  # also time transformers' generate
@@ -101,12 +101,15 @@ def runners(args, ours: GPT, ref) -> dict:
     return out, idx
 
 
-def alternate(fns: dict, rounds: int) -> dict:
-    """Median seconds per call of each fn, calling them in turn `rounds` times (after one warm-up each)."""
+def alternate(fns: dict, rounds: int, bws: list) -> dict:
+    """Median seconds per call of each fn, calling them in turn `rounds` times (after one warm-up each);
+    the read bandwidth is probed once per round too (appended to `bws`), so the limit is measured under
+    the same load as the runs."""
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
     for _ in range(rounds):
+        bws.append(measure_bandwidth(reps=3))
         for k, f in fns.items():
             t0 = time.perf_counter()
             f()
@@ -114,21 +117,27 @@ def alternate(fns: dict, rounds: int) -> dict:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def bench_dense(args, bw: float) -> dict:
+def median(v: list) -> float:
+    return sorted(v)[len(v) // 2]
+
+
+def bench_dense(args) -> tuple[dict, float]:
     ours, ref = gpt2_pair(args)
     fns, idx = runners(args, ours, ref)
+    bws = []
     with torch.no_grad():
-        secs = alternate({k: f for k, (f, _) in fns.items()}, args.rounds)
+        secs = alternate({k: f for k, (f, _) in fns.items()}, args.rounds, bws)
+    bw = median(bws)
     kv = args.prompt + args.new_tokens
     rows = {}
     for k, (_, m) in fns.items():
         tps = args.new_tokens / secs[k]
         limit = roofline_limit(bw, decode_bytes(m, 1, kv)["total"])
         rows[k] = dict(tokens_per_s=tps, limit=limit, fraction=tps / limit)
-    return rows
+    return rows, bw
 
 
-def bench_moe(args, bw: float) -> dict:
+def bench_moe(args) -> tuple[dict, float]:
     shape = dict(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                  n_head=args.n_head, n_embd=args.n_embd)
     torch.manual_seed(0)
@@ -136,8 +145,10 @@ def bench_moe(args, bw: float) -> dict:
               "MoE 8 experts top-2": GPT(moe_config(**shape)).eval()}
     idx = torch.randint(0, args.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     fns = {k: (lambda m=m: static_generate(m, idx, args.new_tokens)) for k, m in models.items()}
+    bws = []
     with torch.no_grad():
-        secs = alternate(fns, args.rounds)
+        secs = alternate(fns, args.rounds, bws)
+    bw = median(bws)
     rows = {}
     for k, m in models.items():
         tps = args.new_tokens / secs[k]
@@ -145,7 +156,7 @@ def bench_moe(args, bw: float) -> dict:
         rows[k] = dict(tokens_per_s=tps, limit=limit, fraction=tps / limit,
                        params_M=m.num_params(non_embedding=False) / 1e6,
                        active_M=m.num_params(non_embedding=False, active=True) / 1e6)
-    return rows
+    return rows, bw
 
 
 def main() -> None:
@@ -153,12 +164,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s), "
           f"load average {load_avg()}", flush=True)
-    bw = measure_bandwidth()
-    print(f"read bandwidth (x.sum over 256 MB): {bw / 1e9:.1f} GB/s", flush=True)
-    res = dict(bandwidth=bw, load_start=load_avg())
-    res["dense"] = bench_dense(args, bw)
+    res = dict(load_start=load_avg())
+    res["dense"], bw = bench_dense(args)
+    res["bandwidth"] = bw
     print(f"\nGPT-2 shape ({args.n_layer} layers, n_embd {args.n_embd}, V {args.vocab_size}), batch 1, "
           f"{args.new_tokens} new tokens after a {args.prompt}-token prompt (load {load_avg()}):")
+    print(f"read bandwidth (x.sum over 256 MB, median of one probe per round): {bw / 1e9:.1f} GB/s")
     print(f"{'variant':45s} {'tokens/s':>9s} {'limit':>7s} {'of limit':>9s}")
     for k, r in res["dense"].items():
         print(f"{k:45s} {r['tokens_per_s']:9.1f} {r['limit']:7.1f} {r['fraction']:8.0%}")
@@ -170,8 +181,8 @@ def main() -> None:
               f"(today's path: {today / d['transformers generate, fp32']['tokens_per_s']:.2f}x)")
     print(f"int8 / today's fp32: {d['int8 weights (bf16 activations), static']['tokens_per_s'] / today:.2f}x")
     if args.moe:
-        res["moe"] = bench_moe(args, bw)
-        print(f"\nMoE vs dense twin, static cache, batch 1 (load {load_avg()}):")
+        res["moe"], bw_moe = bench_moe(args)
+        print(f"\nMoE vs dense twin, static cache, batch 1 (load {load_avg()}, bandwidth {bw_moe / 1e9:.1f} GB/s):")
         for k, r in res["moe"].items():
             print(f"{k:45s} {r['tokens_per_s']:9.1f} tokens/s, limit {r['limit']:6.1f} ({r['fraction']:.0%}), "
                   f"{r['params_M']:.1f}M params, {r['active_M']:.1f}M active")

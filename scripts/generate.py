@@ -90,13 +90,13 @@ def _fail(message: str) -> int:
 
 def describe(model, tok) -> str:
     cfg = model.config
-    n = model.num_params(non_embedding=False)
+    n = model.num_params(non_embedding=False) + sum(  # int8 weights are buffers, not parameters
+        b.numel() for name, b in model.named_buffers() if name.endswith("weight_int8"))
     kind = f"MoE {cfg.n_experts} experts top-{cfg.moe_top_k}, " if cfg.n_experts else ""
     w = weights_ref(model)
     return (
         f"{n / 1e6:.2f}M parameters ({kind}{cfg.n_layer} layers, n_embd {cfg.n_embd}, context {cfg.block_size}), "
         f"tokenizer {tok.name} ({tok.vocab_size} ids), {w.device} {str(w.dtype).replace('torch.', '')}"
-        f"{', int8 weights' if getattr(model, 'quantization', None) == 'int8' else ''}"
     )
 
 
