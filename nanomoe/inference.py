@@ -355,7 +355,7 @@ class GenerationStats:
         s = "" if self.num_samples == 1 else f" ({self.num_samples} samples)"
         dec = self.decode_tokens_per_s
         dec = f" (decode {dec:.1f} tokens/s)" if dec is not None else ""
-        cache = ("static KV cache" if self.static else "KV cache on") if self.use_cache else "KV cache off"
+        cache = ("KV cache on (static)" if self.static else "KV cache on") if self.use_cache else "KV cache off"
         cache += ", int8 weights" if self.int8 else ""
         return (
             f"{self.num_samples * self.new_tokens} tokens in {self.seconds:.2f} s{s}: "
