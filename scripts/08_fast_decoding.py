@@ -105,7 +105,7 @@ from nanomoe.train import TrainConfig, train
 # Execução de referência: ~8 min de relógio numa CPU de 2 núcleos compartilhada (1 thread; o tempo
 # medido está no README); numa GPU, não medido ainda. Como script:
 # `uv run -m scripts.08_fast_decoding`; `--quick` roda tudo em segundos (é o que os testes usam).
-# A forma "grande" é a do GPT-2 124M (12 camadas, C = 768, vocabulário 50 257) com pesos
+# A forma "grande" é a do GPT-2 124M (12 camadas, C = 768, vocabulário 50 257) com pesos
 # aleatórios: a velocidade não depende do valor dos pesos, só de quantos bytes eles ocupam.
 
 # %%
@@ -162,8 +162,8 @@ print(f"banda de leitura: {bw_mine / 1e9:.1f} GB/s (nossa sonda), {bw / 1e9:.1f}
 # %% [markdown]
 # Numa máquina compartilhada as duas medidas variam de uma execução para outra (outros processos
 # disputam a mesma memória); o que importa é a ordem de grandeza, e usamos a do pacote daqui em
-# diante. Uma GPU entrega dezenas de vezes mais (uma H100 anuncia ~3,3 TB/s), e a conta abaixo é a
-# mesma.
+# diante. Uma GPU entrega dezenas de vezes mais (a ficha técnica da NVIDIA anuncia ~3,35 TB/s para
+# a H100 SXM), e a conta abaixo é a mesma.
 #
 # ## 2. Bytes por token
 #
@@ -498,7 +498,7 @@ fig
 # %% [markdown]
 # Leia a figura pelas razões: o limite dobra de fp32 para bf16 e quase dobra de novo para int8,
 # porque os bytes por passo caem na mesma proporção. A fração atingida depende dos kernels: na CPU
-# de referência do curso, o produto matriz-vetor fp32 do MKL com a matriz da cabeça (50 257 × 768,
+# de referência do curso, o produto matriz-vetor fp32 do MKL com a matriz da cabeça (50 257 × 768,
 # guardada por linhas) lê bem abaixo da banda (o capítulo 02 e o `docs/benchmarks.md` já mediram
 # isso), e o kernel int8 da CPU não chega perto da banda. O benchmark
 # (`scripts/bench_08_decode.py`) repete esta medida com mais rodadas, com o `generate` do
