@@ -221,3 +221,11 @@ def test_generate_bad_flags_one_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "generate: error:" in r.stderr and "float16" in r.stderr
     r = _generate(str(tmp_path / "missing.pt"), "Oi", "--int8", "--no-static")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "static KV cache" in r.stderr
+
+
+def test_bench_quick_runs():
+    """The benchmark's code path (transformers side included) at a tiny shape; its figures are not checked."""
+    r = subprocess.run([sys.executable, "-m", "scripts.bench_08_decode", "--quick"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "best nanomoe fp32 / transformers" in r.stdout and "MoE per-token time / dense twin" in r.stdout
