@@ -354,9 +354,10 @@ print(f"kernels int8 nesta máquina: fp32 -> {int8_path('cpu', torch.float32)}, 
       f"{int8_path('cpu', torch.bfloat16)}")
 
 # %% [markdown]
-# Na CPU, o kernel int8 do PyTorch (`torch._weight_int8pack_mm`) é rápido com ativações bf16 e
-# lento com fp32; por isso a variante "int8" deste capítulo guarda os pesos em int8 e calcula em
-# bf16 (como o gpt-fast faz na GPU), e com ativações fp32 o pacote desquantiza e multiplica.
+# Na CPU, o kernel int8 do PyTorch (`torch._weight_int8pack_mm`) é bem mais rápido com ativações
+# bf16 do que com fp32 (a docstring de `int8_path` traz a medida); por isso a variante "int8" deste
+# capítulo guarda os pesos em int8 e calcula em bf16, como o gpt-fast faz na GPU. Onde o kernel não
+# existe, o pacote desquantiza a matriz e multiplica.
 #
 # ### Qualidade: concordância gulosa e perplexidade
 #
@@ -653,10 +654,11 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 #
 # A tabela da seção 5 responde a primeira: a quantização dos pesos é a mesma nas duas, e a
 # diferença de concordância vem do arredondamento das ativações em bf16 (8 bits de mantissa). A
-# segunda vem do `int8_path`: com fp32 o pacote desquantiza a matriz inteira antes de multiplicar
-# (lê 1 byte, escreve 4 e relê 4 por peso: mais tráfego que o próprio fp32, que só lê 4); com bf16
-# o kernel `_weight_int8pack_mm` lê só o int8. Experimente: troque `big_vars["int8 (ativações bf16)"]` por
-# `big_vars["int8 (ativações fp32)"]` na seção 6.
+# segunda: as duas usam o mesmo kernel `_weight_int8pack_mm`, que na CPU é ~5× mais rápido com
+# ativações bf16 (a docstring de `int8_path` traz a medida). Desquantizar e multiplicar seria pior
+# ainda: lê 1 byte, escreve 4 e relê 4 por peso, mais tráfego que o próprio fp32, que só lê 4.
+# Experimente: troque `big_vars["int8 (ativações bf16)"]` por `big_vars["int8 (ativações fp32)"]`
+# na seção 6.
 #
 # </details>
 #
