@@ -639,9 +639,9 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 #
 # <details><summary>Resposta</summary>
 #
-# Veja a linha `124M ... denso` da seção 7. Na execução de referência, tokens/s cresceu quase na
-# proporção do lote até B = 8 (de ~7 para ~35 tokens/s) e daí em diante bem menos (~85 com
-# B = 64): a partir daí cada peso lido alimenta 2B FLOPs e a conta, não a memória, manda. O ponto
+# Veja a linha `124M ... denso` da seção 7. Nas execuções de referência, tokens/s cresceu 4–5× de
+# B = 1 a B = 8 (perto da proporção do lote) e só pouco mais de 2× de B = 8 a B = 64 (8× mais
+# tokens por passo): daí em diante cada peso lido alimenta 2B FLOPs e a conta, não a memória, manda. O ponto
 # exato muda com a carga da máquina (cada ponto é uma medida curta), e numa GPU a virada vem muito
 # mais tarde: ela faz centenas de FLOPs por byte lido.
 #
