@@ -293,7 +293,9 @@ print("my_rmsnorm == nanomoe.norm.RMSNorm == F.rms_norm")
 # $$ \text{SwiGLU}(x) = W_2\,\big(\text{silu}(W_g x) \odot W_u x\big) $$
 #
 # São três matrizes em vez de duas; para manter os parâmetros, a largura vira $\tfrac{2}{3}\cdot 4C
-# = \tfrac{8}{3}C$, arredondada para cima a um múltiplo de `mlp_multiple_of` (o Llama faz igual).
+# = \tfrac{8}{3}C$, arredondada para cima a um múltiplo de `mlp_multiple_of` (32 no curso). O Llama
+# faz a mesma conta com `multiple_of` = 256: com C = 4096 a tabela abaixo dá 10 944 (múltiplo de 32),
+# e o Llama-7B usa 11 008 (o múltiplo de 256 seguinte).
 # Guardamos $W_g$ e $W_u$ juntos numa só matriz `c_fc` (linhas `[gate; up]`): uma multiplicação
 # em vez de duas.
 
@@ -638,8 +640,10 @@ for name in (steps[0][0], steps[-1][0]):
 # nenhum tensor cresce durante a geração, a memória é conhecida de antemão e cada passo tem as
 # mesmas formas. A atenção lê o buffer inteiro sob uma máscara que é causal **e** esconde as
 # posições ainda vazias. Repare em `mask`: com cache, a consulta $i$ está na posição `pos + i`,
-# não em $i$ — usar `is_causal=True` aqui (como fazem algumas implementações) deixaria um prefill
-# de vários tokens olhar o futuro.
+# não em $i$. Usar `is_causal=True` aqui esconderia o passado: com L consultas e S chaves, o SDPA do
+# PyTorch alinha a máscara causal ao canto superior esquerdo (a consulta $i$ vê as chaves $0..i$,
+# não $0..S-L+i$), então um passo de decodificação (1 consulta) veria só a chave 0. A célula logo
+# depois de `KVCache` mostra isso.
 #
 # **Construa você mesmo.** Antes da versão do pacote, um cache de verdade em poucas linhas: uma lista
 # que cresce. Cada passo acrescenta a chave e o valor do token novo e deixa a consulta dele olhar
@@ -672,6 +676,21 @@ print("my_decode_step == my_attention (sem cache) == CausalSelfAttention + KVCac
 
 # %%
 show_source(KVCache)
+
+# %% [markdown]
+# A prova de que `is_causal=True` não serve com cache: 1 consulta (o token novo, na posição 4) e 5
+# chaves (as posições 0 a 4 no cache).
+
+# %%
+torch.manual_seed(0)
+q1, k5, v5 = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)  # (B, H, T, D)
+y_causal = F.scaled_dot_product_attention(q1, k5, v5, is_causal=True)
+kv5 = KVCache(n_layer=1, batch_size=1, n_kv_head=1, max_len=5, head_dim=8)
+kv5.advance(4)  # 4 positions already cached: the new query sits at position 4
+y_mask = F.scaled_dot_product_attention(q1, k5, v5, attn_mask=kv5.mask(1))
+print("is_causal=True, 1 consulta, 5 chaves == só a chave 0:", torch.allclose(y_causal, v5[:, :, :1]))
+y_all = F.scaled_dot_product_attention(q1, k5, v5)  # no mask: the newest token sees every position
+print("máscara do KVCache (pos 4) == todas as 5 chaves:", torch.allclose(y_mask, y_all))
 
 # %% [markdown]
 # Primeiro, a garantia: com e sem cache, a geração gulosa produz **os mesmos tokens** (e um

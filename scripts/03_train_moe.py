@@ -748,8 +748,8 @@ for e in range(model.config.n_experts):
 # | 900 (1,84 milhão) | 1 | 1,6546 | **1,6409** | 1,7284 | — |
 #
 # Com 300 passos o denso ganha em média (1,986 contra 2,001 do top-2, três sementes: o MoE só ganhou
-# na semente 1337); com 900 passos o MoE top-2 ganha nas duas sementes (por 0,041 e 0,014 nats), e a
-# curva de validação mostra a diferença crescendo ao longo do treino. Faz sentido: cada especialista
+# na semente 1337); com 900 passos o MoE top-2 ganha nas duas sementes (por 0,041 e 0,014 nats;
+# a curva desses treinos longos não está no notebook, só a loss final). Faz sentido: cada especialista
 # só vê ~1/4 dos tokens (top-2 de 8), então precisa de mais dados para aprender; o MoE tem 3,3× mais
 # parâmetros, mas eles só pagam quando o modelo denso começa a ficar limitado pela sua capacidade,
 # não no começo do treino, quando os dois ainda estão aprendendo o básico (letras, sílabas, espaços).
@@ -760,11 +760,13 @@ for e in range(model.config.n_experts):
 # Transformer usa top-1 numa escala em que cada especialista recebe bilhões de tokens.
 #
 # **Varredura de α.** Sem a loss de balanceamento (α = 0) o roteador colapsa: CV 1,42, o
-# especialista mais carregado de cada camada com 3,8× a carga média e 7 especialistas mortos nas 4
-# camadas (no mapa de calor, uma camada inteira usa só 2 dos 8 especialistas — o colapso total — e
-# outra usa 3). α = 0,001 já reduz o CV a 0,38; α = 0,01 (o valor do Switch) chega a 0,11 com a
-# melhor validação da varredura; α = 0,1 equilibra quase perfeitamente (CV 0,04) mas piora a
-# validação: forte demais, a loss de balanceamento briga com a entropia cruzada.
+# especialista mais carregado de cada camada com 3,8× a carga média (média das 4 camadas) e 7
+# especialistas mortos (nenhuma atribuição na última janela) somando as 4 camadas. No mapa de calor a
+# carga se concentra: na camada 2 quase tudo vai para 2 dos 8 especialistas, na camada 1 para 3; os
+# outros recebem pouco, mas nem todos zero. α = 0,001 já reduz o CV a 0,38; α = 0,01 (o valor do
+# Switch) chega a 0,11; α = 0,1 equilibra quase perfeitamente (CV 0,04). Na validação as três ficam
+# a 0,02 nat umas das outras (2,0214, 1,9990 e 2,0038), menos que a variação entre sementes (~0,03
+# na tabela abaixo): numa semente só, a varredura mostra o efeito na carga, não qual α treina melhor.
 #
 # **Capacidade** (cf = 1): 6,7% das atribuições descartadas e +0,07 nats de validação — o descarte
 # vale também na avaliação, e cada descarte tira metade do MLP de um token. É por isso que o
@@ -817,9 +819,10 @@ for e in range(model.config.n_experts):
 #
 # O roteador colapsa: na última janela, 7 especialistas mortos somando as 4 camadas, o mais
 # carregado de cada camada com 3,79× a carga média, CV 1,42 (contra 0,11 com α = 0,01) e
-# $\mathcal{L}_{bal}$ = 2,64 (1 seria o equilíbrio; 4 = $N/k$, o colapso total). O mapa de calor mostra
-# uma camada inteira usando só 2 dos 8 especialistas (nela, o MoE virou um MLP denso dividido em
-# dois) e outra usando 3. A validação piora 0,043 nats (2,0423 contra 1,9990) e fica atrás até do
+# $\mathcal{L}_{bal}$ = 2,64 (1 seria o equilíbrio; 4 = $N/k$, o colapso total). No mapa de calor, a
+# camada 2 manda quase tudo para 2 dos 8 especialistas (nela, o MoE quase virou um MLP denso dividido
+# em dois) e a camada 1 para 3; os demais recebem pouco, mas só 7 recebem zero. A validação piora
+# 0,043 nats (2,0423 contra 1,9990) e fica atrás até do
 # denso (2,0100): a capacidade extra que o MoE prometia se perde, e o roteador ainda gasta passos
 # mudando de ideia antes de colapsar.
 #
@@ -836,7 +839,8 @@ for e in range(model.config.n_experts):
 # especialista que passa da sua cota descarta o excedente. O custo foi +0,07 nat de validação (2,0707
 # contra 1,9990), porque o descarte vale também na avaliação e cada descarte tira metade do MLP de
 # um token. Uma pista para escolher o fator: a razão máximo/média da carga (1,23 no MoE top-2 sem
-# capacidade, média das janelas) — mas sequências isoladas flutuam mais que a média (não medimos
+# capacidade, média das 4 camadas na última janela) — mas sequências isoladas flutuam mais que a
+# média (não medimos
 # outros fatores).
 #
 # </details>

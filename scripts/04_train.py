@@ -382,14 +382,14 @@ if main:
 # | `moe_124m_fineweb` | 8 especialistas top-2 por camada: **123,66M parâmetros ativos por token**, 293,53M ao todo |
 # | `gpt2_finetune_machado` | ajuste fino do GPT-2 da OpenAI (`init_from: gpt2`) no Machado, lr baixo (6e-5) |
 #
-# As três primeiras seguem a receita do build-nanogpt no FineWeb-Edu (tokenizador do GPT-2): 524.288
-# tokens por passo, lr 6e-4 com 715 passos de *warmup* e cosseno até 6e-5 em 19.073 passos (10B
+# As três primeiras seguem a receita do build-nanogpt no FineWeb-Edu (tokenizador do GPT-2): 524 288
+# tokens por passo, lr 6e-4 com 715 passos de *warmup* e cosseno até 6e-5 em 19 073 passos (10B
 # tokens), bf16, `torch.compile`. O ajuste fino usa o tokenizador do GPT-2 no Machado.
 #
 # **Tokens por passo, não micro-lotes.** Uma receita é ajustada para um lote medido em tokens
 # (~0,5M para o GPT-2 124M: tabela 2.1 de [Brown et al. 2020](https://arxiv.org/abs/2005.14165));
 # `tokens_per_step` fixa esse número e `nanomoe.accumulation` deriva dele e do número de processos
-# quantos micro-lotes cada processo acumula: 524.288 = 64 × 1024 × 8 micro-lotes numa GPU, × 1 em
+# quantos micro-lotes cada processo acumula: 524 288 = 64 × 1024 × 8 micro-lotes numa GPU, × 1 em
 # cada uma de 8 GPUs. O script diz o que escolheu
 # (`524,288 tokens/step (from tokens_per_step) = 8 process(es) x 1 micro-batch(es) x 64 x 1024 tokens`);
 # um número que não divide termina com uma linha que sugere o `--batch_size` que serve. Sem
@@ -432,17 +432,20 @@ if main:
 #
 # | corrida | tokens | hardware | loss de validação | HellaSwag |
 # |---|---|---|---|---|
-# | GPT-2 124M da OpenAI | — | — | 3,29 (FineWeb-Edu); 3,12 (OpenWebText) | 0,2955 (`acc_norm`) |
+# | GPT-2 124M da OpenAI | — | — | 3,29 (FineWeb-Edu); 3,12 (OpenWebText) | 0,2955 (`acc_norm`, script do llm.c) |
 # | nanoGPT 124M no OpenWebText | ~300B | 8× A100 40GB, ~4 dias | ~2,85 | — |
 # | llm.c 124M no FineWeb 10B | 10B | 8× A100 80GB, ~90 min | 3,28 | 0,299 |
 # | GPT-3 Small (125M) | 300B | — | — | 0,337 |
 # | **este curso, as 4 receitas** | | **não medido ainda** | não medido ainda | não medido ainda |
 #
 # As linhas deste curso ficam «não medido ainda» até uma GPU rodar as receitas (tokens/s e MFU
-# incluídos: o laço os registra sozinho). Fontes: o `play.ipynb` do build-nanogpt (3,2924 e 0,2945
-# para o GPT-2, 0,337 para o GPT-3), o README do nanoGPT, a docstring de `dev/data/hellaswag.py` e
-# a discussão #481 do llm.c, o README do modded-nanogpt (3,2847 para o llm.c); detalhes em
-# `docs/benchmarks.md`.
+# incluídos: o laço os registra sozinho). Fontes: a docstring de `dev/data/hellaswag.py` do llm.c
+# (0,2955: o `acc_norm` do GPT-2 124M no script de avaliação do llm.c, estilo completação; o
+# `lm-evaluation-harness` dá 0,3114 no estilo múltipla escolha); o `play.ipynb` do build-nanogpt
+# (3,2924 de validação e 0,2945 de HellaSwag: a linha de referência do GPT-2 que o build-nanogpt
+# desenha, de outra avaliação; 0,337 para o GPT-3) — duas avaliações, dois números para o mesmo
+# modelo; o README do nanoGPT, a discussão #481 do llm.c, o README do modded-nanogpt (3,2847 para
+# o llm.c); detalhes em `docs/benchmarks.md`.
 
 # %% [markdown]
 # ## Quantos tokens por caractere? char, GPT-2 e um BPE treinado no Machado

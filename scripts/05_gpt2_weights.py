@@ -29,7 +29,8 @@
 # 2. **Ajuste fino (*fine-tuning*) em Machado de Assis** com o BPE do GPT-2: partindo dos pesos
 #    pré-treinados *versus* do zero, com os mesmos passos e os mesmos lotes.
 # 3. **Transferência parcial** para a arquitetura moderna do capítulo 02 (RoPE, RMSNorm, SwiGLU,
-#    GQA, sem viés): o que tem significado é copiado ou adaptado, o resto é inicializado, e um
+#    GQA com `n_head // 4` cabeças de k/v, que no GPT-2 minúsculo de 4 cabeças vira MQA, 1 cabeça;
+#    sem viés): o que tem significado é copiado ou adaptado, o resto é inicializado, e um
 #    relatório diz o que aconteceu com cada tensor.
 # 4. **Sparse upcycling** ([Komatsuzaki et al., 2022](https://arxiv.org/abs/2212.05055)): um MoE cujos
 #    especialistas nascem como cópias do MLP denso — no passo 0, com top-2 ou mais, ele calcula os
@@ -385,7 +386,9 @@ del modern_scratch
 # renormalização daria 1 e cortaria o gradiente do roteador, capítulo 03), então o MoE começa com a
 # saída do MLP multiplicada por $p_i$, não igual a ela (exercício 2). Os
 # especialistas têm a largura do MLP denso (não a largura "de ativos iguais" do capítulo 03): o
-# MoE tem ~k vezes o custo por token do denso, e E vezes os parâmetros do MLP. O treino então
+# MLP do MoE custa ~k vezes o do denso por token (o resto do modelo, igual), e tem E vezes os seus
+# parâmetros. Neste modelo minúsculo quase tudo é a tabela de embeddings (50 257 × 64), então os
+# ativos quase não mudam: 3,4M contra 3,3M do denso (saída abaixo). O treino então
 # separa os especialistas (com `noise_std > 0` eles já nascem levemente diferentes).
 #
 # A comparação justa: o mesmo modelo denso continuando o treino pelos mesmos passos.
