@@ -617,7 +617,7 @@ fig
 # tamanho; o benchmark `scripts/bench_02_modern.py` compara a velocidade do GPT-2 e do moderno
 # com o mesmo número de parâmetros.
 #
-# Uma amostra de cada ponta (geração com KV cache, temperatura 0.8):
+# Uma amostra de cada ponta (geração com KV cache, temperatura 0,8):
 
 # %%
 prompt = torch.tensor([tok.encode("Capitu")], dtype=torch.long)

@@ -541,8 +541,8 @@ show_source(MoEMetrics.summary)
 #    mesma receita do capítulo 02 chega a 2,0100 (medimos; ver o exercício 1 do capítulo 02),
 #    exatamente o denso daqui; a diferença para o 1,9882 de lá é a cabeça de k/v a menos;
 # 2. **MoE top-2** e **MoE top-1**: 8 especialistas em todas as camadas, com os mesmos
-#    parâmetros ativos do denso ($\alpha = 0.01$, $\beta = 0.001$);
-# 3. **varredura de $\alpha$** (top-2): 0, 0.001, 0.01, 0.1 — efeito na carga e na validação;
+#    parâmetros ativos do denso ($\alpha = 0{,}01$, $\beta = 0{,}001$);
+# 3. **varredura de $\alpha$** (top-2): 0; 0,001; 0,01; 0,1 — efeito na carga e na validação;
 # 4. **capacidade** (top-2, cf $=1$): quanto se descarta e quanto custa;
 # 5. **viés DeepSeek-V3** (top-2, $\alpha = 0$): balanceamento sem loss auxiliar.
 
@@ -647,7 +647,7 @@ save_figure(fig, out_dir / "val_dense_vs_moe.png")
 fig
 
 # %% [markdown]
-# ### A carga dos especialistas ao longo do treino (MoE top-2, α = 0.01)
+# ### A carga dos especialistas ao longo do treino (MoE top-2, α = 0,01)
 #
 # Cada painel é uma camada MoE; cada linha, um especialista; a cor, a fração das atribuições da
 # janela que ele recebeu (branco = $1/8$, equilíbrio perfeito; vermelho = sobrecarga; azul = fome).

@@ -266,15 +266,15 @@ if main and result.history:
 #
 # As saídas acima são de uma execução real da configuração padrão (`machado_char_modern`) numa CPU
 # x86_64 de 2 núcleos (PyTorch 2.15), com `--threads=1` e outro processo de 1 thread no outro núcleo
-# (carga ~2): numa CPU disputada, 2 threads do PyTorch esperando uma pela outra chegaram a ser 10x
+# (carga ~2): numa CPU disputada, 2 threads do PyTorch esperando uma pela outra chegaram a ser 10×
 # mais lentas que uma.
 #
 # | | |
 # |---|---|
 # | modelo | moderno (RoPE, RMSNorm, SwiGLU, MQA: 4 cabeças de consulta, 1 de k/v), 4 camadas, C = 128, bloco 128 |
 # | parâmetros | 721 792 (0,72 milhão) |
-# | dados | Machado por caractere (126 símbolos), 4,3M tokens de treino, 478k de validação |
-# | treino | 2000 passos x 12 x 128 = 3,07M tokens (0,71 época), 310 s de treino (~9,9k tokens/s) |
+# | dados | Machado por caractere (126 símbolos), 4,3 milhões de tokens de treino, 478 mil de validação |
+# | treino | 2000 passos × 12 × 128 = 3,07 milhões de tokens (0,71 época), 310 s de treino (~9,9 mil tokens/s) |
 # | validação | 4,92 no início (chute uniforme: ln 126 = 4,84), 2,42 no passo 100, 1,64 no 1000, **1,494 no 2000** |
 # | perplexidade final | 4,45 |
 # | tempo total | 6,3 min para o notebook inteiro (treino, avaliações, amostras, comparação de tokenizadores, geração) |
@@ -404,8 +404,8 @@ if main:
 #
 # **HellaSwag** ([Zellers et al. 2019](https://arxiv.org/abs/1905.07830), `nanomoe.hellaswag`) a cada
 # avaliação, quando `data/hellaswag/hellaswag_val.jsonl` existe (`uv run -m data.prepare_hellaswag`):
-# cada exemplo tem um contexto e quatro continuações; a perda do modelo é medida **só nos tokens da
-# continuação**, e a de menor perda média por token é a resposta (`acc_norm`; `acc` usa a perda
+# cada exemplo tem um contexto e quatro continuações; a loss do modelo é medida **só nos tokens da
+# continuação**, e a de menor loss média por token é a resposta (`acc_norm`; `acc` usa a loss
 # somada, que favorece continuações curtas). O acaso dá 0,25.
 #
 # ```bash

@@ -388,7 +388,7 @@ del modern_scratch
 # especialistas têm a largura do MLP denso (não a largura "de ativos iguais" do capítulo 03): o
 # MLP do MoE custa ~k vezes o do denso por token (o resto do modelo, igual), e tem E vezes os seus
 # parâmetros. Neste modelo minúsculo quase tudo é a tabela de embeddings (50 257 × 64), então os
-# ativos quase não mudam: 3,4M contra 3,3M do denso (saída abaixo). O treino então
+# ativos quase não mudam: 3,4 milhões contra 3,3 milhões do denso (saída abaixo). O treino então
 # separa os especialistas (com `noise_std > 0` eles já nascem levemente diferentes).
 #
 # A comparação justa: o mesmo modelo denso continuando o treino pelos mesmos passos.
@@ -551,8 +551,9 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 #
 # Congelar o corpo quase não custa: 7,5588 contra 7,5303 do ajuste fino completo (+0,03 nat).
 # Congelar os embeddings quase impede o aprendizado: 9,4003, perto do ponto de partida (9,4715). No
-# substituto minúsculo, 97% dos parâmetros (3 232 960 de 3 332 928) estão no embedding de 50 257 × 64,
-# que é também a camada de saída (pesos compartilhados): é ali que o modelo aprende quais tokens são
+# substituto minúsculo, 97% dos parâmetros (3 232 832 de 3 332 928) estão nos embeddings: a tabela
+# de tokens, 50 257 × 64, que é também a camada de saída (pesos compartilhados), e a de posições,
+# 256 × 64. É na de tokens que o modelo aprende quais tokens são
 # comuns em português, e os blocos e a norma final (100 096 parâmetros) sozinhos não chegam lá em
 # 60 passos. Num GPT-2 de verdade os blocos têm 85 milhões dos 124 milhões de parâmetros, e o
 # resultado pode ser outro: não medido aqui.
