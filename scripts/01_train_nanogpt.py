@@ -143,8 +143,8 @@ t_start = time.perf_counter()
 # (não é a ordem alfabética: o espaço vem primeiro, com id 0, as maiúsculas antes das minúsculas,
 # 'U' tem id 7, e as letras acentuadas ficam no fim). O vocabulário é pequeno (algumas dezenas de
 # símbolos) e tudo funciona offline. Compare com `--tokenizer=gpt2` (o BPE
-# do GPT-2, 50257 tokens): o mesmo parágrafo vira 187 tokens, e a loss inicial passa a ser
-# ≈ ln 50257 ≈ 10,8 (seção 4).
+# do GPT-2, 50 257 tokens): o mesmo parágrafo vira 187 tokens, e a loss inicial passa a ser
+# ≈ ln 50 257 ≈ 10,8 (seção 4).
 
 # %%
 text = read_text(args.text_file, args.text_chars)
@@ -197,7 +197,7 @@ print(f"igual ao pacote: x e y têm {x.size(1)} tokens cada; targets = y + [-1],
 # ## 3. O modelo
 #
 # A configuração do post: 4 camadas, 4 cabeças de atenção, embeddings de 128 dimensões e
-# dropout 0.2. A janela de contexto (`block_size`) precisa caber o texto inteiro, então ela é
+# dropout 0,2. A janela de contexto (`block_size`) precisa caber o texto inteiro, então ela é
 # exatamente o número de tokens.
 
 # %%
