@@ -404,7 +404,10 @@ print(f"my_balance_loss == MoE (valor {mine.item():.4f} e gradiente em W_r)")
 # 2. **Por sequência e em ordem de posição.** Calculamos a capacidade para cada sequência
 #    ($T$ = seu tamanho) e os tokens ocupam as vagas na ordem em que aparecem. Se a disputa fosse
 #    no lote inteiro, ou ordenada pela confiança do roteador, a saída de um token dependeria dos
-#    tokens **seguintes** — um vazamento de causalidade no treino (o modelo "vê" o futuro).
+#    tokens **seguintes** — um vazamento de causalidade no treino (o modelo "vê" o futuro). O preço:
+#    o Switch e o GShard contam a capacidade no lote de cada dispositivo (milhares de tokens), onde
+#    as flutuações da carga se compensam; numa sequência de 128 tokens elas pesam muito mais, e o
+#    mesmo fator descarta mais (capítulo 07, exercício 3).
 # 3. **Dropless é o padrão** (`moe_capacity_factor=None`, como o Mixtral): com capacidade, um
 #    passo de decodificação com cache vê 1 token e nunca descarta, enquanto a passagem pela
 #    sequência inteira pode descartar — sem capacidade as duas coincidem.
@@ -696,7 +699,7 @@ fig
 # %% [markdown]
 # E em muitos caracteres de validação: para cada especialista da última camada, os caracteres que
 # ele mais recebe (em proporção das ocorrências do caractere). Especialização aparece como
-# grupos — espaços e pontuação, vogais, consoantes, maiúsculas.
+# grupos — espaços, pontuação e acentos, vogais, consoantes (a saída abaixo).
 
 # %%
 n_chars = 4096 if not args.quick else 256
@@ -853,12 +856,14 @@ for e in range(model.config.n_experts):
 #   em poucas linhas e conferiu contra o pacote.
 # - $\mathcal{L}_{bal} = N\sum_i f_i P_i$ vale 1 no equilíbrio (ou com o roteador uniforme) e, no
 #   colapso total, $N/k$: $N$ com top-1, $N/2$ com top-2. $P_i$ vem do softmax completo.
-# - Sem a loss de balanceamento o roteador colapsa; forte demais, ela piora a validação. O viés do
+# - Sem a loss de balanceamento o roteador colapsa; com α = 0,1 ela equilibra quase perfeitamente, e
+#   o efeito na validação, numa semente, fica dentro do ruído entre sementes. O viés do
 #   DeepSeek-V3 equilibra sem loss auxiliar.
 # - Capacidade: com mínimo, por sequência e em ordem de posição — nunca zero, nunca espiando o
 #   futuro; os descartados seguem pela residual, e descartar custa validação.
 # - Compare MoE e denso com os mesmos **parâmetros ativos** e os mesmos tokens, e meça a
-#   validação só com a entropia cruzada. Neste orçamento o MoE só passa à frente com mais tokens.
+#   validação só com a entropia cruzada. Neste orçamento o MoE só passa à frente com mais tokens (3× mais,
+#   2 sementes).
 #
 # **Para ler.** Os artigos estão na tabela do início. Um guia para a camada inteira, com os mesmos
 # nomes: a seção de MoE do Switch Transformer (seções 2.1 e 2.2) e o Mixtral (seção 2.1). Termos:
