@@ -249,7 +249,7 @@ del hf_model, hf_state
 # ## 2. Ajuste fino em Machado de Assis: pré-treinado × do zero
 #
 # O BPE do GPT-2 foi treinado em inglês: em Machado ele gasta ~0,41 token por caractere, contra
-# ~0,30 de um BPE treinado no próprio Machado (capítulo 04) — palavras como "ressaca" viram vários
+# ~0,31 de um BPE treinado no próprio Machado (capítulo 04) — palavras como "ressaca" viram vários
 # pedaços. Mesmo assim o GPT-2 viu algum português na web, e muito de "como texto funciona".
 #
 # Dois treinos com **os mesmos passos, os mesmos lotes** (a semente fixa a ordem dos dados) e o
@@ -376,8 +376,8 @@ del modern_scratch
 #
 # Komatsuzaki et al. (2022), "Sparse Upcycling: Training Mixture-of-Experts from Dense
 # Checkpoints": em vez de treinar um MoE do zero, cada especialista começa como uma **cópia do MLP
-# denso** e só o roteador é novo. Como os k especialistas escolhidos são idênticos e os pesos do
-# gate, renormalizados, somam 1:
+# denso** e só o roteador é novo. Como os k especialistas escolhidos são idênticos e as portas,
+# renormalizadas, somam 1:
 #
 # $$y = \sum_{i \in \text{top-}k} g_i\, E_i(x) = \Big(\sum_i g_i\Big)\,\text{MLP}(x) = \text{MLP}(x),$$
 #
@@ -490,8 +490,9 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 #   arredondamento de float32 (1,2e-6 no substituto das saídas registradas; com o GPT-2 real, não
 #   medido ainda); um erro de transposição daria diferenças de ordem 1.
 #   O mesmo vale para o MoE exportado como Mixtral e para a volta com `load_hf`.
-# - **Pré-treino vale ouro.** Com os pesos reais do GPT-2 a loss de validação em Machado começa
-#   bem abaixo de ln(50257) ≈ 10,8 (o "chute uniforme" de um modelo aleatório), e o modelo do zero
+# - **Pré-treino vale ouro.** Até o substituto, pré-treinado por segundos em inglês, começa em 9,472
+#   de validação em Machado, abaixo de ln(50 257) ≈ 10,8 (o "chute uniforme" de um modelo aleatório;
+#   com os pesos reais do GPT-2, não medido ainda), e o modelo do zero
 #   gasta a maior parte dos passos aprendendo o básico que o pré-treinado já sabe.
 # - **Transferência parcial** ajuda menos que o ajuste fino do mesmo modelo: o MLP (dois terços
 #   dos parâmetros de cada bloco) recomeça do zero, e q/k mudam de posições absolutas para RoPE.
@@ -499,10 +500,11 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 #   combinados com um MLP novo dão previsões confiantes e erradas —, mas em poucos passos o
 #   modelo transferido passa o do zero. O relatório mostra exatamente o que foi reaproveitado.
 # - **Upcycling** começa exatamente onde o denso estava. E no início *continua* igual a ele: com
-#   especialistas idênticos a saída não depende dos pesos do gate, então o roteador não recebe
+#   especialistas idênticos a saída não depende das portas, então o roteador não recebe
 #   gradiente da entropia cruzada (só das losses auxiliares); os especialistas só se afastam porque
 #   cada um recebe o gradiente dos *seus* tokens. Com mais passos (ou `noise_std > 0`, que quebra a
-#   simetria desde o início) eles se especializam e o MoE desce mais rápido por passo — ao custo de
+#   simetria desde o início) eles podem se especializar e o MoE descer mais rápido por passo, como
+#   no artigo do *upcycling* (em 30 passos, aqui, ainda não: a tabela abaixo) — ao custo de
 #   E vezes os parâmetros do MLP e ~k vezes a sua computação.
 #
 # ### Resultados registrados neste notebook
@@ -525,7 +527,7 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 #
 # Mesmo um pré-treino de segundos, em outra língua, dá ~0,56 nat de vantagem depois de 60 passos,
 # e a transferência parcial ~0,52 nat sobre o moderno do zero. Em 30 passos o MoE ainda não se
-# separou do denso (7,142 × 7,139: a simetria descrita acima). Numa T4 com os pesos reais
+# separou do denso (7,142 contra 7,139: a simetria descrita acima). Numa T4 com os pesos reais
 # (`--full`, o padrão quando há GPU) os números serão outros: não medidos ainda — rode e compare.
 
 # %% [markdown]
