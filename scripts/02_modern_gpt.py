@@ -901,7 +901,8 @@ fig
 # <details><summary>Resposta</summary>
 #
 # Menor. No benchmark (`docs/benchmarks.md`, CPU de 2 núcleos, 1 thread): 28,9× com V = 128 e
-# só 4,2× com V = 50 304 (entre rodadas, de 21,9× a 56,7× e de 4,2× a 8,6×). O cache elimina o trabalho repetido das camadas, mas não o da camada de
+# só 4,2× com V = 50 304 (entre rodadas, de 21,9× a 56,7× e de 4,2× a 8,6×). O cache elimina o
+# trabalho repetido das camadas, mas não o da camada de
 # saída: a multiplicação pela matriz 50 304 × 128 custa o mesmo com ou sem cache, a cada token, e
 # passa a dominar o passo (2 a 7 ms contra ~1 ms das 4 camadas). É a lei de Amdahl: o ganho de
 # otimizar uma parte é limitado pelo que sobra.

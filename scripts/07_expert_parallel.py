@@ -556,12 +556,13 @@ def run_exercise(name: str, steps: int = args.ex_steps or 50, **changes) -> dict
 # %% [markdown]
 # <details><summary>Resposta</summary>
 #
-# 47,4% das atribuições foram descartadas na segunda metade dos 50 passos. A causa principal é o
+# 47,4% das atribuições foram descartadas na segunda metade dos 50 passos. Uma causa grande é o
 # tamanho do grupo em que a capacidade é contada: aqui, **cada sequência** de 64 caracteres, com 16
 # vagas por especialista ($64 \cdot 2 / 8 \cdot 1{,}0$). Numa sequência tão curta a carga de cada
 # especialista flutua muito, e todo excedente é descartado. O Switch e o GShard contam a capacidade
 # no lote de cada dispositivo (milhares de tokens), onde as flutuações se compensam e o mesmo fator
-# descarta bem menos. Conta também que, em 50 passos, o roteador ainda está longe do equilíbrio
+# descarta bem menos (não medimos aqui o mesmo fator contado no lote inteiro). Conta também que, em 50
+# passos, o roteador ainda está longe do equilíbrio
 # (desequilíbrio médio 1,271 no top-2 sem capacidade). O tráfego caiu para 2,20 MB por passo
 # (atribuições descartadas não viajam: a capacidade é decidida **antes** do despacho) e o
 # desequilíbrio ficou em 1,247 (o teto de vagas corta os picos); a loss do passo 50 (3,1302 contra
