@@ -20,7 +20,8 @@
 #
 # No capítulo 04 replicamos o modelo inteiro em cada processo (DDP): cada GPU guarda **todos** os
 # pesos e lê uma fatia diferente dos dados. Um MoE de verdade não cabe assim. O DeepSeek-V3 tem
-# 256 especialistas por camada e 671 bilhões de parâmetros; cada token usa só 37 bilhões. A saída é
+# 256 especialistas roteados (e 1 compartilhado) por camada MoE e 671 bilhões de parâmetros; cada
+# token usa só 37 bilhões. A saída é
 # **paralelismo de especialistas** (*expert parallelism*, EP): com $W$ processos (*ranks*), cada um
 # guarda só $E/W$ especialistas, e os **tokens viajam** até o rank que tem o especialista escolhido
 # e voltam com a resposta.
@@ -469,7 +470,8 @@ for check in (lambda: check_config(ckpt, moe_config(**{**ckpt["config"], "n_expe
 # nós a InfiniBand 50 GB/s, ~3,2× menos. Por isso o DeepSeek-V3 manda cada token para no máximo 4
 # nós (roteamento limitado por nó, §2.1.2) e sobrepõe o `all_to_all` ao cálculo de outro micro-lote
 # (DualPipe, §3.2.1). As folhas de especificação dos fabricantes dão números maiores (900 GB/s de
-# NVLink para a H100 SXM, a soma de todos os links nos dois sentidos), que um `all_to_all` não atinge.
+# NVLink para a H100 SXM): a soma de todos os links nos dois sentidos, não a banda que um
+# `all_to_all` obtém.
 
 # %% [markdown]
 # ## Exercícios
