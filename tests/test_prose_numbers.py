@@ -1,7 +1,7 @@
 """Every number with three or more significant digits in a chapter's prose (the markdown cells of
 `notebooks/NN_*.ipynb`) must be traceable: it appears in that notebook's outputs, in its code cells
 (a constant the chapter sets), in a committed results file (`docs/results/NN/...`,
-`docs/benchmarks.md`), or on the
+the chapter's section of `docs/benchmarks.md`), or on the
 chapter's short list of external figures with their source (`docs/external_numbers.toml`).
 
 A prose number matches a source number when they are equal at the prose's precision: "1,06" matches
@@ -162,10 +162,19 @@ def _notebook_parts(path: Path) -> tuple[list[tuple[int, str]], str]:
     return prose, "\n".join(sources)
 
 
+def _benchmark_section(chapter: str) -> str:
+    """The '## Chapter NN' section of docs/benchmarks.md (up to the next '## ' heading)."""
+    if not BENCHMARKS.is_file():
+        return ""
+    text = BENCHMARKS.read_text(encoding="utf-8")
+    m = re.search(rf"^## Chapter {chapter}\b.*?(?=^## |\Z)", text, flags=re.M | re.S)
+    return m.group(0) if m else ""
+
+
 def _results_text(chapter: str) -> str:
     """The chapter's committed results (docs/results/NN/) and the committed benchmarks page."""
     folder = RESULTS / chapter
-    texts = [BENCHMARKS.read_text(encoding="utf-8")] if BENCHMARKS.is_file() else []
+    texts = [_benchmark_section(chapter)]
     if not folder.is_dir():
         return "\n".join(texts)
     for p in sorted(folder.rglob("*")):
