@@ -345,11 +345,9 @@ for W, s in runs.items():
 # %% [markdown]
 # **Um controle.** As curvas acima se separam depois de algumas dezenas de passos. Para saber se é o
 # algoritmo ou o arredondamento, treinamos de novo com 1 processo, partindo dos mesmos pesos
-# iniciais com cada um multiplicado por $1 + 10^{-7}
-# arepsilon$ ($
-# arepsilon$ normal): uma
-# diferença do tamanho do último algarismo do float32, sem EP nenhum. A figura mostra, em escala
-# log, a diferença de loss para o treino de 1 processo, passo a passo.
+# iniciais com cada um multiplicado por 1 + 1e-7·ε (ε sorteado de uma normal): uma diferença do
+# tamanho do último algarismo do float32, sem EP nenhum. A figura mostra, em escala log, a diferença
+# de loss para o treino de 1 processo, passo a passo.
 
 # %%
 ctrl = out_dir / "w1_perturbed"
@@ -398,7 +396,7 @@ plt.show()
 # treino: 4 processos em 2 núcleos ficam à mercê do agendador do sistema operacional, e a mediana
 # mede sobretudo isso. Numa CPU, mais processos não trazem mais núcleos. O paralelismo de especialistas existe para
 # **caber** (cada GPU guarda $E/W$ dos especialistas) e para somar a memória e a banda de várias
-# GPUs; nesta CPU medimos a correção e o tráfego, não o ganho de tempo.
+# GPUs; na CPU medimos a correção e o tráfego, não o ganho de tempo.
 
 # %% [markdown]
 # ## 6. A contabilidade: quem manda quanto para quem
