@@ -386,7 +386,8 @@ print(f"p(token certo): mediana {p_before.median():.3f} antes, {p_after.median()
 # <details><summary>Resposta</summary>
 #
 # Medimos com `--exercises` (até 280 passos, parando quando a perplexidade sem dropout fica
-# abaixo de 2; ela é medida a cada 5 passos; semente 1337; demais parâmetros padrão):
+# abaixo de 2; ela é medida a cada 5 passos; semente 1337; demais parâmetros padrão; a saída em
+# `docs/results/01/exercicios.md`):
 #
 # | `n_embd` | parâmetros | passos até PPL < 2 | tempo (CPU de 2 núcleos compartilhada; varia com a carga) |
 # |---|---|---|---|
@@ -444,7 +445,7 @@ print(f"p(token certo): mediana {p_before.median():.3f} antes, {p_after.median()
 # Com `--lr=5e-3` a loss de treino **sobe** logo no início (de 3,62 para 5,06 no passo 4), depois
 # empaca num platô perto de 2,96 (20 passos a menos de 0,15 dele, contra 2 com `lr=1e-3`), e só
 # então volta a cair: a perplexidade passa de 2 no passo 65 (contra 30), e em 70 passos a
-# reconstrução ainda tem 86 erros (PPL 1,74). O
+# reconstrução ainda tem 65 erros (PPL 1,60; `docs/results/01/exercicios.md`). O
 # platô tem explicação: 2,96 é a entropia das frequências dos caracteres do parágrafo (PPL ≈ 19).
 # É a loss de um modelo que só sabe "quais letras são comuns" e ignora o contexto. Passos grandes
 # demais derrubam o modelo nessa solução preguiçosa, e ele demora a sair dela. É por isso que
