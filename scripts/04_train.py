@@ -580,8 +580,8 @@ if main and ckpt_file.is_file():
 # %% [markdown]
 # ## Exercícios
 #
-# Preveja antes de abrir a resposta. As respostas 1 e 2 foram medidas com `nanomoe.train.train` no
-# tamanho do `--quick` (modelo moderno de 2 camadas, C = 32, contexto 32, lotes de 4, 40 passos,
+# Preveja antes de abrir a resposta. As respostas 1 e 2 foram medidas com os comandos dos enunciados,
+# no tamanho do `--quick` (modelo moderno de 2 camadas, C = 32, contexto 32, lotes de 4, 40 passos,
 # avaliação a cada 10, os primeiros 200 mil caracteres de Machado), 1 thread, numa CPU de 2 núcleos.
 #
 # **1. Mate um treino e retome.** Rode `uv run -m scripts.04_train --quick --max_steps=40
@@ -591,10 +591,11 @@ if main and ckpt_file.is_file():
 #
 # <details><summary>Resposta</summary>
 #
-# Iguais, até o último dígito. O treino direto deu validação 4,5471 / 4,2356 / 3,9901 / 3,8535 /
-# 3,8099 nos passos 0, 10, 20, 30 e 40. Matamos o outro processo com `SIGKILL` logo depois do
-# checkpoint do passo 20 e rodamos de novo com `resume`: ele continuou do passo 20 e deu 3,8535 e
-# 3,8099 nos passos 30 e 40, e os pesos finais são idênticos tensor a tensor (`torch.equal`). O
+# Iguais, até o último dígito. O treino direto deu validação 4,5471 / 4,2331 / 3,9824 / 3,8423 /
+# 3,7986 nos passos 0, 10, 20, 30 e 40 (`docs/results/04/exercicios.md`). Numa segunda execução do
+# mesmo comando, o `SIGKILL` chegou logo depois do checkpoint do passo 30 (o treino é rápido);
+# rodamos de novo com `--resume`: ele continuou do passo 30 e deu 3,7986 no passo 40, e os pesos
+# finais são idênticos tensor a tensor aos do treino direto (`torch.equal`). O
 # checkpoint guarda pesos, estado do AdamW, passo e geradores, e o lote número *g* é sorteado de
 # `(semente, g)`: nada do que vem depois depende de o processo ter morrido. O que se perde ao matar
 # é só o trabalho desde o último checkpoint (a cada `eval_interval` passos).
@@ -606,12 +607,12 @@ if main and ckpt_file.is_file():
 #
 # <details><summary>Resposta</summary>
 #
-# Não. Aos 20 passos o treino curto já tinha validação 4,1141 (o direto, 3,9901 no mesmo passo): com
+# Não. Aos 20 passos o treino curto já tinha validação 4,1098 (o direto, 3,9824 no mesmo passo): com
 # `max_steps=20` o cosseno leva a taxa até `min_lr` no passo 20. Ao retomar com `--max_steps=40`, o
 # laço avisa (`max_steps: checkpoint has 20, this run has 40`) e recalcula a taxa pelo passo: ela
 # estava em 1,1e-4 no fim do treino curto e volta a 6,5e-4 (65% do pico), o valor do passo 20 num
 # cosseno de 40 passos. O treino
-# termina em 3,9241, contra 3,8099 do direto. A retomada exata vale para o mesmo `max_steps`; mudar o
+# termina em 3,9154, contra 3,7986 do direto. A retomada exata vale para o mesmo `max_steps`; mudar o
 # horizonte muda a curva da taxa (é o que o aviso diz).
 #
 # </details>
