@@ -582,8 +582,9 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 # <details><summary>Resposta</summary>
 #
 # No passo 0 o ruído quase não muda nada: diferença máxima de logits de 3,6e-4 (contra 2,4e-6 sem
-# ruído). Em 30 passos também não: validação 7,1407 com ruído, 7,1424 sem ruído e 7,1391 do denso
-# continuado, diferenças de milésimos. Quebrar a simetria deixa o roteador aprender, mas 30 passos
+# ruído). Em 30 passos também não: validação 7,1395 com ruído contra 7,1389 do denso continuado na
+# mesma execução (`docs/results/05/exercicios.md`); sem ruído, na execução gravada acima, 7,1424
+# contra 7,1391: diferenças de milésimos. Quebrar a simetria deixa o roteador aprender, mas 30 passos
 # de 4 × 64 tokens são pouco para os especialistas se separarem; o ganho do MoE, se vier, aparece
 # com mais passos (não medido aqui).
 #
