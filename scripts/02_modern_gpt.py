@@ -805,8 +805,9 @@ fig
 # configuração, tokenizador de caracteres com 126 símbolos). Máquina: VM x86_64 de 2 núcleos
 # (AVX-512), PyTorch 2.15 só CPU, 1 thread, com outro processo de 1 thread no outro núcleo (carga
 # ~2). Este notebook, executado de cima a baixo com esses parâmetros: 8,1 min de relógio, dos quais
-# 459 s nos 7 treinos. As losses são determinísticas com a mesma versão do PyTorch (mesma semente,
-# mesmos lotes); os tokens/s variam cerca de ±10% entre execuções numa máquina compartilhada.
+# 459 s nos 7 treinos. Com a mesma semente e os mesmos lotes, as losses se repetem entre execuções
+# até a terceira casa decimal (o treino `+no-bias` refeito deu 1,9888 contra 1,9882; exercício 2);
+# os tokens/s variam cerca de ±10% entre execuções numa máquina compartilhada.
 #
 # | configuração | parâmetros | tokens/s (lado a lado) | loss treino | loss validação |
 # |---|---:|---:|---:|---:|
@@ -880,11 +881,13 @@ fig
 #
 # | `rope_theta` | loss de validação | quanto gira o par mais lento em 127 posições |
 # |---:|---:|---:|
-# | 100 | 1,9754 | 1,69 rad |
-# | 10 000 (padrão) | 1,9882 | 0,023 rad |
-# | 1 000 000 | 1,9906 | 0,0003 rad |
+# | 100 | 1,9755 | 1,69 rad |
+# | 10 000 (padrão) | 1,9888 | 0,023 rad |
+# | 1 000 000 | 1,9905 | 0,0003 rad |
 #
-# Neste contexto curto, a base menor ganhou (−0,013 nat) e a maior perdeu um pouco (+0,002). Com
+# Os três treinos são de uma mesma execução (`docs/results/02/exercicios.md`; o padrão deu 1,9888, e
+# não o 1,9882 da ablação acima: de uma execução para outra a quarta casa decimal muda). Neste
+# contexto curto, a base menor ganhou (−0,013 nat) e a maior perdeu um pouco (+0,002). Com
 # head_dim 32 há 16 pares; com θ = 10 000, 6 deles giram menos de 0,5 rad em 127 posições, e com
 # 1 000 000 são 9: esses pares quase não mudam com a posição e pouco ajudam a distinguir distâncias
 # dentro de 128 tokens. Com θ = 100 todos os pares giram o bastante. A base grande existe para
