@@ -52,7 +52,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.course.notebook import setup
 
-setup("01", written_for=NANOMOE_REF)
+device = setup("01", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %% [markdown]
 # ## Parâmetros
@@ -66,15 +66,15 @@ setup("01", written_for=NANOMOE_REF)
 # | `epochs` | 70 | passos de treino; cada passo vê o parágrafo inteiro (por isso "épocas", como no post) |
 # | `lr` | 1e-3 | taxa de aprendizado do AdamW |
 # | `weight_decay` | 1e-2 | puxa os pesos para zero (só matrizes e embeddings), freia o sobreajuste |
-# | `betas` | (0.9, 0.95) | a "inércia" do AdamW: médias móveis do gradiente e do seu quadrado |
+# | `betas` | (0,9; 0,95) | a "inércia" do AdamW: médias móveis do gradiente e do seu quadrado |
 # | `cont_prefix_tokens` | 10 | quantos tokens iniciais o modelo recebe para gerar a continuação |
 # | `n_layer`, `n_head`, `n_embd` | 4, 4, 128 | o tamanho do modelo (como no post) |
-# | `dropout` | 0.2 | como no post: desliga 20% das ativações ao acaso durante o treino |
+# | `dropout` | 0,2 | como no post: desliga 20% das ativações ao acaso durante o treino |
 # | `tokenizer` | `char` | um token por caractere (offline); também `bytes`, `gpt2`, `hf:NOME` |
 #
 # O post usava `EPOCHS = 500` e `LR = 1e-4` com o tokenizador BPE do
 # `pierreguillou/gpt2-small-portuguese` (cerca de 100 tokens). Aqui o padrão é um token por
-# caractere (463 tokens e nada para baixar), e com uma taxa 10x maior 70 passos bastam para
+# caractere (463 tokens e nada para baixar), e com uma taxa 10× maior 70 passos bastam para
 # decorar o parágrafo em segundos. Com `--tokenizer=hf:pierreguillou/gpt2-small-portuguese
 # --lr=1e-4 --epochs=500` você refaz o experimento original (precisa de internet).
 
@@ -143,8 +143,8 @@ t_start = time.perf_counter()
 # (não é a ordem alfabética: o espaço vem primeiro, com id 0, as maiúsculas antes das minúsculas,
 # 'U' tem id 7, e as letras acentuadas ficam no fim). O vocabulário é pequeno (algumas dezenas de
 # símbolos) e tudo funciona offline. Compare com `--tokenizer=gpt2` (o BPE
-# do GPT-2, 50257 tokens): o mesmo parágrafo vira 187 tokens, e a loss inicial passa a ser
-# ≈ ln 50257 ≈ 10,8 (seção 4).
+# do GPT-2, 50 257 tokens): o mesmo parágrafo vira 187 tokens, e a loss inicial passa a ser
+# ≈ ln 50 257 ≈ 10,8 (seção 4).
 
 # %%
 text = read_text(args.text_file, args.text_chars)
@@ -197,7 +197,7 @@ print(f"igual ao pacote: x e y têm {x.size(1)} tokens cada; targets = y + [-1],
 # ## 3. O modelo
 #
 # A configuração do post: 4 camadas, 4 cabeças de atenção, embeddings de 128 dimensões e
-# dropout 0.2. A janela de contexto (`block_size`) precisa caber o texto inteiro, então ela é
+# dropout 0,2. A janela de contexto (`block_size`) precisa caber o texto inteiro, então ela é
 # exatamente o número de tokens.
 
 # %%
@@ -219,7 +219,7 @@ print(f"parâmetros: {model.num_params(non_embedding=False):,} no total, "
 # %% [markdown]
 # ## 4. Antes de treinar: loss ≈ ln(V), perplexidade ≈ V
 #
-# Com pesos aleatórios pequenos (o GPT-2 inicializa com desvio 0.02), os logits saem quase
+# Com pesos aleatórios pequenos (o GPT-2 inicializa com desvio 0,02), os logits saem quase
 # todos iguais e o softmax dá probabilidade ≈ 1/V a cada um dos V tokens. A cross-entropy de
 # acertar o token certo é então −ln(1/V) = **ln(V)**, e a perplexidade, exp(loss), é ≈ **V**:
 # o modelo está "em dúvida" entre todos os tokens do vocabulário, como um dado de V faces.
@@ -386,7 +386,8 @@ print(f"p(token certo): mediana {p_before.median():.3f} antes, {p_after.median()
 # <details><summary>Resposta</summary>
 #
 # Medimos com `--exercises` (até 280 passos, parando quando a perplexidade sem dropout fica
-# abaixo de 2; ela é medida a cada 5 passos; semente 1337; demais parâmetros padrão):
+# abaixo de 2; ela é medida a cada 5 passos; semente 1337; demais parâmetros padrão; a saída em
+# `docs/results/01/exercicios.md`):
 #
 # | `n_embd` | parâmetros | passos até PPL < 2 | tempo (CPU de 2 núcleos compartilhada; varia com a carga) |
 # |---|---|---|---|
@@ -397,7 +398,7 @@ print(f"p(token certo): mediana {p_before.median():.3f} antes, {p_after.median()
 #
 # Mais largura aprende em menos passos, até um ponto: com 256 o modelo não chega mais rápido
 # (com a mesma taxa de aprendizado, modelos maiores costumam pedir uma taxa menor) e cada passo
-# custa o dobro. O modelo de 67 mil parâmetros também chega lá, só que leva 4,5x mais passos.
+# custa o dobro. O modelo de 67 mil parâmetros também chega lá, só que leva 4,5× mais passos.
 #
 # </details>
 #
@@ -444,7 +445,7 @@ print(f"p(token certo): mediana {p_before.median():.3f} antes, {p_after.median()
 # Com `--lr=5e-3` a loss de treino **sobe** logo no início (de 3,62 para 5,06 no passo 4), depois
 # empaca num platô perto de 2,96 (20 passos a menos de 0,15 dele, contra 2 com `lr=1e-3`), e só
 # então volta a cair: a perplexidade passa de 2 no passo 65 (contra 30), e em 70 passos a
-# reconstrução ainda tem 86 erros (PPL 1,74). O
+# reconstrução ainda tem 65 erros (PPL 1,60; `docs/results/01/exercicios.md`). O
 # platô tem explicação: 2,96 é a entropia das frequências dos caracteres do parágrafo (PPL ≈ 19).
 # É a loss de um modelo que só sabe "quais letras são comuns" e ignora o contexto. Passos grandes
 # demais derrubam o modelo nessa solução preguiçosa, e ele demora a sair dela. É por isso que
@@ -459,9 +460,9 @@ print(f"p(token certo): mediana {p_before.median():.3f} antes, {p_after.median()
 # <details><summary>Resposta</summary>
 #
 # Usamos os primeiros 1500 caracteres de *Dom Casmurro* (`--text_file=.../domCasmurro.txt
-# --text_chars=1500`; V = 59, T = 1500): três vezes mais tokens, e cada passo custou ~6x mais
+# --text_chars=1500`; V = 59, T = 1500): três vezes mais tokens, e cada passo custou ~6× mais
 # (a atenção cresce com T²). Em 70 passos, com 4 camadas: PPL 1,11 e 5 erros (quase lá). Com
-# `--n_layer=6`: PPL 1,30 e 26 erros, e cada passo quase 2x mais caro. Mais profundidade não
+# `--n_layer=6`: PPL 1,30 e 26 erros, e cada passo quase 2× mais caro. Mais profundidade não
 # acelera a memorização; mais passos, sim: com `--epochs=120` e 4 camadas a reconstrução fica
 # exata no passo 90 e a perplexidade final é 1,012 (6 minutos numa CPU de 2 núcleos compartilhada;
 # numa GPU, não medido ainda).

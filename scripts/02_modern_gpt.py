@@ -66,7 +66,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.course.notebook import setup
 
-setup("02", written_for=NANOMOE_REF)
+device = setup("02", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %%
 import math
@@ -190,7 +190,6 @@ show_source(rope_tables, rotate_half, apply_rope)
 
 # %%
 fig = plot_rope_rotation(head_dim=16, positions=range(8), pairs=(0, 2, 7), save_path=out_dir / "rope_rotation.png")
-fig
 
 # %% [markdown]
 # **Construa você mesmo.** O RoPE em sete linhas, direto da equação: uma frequência $\theta_i$ por
@@ -249,7 +248,6 @@ ax.set_ylabel("q · k após o RoPE")
 ax.set_title("RoPE: o score depende só da distância (q = k = 1, d = 64)")
 ax.grid(alpha=0.3)
 save_figure(fig, out_dir / "rope_decay.png")
-fig
 
 # %% [markdown]
 # ## 2. RMSNorm (Zhang & Sennrich 2019)
@@ -293,7 +291,9 @@ print("my_rmsnorm == nanomoe.norm.RMSNorm == F.rms_norm")
 # $$ \text{SwiGLU}(x) = W_2\,\big(\text{silu}(W_g x) \odot W_u x\big) $$
 #
 # São três matrizes em vez de duas; para manter os parâmetros, a largura vira $\tfrac{2}{3}\cdot 4C
-# = \tfrac{8}{3}C$, arredondada para cima a um múltiplo de `mlp_multiple_of` (o Llama faz igual).
+# = \tfrac{8}{3}C$, arredondada para cima a um múltiplo de `mlp_multiple_of` (32 no curso). O Llama
+# faz a mesma conta com `multiple_of` = 256: com C = 4096 a tabela abaixo dá 10 944 (múltiplo de 32),
+# e o Llama-7B usa 11 008 (o múltiplo de 256 seguinte).
 # Guardamos $W_g$ e $W_u$ juntos numa só matriz `c_fc` (linhas `[gate; up]`): uma multiplicação
 # em vez de duas.
 
@@ -348,7 +348,6 @@ show_source(CausalSelfAttention.forward)
 
 # %%
 fig = plot_gqa_heads(((8, 8), (8, 2), (8, 1)), save_path=out_dir / "gqa_heads.png")
-fig
 
 # %% [markdown]
 # **Construa você mesmo: atenção causal com GQA.** Dez linhas: repetir cada cabeça de k/v para o
@@ -453,7 +452,6 @@ ax.set_xlabel("logit z")
 ax.legend()
 ax.grid(alpha=0.3)
 save_figure(fig, out_dir / "softcap.png")
-fig
 
 # %% [markdown]
 # ## 8. A ablação: ligando os interruptores um a um
@@ -528,7 +526,6 @@ print(f"{len(configs)} configurações x {tcfg.max_steps * tcfg.batch_size * arg
 
 # %%
 fig = plot_lr_schedule(tcfg, save_path=out_dir / "lr_schedule.png")
-fig
 
 # %%
 results, models = {}, {}
@@ -594,8 +591,8 @@ for name, r in results.items():
     rows.append(f"| {name} | {r['params']:,} | {r['tokens_per_s']:,.0f} | {r['train_loss']:.4f} | "
                 f"{r['val_loss']:.4f} |")
 table = "\n".join(rows)
-print(table)
 (out_dir / "ablation.md").write_text(table + "\n", encoding="utf-8")
+print(table)
 
 # %%
 fig = plot_curves({n: r["history"] for n, r in results.items()}, x="tokens", y="val_loss",
@@ -605,7 +602,6 @@ late = [h["val_loss"] for r in results.values() for h in r["history"] if h["step
 if late:
     fig.axes[0].set_ylim(min(late) - 0.05, max(late) + 0.05)
 save_figure(fig, out_dir / "ablation_val_loss.png")
-fig
 
 # %% [markdown]
 # Como ler a tabela (os números da nossa execução estão na seção 10): a loss é a entropia cruzada
@@ -615,7 +611,7 @@ fig
 # tamanho; o benchmark `scripts/bench_02_modern.py` compara a velocidade do GPT-2 e do moderno
 # com o mesmo número de parâmetros.
 #
-# Uma amostra de cada ponta (geração com KV cache, temperatura 0.8):
+# Uma amostra de cada ponta (geração com KV cache, temperatura 0,8):
 
 # %%
 prompt = torch.tensor([tok.encode("Capitu")], dtype=torch.long)
@@ -638,8 +634,10 @@ for name in (steps[0][0], steps[-1][0]):
 # nenhum tensor cresce durante a geração, a memória é conhecida de antemão e cada passo tem as
 # mesmas formas. A atenção lê o buffer inteiro sob uma máscara que é causal **e** esconde as
 # posições ainda vazias. Repare em `mask`: com cache, a consulta $i$ está na posição `pos + i`,
-# não em $i$ — usar `is_causal=True` aqui (como fazem algumas implementações) deixaria um prefill
-# de vários tokens olhar o futuro.
+# não em $i$. Usar `is_causal=True` aqui esconderia o passado: com L consultas e S chaves, o SDPA do
+# PyTorch alinha a máscara causal ao canto superior esquerdo (a consulta $i$ vê as chaves $0..i$,
+# não $0..S-L+i$), então um passo de decodificação (1 consulta) veria só a chave 0. A célula logo
+# depois de `KVCache` mostra isso.
 #
 # **Construa você mesmo.** Antes da versão do pacote, um cache de verdade em poucas linhas: uma lista
 # que cresce. Cada passo acrescenta a chave e o valor do token novo e deixa a consulta dele olhar
@@ -672,6 +670,21 @@ print("my_decode_step == my_attention (sem cache) == CausalSelfAttention + KVCac
 
 # %%
 show_source(KVCache)
+
+# %% [markdown]
+# A prova de que `is_causal=True` não serve com cache: 1 consulta (o token novo, na posição 4) e 5
+# chaves (as posições 0 a 4 no cache).
+
+# %%
+torch.manual_seed(0)
+q1, k5, v5 = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)  # (B, H, T, D)
+y_causal = F.scaled_dot_product_attention(q1, k5, v5, is_causal=True)
+kv5 = KVCache(n_layer=1, batch_size=1, n_kv_head=1, max_len=5, head_dim=8)
+kv5.advance(4)  # 4 positions already cached: the new query sits at position 4
+y_mask = F.scaled_dot_product_attention(q1, k5, v5, attn_mask=kv5.mask(1))
+print("is_causal=True, 1 consulta, 5 chaves == só a chave 0:", torch.allclose(y_causal, v5[:, :, :1]))
+y_all = F.scaled_dot_product_attention(q1, k5, v5)  # no mask: the newest token sees every position
+print("máscara do KVCache (pos 4) == todas as 5 chaves:", torch.allclose(y_mask, y_all))
 
 # %% [markdown]
 # Primeiro, a garantia: com e sem cache, a geração gulosa produz **os mesmos tokens** (e um
@@ -739,7 +752,6 @@ ax.set_title(f"Tempo por token ({args.n_layer} camadas, C={args.n_embd}, CPU)")
 ax.legend()
 ax.grid(alpha=0.3)
 save_figure(fig, out_dir / "kv_time_per_token.png")
-fig
 
 # %% [markdown]
 # ### Quanto de memória o cache ocupa
@@ -776,7 +788,6 @@ axes[1].set_ylabel("GiB")
 axes[1].set_title("escala Llama 3 8B (8192 posições, bf16)")
 fig.tight_layout()
 save_figure(fig, out_dir / "kv_cache_bytes.png")
-fig
 
 # %% [markdown]
 # ## 10. Resultados que obtivemos
@@ -786,8 +797,9 @@ fig
 # configuração, tokenizador de caracteres com 126 símbolos). Máquina: VM x86_64 de 2 núcleos
 # (AVX-512), PyTorch 2.15 só CPU, 1 thread, com outro processo de 1 thread no outro núcleo (carga
 # ~2). Este notebook, executado de cima a baixo com esses parâmetros: 8,1 min de relógio, dos quais
-# 459 s nos 7 treinos. As losses são determinísticas com a mesma versão do PyTorch (mesma semente,
-# mesmos lotes); os tokens/s variam cerca de ±10% entre execuções numa máquina compartilhada.
+# 459 s nos 7 treinos. Com a mesma semente e os mesmos lotes, as losses se repetem entre execuções
+# até a terceira casa decimal (o treino `+no-bias` refeito deu 1,9888 contra 1,9882; exercício 2);
+# os tokens/s variam cerca de ±10% entre execuções numa máquina compartilhada.
 #
 # | configuração | parâmetros | tokens/s (lado a lado) | loss treino | loss validação |
 # |---|---:|---:|---:|---:|
@@ -805,7 +817,7 @@ fig
 #   128 posições a partir dos dados, enquanto o RoPE entrega a posição relativa de graça (e ainda
 #   tira 16 mil parâmetros).
 # - **RMSNorm** não muda a loss (+0,001) — é o que o artigo promete: a mesma qualidade com uma
-#   conta mais simples. (Nesta CPU ele não é mais rápido: o LayerNorm do PyTorch é um kernel
+#   conta mais simples. (Na CPU da execução de referência ele não é mais rápido: o LayerNorm do PyTorch é um kernel
 #   fundido, o nosso RMSNorm são cinco operações. Numa GPU, com `torch.compile` fundindo as cinco,
 #   esperamos que a ordem se inverta, mas não medimos ainda.)
 # - **SwiGLU** ganha −0,09 nat com praticamente os mesmos parâmetros.
@@ -861,11 +873,13 @@ fig
 #
 # | `rope_theta` | loss de validação | quanto gira o par mais lento em 127 posições |
 # |---:|---:|---:|
-# | 100 | 1,9754 | 1,69 rad |
-# | 10 000 (padrão) | 1,9882 | 0,023 rad |
-# | 1 000 000 | 1,9906 | 0,0003 rad |
+# | 100 | 1,9755 | 1,69 rad |
+# | 10 000 (padrão) | 1,9888 | 0,023 rad |
+# | 1 000 000 | 1,9905 | 0,0003 rad |
 #
-# Neste contexto curto, a base menor ganhou (−0,013 nat) e a maior perdeu um pouco (+0,002). Com
+# Os três treinos são de uma mesma execução (`docs/results/02/exercicios.md`; o padrão deu 1,9888, e
+# não o 1,9882 da ablação acima: de uma execução para outra a quarta casa decimal muda). Neste
+# contexto curto, a base menor ganhou (−0,013 nat) e a maior perdeu um pouco (+0,002). Com
 # head_dim 32 há 16 pares; com θ = 10 000, 6 deles giram menos de 0,5 rad em 127 posições, e com
 # 1 000 000 são 9: esses pares quase não mudam com a posição e pouco ajudam a distinguir distâncias
 # dentro de 128 tokens. Com θ = 100 todos os pares giram o bastante. A base grande existe para
@@ -875,14 +889,15 @@ fig
 #
 # </details>
 #
-# **3. O cache e o vocabulário.** Com cache, gerar 1000 tokens do nosso modelo de caracteres (V = 128)
-# é muito mais rápido que sem cache. Com o vocabulário do GPT-2 (V = 50 304) e o mesmo modelo, o
+# **3. O cache e o vocabulário.** Com cache, gerar 1000 tokens com o modelo de caracteres do benchmark
+# (V = 128) é muito mais rápido que sem cache. Com o vocabulário do GPT-2 (V = 50 304) e o mesmo modelo, o
 # ganho fica maior, igual ou menor? Meça com `uv run -m scripts.bench_02_modern --threads=1`.
 #
 # <details><summary>Resposta</summary>
 #
 # Menor. No benchmark (`docs/benchmarks.md`, CPU de 2 núcleos, 1 thread): 28,9× com V = 128 e
-# só 4,2× com V = 50 304. O cache elimina o trabalho repetido das camadas, mas não o da camada de
+# só 4,2× com V = 50 304 (entre rodadas, de 21,9× a 56,7× e de 4,2× a 8,6×). O cache elimina o
+# trabalho repetido das camadas, mas não o da camada de
 # saída: a multiplicação pela matriz 50 304 × 128 custa o mesmo com ou sem cache, a cada token, e
 # passa a dominar o passo (2 a 7 ms contra ~1 ms das 4 camadas). É a lei de Amdahl: o ganho de
 # otimizar uma parte é limitado pelo que sobra.
@@ -894,7 +909,8 @@ fig
 #
 # - Cada ideia moderna é um campo de `GPTConfig`; `gpt2_config()` e `modern_config()` são as
 #   duas pontas, e a ablação mostra o caminho entre elas. Neste orçamento, o RoPE é o maior ganho e
-#   o SwiGLU o segundo; RMSNorm, sem viés e soft-cap não mudam a loss de um modelo pequeno.
+#   o SwiGLU o segundo; RMSNorm, sem viés e soft-cap mudam a loss em 0,015 nat ou menos, menos do que
+#   uma semente só permite separar do acaso.
 # - RoPE gira pares de dimensões de q e k; o produto escalar passa a depender só da distância.
 #   RMSNorm só reescala; SwiGLU multiplica duas projeções, uma delas passada pela SiLU. Você
 #   escreveu cada um em poucas linhas e conferiu contra o pacote.

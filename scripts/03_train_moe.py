@@ -65,7 +65,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.course.notebook import setup
 
-setup("03", written_for=NANOMOE_REF)
+device = setup("03", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %%
 import inspect
@@ -188,7 +188,6 @@ for t in range(3):
 # %%
 fig = plot_moe_dispatch(topk_idx[0], gates[0], toy.n_experts, token_labels=["x0", "x1", "x2"],
                         save_path=out_dir / "moe_dispatch.png")
-fig
 
 # %% [markdown]
 # **Construa você mesmo: uma camada MoE em dez linhas.** O roteador (softmax dos logits), o top-k, as
@@ -406,7 +405,10 @@ print(f"my_balance_loss == MoE (valor {mine.item():.4f} e gradiente em W_r)")
 # 2. **Por sequência e em ordem de posição.** Calculamos a capacidade para cada sequência
 #    ($T$ = seu tamanho) e os tokens ocupam as vagas na ordem em que aparecem. Se a disputa fosse
 #    no lote inteiro, ou ordenada pela confiança do roteador, a saída de um token dependeria dos
-#    tokens **seguintes** — um vazamento de causalidade no treino (o modelo "vê" o futuro).
+#    tokens **seguintes** — um vazamento de causalidade no treino (o modelo "vê" o futuro). O preço:
+#    o Switch e o GShard contam a capacidade no lote de cada dispositivo (milhares de tokens), onde
+#    as flutuações da carga se compensam; numa sequência de 128 tokens elas pesam muito mais, e o
+#    mesmo fator descarta mais (capítulo 07, exercício 3).
 # 3. **Dropless é o padrão** (`moe_capacity_factor=None`, como o Mixtral): com capacidade, um
 #    passo de decodificação com cache vê 1 token e nunca descarta, enquanto a passagem pela
 #    sequência inteira pode descartar — sem capacidade as duas coincidem.
@@ -547,8 +549,8 @@ show_source(MoEMetrics.summary)
 #    mesma receita do capítulo 02 chega a 2,0100 (medimos; ver o exercício 1 do capítulo 02),
 #    exatamente o denso daqui; a diferença para o 1,9882 de lá é a cabeça de k/v a menos;
 # 2. **MoE top-2** e **MoE top-1**: 8 especialistas em todas as camadas, com os mesmos
-#    parâmetros ativos do denso ($\alpha = 0.01$, $\beta = 0.001$);
-# 3. **varredura de $\alpha$** (top-2): 0, 0.001, 0.01, 0.1 — efeito na carga e na validação;
+#    parâmetros ativos do denso ($\alpha = 0{,}01$, $\beta = 0{,}001$);
+# 3. **varredura de $\alpha$** (top-2): 0; 0,001; 0,01; 0,1 — efeito na carga e na validação;
 # 4. **capacidade** (top-2, cf $=1$): quanto se descarta e quanto custa;
 # 5. **viés DeepSeek-V3** (top-2, $\alpha = 0$): balanceamento sem loss auxiliar.
 
@@ -650,10 +652,9 @@ main_runs = [n for n in ("denso", "MoE top-2", "MoE top-1") if n in results]
 fig = plot_curves({n: results[n]["history"] for n in main_runs}, x="tokens", y="val_loss",
                   title="Machado de Assis: denso vs MoE (validação)", figsize=(8, 4.5))
 save_figure(fig, out_dir / "val_dense_vs_moe.png")
-fig
 
 # %% [markdown]
-# ### A carga dos especialistas ao longo do treino (MoE top-2, α = 0.01)
+# ### A carga dos especialistas ao longo do treino (MoE top-2, α = 0,01)
 #
 # Cada painel é uma camada MoE; cada linha, um especialista; a cor, a fração das atribuições da
 # janela que ele recebeu (branco = $1/8$, equilíbrio perfeito; vermelho = sobrecarga; azul = fome).
@@ -662,7 +663,6 @@ fig
 r = results["MoE top-2"]
 fig = plot_expert_load(r["loads"], r["load_steps"], title="MoE top-2, α = 0.01: carga por especialista")
 save_figure(fig, out_dir / "expert_load_top2.png")
-fig
 
 # %%
 no_aux = f"MoE top-2 α={0:g}"
@@ -670,7 +670,6 @@ if no_aux in results:
     r = results[no_aux]
     fig = plot_expert_load(r["loads"], r["load_steps"], title="MoE top-2, α = 0 (sem loss de balanceamento)")
     save_figure(fig, out_dir / "expert_load_top2_alpha0.png")
-fig
 
 # %% [markdown]
 # ### A varredura do coeficiente de balanceamento
@@ -680,7 +679,6 @@ sweep = {c: results["MoE top-2" if c == args.main_aux else f"MoE top-2 α={c:g}"
 fig = plot_balance_sweep(list(sweep), [s["load_cv"] for s in sweep.values()], [s["val_loss"] for s in sweep.values()],
                          title="Loss de balanceamento: carga vs qualidade (MoE top-2)")
 save_figure(fig, out_dir / "balance_sweep.png")
-fig
 
 # %% [markdown]
 # ### Para qual especialista vai cada caractere?
@@ -697,12 +695,11 @@ with torch.no_grad():
 experts = [st["topk_idx"][0, :, 0].tolist() for st in out.moe_stats]  # (layers, T)
 fig = plot_token_routing(list(sentence), experts, model.config.n_experts)
 save_figure(fig, out_dir / "token_routing.png")
-fig
 
 # %% [markdown]
 # E em muitos caracteres de validação: para cada especialista da última camada, os caracteres que
 # ele mais recebe (em proporção das ocorrências do caractere). Especialização aparece como
-# grupos — espaços e pontuação, vogais, consoantes, maiúsculas.
+# grupos — espaços, pontuação e acentos, vogais, consoantes (a saída abaixo).
 
 # %%
 n_chars = 4096 if not args.quick else 256
@@ -754,8 +751,8 @@ for e in range(model.config.n_experts):
 # | 900 (1,84 milhão) | 1 | 1,6546 | **1,6409** | 1,7284 | — |
 #
 # Com 300 passos o denso ganha em média (1,986 contra 2,001 do top-2, três sementes: o MoE só ganhou
-# na semente 1337); com 900 passos o MoE top-2 ganha nas duas sementes (por 0,041 e 0,014 nats), e a
-# curva de validação mostra a diferença crescendo ao longo do treino. Faz sentido: cada especialista
+# na semente 1337); com 900 passos o MoE top-2 ganha nas duas sementes (por 0,041 e 0,014 nats;
+# a curva desses treinos longos não está no notebook, só a loss final). Faz sentido: cada especialista
 # só vê ~1/4 dos tokens (top-2 de 8), então precisa de mais dados para aprender; o MoE tem 3,3× mais
 # parâmetros, mas eles só pagam quando o modelo denso começa a ficar limitado pela sua capacidade,
 # não no começo do treino, quando os dois ainda estão aprendendo o básico (letras, sílabas, espaços).
@@ -766,11 +763,13 @@ for e in range(model.config.n_experts):
 # Transformer usa top-1 numa escala em que cada especialista recebe bilhões de tokens.
 #
 # **Varredura de α.** Sem a loss de balanceamento (α = 0) o roteador colapsa: CV 1,42, o
-# especialista mais carregado de cada camada com 3,8× a carga média e 7 especialistas mortos nas 4
-# camadas (no mapa de calor, uma camada inteira usa só 2 dos 8 especialistas — o colapso total — e
-# outra usa 3). α = 0,001 já reduz o CV a 0,38; α = 0,01 (o valor do Switch) chega a 0,11 com a
-# melhor validação da varredura; α = 0,1 equilibra quase perfeitamente (CV 0,04) mas piora a
-# validação: forte demais, a loss de balanceamento briga com a entropia cruzada.
+# especialista mais carregado de cada camada com 3,8× a carga média (média das 4 camadas) e 7
+# especialistas mortos (nenhuma atribuição na última janela) somando as 4 camadas. No mapa de calor a
+# carga se concentra: na camada 2 quase tudo vai para 2 dos 8 especialistas, na camada 1 para 3; os
+# outros recebem pouco, mas nem todos zero. α = 0,001 já reduz o CV a 0,38; α = 0,01 (o valor do
+# Switch) chega a 0,11; α = 0,1 equilibra quase perfeitamente (CV 0,04). Na validação as três ficam
+# a 0,02 nat umas das outras (2,0214, 1,9990 e 2,0038), menos que a variação entre sementes (~0,03
+# na tabela abaixo): numa semente só, a varredura mostra o efeito na carga, não qual α treina melhor.
 #
 # **Capacidade** (cf = 1): 6,7% das atribuições descartadas e +0,07 nats de validação — o descarte
 # vale também na avaliação, e cada descarte tira metade do MLP de um token. É por isso que o
@@ -823,9 +822,10 @@ for e in range(model.config.n_experts):
 #
 # O roteador colapsa: na última janela, 7 especialistas mortos somando as 4 camadas, o mais
 # carregado de cada camada com 3,79× a carga média, CV 1,42 (contra 0,11 com α = 0,01) e
-# $\mathcal{L}_{bal}$ = 2,64 (1 seria o equilíbrio; 4 = $N/k$, o colapso total). O mapa de calor mostra
-# uma camada inteira usando só 2 dos 8 especialistas (nela, o MoE virou um MLP denso dividido em
-# dois) e outra usando 3. A validação piora 0,043 nats (2,0423 contra 1,9990) e fica atrás até do
+# $\mathcal{L}_{bal}$ = 2,64 (1 seria o equilíbrio; 4 = $N/k$, o colapso total). No mapa de calor, a
+# camada 2 manda quase tudo para 2 dos 8 especialistas (nela, o MoE quase virou um MLP denso dividido
+# em dois) e a camada 1 para 3; os demais recebem pouco, mas só 7 recebem zero. A validação piora
+# 0,043 nats (2,0423 contra 1,9990) e fica atrás até do
 # denso (2,0100): a capacidade extra que o MoE prometia se perde, e o roteador ainda gasta passos
 # mudando de ideia antes de colapsar.
 #
@@ -842,7 +842,8 @@ for e in range(model.config.n_experts):
 # especialista que passa da sua cota descarta o excedente. O custo foi +0,07 nat de validação (2,0707
 # contra 1,9990), porque o descarte vale também na avaliação e cada descarte tira metade do MLP de
 # um token. Uma pista para escolher o fator: a razão máximo/média da carga (1,23 no MoE top-2 sem
-# capacidade, média das janelas) — mas sequências isoladas flutuam mais que a média (não medimos
+# capacidade, média das 4 camadas na última janela) — mas sequências isoladas flutuam mais que a
+# média (não medimos
 # outros fatores).
 #
 # </details>
@@ -855,12 +856,14 @@ for e in range(model.config.n_experts):
 #   em poucas linhas e conferiu contra o pacote.
 # - $\mathcal{L}_{bal} = N\sum_i f_i P_i$ vale 1 no equilíbrio (ou com o roteador uniforme) e, no
 #   colapso total, $N/k$: $N$ com top-1, $N/2$ com top-2. $P_i$ vem do softmax completo.
-# - Sem a loss de balanceamento o roteador colapsa; forte demais, ela piora a validação. O viés do
+# - Sem a loss de balanceamento o roteador colapsa; com α = 0,1 ela equilibra quase perfeitamente, e
+#   o efeito na validação, numa semente, fica dentro do ruído entre sementes. O viés do
 #   DeepSeek-V3 equilibra sem loss auxiliar.
 # - Capacidade: com mínimo, por sequência e em ordem de posição — nunca zero, nunca espiando o
 #   futuro; os descartados seguem pela residual, e descartar custa validação.
 # - Compare MoE e denso com os mesmos **parâmetros ativos** e os mesmos tokens, e meça a
-#   validação só com a entropia cruzada. Neste orçamento o MoE só passa à frente com mais tokens.
+#   validação só com a entropia cruzada. Neste orçamento o MoE só passa à frente com mais tokens (3× mais,
+#   2 sementes).
 #
 # **Para ler.** Os artigos estão na tabela do início. Um guia para a camada inteira, com os mesmos
 # nomes: a seção de MoE do Switch Transformer (seções 2.1 e 2.2) e o Mixtral (seção 2.1). Termos:

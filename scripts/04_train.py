@@ -59,7 +59,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.course.notebook import setup
 
-setup("04", written_for=NANOMOE_REF)
+device = setup("04", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %% [markdown]
 # ## Parâmetros: um arquivo de configuração + `--chave=valor`
@@ -276,15 +276,15 @@ if main and result.history:
 #
 # As saídas acima são de uma execução real da configuração padrão (`machado_char_modern`) numa CPU
 # x86_64 de 2 núcleos (PyTorch 2.15), com `--threads=1` e outro processo de 1 thread no outro núcleo
-# (carga ~2): numa CPU disputada, 2 threads do PyTorch esperando uma pela outra chegaram a ser 10x
+# (carga ~2): numa CPU disputada, 2 threads do PyTorch esperando uma pela outra chegaram a ser 10×
 # mais lentas que uma.
 #
 # | | |
 # |---|---|
 # | modelo | moderno (RoPE, RMSNorm, SwiGLU, MQA: 4 cabeças de consulta, 1 de k/v), 4 camadas, C = 128, bloco 128 |
 # | parâmetros | 721 792 (0,72 milhão) |
-# | dados | Machado por caractere (126 símbolos), 4,3M tokens de treino, 478k de validação |
-# | treino | 2000 passos x 12 x 128 = 3,07M tokens (0,71 época), 310 s de treino (~9,9k tokens/s) |
+# | dados | Machado por caractere (126 símbolos), 4,3 milhões de tokens de treino, 478 mil de validação |
+# | treino | 2000 passos × 12 × 128 = 3,07 milhões de tokens (0,71 época), 310 s de treino (~9,9 mil tokens/s) |
 # | validação | 4,92 no início (chute uniforme: ln 126 = 4,84), 2,42 no passo 100, 1,64 no 1000, **1,494 no 2000** |
 # | perplexidade final | 4,45 |
 # | tempo total | 6,3 min para o notebook inteiro (treino, avaliações, amostras, comparação de tokenizadores, geração) |
@@ -392,14 +392,14 @@ if main:
 # | `moe_124m_fineweb` | 8 especialistas top-2 por camada: **123,66M parâmetros ativos por token**, 293,53M ao todo |
 # | `gpt2_finetune_machado` | ajuste fino do GPT-2 da OpenAI (`init_from: gpt2`) no Machado, lr baixo (6e-5) |
 #
-# As três primeiras seguem a receita do build-nanogpt no FineWeb-Edu (tokenizador do GPT-2): 524.288
-# tokens por passo, lr 6e-4 com 715 passos de *warmup* e cosseno até 6e-5 em 19.073 passos (10B
+# As três primeiras seguem a receita do build-nanogpt no FineWeb-Edu (tokenizador do GPT-2): 524 288
+# tokens por passo, lr 6e-4 com 715 passos de *warmup* e cosseno até 6e-5 em 19 073 passos (10B
 # tokens), bf16, `torch.compile`. O ajuste fino usa o tokenizador do GPT-2 no Machado.
 #
 # **Tokens por passo, não micro-lotes.** Uma receita é ajustada para um lote medido em tokens
 # (~0,5M para o GPT-2 124M: tabela 2.1 de [Brown et al. 2020](https://arxiv.org/abs/2005.14165));
 # `tokens_per_step` fixa esse número e `nanomoe.training.accumulation` deriva dele e do número de processos
-# quantos micro-lotes cada processo acumula: 524.288 = 64 × 1024 × 8 micro-lotes numa GPU, × 1 em
+# quantos micro-lotes cada processo acumula: 524 288 = 64 × 1024 × 8 micro-lotes numa GPU, × 1 em
 # cada uma de 8 GPUs. O script diz o que escolheu
 # (`524,288 tokens/step (from tokens_per_step) = 8 process(es) x 1 micro-batch(es) x 64 x 1024 tokens`);
 # um número que não divide termina com uma linha que sugere o `--batch_size` que serve. Sem
@@ -414,8 +414,8 @@ if main:
 #
 # **HellaSwag** ([Zellers et al. 2019](https://arxiv.org/abs/1905.07830), `nanomoe.interop.hellaswag`) a cada
 # avaliação, quando `data/hellaswag/hellaswag_val.jsonl` existe (`uv run -m data.prepare_hellaswag`):
-# cada exemplo tem um contexto e quatro continuações; a perda do modelo é medida **só nos tokens da
-# continuação**, e a de menor perda média por token é a resposta (`acc_norm`; `acc` usa a perda
+# cada exemplo tem um contexto e quatro continuações; a loss do modelo é medida **só nos tokens da
+# continuação**, e a de menor loss média por token é a resposta (`acc_norm`; `acc` usa a loss
 # somada, que favorece continuações curtas). O acaso dá 0,25.
 #
 # ```bash
@@ -442,17 +442,20 @@ if main:
 #
 # | corrida | tokens | hardware | loss de validação | HellaSwag |
 # |---|---|---|---|---|
-# | GPT-2 124M da OpenAI | — | — | 3,29 (FineWeb-Edu); 3,12 (OpenWebText) | 0,2955 (`acc_norm`) |
+# | GPT-2 124M da OpenAI | — | — | 3,29 (FineWeb-Edu); 3,12 (OpenWebText) | 0,2955 (`acc_norm`, script do llm.c) |
 # | nanoGPT 124M no OpenWebText | ~300B | 8× A100 40GB, ~4 dias | ~2,85 | — |
 # | llm.c 124M no FineWeb 10B | 10B | 8× A100 80GB, ~90 min | 3,28 | 0,299 |
 # | GPT-3 Small (125M) | 300B | — | — | 0,337 |
 # | **este curso, as 4 receitas** | | **não medido ainda** | não medido ainda | não medido ainda |
 #
 # As linhas deste curso ficam «não medido ainda» até uma GPU rodar as receitas (tokens/s e MFU
-# incluídos: o laço os registra sozinho). Fontes: o `play.ipynb` do build-nanogpt (3,2924 e 0,2945
-# para o GPT-2, 0,337 para o GPT-3), o README do nanoGPT, a docstring de `dev/data/hellaswag.py` e
-# a discussão #481 do llm.c, o README do modded-nanogpt (3,2847 para o llm.c); detalhes em
-# `docs/benchmarks.md`.
+# incluídos: o laço os registra sozinho). Fontes: a docstring de `dev/data/hellaswag.py` do llm.c
+# (0,2955: o `acc_norm` do GPT-2 124M no script de avaliação do llm.c, estilo completação; o
+# `lm-evaluation-harness` dá 0,3114 no estilo múltipla escolha); o `play.ipynb` do build-nanogpt
+# (3,2924 de validação e 0,2945 de HellaSwag: a linha de referência do GPT-2 que o build-nanogpt
+# desenha, de outra avaliação; 0,337 para o GPT-3) — duas avaliações, dois números para o mesmo
+# modelo; o README do nanoGPT, a discussão #481 do llm.c, o README do modded-nanogpt (3,2847 para
+# o llm.c); detalhes em `docs/benchmarks.md`.
 
 # %% [markdown]
 # ## Quantos tokens por caractere? char, GPT-2 e um BPE treinado no Machado
@@ -587,8 +590,8 @@ if main and ckpt_file.is_file():
 # %% [markdown]
 # ## Exercícios
 #
-# Preveja antes de abrir a resposta. As respostas 1 e 2 foram medidas com `nanomoe.training.train.train` no
-# tamanho do `--quick` (modelo moderno de 2 camadas, C = 32, contexto 32, lotes de 4, 40 passos,
+# Preveja antes de abrir a resposta. As respostas 1 e 2 foram medidas com os comandos dos enunciados,
+# no tamanho do `--quick` (modelo moderno de 2 camadas, C = 32, contexto 32, lotes de 4, 40 passos,
 # avaliação a cada 10, os primeiros 200 mil caracteres de Machado), 1 thread, numa CPU de 2 núcleos.
 #
 # **1. Mate um treino e retome.** Rode `uv run -m scripts.04_train --quick --max_steps=40
@@ -598,10 +601,11 @@ if main and ckpt_file.is_file():
 #
 # <details><summary>Resposta</summary>
 #
-# Iguais, até o último dígito. O treino direto deu validação 4,5471 / 4,2356 / 3,9901 / 3,8535 /
-# 3,8099 nos passos 0, 10, 20, 30 e 40. Matamos o outro processo com `SIGKILL` logo depois do
-# checkpoint do passo 20 e rodamos de novo com `resume`: ele continuou do passo 20 e deu 3,8535 e
-# 3,8099 nos passos 30 e 40, e os pesos finais são idênticos tensor a tensor (`torch.equal`). O
+# Iguais, até o último dígito. O treino direto deu validação 4,5471 / 4,2331 / 3,9824 / 3,8423 /
+# 3,7986 nos passos 0, 10, 20, 30 e 40 (`docs/results/04/exercicios.md`). Numa segunda execução do
+# mesmo comando, o `SIGKILL` chegou logo depois do checkpoint do passo 30 (o treino é rápido);
+# rodamos de novo com `--resume`: ele continuou do passo 30 e deu 3,7986 no passo 40, e os pesos
+# finais são idênticos tensor a tensor aos do treino direto (`torch.equal`). O
 # checkpoint guarda pesos, estado do AdamW, passo e geradores, e o lote número *g* é sorteado de
 # `(semente, g)`: nada do que vem depois depende de o processo ter morrido. O que se perde ao matar
 # é só o trabalho desde o último checkpoint (a cada `eval_interval` passos).
@@ -613,12 +617,12 @@ if main and ckpt_file.is_file():
 #
 # <details><summary>Resposta</summary>
 #
-# Não. Aos 20 passos o treino curto já tinha validação 4,1141 (o direto, 3,9901 no mesmo passo): com
+# Não. Aos 20 passos o treino curto já tinha validação 4,1098 (o direto, 3,9824 no mesmo passo): com
 # `max_steps=20` o cosseno leva a taxa até `min_lr` no passo 20. Ao retomar com `--max_steps=40`, o
 # laço avisa (`max_steps: checkpoint has 20, this run has 40`) e recalcula a taxa pelo passo: ela
 # estava em 1,1e-4 no fim do treino curto e volta a 6,5e-4 (65% do pico), o valor do passo 20 num
 # cosseno de 40 passos. O treino
-# termina em 3,9241, contra 3,8099 do direto. A retomada exata vale para o mesmo `max_steps`; mudar o
+# termina em 3,9154, contra 3,7986 do direto. A retomada exata vale para o mesmo `max_steps`; mudar o
 # horizonte muda a curva da taxa (é o que o aviso diz).
 #
 # </details>

@@ -29,7 +29,8 @@
 # 2. **Ajuste fino (*fine-tuning*) em Machado de Assis** com o BPE do GPT-2: partindo dos pesos
 #    pré-treinados *versus* do zero, com os mesmos passos e os mesmos lotes.
 # 3. **Transferência parcial** para a arquitetura moderna do capítulo 02 (RoPE, RMSNorm, SwiGLU,
-#    GQA, sem viés): o que tem significado é copiado ou adaptado, o resto é inicializado, e um
+#    GQA com `n_head // 4` cabeças de k/v, que no GPT-2 minúsculo de 4 cabeças vira MQA, 1 cabeça;
+#    sem viés): o que tem significado é copiado ou adaptado, o resto é inicializado, e um
 #    relatório diz o que aconteceu com cada tensor.
 # 4. **Sparse upcycling** ([Komatsuzaki et al., 2022](https://arxiv.org/abs/2212.05055)): um MoE cujos
 #    especialistas nascem como cópias do MLP denso — no passo 0, com top-2 ou mais, ele calcula os
@@ -60,7 +61,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.course.notebook import setup
 
-setup("05", written_for=NANOMOE_REF)
+device = setup("05", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %% [markdown]
 # ## Parâmetros
@@ -248,7 +249,7 @@ del hf_model, hf_state
 # ## 2. Ajuste fino em Machado de Assis: pré-treinado × do zero
 #
 # O BPE do GPT-2 foi treinado em inglês: em Machado ele gasta ~0,41 token por caractere, contra
-# ~0,30 de um BPE treinado no próprio Machado (capítulo 04) — palavras como "ressaca" viram vários
+# ~0,31 de um BPE treinado no próprio Machado (capítulo 04) — palavras como "ressaca" viram vários
 # pedaços. Mesmo assim o GPT-2 viu algum português na web, e muito de "como texto funciona".
 #
 # Dois treinos com **os mesmos passos, os mesmos lotes** (a semente fixa a ordem dos dados) e o
@@ -359,7 +360,6 @@ ax.set_xlabel("fração dos parâmetros do modelo moderno")
 ax.set_title(f"Transferência GPT-2 → moderno ({'GPT-2 real' if source == 'hub' else 'substituto minúsculo'})")
 ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), frameon=False)
 save_figure(fig, out_dir / "transfer_shares.png")
-fig
 
 # %%
 torch.manual_seed(args.seed)
@@ -375,8 +375,8 @@ del modern_scratch
 #
 # Komatsuzaki et al. (2022), "Sparse Upcycling: Training Mixture-of-Experts from Dense
 # Checkpoints": em vez de treinar um MoE do zero, cada especialista começa como uma **cópia do MLP
-# denso** e só o roteador é novo. Como os k especialistas escolhidos são idênticos e os pesos do
-# gate, renormalizados, somam 1:
+# denso** e só o roteador é novo. Como os k especialistas escolhidos são idênticos e as portas,
+# renormalizadas, somam 1:
 #
 # $$y = \sum_{i \in \text{top-}k} g_i\, E_i(x) = \Big(\sum_i g_i\Big)\,\text{MLP}(x) = \text{MLP}(x),$$
 #
@@ -385,7 +385,9 @@ del modern_scratch
 # renormalização daria 1 e cortaria o gradiente do roteador, capítulo 03), então o MoE começa com a
 # saída do MLP multiplicada por $p_i$, não igual a ela (exercício 2). Os
 # especialistas têm a largura do MLP denso (não a largura "de ativos iguais" do capítulo 03): o
-# MoE tem ~k vezes o custo por token do denso, e E vezes os parâmetros do MLP. O treino então
+# MLP do MoE custa ~k vezes o do denso por token (o resto do modelo, igual), e tem E vezes os seus
+# parâmetros. Neste modelo minúsculo quase tudo é a tabela de embeddings (50 257 × 64), então os
+# ativos quase não mudam: 3,4 milhões contra 3,3 milhões do denso (saída abaixo). O treino então
 # separa os especialistas (com `noise_std > 0` eles já nascem levemente diferentes).
 #
 # A comparação justa: o mesmo modelo denso continuando o treino pelos mesmos passos.
@@ -487,8 +489,9 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 #   arredondamento de float32 (1,2e-6 no substituto das saídas registradas; com o GPT-2 real, não
 #   medido ainda); um erro de transposição daria diferenças de ordem 1.
 #   O mesmo vale para o MoE exportado como Mixtral e para a volta com `load_hf`.
-# - **Pré-treino vale ouro.** Com os pesos reais do GPT-2 a loss de validação em Machado começa
-#   bem abaixo de ln(50257) ≈ 10,8 (o "chute uniforme" de um modelo aleatório), e o modelo do zero
+# - **Pré-treino vale ouro.** Até o substituto, pré-treinado por segundos em inglês, começa em 9,472
+#   de validação em Machado, abaixo de ln(50 257) ≈ 10,8 (o "chute uniforme" de um modelo aleatório;
+#   com os pesos reais do GPT-2, não medido ainda), e o modelo do zero
 #   gasta a maior parte dos passos aprendendo o básico que o pré-treinado já sabe.
 # - **Transferência parcial** ajuda menos que o ajuste fino do mesmo modelo: o MLP (dois terços
 #   dos parâmetros de cada bloco) recomeça do zero, e q/k mudam de posições absolutas para RoPE.
@@ -496,10 +499,11 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 #   combinados com um MLP novo dão previsões confiantes e erradas —, mas em poucos passos o
 #   modelo transferido passa o do zero. O relatório mostra exatamente o que foi reaproveitado.
 # - **Upcycling** começa exatamente onde o denso estava. E no início *continua* igual a ele: com
-#   especialistas idênticos a saída não depende dos pesos do gate, então o roteador não recebe
+#   especialistas idênticos a saída não depende das portas, então o roteador não recebe
 #   gradiente da entropia cruzada (só das losses auxiliares); os especialistas só se afastam porque
 #   cada um recebe o gradiente dos *seus* tokens. Com mais passos (ou `noise_std > 0`, que quebra a
-#   simetria desde o início) eles se especializam e o MoE desce mais rápido por passo — ao custo de
+#   simetria desde o início) eles podem se especializar e o MoE descer mais rápido por passo, como
+#   no artigo do *upcycling* (em 30 passos, aqui, ainda não: a tabela abaixo) — ao custo de
 #   E vezes os parâmetros do MLP e ~k vezes a sua computação.
 #
 # ### Resultados registrados neste notebook
@@ -522,7 +526,7 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 #
 # Mesmo um pré-treino de segundos, em outra língua, dá ~0,56 nat de vantagem depois de 60 passos,
 # e a transferência parcial ~0,52 nat sobre o moderno do zero. Em 30 passos o MoE ainda não se
-# separou do denso (7,142 × 7,139: a simetria descrita acima). Numa T4 com os pesos reais
+# separou do denso (7,142 contra 7,139: a simetria descrita acima). Numa T4 com os pesos reais
 # (`--full`, o padrão quando há GPU) os números serão outros: não medidos ainda — rode e compare.
 
 # %% [markdown]
@@ -548,8 +552,9 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 #
 # Congelar o corpo quase não custa: 7,5588 contra 7,5303 do ajuste fino completo (+0,03 nat).
 # Congelar os embeddings quase impede o aprendizado: 9,4003, perto do ponto de partida (9,4715). No
-# substituto minúsculo, 97% dos parâmetros (3 232 960 de 3 332 928) estão no embedding de 50 257 × 64,
-# que é também a camada de saída (pesos compartilhados): é ali que o modelo aprende quais tokens são
+# substituto minúsculo, 97% dos parâmetros (3 232 832 de 3 332 928) estão nos embeddings: a tabela
+# de tokens, 50 257 × 64, que é também a camada de saída (pesos compartilhados), e a de posições,
+# 256 × 64. É na de tokens que o modelo aprende quais tokens são
 # comuns em português, e os blocos e a norma final (100 096 parâmetros) sozinhos não chegam lá em
 # 60 passos. Num GPT-2 de verdade os blocos têm 85 milhões dos 124 milhões de parâmetros, e o
 # resultado pode ser outro: não medido aqui.
@@ -576,8 +581,9 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 # <details><summary>Resposta</summary>
 #
 # No passo 0 o ruído quase não muda nada: diferença máxima de logits de 3,6e-4 (contra 2,4e-6 sem
-# ruído). Em 30 passos também não: validação 7,1407 com ruído, 7,1424 sem ruído e 7,1391 do denso
-# continuado, diferenças de milésimos. Quebrar a simetria deixa o roteador aprender, mas 30 passos
+# ruído). Em 30 passos também não: validação 7,1395 com ruído contra 7,1389 do denso continuado na
+# mesma execução (`docs/results/05/exercicios.md`); sem ruído, na execução gravada acima, 7,1424
+# contra 7,1391: diferenças de milésimos. Quebrar a simetria deixa o roteador aprender, mas 30 passos
 # de 4 × 64 tokens são pouco para os especialistas se separarem; o ganho do MoE, se vier, aparece
 # com mais passos (não medido aqui).
 #

@@ -54,7 +54,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.course.notebook import setup
 
-setup("06", written_for=NANOMOE_REF)
+device = setup("06", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %%
 import json
@@ -365,9 +365,9 @@ for (name, seed), r in runs.items():
     rows.append(f"| {name} | {seed} | {r['active']:,} | {r['total']:,} | {r['history'][-1]['val_loss']:.4f} | "
                 f"{dense_val} | {tok_cell} | {sec_cell} | {r['tokens_per_s']:,.0f} |")
 table = "\n".join(rows)
-print(table)
 (out_dir / "crossover.json").write_text(json.dumps({"args": dict(vars(args)), "runs": summary}, indent=1),
                                         encoding="utf-8")
+print(table)
 
 # %%
 by_variant = {}
@@ -378,7 +378,6 @@ where = sorted({r.get("hardware") or "lugar não registrado" for r in runs.value
 fig = plot_crossover(by_variant, reference="denso" if seeds else None, hardware=" + ".join(where),
                      title=f"Machado ({regime}): denso e MoEs com os mesmos parâmetros ativos")
 save_figure(fig, out_dir / "crossover.png")
-fig
 
 # %% [markdown]
 # ## 5. O que o roteador aprendeu
@@ -394,7 +393,6 @@ decisions = routing_of(main["model"], probe)  # one (B, T, k) per MoE layer
 mats = [coactivation(d, E) for d in decisions]
 fig = plot_matrices(mats, [f"camada {i}" for i in range(len(mats))], title="Coativação: P(j escolhido | i escolhido)")
 save_figure(fig, out_dir / "coactivation.png")
-fig
 
 # %% [markdown]
 # **Especialização por classe de caractere.** Cada coluna é uma classe (vogal, consoante, espaço...);
@@ -419,7 +417,6 @@ if args.tokenizer != "char":
     print("última camada: os tokens que cada especialista mais recebe (em % das ocorrências do token)")
     for e, top in enumerate(top_tokens_per_expert(decisions[-1], probe, E, n=6)):
         print(f"  E{e}: " + "  ".join(f"{tok.decode([i])!r} {k * v:.0%}" for i, v in top if v > 0))
-fig
 
 # %% [markdown]
 # **Posição na palavra e na sequência** (última camada MoE): coluna 0 = não-letra, 1 = primeira
@@ -434,7 +431,6 @@ if args.tokenizer == "char":
     mats, titles = [routing_share(decisions[-1], in_word, 9, E)] + mats, ["posição na palavra (0 = não-letra)"] + titles
 fig = plot_matrices(mats, titles, xlabel="posição", center=1 / E, title="Última camada: o roteador olha a posição?")
 save_figure(fig, out_dir / "specialization_position.png")
-fig
 
 # %% [markdown]
 # **Saturação do roteamento** (OLMoE, seção 5.1): em cada avaliação do treino, a fração dos tokens
@@ -449,7 +445,6 @@ print("tokens até 50% / 90% dos tokens com o top-k final, por camada:")
 for li, vals in enumerate(sat):
     reach = [next((s["tokens"] for s, v in zip(snaps, vals) if v >= q), None) for q in (0.5, 0.9)]
     print(f"  camada {li}: " + ", ".join("—" if t is None else f"{t / 1e6:.2f} M" for t in reach))
-fig
 
 # %% [markdown]
 # **Um texto colorido pelo especialista** (a vista do capítulo 03): o especialista top-1 de cada
@@ -461,7 +456,6 @@ ids = torch.tensor([tok.encode(sentence)])
 top1 = [d[0, :, 0].tolist() for d in routing_of(main["model"], ids)]
 fig = plot_token_routing([tok.decode([i]) for i in ids[0].tolist()], top1, E)
 save_figure(fig, out_dir / "token_routing.png")
-fig
 
 # %%
 print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivation.png, ...)")

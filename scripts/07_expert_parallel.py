@@ -20,7 +20,8 @@
 #
 # No capítulo 04 replicamos o modelo inteiro em cada processo (DDP): cada GPU guarda **todos** os
 # pesos e lê uma fatia diferente dos dados. Um MoE de verdade não cabe assim. O DeepSeek-V3 tem
-# 256 especialistas por camada e 671 bilhões de parâmetros; cada token usa só 37 bilhões. A saída é
+# 256 especialistas roteados (e 1 compartilhado) por camada MoE e 671 bilhões de parâmetros; cada
+# token usa só 37 bilhões. A saída é
 # **paralelismo de especialistas** (*expert parallelism*, EP): com $W$ processos (*ranks*), cada um
 # guarda só $E/W$ especialistas, e os **tokens viajam** até o rank que tem o especialista escolhido
 # e voltam com a resposta.
@@ -30,7 +31,7 @@
 # | especialistas espalhados por dispositivos, `all_to_all` de ida e volta | Lepikhin et al. 2020, [*GShard*][gshard] |
 # | top-1, fator de capacidade, o custo de comunicação | Fedus et al. 2021, [*Switch Transformers*][switch] |
 # | despacho sem descarte, *kernels* de blocos esparsos | Gale et al. 2022, [*MegaBlocks*][megablocks] |
-# | roteamento limitado por nó, comunicação sobreposta (DualPipe) | DeepSeek-AI 2024, [*DeepSeek-V3*][dsv3] (3.2) |
+# | roteamento limitado por nó (§2.1.2); DualPipe (§3.2) | DeepSeek-AI 2024, [*DeepSeek-V3*][dsv3] |
 #
 # [gshard]: https://arxiv.org/abs/2006.16668
 # [switch]: https://arxiv.org/abs/2101.03961
@@ -65,7 +66,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.course.notebook import setup
 
-setup("07", written_for=NANOMOE_REF)
+device = setup("07", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %%
 import json
@@ -90,7 +91,7 @@ from nanomoe.parallel.expert_parallel import (
     sync_gradients,
 )
 from nanomoe.paths import in_home
-from nanomoe.training.checkpoint import CheckpointError, check_config, load_checkpoint
+from nanomoe.training.checkpoint import CheckpointError, check_config, load_checkpoint, save_checkpoint
 from nanomoe.training.cli import parse_args
 
 # %% [markdown]
@@ -324,8 +325,8 @@ for W in worlds:
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.5))
-for W, log in logs.items():
-    ax.plot([r["step"] + 1 for r in log], [r["loss"] for r in log], label=f"W={W}", lw=1.2, ls=("-", "--", ":")[W % 3])
+for (W, log), ls in zip(logs.items(), ("-", "--", ":")):
+    ax.plot([r["step"] + 1 for r in log], [r["loss"] for r in log], label=f"W={W}", lw=1.2, ls=ls)
 ax.set(xlabel="passo", ylabel="loss de treino (entropia cruzada)",
        title="MoE 8x top-2 no Machado: 1, 2 e 4 processos, mesmo lote global (CPU, gloo)")
 ax.legend()
@@ -335,7 +336,7 @@ base = logs[worlds[0]]
 for W in worlds[1:]:
     gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(base, logs[W]))
     print(f"W={W} vs W={worlds[0]}: max |diferença de loss| em {len(base)} passos = {gap:.1e}")
-print("\n| W | tokens/s (mediana, 2a metade) | bytes pela rede por passo | desequilíbrio médio | loss de validação |")
+print("\n| W | tokens/s (mediana, 2ª metade) | bytes pela rede por passo | desequilíbrio médio | loss de validação |")
 print("|---|---|---|---|---|")
 for W, s in runs.items():
     mb = f"{s['bytes_per_step'] / 1e6:.2f} MB" if "bytes_per_step" in s else "0 (1 processo)"
@@ -343,24 +344,60 @@ for W, s in runs.items():
     print(f"| {W} | {s['tok_per_s']:.0f} | {mb} | {imb} | {s['val_loss']:.4f} |")
 
 # %% [markdown]
-# **Como ler.** Na execução gravada (CPU x86_64 de 2 núcleos, 3,8 min para o notebook inteiro), as três
-# losses coincidem em 7 algarismos nos primeiros ~30 passos (no passo 30: 3,2263696 nos três). Depois
-# elas se separam devagar: no passo 35 a diferença é 2e-7 (W=2) e 7e-5 (W=4), no fim 1,8e-2 e
-# 9,2e-2. Não é o algoritmo: é o arredondamento. Somar os gradientes em outra ordem muda o último
-# algarismo, e o treino amplifica essa diferença — um token cujos dois melhores especialistas têm
-# quase o mesmo escore troca de especialista, e a norma do gradiente dá saltos nessa fase (2,7 no
-# passo 40 com W=4, 0,36 nos outros). Duas GPUs com *kernels* não determinísticos fazem o mesmo.
-# A igualdade exata passo a passo é o que o teste verifica em 20 passos (diferença máxima de loss
+# **Um controle.** As curvas acima se separam depois de algumas dezenas de passos. Para saber se é o
+# algoritmo ou o arredondamento, treinamos de novo com 1 processo, partindo dos mesmos pesos
+# iniciais com cada um multiplicado por 1 + 1e-7·ε (ε sorteado de uma normal): uma diferença do
+# tamanho do último algarismo do float32, sem EP nenhum. A figura mostra, em escala log, a diferença
+# de loss para o treino de 1 processo, passo a passo.
+
+# %%
+ctrl = out_dir / "w1_perturbed"
+launch(1, max_steps=0, eval_iters=0, out_dir=ctrl / "init", **model_opts)  # the 1-process run's step-0 checkpoint
+ckpt = load_checkpoint(ctrl / "init" / "latest.pt")
+gen = torch.Generator().manual_seed(0)
+for t in ckpt["model"].values():  # every weight times (1 + 1e-7 noise): float32's last digit
+    if t.is_floating_point():
+        t.mul_(1 + 1e-7 * torch.randn(t.shape, generator=gen))
+save_checkpoint(ctrl / "init.pt", ckpt)
+launch(1, init_from=ctrl / "init.pt", max_steps=args.steps, grad_accum=args.micro_batches, log_interval=args.steps,
+       save_interval=args.steps, out_dir=ctrl, **model_opts)
+curves = {f"W={W}": logs[W] for W in worlds[1:]}
+curves["W=1, pesos × (1 + 1e-7 ε)"] = [json.loads(line) for line in (ctrl / "metrics.jsonl").read_text().splitlines()]
+fig, ax = plt.subplots(figsize=(7, 3.5))
+for (name, log), ls in zip(curves.items(), ("-", "--", ":")):
+    gaps = [abs(a["loss"] - b["loss"]) for a, b in zip(logs[worlds[0]], log)]
+    ax.semilogy(range(1, len(gaps) + 1), [max(g, 1e-9) for g in gaps], lw=1.2, ls=ls, label=name)
+    same = next((i for i, g in enumerate(gaps) if g > 0), len(gaps))
+    print(f"{name}: |ΔL| = 0 até o passo {same}; máximo {max(gaps):.1e}; no último passo {gaps[-1]:.1e}")
+ax.set(xlabel="passo", ylabel="|ΔL| para W=1 (0 desenhado em 1e-9)",
+       title="Diferença de loss para o treino de 1 processo (escala log)")
+ax.legend()
+save_figure(fig, out_dir / "loss_gaps.png")
+plt.show()
+
+# %% [markdown]
+# **Como ler.** Na execução gravada (CPU x86_64 de 2 núcleos, 3,7 min para o notebook inteiro), as
+# três losses são iguais nos 4 algarismos impressos no passo 33 (3,1784); na figura de |ΔL|, as
+# diferenças ficam no último algarismo do float32 (~1e-7) por umas três dezenas de passos e depois
+# saltam para centésimos de nat (a ordem de 1e-2; os máximos estão impressos acima). Não é o
+# algoritmo, e o controle mostra por quê: o treino de 1 processo com os pesos iniciais mudados só no
+# último algarismo do float32 também se separa do original, e chega à mesma ordem de grandeza (a
+# figura de |ΔL|; qual das três curvas vai mais longe muda de uma execução para outra). Com $W$
+# ranks a conta é a mesma, mas os gradientes são
+# somados em outra ordem, e isso muda o último algarismo; o treino amplifica essa diferença — um
+# token cujos dois melhores especialistas têm quase o mesmo escore troca de especialista, e daí em
+# diante os treinos fazem contas diferentes. Duas GPUs com *kernels* não determinísticos fazem o
+# mesmo. A igualdade passo a passo é o que o teste verifica em 20 passos (diferença máxima de loss
 # 2,4e-7).
 #
-# **A velocidade.** Os tokens/s da tabela foram medidos nesta CPU de 2 núcleos quase livre (carga
+# **A velocidade.** Os tokens/s da tabela foram medidos numa CPU x86_64 de 2 núcleos quase livre (carga
 # ~1; testes curtos rodaram ao lado por alguns segundos). Com $W$ = 1 o treino fez 26 164 tokens/s;
 # com $W$ = 2, 13 944: dois processos dividem os mesmos 2 núcleos e ainda pagam as trocas de dados e
 # a espera pelo rank mais carregado; com $W$ = 4, 19 423, caindo de ~25 mil para ~13 mil ao longo do
 # treino: 4 processos em 2 núcleos ficam à mercê do agendador do sistema operacional, e a mediana
 # mede sobretudo isso. Numa CPU, mais processos não trazem mais núcleos. O paralelismo de especialistas existe para
 # **caber** (cada GPU guarda $E/W$ dos especialistas) e para somar a memória e a banda de várias
-# GPUs; nesta CPU medimos a correção e o tráfego, não o ganho de tempo.
+# GPUs; na CPU medimos a correção e o tráfego, não o ganho de tempo.
 
 # %% [markdown]
 # ## 6. A contabilidade: quem manda quanto para quem
@@ -378,7 +415,7 @@ for W in worlds[1:]:
     plt.show()
 
 # %% [markdown]
-# ## 7. Checkpoints que mudam de tamanho de mundo
+# ## 7. Checkpoints que mudam de número de processos
 #
 # O checkpoint guarda os especialistas **inteiros**: antes de salvar, `full_state_dict` junta as
 # fatias de todos os ranks (`all_gather`), e o mesmo para os momentos do AdamW. O arquivo tem o
@@ -427,73 +464,24 @@ for check in (lambda: check_config(ckpt, moe_config(**{**ckpt["config"], "n_expe
 # ```
 #
 # Em vários nós, troque `--standalone` por `--nnodes=N --rdzv_endpoint=HOST:PORT`. Números de GPU
-# deste capítulo: **não medidos ainda** (o curso foi escrito sem GPU). O que esperar, pelos
-# artigos: dentro de um nó o NVLink tem ~900 GB/s, entre nós a InfiniBand ~50 GB/s, por isso o
-# DeepSeek-V3 limita cada token a no máximo 4 nós e sobrepõe o `all_to_all` ao cálculo de outro
-# micro-lote (DualPipe).
+# deste capítulo: **não medidos ainda** (o curso foi escrito sem GPU). O que esperar, pelo artigo do
+# DeepSeek-V3 (§3.2.2, nas GPUs H800 do treino dele): dentro de um nó o NVLink dá 160 GB/s, entre
+# nós a InfiniBand 50 GB/s, ~3,2× menos. Por isso o DeepSeek-V3 manda cada token para no máximo 4
+# nós (roteamento limitado por nó, §2.1.2) e sobrepõe o `all_to_all` ao cálculo de outro micro-lote
+# (DualPipe, §3.2.1). As folhas de especificação dos fabricantes dão números maiores (900 GB/s de
+# NVLink para a H100 SXM): a soma de todos os links nos dois sentidos, não a banda que um
+# `all_to_all` obtém.
 
 # %% [markdown]
 # ## Exercícios
 #
-# As respostas abaixo foram medidas rodando este notebook com a configuração padrão, numa CPU de 2
-# núcleos compartilhada. A célula depois dos exercícios refaz as medidas (no modo `--quick`, só
-# a previsão do exercício 1).
-#
-# **1. Preveja o tráfego.** Com $W$ ranks, $n$ camadas MoE, $S$ tokens por passo, top-$k$ e
-# roteamento uniforme, quantos bytes passam pela rede por passo (float32, $C$ dimensões)?
-# Compare com o medido para $W$ = 2 e 4.
-#
-# <details><summary>Resposta</summary>
-#
-# Cada atribuição que sai do rank cruza a rede 4 vezes (ida e volta no *forward*, ida e volta no
-# *backward*): $4 \cdot n \cdot S \cdot k \cdot (1 - 1/W) \cdot C \cdot 4$ bytes. Com $n$ = 2,
-# $S$ = 4·8·64 = 2048, $k$ = 2, $C$ = 64: 4,19 MB para $W$ = 2 e 6,29 MB para $W$ = 4. Medimos
-# 4,20 MB ($W$ = 2) e 6,29 MB ($W$ = 4) por passo: a previsão acerta porque o roteador, depois do
-# começo, manda metade (um quarto) das linhas para o próprio rank — 50,0% e 25,0% medidos. Note que
-# o tráfego cresce com $W$: mais ranks, menos linhas ficam em casa ($1/W$).
-#
-# </details>
-#
-# **2. Top-1.** Troque para `moe_top_k=1` (Switch) com 2 ranks. O que acontece com os bytes por
-# passo e com a loss após o mesmo número de passos?
-#
-# <details><summary>Resposta</summary>
-#
-# Medido no passo 50 (2 ranks, mesma taxa de aprendizado): com top-1 o tráfego cai pela metade,
-# 2,09 MB contra 4,20 MB por passo (cada token viaja para 1 especialista em vez de 2). A loss fica
-# pior, 3,1545 contra 3,0894, e o desequilíbrio entre os ranks sobe de 1,286 para 1,579: com um só
-# especialista por token a carga oscila mais. Cada especialista top-1 é duas vezes mais largo (mesmos
-# parâmetros ativos), então o cálculo por token é o mesmo: o que se economiza é comunicação.
-#
-# </details>
-#
-# **3. Capacidade.** Com `moe_capacity_factor=1.0` e 2 ranks, que fração das atribuições é
-# descartada, quanto tráfego se economiza e o que acontece com o desequilíbrio?
-#
-# <details><summary>Resposta</summary>
-#
-# Com `moe_capacity_factor=1.0` (16 vagas por especialista em cada sequência de 64 caracteres,
-# top-2), 47,5% das atribuições foram descartadas na segunda metade dos 50 passos: a loss de
-# balanceamento por micro-lote ainda não tinha equilibrado o roteador. O tráfego caiu para 2,20 MB
-# por passo (atribuições descartadas não viajam: a capacidade é decidida **antes** do despacho), o
-# desequilíbrio ficou em 1,246 (o teto de vagas corta os picos) e a loss subiu de 3,0894 para
-# 3,1303. Capacidade troca qualidade por um limite no tráfego e na espera; sem descarte
-# (MegaBlocks, DeepSeek-V3) é a escolha moderna.
-#
-# </details>
-#
-# **4. Por que $W$ = 4 não é mais rápido aqui?** Olhe os tokens/s da seção 5.
-#
-# <details><summary>Resposta</summary>
-#
-# Na execução gravada ele **foi** mais rápido (6461 contra 3553 tokens/s), e isso não é mérito do
-# EP: a máquina estava ocupada por outros programas e 4 processos receberam mais tempo de CPU do que
-# 1. O trabalho de um passo é o mesmo nos três casos, e com $W$ = 4 ainda há 6,29 MB de trocas por
-# passo e a espera pelo rank mais carregado (desequilíbrio médio 1,39 contra 1,06 com $W$ = 2).
-# Numa CPU de 2 núcleos livre, 4 processos de 1 thread disputam 2 núcleos; o ganho real do EP
-# aparece com uma GPU por rank, quando cada uma calcula só $E/W$ dos especialistas.
-#
-# </details>
+# Cada exercício pede uma previsão e um treino curto, que você roda na célula de código logo abaixo
+# dele (comece descomentando a linha pronta). A célula a seguir só prepara duas ferramentas:
+# `run_exercise` treina 50 passos (`ex_steps`) em 2 ranks com as mudanças que você pedir (mesmo modelo e
+# mesma programação da taxa de aprendizado da seção 5) e `window_stats` resume um treino (loss no
+# último passo; tráfego, desequilíbrio, descartes e linhas que ficam no rank, na segunda metade).
+# As respostas mostram o que medimos com a configuração padrão numa CPU de 2 núcleos compartilhada
+# (a tabela inteira em `docs/results/07/exercicios.md`).
 
 # %%
 def window_stats(log: list[dict]) -> dict:
@@ -506,25 +494,97 @@ def window_stats(log: list[dict]) -> dict:
             "local": sum(sum(r["sent"][i][i] for i in range(len(r["sent"]))) for r in tail) / rows}
 
 
-if args.ex_steps and 2 in logs:
-    # same learning-rate schedule as the main runs (decay_steps), so step ex_steps compares with theirs
-    ex_opts = dict(model_opts, max_steps=args.ex_steps, decay_steps=args.steps, grad_accum=args.micro_batches // 2,
-                   log_interval=args.ex_steps, save_interval=args.ex_steps)
-    ex = {"top-2 (seção 5)": window_stats(logs[2][:args.ex_steps])}
-    for name, opts in (("top-1", dict(moe_top_k=1)), ("capacidade 1.0", dict(moe_capacity_factor=1.0))):
-        folder = out_dir / f"ex_{name.replace(' ', '_')}"
-        launch(2, out_dir=folder, **{**ex_opts, **opts})
-        ex[name] = window_stats([json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()])
-    print(f"| 2 ranks, passo {args.ex_steps} | loss | MB/passo | desequilíbrio | descartadas | ficam no rank |")
-    print("|---|---|---|---|---|---|")
-    for name, st in ex.items():
-        print(f"| {name} | {st['loss']:.4f} | {st['mb']:.2f} | {st['imbalance']:.3f} | {st['dropped']:.1%} | "
-              f"{st['local']:.1%} |")
-for W in worlds[1:]:
-    n, S, k, C = args.n_layer, args.micro_batches * args.batch_size * args.block_size, args.moe_top_k, args.n_embd
-    predicted = 4 * n * S * k * (1 - 1 / W) * C * 4
-    print(f"W={W}: previsto {predicted / 1e6:.2f} MB/passo, medido {runs[W]['bytes_per_step'] / 1e6:.2f} MB/passo "
-          f"(fração local medida {runs[W]['local_fraction']:.1%}, uniforme seria {1 / W:.0%})")
+def run_exercise(name: str, steps: int = args.ex_steps or 50, **changes) -> dict:
+    """Train `steps` steps on 2 ranks with `changes` (e.g. moe_top_k=1); the window_stats of the run."""
+    # same learning-rate schedule as the main runs (decay_steps), so step `steps` compares with theirs
+    opts = dict(model_opts, max_steps=steps, decay_steps=args.steps, grad_accum=args.micro_batches // 2,
+                log_interval=steps, save_interval=steps)
+    folder = out_dir / f"ex_{name}"
+    launch(2, out_dir=folder, **{**opts, **changes})
+    return window_stats([json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()])
+
+
+# %% [markdown]
+# **1. Preveja o tráfego.** Com $W$ ranks, $n$ camadas MoE, $S$ tokens por passo, top-$k$ e
+# roteamento uniforme, quantos bytes passam pela rede por passo (float32, $C$ dimensões)?
+# Compare com o medido para $W$ = 2 e 4 (`runs[W]["bytes_per_step"]`, seção 5).
+
+# %%
+# n, S, k, C = args.n_layer, args.micro_batches * args.batch_size * args.block_size, args.moe_top_k, args.n_embd
+# print("previsto:", ..., "medido:", {W: runs[W]["bytes_per_step"] for W in worlds[1:]})
+
+# %% [markdown]
+# <details><summary>Resposta</summary>
+#
+# Cada atribuição que sai do rank cruza a rede 4 vezes (ida e volta no *forward*, ida e volta no
+# *backward*): $4 \cdot n \cdot S \cdot k \cdot (1 - 1/W) \cdot C \cdot 4$ bytes. Com $n$ = 2,
+# $S$ = 4·8·64 = 2048, $k$ = 2, $C$ = 64: 4,19 MB para $W$ = 2 e 6,29 MB para $W$ = 4. A seção 5
+# mediu 4,20 MB ($W$ = 2) e 6,29 MB ($W$ = 4) por passo: a previsão acerta porque o roteador, depois
+# do começo, manda metade (um quarto) das linhas para o próprio rank — 50,0% e 25,0% medidos (a
+# `local_fraction` da seção 5). Note
+# que o tráfego cresce com $W$: mais ranks, menos linhas ficam em casa ($1/W$).
+#
+# </details>
+#
+# **2. Top-1.** Troque para `moe_top_k=1` (Switch) com 2 ranks. O que acontece com os bytes por
+# passo e com a loss após o mesmo número de passos?
+
+# %%
+# top1 = run_exercise("top1", moe_top_k=1)
+# print(top1, window_stats(logs[2][:args.ex_steps or 50]))  # against the top-2 run of section 5, same steps
+
+# %% [markdown]
+# <details><summary>Resposta</summary>
+#
+# Medido no passo 50 (2 ranks, a mesma programação da taxa de aprendizado;
+# `docs/results/07/exercicios.md`): com top-1 o tráfego cai pela metade, 2,10 MB contra 4,18 MB por
+# passo (cada token viaja para 1 especialista em vez de 2), e o desequilíbrio entre os ranks sobe de
+# 1,271 para 1,421: com um só especialista por token a carga oscila mais. A loss ficou em 3,1556
+# contra 3,1286 do top-2: 0,027 nat, menos do que a loss do passo 50 do mesmo treino top-2 mudou de
+# uma execução para outra (~0,04). Com 50 passos e uma semente, não dá para dizer qual treina melhor.
+# Cada especialista top-1 é duas vezes mais largo (mesmos parâmetros ativos), então o cálculo por
+# token é o mesmo: o que se economiza é comunicação.
+#
+# </details>
+#
+# **3. Capacidade.** Com `moe_capacity_factor=1.0` e 2 ranks, que fração das atribuições é
+# descartada, quanto tráfego se economiza e o que acontece com o desequilíbrio?
+
+# %%
+# cap = run_exercise("cap1", moe_capacity_factor=1.0)
+# print(cap)
+
+# %% [markdown]
+# <details><summary>Resposta</summary>
+#
+# 47,4% das atribuições foram descartadas na segunda metade dos 50 passos. Uma causa grande é o
+# tamanho do grupo em que a capacidade é contada: aqui, **cada sequência** de 64 caracteres, com 16
+# vagas por especialista ($64 \cdot 2 / 8 \cdot 1{,}0$). Numa sequência tão curta a carga de cada
+# especialista flutua muito, e todo excedente é descartado. O Switch e o GShard contam a capacidade
+# no lote de cada dispositivo (milhares de tokens), onde as flutuações se compensam e o mesmo fator
+# descarta bem menos (não medimos aqui o mesmo fator contado no lote inteiro). Conta também que, em 50
+# passos, o roteador ainda está longe do equilíbrio
+# (desequilíbrio médio 1,271 no top-2 sem capacidade). O tráfego caiu para 2,20 MB por passo
+# (atribuições descartadas não viajam: a capacidade é decidida **antes** do despacho) e o
+# desequilíbrio ficou em 1,247 (o teto de vagas corta os picos); a loss do passo 50 (3,1302 contra
+# 3,1286) ficou dentro da variação entre execuções. Capacidade troca qualidade por um limite no
+# tráfego e na espera; sem descarte (MegaBlocks, DeepSeek-V3) é a escolha moderna.
+#
+# </details>
+#
+# **4. Por que $W$ = 4 não é mais rápido aqui?** Olhe os tokens/s da seção 5.
+#
+# <details><summary>Resposta</summary>
+#
+# Na execução gravada ele foi **mais lento**: 19 423 tokens/s contra 26 164 com $W$ = 1 (e 13 944
+# com $W$ = 2). O trabalho de um passo é o mesmo nos três casos, e com $W$ > 1 ainda há as trocas
+# de dados (6,29 MB por passo com $W$ = 4) e a espera pelo rank mais carregado (desequilíbrio médio
+# 1,394 contra 1,061 com $W$ = 2). Numa CPU de 2 núcleos, 4 processos de 1 thread disputam 2
+# núcleos, e os tokens/s medem sobretudo o agendador do sistema operacional (a seção 5 mostra o
+# $W$ = 4 caindo de ~25 mil para ~13 mil tokens/s ao longo do treino). O ganho real do EP aparece
+# com uma GPU por rank, quando cada uma calcula só $E/W$ dos especialistas.
+#
+# </details>
 
 # %%
 elapsed = time.perf_counter() - t_start
@@ -545,7 +605,7 @@ print(f"tempo total dos treinos e medidas deste notebook: {elapsed / 60:.1f} min
 # - A prova: a mesma camada em 2 e 4 ranks dá as mesmas saídas e gradientes que em 1 processo, e 20
 #   passos em 2 ranks dão as mesmas losses que 1 processo com 2 micro-passos (a diferença é só a
 #   ordem das somas em ponto flutuante).
-# - Checkpoints com os especialistas inteiros mudam de tamanho de mundo: 2 → 1 → 2 ranks.
+# - Checkpoints com os especialistas inteiros mudam de número de processos: 2 → 1 → 2 ranks.
 # - O custo é tráfego ($\approx 4\,n\,S\,k\,(1-1/W)\,C$ números por passo) e espera pelo rank mais
 #   carregado; o ganho é caber e somar GPUs — o que os artigos fazem para esconder esse custo
 #   (sobrepor comunicação e cálculo, limitar nós por token) é o próximo passo.

@@ -55,6 +55,25 @@ def kernel_spec_dir(root: Path) -> Path:
     return root
 
 
+def merge_streams(nb) -> None:
+    """Consecutive stream outputs of a cell with the same name (stdout, stdout...) become one.
+
+    The kernel sends printed text in many messages (one per token while a model generates) and
+    nbclient saves one output per message; GitHub and the course's site would draw each as its own
+    block, one character per line. Jupyter shows them as one text: so does the saved notebook."""
+    for cell in nb.cells:
+        merged = []
+        for out in cell.get("outputs", []):
+            last = merged[-1] if merged else None
+            if (last is not None and out["output_type"] == "stream" and last["output_type"] == "stream"
+                    and last["name"] == out["name"]):
+                last["text"] += out["text"]
+            else:
+                merged.append(out)
+        if cell.cell_type == "code":
+            cell.outputs = merged
+
+
 def execute(nb_path: Path, cwd: Path, cell_timeout: int | None, write: bool) -> float:
     """Run one notebook in a fresh kernel; save it in place when `write`. Returns the wall time (s)."""
     import nbclient
@@ -67,6 +86,7 @@ def execute(nb_path: Path, cwd: Path, cell_timeout: int | None, write: bool) -> 
     client.execute()  # raises CellExecutionError with the failing cell's traceback
     elapsed = time.perf_counter() - t0
     if write:
+        merge_streams(nb)
         nbformat.write(nb, nb_path)
     return elapsed
 

@@ -1,4 +1,5 @@
-"""Figures of chapter 07: the expert-parallel dispatch, and the exchanges of a training run."""
+"""Figures of chapter 07: the expert-parallel dispatch, and the exchanges of a training run.
+Labels are in Portuguese, like the chapter's prose (docs/glossario.md)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def plot_dispatch(topk_idx: torch.Tensor, n_experts: int, title: str = "") -> Fi
         for x in (0, 2):
             _rank_box(ax, x, min(ys), max(ys), RANK_COLORS[r % 8], f"rank {r}: tokens")
         eys = [exp_y[e] for e in range(r * L, (r + 1) * L)]
-        _rank_box(ax, 1, min(eys), max(eys), RANK_COLORS[r % 8], f"rank {r}: experts {r * L}..{(r + 1) * L - 1}")
+        _rank_box(ax, 1, min(eys), max(eys), RANK_COLORS[r % 8], f"rank {r}: especialistas {r * L}..{(r + 1) * L - 1}")
     for (r, i), y in tok_y.items():
         for x in (0, 2):
             ax.plot(x, y, "o", color=RANK_COLORS[r % 8], ms=7)
@@ -47,14 +48,15 @@ def plot_dispatch(topk_idx: torch.Tensor, n_experts: int, title: str = "") -> Fi
     for e, y in exp_y.items():
         ax.text(1, y, f"E{e}", ha="center", va="center", fontsize=9,
                 bbox=dict(boxstyle="round", fc="white", ec=RANK_COLORS[(e // L) % 8]))
-    ax.text(0.5, 1.0, "all_to_all (dispatch)", transform=ax.transAxes, ha="left", va="bottom", fontsize=9)
-    ax.text(0.75, 1.0, "all_to_all (combine)", transform=ax.transAxes, ha="left", va="bottom", fontsize=9)
-    ax.plot([], [], color="#C44E52", label="crosses ranks (network)")
-    ax.plot([], [], color="#999999", label="stays on its rank (copy)")
+    ax.text(0.5, 1.0, "all_to_all (despacho)", transform=ax.transAxes, ha="left", va="bottom", fontsize=9)
+    ax.text(0.75, 1.0, "all_to_all (combinação)", transform=ax.transAxes, ha="left", va="bottom", fontsize=9)
+    ax.plot([], [], color="#C44E52", label="cruza ranks (rede)")
+    ax.plot([], [], color="#999999", label="fica no seu rank (cópia)")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False)
     ax.set_xlim(-0.45, 2.3)
     ax.axis("off")
-    ax.set_title(title or f"Expert parallelism: {W} ranks, {n_experts} experts, top-{k}", fontsize=11, pad=18)
+    ax.set_title(title or f"Paralelismo de especialistas: {W} ranks, {n_experts} especialistas, top-{k}",
+                 fontsize=11, pad=18)
     fig.tight_layout()
     return fig
 
@@ -69,19 +71,21 @@ def plot_comm(log: Sequence[dict], title: str = "") -> Figure:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for r in range(W):
         axes[0].plot(steps, received[:, r], color=RANK_COLORS[r % 8], label=f"rank {r}", lw=1)
-    axes[0].set(xlabel="step", ylabel="rows computed by the rank's experts", title="expert work per rank")
+    axes[0].set(xlabel="passo", ylabel="linhas calculadas pelos especialistas do rank",
+                title="trabalho dos especialistas por rank")
     axes[0].legend(fontsize=8)
     axes[1].plot(steps, [r["imbalance"] for r in log], color="black", lw=1)
     axes[1].axhline(1.0, color="gray", ls=":")
-    axes[1].set(xlabel="step", ylabel="max / mean over ranks", title="imbalance (the slowest rank sets the pace)")
+    axes[1].set(xlabel="passo", ylabel="máximo / média entre os ranks",
+                title="desequilíbrio (o rank mais lento dita o ritmo)")
     im = axes[2].imshow(sent, cmap="Blues")
     for s in range(W):
         for d in range(W):
             axes[2].text(d, s, f"{sent[s, d]:.0f}", ha="center", va="center", fontsize=8)
-    axes[2].set(xlabel="to rank", ylabel="from rank", title="rows sent per step (mean)",
+    axes[2].set(xlabel="para o rank", ylabel="do rank", title="linhas enviadas por passo (média)",
                 xticks=range(W), yticks=range(W))
     fig.colorbar(im, ax=axes[2], fraction=0.046)
     mb = np.mean([sum(r["bytes"]) for r in log]) / 1e6
-    fig.suptitle(title or f"{W} ranks: {mb:.2f} MB over the network per step (all ranks, forward + backward)")
+    fig.suptitle(title or f"{W} ranks: {mb:.2f} MB pela rede por passo (todos os ranks, forward + backward)")
     fig.tight_layout()
     return fig

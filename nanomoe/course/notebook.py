@@ -28,6 +28,7 @@ CHAPTER_TIMES: dict[str, dict[str, str | None]] = {
     "05": {"cpu": "~2.5 min (tiny GPT-2 stand-in)", "gpu": None},
     "06": {"cpu": "~8 min (12 training runs)", "gpu": None},
     "07": {"cpu": "~4 min", "gpu": None},
+    "08": {"cpu": "~6 min", "gpu": None},
 }
 CPU_NAME = "2-core CPU"
 

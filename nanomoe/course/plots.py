@@ -42,14 +42,16 @@ def _label(key: str) -> str:
     return LABELS.get(key, key)
 
 
-def save_figure(fig: Figure, save_path: Optional[PathLike], dpi: int = 120) -> Optional[Path]:
-    """Save `fig` to save_path (creating the folder); returns the path, or None when not saving."""
+def save_figure(fig: Figure, save_path: Optional[PathLike], dpi: int = 120) -> None:
+    """Save `fig` to save_path (creating the folder); nothing when save_path is None.
+
+    Returns nothing, so a notebook cell that ends with it shows the figure once (inline plotting)
+    and no stray return value."""
     if save_path is None:
-        return None
+        return
     p = Path(save_path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, dpi=dpi, bbox_inches="tight")
-    return p
 
 
 def plot_curves(

@@ -37,7 +37,9 @@ from huggingface_hub import constants, try_to_load_from_cache
 from ..device import pick_device, pick_dtype
 from ..model import GPT
 from ..model import check_fits as model_check_fits
+from ..quantize import check_int8, quantize_model_int8
 from ..sampling import check_sampling_args
+from ..static_cache import StaticKVCache, compile_step, new_static_cache, static_stream
 from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from ..training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from . import hf
@@ -180,6 +182,7 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     compile: bool = False,
+    int8: bool = False,
 ) -> tuple[GPT, Tokenizer]:
     """Load a model and its tokenizer for generation, in eval mode on `device`.
 
@@ -188,9 +191,16 @@ def load_model(
     dtype: "auto" (bf16 on Ampere+ GPUs, fp16 on older ones, fp32 on CPU/MPS), "float32",
     "bfloat16" or "float16": the weights are cast to it (no autocast needed for inference).
     compile: torch.compile the per-token computation (worth it on GPUs, for long generations).
+    int8: quantize the weights to int8 per output channel (`nanomoe.quantize`, chapter 08); such a
+    model generates through the static cache (`generate_text(..., static=True)`).
     Raises InferenceError with a one-line message for anything the user can fix."""
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
+    if int8:
+        try:
+            check_int8(dev, dt)
+        except ValueError as e:
+            raise InferenceError(str(e)) from None
     src = str(source)
     path = Path(src).expanduser()
     if path.is_file():
@@ -214,9 +224,17 @@ def load_model(
     if dt != torch.float32 and hasattr(model, "rope_cos"):
         # RoPE tables stay in fp32: positions near block_size need more than fp16's 11 bits.
         model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    if int8:
+        quantize_model_int8(model)
     if compile:
         compile_for_generation(model)
     return model, tok
+
+
+def weights_ref(model: GPT) -> torch.Tensor:
+    """A tensor with the model's device and compute dtype (an int8 model has no float wte.weight)."""
+    head = model.lm_head
+    return head.scales if hasattr(head, "scales") else head.weight
 
 
 def compile_for_generation(model: GPT) -> GPT:
@@ -228,20 +246,24 @@ def compile_for_generation(model: GPT) -> GPT:
     once per position ("automatic dynamic shapes"), so later tokens reuse the same graph. Worth it
     for long generations on a GPU; the compilation itself takes tens of seconds."""
     model.hidden_states = torch.compile(model.hidden_states)  # instance attribute shadows the method
+    model.compiled_step = compile_step(weights_ref(model).device.type)  # the static cache's step (chapter 08)
     return model
 
 
 def warm_up(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, use_cache: bool = True,
-            steps: int = 3) -> float:
+            steps: int = 3, static: bool = False) -> float:
     """Run the prefill and the first `steps` decode steps once, with the same shapes as the real
     generation (same prompt, same cache size), and return the seconds it took. For a compiled
     model that is the compilation (prefill, first decode step, then the step where the position
     becomes dynamic), so the timed generation that follows measures the compiled speed."""
     ids = encode_prompt(tokenizer, prompt, model.config.block_size)
     check_fits(len(ids), max_new_tokens, model.config.block_size, use_cache)
-    idx = torch.tensor([ids], dtype=torch.long, device=model.transformer.wte.weight.device)
+    idx = torch.tensor([ids], dtype=torch.long, device=weights_ref(model).device)
     t0 = time.perf_counter()
-    it = model.stream(idx, max_new_tokens, temperature=0, use_cache=use_cache)
+    if static:
+        it = static_stream(model, idx, max_new_tokens, temperature=0, step=getattr(model, "compiled_step", None))
+    else:
+        it = model.stream(idx, max_new_tokens, temperature=0, use_cache=use_cache)
     for _, nxt in zip(range(min(steps, max_new_tokens)), it):
         nxt.item()
     it.close()
@@ -315,6 +337,8 @@ class GenerationStats:
     use_cache: bool
     device: str
     dtype: str
+    static: bool = False
+    int8: bool = False
 
     @property
     def tokens_per_s(self) -> float:
@@ -331,7 +355,8 @@ class GenerationStats:
         s = "" if self.num_samples == 1 else f" ({self.num_samples} samples)"
         dec = self.decode_tokens_per_s
         dec = f" (decode {dec:.1f} tokens/s)" if dec is not None else ""
-        cache = "KV cache on" if self.use_cache else "KV cache off"
+        cache = ("KV cache on (static)" if self.static else "KV cache on") if self.use_cache else "KV cache off"
+        cache += ", int8 weights" if self.int8 else ""
         return (
             f"{self.num_samples * self.new_tokens} tokens in {self.seconds:.2f} s{s}: "
             f"{self.tokens_per_s:.1f} tokens/s{dec}, time to first token {1000 * self.ttft_s:.1f} ms "
@@ -430,14 +455,17 @@ def generate_text(
     seed: Optional[int] = None,
     use_cache: bool = True,
     stream_to: Optional[TextIO] = None,
+    static: bool = False,
 ) -> Generations:
     """Continue `prompt` num_samples times; return the texts (prompt + continuation).
 
     temperature 0 is greedy (deterministic); otherwise sampling with optional top-k / top-p,
     reproducible when `seed` is given. use_cache=False re-runs the whole context at every step
     (nanoGPT's loop; slides a block_size window, so it can go past block_size). stream_to: a
-    file such as sys.stdout that receives the text as the tokens arrive. The result is a list of
-    str with `.stats` (GenerationStats: time to first token, tokens/s) and `.continuations`."""
+    file such as sys.stdout that receives the text as the tokens arrive. static: decode through
+    chapter 08's static cache (with the model's compiled step when `compile_for_generation` made
+    one). The result is a list of str with `.stats` (GenerationStats: time to first token,
+    tokens/s) and `.continuations`."""
     check_sampling_args(temperature, top_k, top_p)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InferenceError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -447,8 +475,12 @@ def generate_text(
     ids = encode_prompt(tokenizer, prompt, bs)
     T = len(ids)
     check_fits(T, max_new_tokens, bs, use_cache)
-    device = model.transformer.wte.weight.device
-    dtype = str(model.transformer.wte.weight.dtype).replace("torch.", "")
+    int8 = getattr(model, "quantization", None) == "int8"
+    if int8 and not (static and use_cache):
+        raise InferenceError("int8 weights generate through the static KV cache: drop --no-static / --no-cache")
+    device = weights_ref(model).device
+    dtype = str(weights_ref(model).dtype).replace("torch.", "")
+    cache: Optional[StaticKVCache] = new_static_cache(model, 1, T + max_new_tokens) if static and use_cache else None
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
@@ -466,8 +498,12 @@ def generate_text(
                 stream_to.flush()
             dec = StreamDecoder(tokenizer, ids)
             t0 = time.perf_counter()
-            t_first, t_end = _stream_sample(model.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache,
-                                                         generator), dec, stream_to)
+            if cache is not None:
+                tokens = static_stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, cache=cache,
+                                       step=getattr(model, "compiled_step", None))
+            else:
+                tokens = model.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+            t_first, t_end = _stream_sample(tokens, dec, stream_to)
             ttfts.append(t_first - t0)
             decode_s += t_end - t_first
             texts.append(prompt + dec.text)
@@ -483,5 +519,7 @@ def generate_text(
         use_cache=use_cache,
         device=str(device),
         dtype=dtype,
+        static=cache is not None,
+        int8=int8,
     )
     return texts
