@@ -203,7 +203,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
         reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
         why = reason.group(1).strip() if reason else type(e).__name__
         raise CheckpointError(f"checkpoint {p} is corrupt ({why[:160]}); use another checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:  # random bytes reach any
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {p} is corrupt or truncated and cannot be read ({type(e).__name__}: {msg[:200]}); "
