@@ -2,7 +2,9 @@
 
 W ranks each hold E/W experts; tokens travel with all_to_all to the rank owning their expert and
 back. The references are the single-process `MoE` layer and a plain single-process training loop
-(written here, independently of `nanomoe.parallel.ep_train`). Only the order of floating-point additions may
+(written here); the expert-parallel side is the one training loop, `nanomoe.training.train`'s
+`compute_gradients` + `apply_update` with `parallel="ep"`, and its checkpoints (`save`, `resume`).
+Only the order of floating-point additions may
 differ (a weight gradient sums its tokens' contributions per rank, then over ranks), so the
 tolerances are float32 round-off: outputs and gradients within atol 1e-6 / rtol 1e-5 (the measured
 max differences are printed with -s), training losses within rel 1e-5.
@@ -250,29 +252,67 @@ def _reference_steps(model, opt, data, steps):
     return {"losses": losses, "norms": norms, "dropped": dropped}
 
 
-def _ep_steps(model, opt, data, steps, rank):
-    from nanomoe.parallel.ep_train import train_step
+class _Feed:
+    """This rank's micro-batches of the test data in order, through the loader's interface."""
+
+    def __init__(self, data, rank: int, world: int):
+        self.data, self.rank, self.world, self.global_batches = data, rank, world, 0
+
+    def next_batch(self, device=None):
+        s, m = divmod(self.global_batches, MICRO // self.world)  # step s, this rank's m-th micro-batch
+        self.global_batches += 1
+        i = self.rank * (MICRO // self.world) + m
+        return self.data[s, i, 0], self.data[s, i, 1]
+
+    def state_dict(self) -> dict:
+        return {"global_batches": self.global_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_batches = state["global_batches"]
+
+
+def _one_loop_run(model: GPT, data, out_dir, rank: int = 0, world: int = 1, resume: bool = False):
+    """The one loop's run state with parallel="ep" (constant LR, fp32 on CPU), fed the test's batches."""
+    from nanomoe.parallel.distributed import DistInfo
+    from nanomoe.training.train import TrainConfig, start_run, wrap_model
+    from nanomoe.training.train import resume as resume_run
+
+    tcfg = TrainConfig(batch_size=2, grad_accum=MICRO, lr=LR, min_lr=LR, warmup_steps=0, weight_decay=0.1,
+                       grad_clip=1.0, device="cpu", parallel="ep", out_dir=str(out_dir), plot=False, eval_iters=0,
+                       threads=1)
+    run = start_run(model, torch.zeros(1000, dtype=torch.long), None, tcfg, DistInfo(rank, rank, world), None, None)
+    run.loader = _Feed(data, rank, world)
+    step = resume_run(run) if resume else 0
+    wrap_model(run)
+    return run, step
+
+
+def _ep_steps(run, steps):
+    """Optimizer steps of the one loop: `compute_gradients` (EP: tokens to their experts and back,
+    gradients synced and clipped by the strategy) then `apply_update` (AdamW, routing bias)."""
+    from nanomoe.training.train import apply_update, compute_gradients
 
     losses, norms, comm = [], [], []
     for s in steps:
-        res = train_step(model, opt, [(data[s, rank, 0], data[s, rank, 1])], LR, 1.0)
-        losses.append(res["loss"])
-        norms.append(res["grad_norm"])
-        comm.append(torch.cat([res["sent"], res["received"]]))
+        run.loader.global_batches = s * run.accum  # step s's micro-batches
+        st = compute_gradients(run, s)
+        apply_update(run, st)
+        losses.append(st.ce)
+        norms.append(st.grad_norm)
+        comm.append(torch.tensor(st.traffic["sent"]))
     return {"losses": losses, "norms": norms, "comm": torch.stack(comm)}
 
 
 def _train_worker(rank, world, out_dir):
-    from nanomoe.parallel.expert_parallel import full_optimizer_state, full_state_dict, shard_model
+    from nanomoe.parallel.expert_parallel import full_optimizer_state, full_state_dict
 
     data = _data(STEPS)
     res = {}
     for case in TRAIN_CASES:
-        model = shard_model(_new_model(case))
-        opt = model.configure_optimizers(weight_decay=0.1, learning_rate=LR)
-        res[case] = _ep_steps(model, opt, data, range(STEPS), rank)
-        res[case]["model"] = full_state_dict(model)
-        res[case]["optimizer"] = full_optimizer_state(opt, model)["state"]
+        run, _ = _one_loop_run(_new_model(case), data, f"{out_dir}/{case}", rank, world)
+        res[case] = _ep_steps(run, range(STEPS))
+        res[case]["model"] = full_state_dict(run.raw)
+        res[case]["optimizer"] = full_optimizer_state(run.optimizer, run.raw)["state"]
     torch.save(res, f"{out_dir}/train{rank}.pt")
 
 
@@ -299,8 +339,8 @@ def test_20_steps_on_2_ranks_equal_1_process_with_2_micro_steps(tmp_path):
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(ep["optimizer"][i][key], st[key], atol=1e-6, rtol=1e-4)
         # the dead expert: no rank ever sent it a row, and its weights only felt weight decay
-        sent = ranks[0][case]["comm"][:, :2] + ranks[1][case]["comm"][:, :2]
-        assert int(sent.sum()) > 0
+        sent = ranks[0][case]["comm"]  # (steps, W, W): every rank's rows to every rank, the same on each rank
+        assert torch.equal(sent, ranks[1][case]["comm"]) and int(sent.sum()) > 0
         loss_diff = max(abs(a - b) for a, b in zip(ep["losses"], ref["losses"]))
         print(f"{case}: 20 steps, max |loss EP - 1 process| {loss_diff:.1e}, max |weight diff| {diff:.1e}")
 
@@ -311,41 +351,40 @@ CKPT_CASE, K = "dropless", 4  # steps per phase
 
 
 def _ckpt_worker(rank, world, out_dir, phase):
-    from nanomoe.parallel.ep_train import restore, save
-    from nanomoe.parallel.expert_parallel import shard_model
+    from nanomoe.training.train import save
 
     data = _data(3 * K)
-    model = shard_model(_new_model(CKPT_CASE))
-    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=LR)
     if phase == "start":  # K steps, save, K more steps (what the 1-process resume must reproduce)
-        _ep_steps(model, opt, data, range(K), rank)
-        save(f"{out_dir}/w2.pt", model, opt, step=K)
-        res = _ep_steps(model, opt, data, range(K, 2 * K), rank)
+        run, _ = _one_loop_run(_new_model(CKPT_CASE), data, f"{out_dir}/w2", rank, world)
+        _ep_steps(run, range(K))
+        save(run, K, is_best=False)  # a collective: the full experts gathered, rank 0 writes
+        res = _ep_steps(run, range(K, 2 * K))
     else:  # resume the 1-process checkpoint on 2 ranks
-        step = restore(f"{out_dir}/w1.pt", model, opt, loader=None)
-        res = _ep_steps(model, opt, data, range(step, step + K), rank)
+        run, step = _one_loop_run(_new_model(CKPT_CASE), data, f"{out_dir}/w1", rank, world, resume=True)
+        res = _ep_steps(run, range(step, step + K))
     torch.save(res, f"{out_dir}/{phase}{rank}.pt")
 
 
 def test_checkpoint_moves_2_ranks_to_1_process_and_back(tmp_path):
-    from nanomoe.parallel.ep_train import restore, save
+    import shutil
+
+    from nanomoe.training.train import save
 
     data = _data(3 * K)
     _spawn(_ckpt_worker, 2, str(tmp_path), "start")
-    ckpt = load_checkpoint(tmp_path / "w2.pt")
+    ckpt = load_checkpoint(tmp_path / "w2" / "latest.pt")
     assert ckpt["world_size"] == 2 and ckpt["model"]["transformer.h.0.mlp.experts.c_fc"].shape[0] == 8  # full experts
     # 2 ranks -> 1 process: resume and continue exactly as the 2 ranks did
-    model = _new_model(CKPT_CASE)
-    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=LR)
-    step = restore(tmp_path / "w2.pt", model, opt, loader=None)
+    shutil.copytree(tmp_path / "w2", tmp_path / "w1")
+    run, step = _one_loop_run(_new_model(CKPT_CASE), data, tmp_path / "w1", resume=True)
     assert step == K
-    one = _reference_steps(model, opt, data, range(K, 2 * K))
+    one = _reference_steps(run.raw, run.optimizer, data, range(K, 2 * K))
     two = torch.load(tmp_path / "start0.pt", weights_only=True)
     assert two["losses"] == pytest.approx(one["losses"], rel=RTOL)
     # 1 process -> 2 ranks: a single-process checkpoint starts an expert-parallel run
-    save(tmp_path / "w1.pt", model, opt, step=2 * K)
+    save(run, 2 * K, is_best=False)
     ctx = _start(_ckpt_worker, 2, str(tmp_path), "resume")
-    one = _reference_steps(model, opt, data, range(2 * K, 3 * K))
+    one = _reference_steps(run.raw, run.optimizer, data, range(2 * K, 3 * K))
     _join(ctx, 2)
     two = torch.load(tmp_path / "resume0.pt", weights_only=True)
     # each side that loaded a file is compared with a side that kept training in memory, so a restore
@@ -355,12 +394,12 @@ def test_checkpoint_moves_2_ranks_to_1_process_and_back(tmp_path):
 
 
 def test_checkpoint_mismatch_says_what_differs(tmp_path):
-    from nanomoe.parallel.ep_train import save
     from nanomoe.parallel.expert_parallel import load_full_state_dict, shard_model
+    from nanomoe.training.train import save
 
-    model = _new_model(CKPT_CASE)
-    save(tmp_path / "w1.pt", model, model.configure_optimizers(0.1, LR), step=0)
-    ckpt = load_checkpoint(tmp_path / "w1.pt")
+    run, _ = _one_loop_run(_new_model(CKPT_CASE), _data(1), tmp_path)
+    save(run, 0, is_best=False)
+    ckpt = load_checkpoint(tmp_path / "latest.pt")
     other = moe_config(**{**_train_config(CKPT_CASE).to_dict(), "n_experts": 4})
     with pytest.raises(CheckpointError, match=r"n_experts: checkpoint has 8, this run has 4"):
         check_config(ckpt, other)

@@ -62,7 +62,8 @@ def plot_dispatch(topk_idx: torch.Tensor, n_experts: int, title: str = "") -> Fi
 
 
 def plot_comm(log: Sequence[dict], title: str = "") -> Figure:
-    """Three panels from `nanomoe.parallel.ep_train` records: rows each rank's experts computed per step,
+    """Three panels from the train records of an EP run (`nanomoe.training.train`, log_interval=1):
+    rows each rank's experts computed per step,
     the imbalance max/mean across ranks, and who sends how many rows to whom (mean per step)."""
     steps = [r["step"] for r in log]
     received = np.array([r["received"] for r in log], dtype=float)  # (steps, W)

@@ -368,3 +368,19 @@ def imbalance(received_per_rank: torch.Tensor) -> float:
     means the step waits 1.5x as long as a perfectly balanced one would."""
     r = received_per_rank.double()
     return float(r.max() / r.mean()) if r.sum() > 0 else math.nan
+
+
+def gather_comm(sent: torch.Tensor, sent_bytes: int, dropped: int, group=None) -> dict[str, Any]:
+    """Every rank's accounting of one step, on every rank (a collective): sent[s][d] rows rank s sent
+    to rank d, received[d] rows rank d's experts computed, bytes[s] rank s sent over the network,
+    dropped (assignments over capacity, all ranks) and the imbalance max/mean of received."""
+    W = dist.get_world_size(group)
+    mine = torch.cat([sent.cpu(), torch.tensor([sent_bytes, dropped])]).long()
+    if dist.get_backend(group) == "nccl":
+        mine = mine.cuda()
+    rows = [torch.empty_like(mine) for _ in range(W)]
+    dist.all_gather(rows, mine, group=group)
+    table = torch.stack(rows).cpu()  # (W, W+2)
+    received = table[:, :W].sum(0)  # what each rank's experts computed
+    return {"sent": table[:, :W].tolist(), "received": received.tolist(), "bytes": table[:, W].tolist(),
+            "dropped": int(table[:, W + 1].sum()), "imbalance": imbalance(received)}

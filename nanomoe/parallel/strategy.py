@@ -59,6 +59,19 @@ class DDPStrategy:
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
+    def start_step(self, raw: torch.nn.Module) -> None:
+        """Before a step's first forward (EP: start counting the exchanged rows)."""
+
+    def end_prepass(self, raw: torch.nn.Module) -> None:
+        """After the global-balance pre-pass (routing-only forwards), before the training forwards."""
+
+    def after_micro(self, moe_stats: list) -> None:
+        """After each micro-batch's forward and backward."""
+
+    def traffic(self, raw: torch.nn.Module) -> dict[str, Any]:
+        """The step's exchanges over the network, for the train records (empty: none)."""
+        return {}
+
     @property
     def collective_save(self) -> bool:
         """Whether every rank takes part in building a checkpoint (rank 0 still writes it alone)."""
@@ -102,6 +115,27 @@ class EPStrategy(DDPStrategy):
             return super().load(raw, optimizer, state)
         ep.load_full_state_dict(raw, state["model"])
         ep.load_full_optimizer_state(optimizer, raw, state["optimizer"])
+
+    def start_step(self, raw: torch.nn.Module) -> None:
+        ep.reset_comm(raw)
+        self._prepass_bytes, self._dropped = 0, 0
+
+    def end_prepass(self, raw: torch.nn.Module) -> None:
+        self._prepass_bytes = ep.comm_summary(raw).get("bytes", 0)  # forwards only: no backward
+        ep.reset_comm(raw)
+
+    def after_micro(self, moe_stats: list) -> None:
+        if self.world > 1:  # capacity drops (assignments); a host sync, so only when there is traffic to show
+            self._dropped += sum(int(st["dropped"]) for st in moe_stats)
+
+    def traffic(self, raw: torch.nn.Module) -> dict[str, Any]:
+        """Who sent how many rows to whom (every rank's counts: a collective), bytes (the training
+        forwards' exchanges twice, as their backward sends as many again, plus the pre-pass), drops."""
+        if self.world == 1:
+            return {}
+        comm = ep.comm_summary(raw)
+        sent_bytes = self._prepass_bytes + 2 * comm.get("bytes", 0)
+        return ep.gather_comm(comm["sent"], sent_bytes, self._dropped)
 
     @property
     def collective_save(self) -> bool:

@@ -228,6 +228,7 @@ class StepStats:
     aux: Optional[torch.Tensor] = None  # this rank's last micro-batch's weighted MoE aux loss (None when dense)
     moe_stats: list = field(default_factory=list)  # this rank's last micro-batch's routing, one per MoE layer
     moe_loads: Optional[list] = None  # this rank's expert loads summed over the step (bias balancing only)
+    traffic: dict = field(default_factory=dict)  # EP on several ranks: the step's exchanges (strategy.traffic)
 
 
 def start_run(model, train_data, val_data, tcfg: TrainConfig, dist: DistInfo, tokenizer, extra_state) -> Run:
@@ -418,10 +419,12 @@ def compute_gradients(run: Run, step: int) -> StepStats:
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     batches = [run.loader.next_batch(run.precision.device) for _ in range(run.accum)]
+    run.strategy.start_step(raw)
     step_loads = None  # the global balance scope's counts of the whole step (see nanomoe.moe)
     if run.accum > 1 and raw.config.n_experts > 0:
         with run.precision.autocast():  # route exactly as the training forwards will (same dtype)
             step_loads = global_balance_prepass(raw, [x for x, _ in batches])  # None unless scope is global
+        run.strategy.end_prepass(raw)
     elif run.dist.world_size > 1 and raw.config.n_experts > 0 and raw.config.moe_balance_scope == "global":
         step_loads = sum_over_ranks  # one micro-batch per rank: its counts summed over ranks, no extra forward
     loss_sum = torch.zeros((), device=run.precision.device)
@@ -435,6 +438,7 @@ def compute_gradients(run: Run, step: int) -> StepStats:
             run.scaler.scale(out.loss / run.accum).backward()
         loss_sum += out.loss.detach().float()
         ce_sum += out.ce_loss.float()
+        run.strategy.after_micro(out.moe_stats)
         if raw.config.moe_bias_balance:
             moe_loads = add_loads(moe_loads, out.moe_stats)
     # Decide on values all-reduced over ranks, so every rank takes the same decision.
@@ -444,7 +448,7 @@ def compute_gradients(run: Run, step: int) -> StepStats:
     run.scaler.unscale_(run.optimizer)  # true gradients (a no-op without fp16 loss scaling)
     grad_norm = run.strategy.clip(raw, tcfg.grad_clip)  # synced over ranks first; the same norm on every rank
     return StepStats(lr=lr, loss=loss_v, ce=ce_v, grad_norm=grad_norm, aux=out.aux_loss, moe_stats=out.moe_stats,
-                     moe_loads=moe_loads)
+                     moe_loads=moe_loads, traffic=run.strategy.traffic(raw))
 
 
 def bad_step(st: StepStats, precision: Precision) -> Optional[str]:
@@ -487,6 +491,7 @@ def log_train(run: Run, log: RunLog, step: int, st: StepStats, window: Meter) ->
            "grad_norm": st.grad_norm, "tokens_per_s": tps, "mfu": run.mfu(tps), "elapsed_s": res.train_time_s}
     if st.aux is not None:
         rec["aux"] = float(st.aux)
+    rec.update(st.traffic)  # EP: this step's rows sent rank to rank, bytes, drops, imbalance
     res.log.append(rec)
     log.record(rec)
     log.bar.set_postfix(loss=f"{window.mean_ce:.4f}", lr=f"{st.lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
@@ -591,6 +596,8 @@ def train(
                     save_curves(res.history, res.log, run.out / "curves.png")
             elif (tcfg.save_interval and done % tcfg.save_interval == 0) or last:
                 save(run, done, is_best=False)
+        if tcfg.max_steps == 0 and start == 0:
+            save(run, 0, is_best=False)  # max_steps=0: the initial weights as a checkpoint (chapter 07 perturbs them)
         log.close()
         res.steps = len(res.losses)
         res.tokens_per_s = res.tokens / res.train_time_s if res.train_time_s > 0 else 0.0
