@@ -42,14 +42,16 @@
 # (`all_to_all_single`, `all_reduce`, `all_gather`) rodam na CPU com o backend **gloo** do
 # `torch.distributed`. Este notebook lança os processos para você (com `torchrun`, num
 # subprocesso) e prova, número a número, que $W$ ranks calculam **o mesmo** que um processo só.
-# O código mora em `nanomoe/parallel/expert_parallel.py` (a camada), `nanomoe/parallel/ep_train.py` (o passo de
-# treino e os checkpoints) e `nanomoe/parallel/ep_run.py` (o programa que o `torchrun` executa); os testes
-# em `tests/test_07_expert_parallel.py`.
+# O código mora em `nanomoe/parallel/expert_parallel.py` (a camada) e `nanomoe/parallel/strategy.py`
+# (a estratégia `parallel="ep"` do laço de treino único do capítulo 04, `nanomoe.training.train`: o mesmo
+# `scripts.04_train` treina um MoE com EP, com a config `machado_moe_ep`); `nanomoe/course/ep_runs.py`
+# tem as ferramentas do capítulo (lançar o `torchrun`, resumir um treino, conferir uma camada); os
+# testes estão em `tests/test_07_expert_parallel.py` e `tests/test_07_one_loop.py`.
 #
 # ```bash
 # uv run -m scripts.07_expert_parallel                                    # este capítulo, na CPU
-# torchrun --standalone --nproc_per_node=2 -m nanomoe.parallel.ep_run              # um treino EP com 2 processos (gloo)
-# torchrun --standalone --nproc_per_node=2 -m nanomoe.parallel.ep_run --check      # uma camada EP contra 1 processo
+# torchrun --standalone --nproc_per_node=2 -m scripts.04_train --config=machado_moe_ep   # um treino EP, 2 processos
+# torchrun --standalone --nproc_per_node=2 -m nanomoe.course.ep_runs      # uma camada EP contra 1 processo
 # ```
 
 # %%
@@ -69,7 +71,6 @@ from nanomoe.course.notebook import setup
 device = setup("07", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 
 # %%
-import json
 import shutil
 import time
 
@@ -78,11 +79,11 @@ import torch
 
 from nanomoe import moe_config
 from nanomoe.course.ep_plots import plot_comm, plot_dispatch
+from nanomoe.course.ep_runs import format_step, launch, read_metrics, summarize
 from nanomoe.course.notebook import show_source
 from nanomoe.course.plots import save_figure
 from nanomoe.data import read_corpus
 from nanomoe.moe import MoE, expert_mlp
-from nanomoe.parallel.ep_run import launch
 from nanomoe.parallel.expert_parallel import (
     AllToAllDispatcher,
     ExpertParallelError,
@@ -108,7 +109,6 @@ from nanomoe.training.cli import parse_args
 DEFAULTS = dict(
     quick=False,
     corpus="machado",
-    source="",  # a local copy of the corpus (a folder of .txt files) when offline
     n_layer=2,
     n_head=4,
     n_embd=64,
@@ -131,13 +131,13 @@ args = parse_args(DEFAULTS, quick=QUICK)
 out_dir = in_home(args.out_dir)
 out_dir.mkdir(parents=True, exist_ok=True)
 worlds = [int(w) for w in args.worlds.split(",")]
-model_opts = dict(corpus=args.corpus, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+model_opts = dict(dataset=args.corpus, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                   block_size=args.block_size, n_experts=args.n_experts, moe_top_k=args.moe_top_k,
                   batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10, warmup_steps=args.warmup_steps,
-                  moe_balance_scope="micro_batch")  # see section 5
-if args.source:
-    model_opts["source"] = args.source
-text = read_corpus(args.corpus, args.source or None)  # read (or download) once, before the ranks start
+                  moe_balance_scope="micro_batch",  # see section 5
+                  betas=(0.9, 0.95),  # AdamW's (GPT.configure_optimizers' default; machado_moe_ep has 0.99)
+                  log_interval=1, eval_iters=4, sample_tokens=0)  # a record every step; eval_iters: a multiple of W
+text = read_corpus(args.corpus)  # read (or download) once, before the ranks start
 print(f"{args.corpus}: {len(text):,} caracteres")
 t_start = time.perf_counter()
 print(args)
@@ -255,7 +255,7 @@ show_source(AllToAllDispatcher.dispatch, AllToAllDispatcher.combine)
 # autograd `AllToAll` do pacote faz (o PyTorch também oferece uma versão em
 # `torch.distributed._functional_collectives`).
 #
-# Agora, de verdade: `python -m nanomoe.parallel.ep_run --check` sob `torchrun` constrói a mesma camada
+# Agora, de verdade: `python -m nanomoe.course.ep_runs` sob `torchrun` constrói a mesma camada
 # (mesma semente) em cada rank, dá a cada um uma fatia das sequências, roda *forward* e
 # *backward* e compara com a camada inteira num processo só. As diferenças vêm apenas da ordem das
 # somas em ponto flutuante.
@@ -265,7 +265,7 @@ check_opts = dict(n_embd=args.n_embd, n_head=args.n_head, n_experts=args.n_exper
                   block_size=args.block_size)
 for item in args.checks.split(","):
     W, cf = int(item.split(":")[0]), float(item.split(":")[1])
-    _, out = launch(W, check=True, moe_capacity_factor=cf, **check_opts)
+    out = launch(W, module="nanomoe.course.ep_runs", moe_capacity_factor=cf, **check_opts)
     print(f"--- {'sem descarte' if cf == 0 else f'capacidade {cf:g}'}\n{out}")
 
 # %% [markdown]
@@ -307,7 +307,7 @@ show_source(sync_gradients, clip_grad_norm)
 #
 # Nestes treinos a loss de balanceamento é **por micro-lote** (a do capítulo 03; em EP, cada rank
 # conta os seus tokens), para que os três custem o mesmo: com `moe_balance_scope="global"` (o
-# padrão de `nanomoe.parallel.ep_run`) e acumulação, cada passo paga antes uma passada extra só de
+# padrão da config `machado_moe_ep`) e acumulação, cada passo paga antes uma passada extra só de
 # roteamento (capítulo 06), e com $W$ = 4 (1 micro-lote por rank) não — a comparação de velocidade
 # ficaria torta. A versão global foi verificada na seção 3.
 
@@ -315,18 +315,18 @@ show_source(sync_gradients, clip_grad_norm)
 runs, logs = {}, {}
 for W in worlds:
     t0 = time.perf_counter()
-    summary, out = launch(W, max_steps=args.steps, grad_accum=args.micro_batches // W,
-                          log_interval=max(1, args.steps // 3), save_interval=args.steps, out_dir=out_dir / f"w{W}",
-                          **model_opts)
-    summary["wall_s"] = time.perf_counter() - t0
-    runs[W] = summary
-    logs[W] = [json.loads(line) for line in (out_dir / f"w{W}" / "metrics.jsonl").read_text().splitlines()]
-    print(f"=== W={W} ({summary['wall_s']:.0f} s)\n{out}\n")
+    # grad_accum counts the micro-batches of a step over all processes: W ranks take grad_accum / W each
+    launch(W, max_steps=args.steps, grad_accum=args.micro_batches, eval_interval=args.steps,
+           out_dir=out_dir / f"w{W}", **model_opts)
+    runs[W] = summarize(out_dir / f"w{W}")
+    runs[W]["wall_s"] = time.perf_counter() - t0
+    logs[W] = read_metrics(out_dir / f"w{W}")  # one train record per step
+    print(f"=== W={W} ({runs[W]['wall_s']:.0f} s)\n{format_step(logs[W][-1])}\n")
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.5))
 for (W, log), ls in zip(logs.items(), ("-", "--", ":")):
-    ax.plot([r["step"] + 1 for r in log], [r["loss"] for r in log], label=f"W={W}", lw=1.2, ls=ls)
+    ax.plot([r["step"] for r in log], [r["ce"] for r in log], label=f"W={W}", lw=1.2, ls=ls)
 ax.set(xlabel="passo", ylabel="loss de treino (entropia cruzada)",
        title="MoE 8x top-2 no Machado: 1, 2 e 4 processos, mesmo lote global (CPU, gloo)")
 ax.legend()
@@ -334,7 +334,7 @@ save_figure(fig, out_dir / "losses.png")
 plt.show()
 base = logs[worlds[0]]
 for W in worlds[1:]:
-    gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(base, logs[W]))
+    gap = max(abs(a["ce"] - b["ce"]) for a, b in zip(base, logs[W]))
     print(f"W={W} vs W={worlds[0]}: max |diferença de loss| em {len(base)} passos = {gap:.1e}")
 print("\n| W | tokens/s (mediana, 2ª metade) | bytes pela rede por passo | desequilíbrio médio | loss de validação |")
 print("|---|---|---|---|---|")
@@ -352,20 +352,20 @@ for W, s in runs.items():
 
 # %%
 ctrl = out_dir / "w1_perturbed"
-launch(1, max_steps=0, eval_iters=0, out_dir=ctrl / "init", **model_opts)  # the 1-process run's step-0 checkpoint
+launch(1, **{**model_opts, "max_steps": 0, "eval_iters": 0, "out_dir": ctrl / "init"})  # the step-0 checkpoint
 ckpt = load_checkpoint(ctrl / "init" / "latest.pt")
 gen = torch.Generator().manual_seed(0)
 for t in ckpt["model"].values():  # every weight times (1 + 1e-7 noise): float32's last digit
     if t.is_floating_point():
         t.mul_(1 + 1e-7 * torch.randn(t.shape, generator=gen))
 save_checkpoint(ctrl / "init.pt", ckpt)
-launch(1, init_from=ctrl / "init.pt", max_steps=args.steps, grad_accum=args.micro_batches, log_interval=args.steps,
-       save_interval=args.steps, out_dir=ctrl, **model_opts)
+launch(1, init_from=ctrl / "init.pt", max_steps=args.steps, grad_accum=args.micro_batches, eval_interval=args.steps,
+       out_dir=ctrl, **model_opts)
 curves = {f"W={W}": logs[W] for W in worlds[1:]}
-curves["W=1, pesos × (1 + 1e-7 ε)"] = [json.loads(line) for line in (ctrl / "metrics.jsonl").read_text().splitlines()]
+curves["W=1, pesos × (1 + 1e-7 ε)"] = read_metrics(ctrl)
 fig, ax = plt.subplots(figsize=(7, 3.5))
 for (name, log), ls in zip(curves.items(), ("-", "--", ":")):
-    gaps = [abs(a["loss"] - b["loss"]) for a, b in zip(logs[worlds[0]], log)]
+    gaps = [abs(a["ce"] - b["ce"]) for a, b in zip(logs[worlds[0]], log)]
     ax.semilogy(range(1, len(gaps) + 1), [max(g, 1e-9) for g in gaps], lw=1.2, ls=ls, label=name)
     same = next((i for i, g in enumerate(gaps) if g > 0), len(gaps))
     print(f"{name}: |ΔL| = 0 até o passo {same}; máximo {max(gaps):.1e}; no último passo {gaps[-1]:.1e}")
@@ -431,15 +431,17 @@ shutil.rmtree(move, ignore_errors=True)
 shutil.copytree(out_dir / "w2", move)  # the 2-rank run, saved at its last step
 extra = max(2, args.steps // 5)
 for W, until in ((1, args.steps + extra), (2, args.steps + 2 * extra)):
-    summary, out = launch(W, resume=True, max_steps=until, grad_accum=args.micro_batches // W,
-                          log_interval=extra, save_interval=until, out_dir=move, **model_opts)
-    print(f"=== continua com W={W} até o passo {until}\n{out}\n")
+    out = launch(W, resume=True, max_steps=until, grad_accum=args.micro_batches, eval_interval=until, out_dir=move,
+                 **model_opts)
+    notes = [line for line in out.splitlines() if line.startswith(("resuming", "note", "done"))]
+    print(f"=== continua com W={W} até o passo {until}\n" + "\n".join(notes))
+    print(format_step(read_metrics(move)[-1]) + "\n")
 
 # %% [markdown]
 # E o que **não** pode: um checkpoint de outra configuração, ou um número de ranks que não divide
 # $E$. Cada recusa diz o que difere. Abaixo chamamos, neste processo, as mesmas funções que o
-# `nanomoe.parallel.ep_run` chama ao começar (`python -m nanomoe.parallel.ep_run` imprime a mensagem numa linha
-# `error: ...` e sai com código 2).
+# laço de treino chama ao começar (`scripts.04_train` imprime a mensagem numa linha `error: ...` e sai com
+# código 1).
 
 # %%
 ckpt = load_checkpoint(move / "latest.pt")
@@ -459,7 +461,7 @@ for check in (lambda: check_config(ckpt, moe_config(**{**ckpt["config"], "n_expe
 # cada rank pega a GPU `cuda:LOCAL_RANK`). Numa máquina com 8 GPUs:
 #
 # ```bash
-# torchrun --standalone --nproc_per_node=8 -m nanomoe.parallel.ep_run --dtype=bfloat16 \
+# torchrun --standalone --nproc_per_node=8 -m scripts.04_train --config=machado_moe_ep --dtype=bfloat16 \
 #     --n_layer=8 --n_embd=512 --n_head=8 --block_size=256 --n_experts=64 --moe_top_k=4 --batch_size=32
 # ```
 #
@@ -488,7 +490,7 @@ def window_stats(log: list[dict]) -> dict:
     """Loss at the last step; traffic, imbalance, drops and local rows over the second half."""
     tail = log[len(log) // 2:]
     rows = sum(sum(r["received"]) for r in tail)
-    return {"loss": log[-1]["loss"], "mb": sum(sum(r["bytes"]) for r in tail) / len(tail) / 1e6,
+    return {"loss": log[-1]["ce"], "mb": sum(sum(r["bytes"]) for r in tail) / len(tail) / 1e6,
             "imbalance": sum(r["imbalance"] for r in tail) / len(tail),
             "dropped": sum(r["dropped"] for r in tail) / (rows + sum(r["dropped"] for r in tail)),
             "local": sum(sum(r["sent"][i][i] for i in range(len(r["sent"]))) for r in tail) / rows}
@@ -497,11 +499,11 @@ def window_stats(log: list[dict]) -> dict:
 def run_exercise(name: str, steps: int = args.ex_steps or 50, **changes) -> dict:
     """Train `steps` steps on 2 ranks with `changes` (e.g. moe_top_k=1); the window_stats of the run."""
     # same learning-rate schedule as the main runs (decay_steps), so step `steps` compares with theirs
-    opts = dict(model_opts, max_steps=steps, decay_steps=args.steps, grad_accum=args.micro_batches // 2,
-                log_interval=steps, save_interval=steps)
+    opts = dict(model_opts, max_steps=steps, decay_steps=args.steps, grad_accum=args.micro_batches,
+                eval_interval=steps)
     folder = out_dir / f"ex_{name}"
     launch(2, out_dir=folder, **{**opts, **changes})
-    return window_stats([json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()])
+    return window_stats(read_metrics(folder))
 
 
 # %% [markdown]

@@ -5,7 +5,8 @@ W = 2 two per rank, W = 4 one), so the runs compute the same thing and only the 
 Rounds alternate the world sizes (W = 1, 2, 4, 1, 2, 4, ...) so a busy machine slows all of them
 alike (on a machine shared with other programs, more processes also take a bigger share of the
 cores: read the ratios with the load in mind). Each run reports the median tokens/s of its second
-half (start-up excluded) and the bytes its ranks sent over the network per step.
+half (start-up excluded) and the bytes its ranks sent over the network per step. Every run is the one
+training loop: `torchrun -m scripts.04_train --config=machado_moe_ep` (`nanomoe.course.ep_runs.launch`).
 
     uv run python -m scripts.bench_07_ep                # ~10 min on a 2-core CPU
     uv run python -m scripts.bench_07_ep --rounds=1 --steps=10
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from nanomoe.parallel.ep_run import launch
+from nanomoe.course.ep_runs import launch, summarize
 
 
 def main() -> None:
@@ -30,13 +31,14 @@ def main() -> None:
     # per-micro-batch balance: a global balance with accumulation adds a routing pre-pass to W = 1
     # and W = 2 but not to W = 4 (one micro-batch per rank), which would skew the comparison
     opts = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, n_experts=8, moe_top_k=2, batch_size=8,
-                moe_balance_scope="micro_batch", max_steps=a.steps, warmup_steps=5, log_interval=a.steps,
-                save_interval=a.steps, eval_iters=1)
+                moe_balance_scope="micro_batch", max_steps=a.steps, warmup_steps=5, log_interval=1,
+                eval_interval=a.steps, eval_iters=4, sample_tokens=0, grad_accum=4)
     tps: dict[int, list[float]] = {w: [] for w in worlds}
     mb: dict[int, float] = {}
     for r in range(a.rounds):
         for w in worlds:
-            s, _ = launch(w, grad_accum=4 // w, out_dir=f"{a.out_dir}/w{w}", **opts)
+            launch(w, out_dir=f"{a.out_dir}/w{w}", **opts)
+            s = summarize(f"{a.out_dir}/w{w}")
             tps[w].append(s["tok_per_s"])
             mb[w] = s.get("bytes_per_step", 0) / 1e6
             print(f"round {r + 1}: W={w} {s['tok_per_s']:.0f} tok/s, {mb[w]:.2f} MB/step", flush=True)
