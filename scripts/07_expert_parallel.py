@@ -433,7 +433,10 @@ extra = max(2, args.steps // 5)
 for W, until in ((1, args.steps + extra), (2, args.steps + 2 * extra)):
     out = launch(W, resume=True, max_steps=until, grad_accum=args.micro_batches, eval_interval=until, out_dir=move,
                  **model_opts)
-    notes = [line for line in out.splitlines() if line.startswith(("resuming", "note", "done"))]
+    notes, keep = [], False
+    for line in out.splitlines():  # what the loop says about the resume (the notes and their indented lines)
+        keep = line.startswith(("resuming", "note", "done")) or (keep and line.startswith("  "))
+        notes += [line] if keep else []
     print(f"=== continua com W={W} até o passo {until}\n" + "\n".join(notes))
     print(format_step(read_metrics(move)[-1]) + "\n")
 
