@@ -51,7 +51,9 @@ Balance scope (`moe_balance_scope`), where f_i is counted:
                      whole step. Tests: 2 micro-batches == 1 batch, 2 gloo ranks == 1 process.
 
 Aux-loss-free balancing (DeepSeek-V3, 2024, section 2.1.2), `moe_bias_balance=True`: a per-expert
-bias b_i is added to p_i *for the top-k selection only*; gates still come from the unbiased p.
+bias b_i is added to p_i *for the top-k selection only*; gates still come from the unbiased p, and
+the balance loss (any scope) counts f_i over the top-k of the unbiased scores (eq. 18), as
+Megatron-LM's `compute_routing_scores_for_aux_loss` does; the bias update counts the real load.
 After each optimizer step the training loop calls `update_moe_bias(model)`, which moves
 b_i <- b_i + rate * sign(mean_load - load_i): overloaded experts become less attractive.
 
@@ -394,16 +396,21 @@ class MoE(nn.Module):
 
         # ---- auxiliary losses (from the full distribution, before any dropping) ----
         load = expert_counts(topk_idx.reshape(1, B * T, k), E)[0]  # (E,) assignments of this forward
+        # The balance loss counts f_i over the top-k of the UNBIASED scores (DeepSeek-V3, eq. 17-20:
+        # the bias b_i of eq. 16 only chooses experts); probs ranks the experts like the scores.
+        bal_idx = topk_idx if self.expert_bias is None else probs.topk(k, dim=-1).indices  # (B, T, k)
+        bal_load = load if self.expert_bias is None else expert_counts(bal_idx.reshape(1, B * T, k), E)[0]
         if self._prepass_load is not None:  # inside global_balance_prepass
-            self._prepass_load += load
+            self._prepass_load += bal_load
         if self.training and self.expert_bias is not None:
             acc = self._load_since_update
             self._load_since_update = load if acc is None else acc + load
 
         def balance() -> torch.Tensor:
             if self.balance_scope == "global" and self.training:
-                return balance_loss(probs, topk_idx, "global", self._global_load(load, B * T))
-            return balance_loss(probs, topk_idx, self.balance_scope, load if self.balance_scope != "sequence" else None)
+                return balance_loss(probs, bal_idx, "global", self._global_load(bal_load, B * T))
+            scope_load = bal_load if self.balance_scope != "sequence" else None
+            return balance_loss(probs, bal_idx, self.balance_scope, scope_load)
 
         def z_loss() -> torch.Tensor:
             return torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE, eq. 5
