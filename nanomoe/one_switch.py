@@ -1,0 +1,171 @@
+"""Chapter 06's one-switch experiment: each router idea alone on top of chapter 03's MoE.
+
+The baseline is chapter 03's top-2 softmax MoE (8 experts, alpha = 0.01 balance loss over the
+micro-batch, ST-MoE z-loss 1e-3) at the dense model's active parameters; every other variant turns
+ONE switch of `GPTConfig` (or of the batch layout, for the global-batch pair), and the last one is
+DeepSeek-V3's recipe (arXiv 2412.19437) as a whole. `VARIANTS` lists them; `variant_config` builds
+one. After training, `evaluate_run` measures what the chapter compares:
+
+- the validation loss of every token of the first `val_tokens` validation tokens (consecutive
+  blocks of `block_size`), so the estimate's standard error can be stated (`loss_stats`);
+- specialization: how much the token (its class, or its id) tells about the experts it goes to
+  (`specialization`), the measure the global-batch balance paper (arXiv 2501.11873) argues about;
+- saturation (OLMoE, arXiv 2409.02060, sec. 5.1) from the training snapshots, as OLMoE defines
+  it (mean overlap of the top-k sets with the final ones) and as the exact-set share.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import GPTConfig, modern_config, moe_config
+from .routing_analysis import char_class_ids, chosen_mask, routing_of, saturation, saturation_overlap
+
+# name -> (GPTConfig overrides on top of moe_config, TrainConfig overrides); "denso" is the dense model.
+MICRO4 = dict(batch_size=4, grad_accum=4)  # the same 16 sequences per step, in 4 micro-batches of 4
+V3_RECIPE = dict(
+    moe_router="sigmoid",  # eq. 15: sigmoid affinities, gates renormalized over the chosen k (eq. 13)
+    moe_bias_balance=True, moe_bias_update_rate=1e-3,  # sec. 2.1.2 / Loss-Free Balancing: b_i += gamma sign(.)
+    moe_balance_scope="sequence", moe_aux_loss_coef=1e-4,  # eq. 17-20, the small complementary alpha
+    moe_z_loss_coef=0.0,  # V3 has no router z-loss
+    moe_routed_scaling=2.5,  # routed_scaling_factor of V3's released config.json (not in the equations)
+    n_experts=32, moe_top_k=7, n_shared_experts=1,  # fine-grained + 1 shared (V3: 256 routed top-8 + 1 shared)
+    moe_dense_layers=1,  # V3: the first 3 of 61 layers dense; here the first of 2
+)
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "denso": ({}, {}),
+    "base (MoE top-2)": ({}, {}),
+    "sigmoide": (dict(moe_router="sigmoid"), {}),
+    "viés, α = 0": (dict(moe_bias_balance=True, moe_aux_loss_coef=0.0), {}),
+    "loss por sequência": (dict(moe_balance_scope="sequence"), {}),
+    "micro-lotes de 4": ({}, MICRO4),
+    "lote global (micro-lotes de 4)": (dict(moe_balance_scope="global"), MICRO4),
+    "1 compartilhado": (dict(n_shared_experts=1), {}),
+    "finos 32×top-8": (dict(n_experts=32, moe_top_k=8), {}),
+    "1ª camada densa": (dict(moe_dense_layers=1), {}),
+    "receita DeepSeek-V3": (V3_RECIPE, {}),
+}
+
+
+def variant_config(name: str, shape: dict) -> tuple[GPTConfig, dict]:
+    """(model config, TrainConfig overrides) of one variant for the model `shape` (vocab, sizes)."""
+    model_kw, train_kw = VARIANTS[name]
+    cfg = modern_config(**shape) if name == "denso" else moe_config(**shape, **model_kw)
+    return cfg, dict(train_kw)
+
+
+@torch.no_grad()
+def token_losses(model: torch.nn.Module, ids: Sequence[int], block_size: int, max_tokens: int,
+                 batch: int = 64) -> torch.Tensor:
+    """Cross-entropy of every token of the first `max_tokens` tokens of `ids`, read as consecutive
+    blocks of `block_size` (each predicts its next token): (n_blocks, block_size) float32."""
+    data = torch.as_tensor(ids[: max_tokens + 1], dtype=torch.long)
+    n = (len(data) - 1) // block_size
+    x = data[: n * block_size].view(n, block_size)
+    y = data[1: n * block_size + 1].view(n, block_size)
+    model.eval()
+    out = []
+    for i in range(0, n, batch):
+        h, _, _ = model.hidden_states(x[i:i + batch])
+        logits = model.logits(h).float()
+        out.append(F.cross_entropy(logits.transpose(1, 2), y[i:i + batch], reduction="none"))
+    return torch.cat(out)
+
+
+def loss_stats(losses: torch.Tensor) -> dict:
+    """Mean of (n_blocks, T) per-token losses and its standard error, naive (tokens independent) and
+    by blocks (the spread of block means / sqrt(n_blocks): tokens of a block are correlated)."""
+    flat, blocks = losses.flatten().double(), losses.double().mean(1)
+    return {"tokens": flat.numel(), "mean": float(flat.mean()),
+            "se_tokens": float(flat.std() / math.sqrt(flat.numel())),
+            "se_blocks": float(blocks.std() / math.sqrt(blocks.numel()))}
+
+
+def paired_delta(losses: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Mean difference of two models' losses on the same tokens, with its block standard error."""
+    d = (losses.double() - ref.double()).mean(1)
+    return {"delta": float(d.mean()), "se_blocks": float(d.std() / math.sqrt(d.numel()))}
+
+
+def _cond_entropy(mask: torch.Tensor, labels: torch.Tensor, n_labels: int) -> tuple[float, float]:
+    """mask (N, E) 0/1 assignments, labels (N,) -> (H(expert | label), H(expert)) / log E: the expert
+    of an assignment, drawn uniformly among all assignments."""
+    E = mask.size(1)
+    counts = torch.zeros(n_labels, E, dtype=torch.float64).index_add_(0, labels, mask.double())  # (L, E)
+    w = counts.sum(1) / counts.sum()
+    p = counts / counts.sum(1, keepdim=True).clamp_min(1e-12)
+    h_cond = float((w * torch.special.entr(p).sum(1)).sum()) / math.log(E)
+    marg = counts.sum(0) / counts.sum()
+    return h_cond, float(torch.special.entr(marg).sum()) / math.log(E)
+
+
+def specialization(model: torch.nn.Module, probe: torch.Tensor, pieces: Sequence[str]) -> list[dict]:
+    """Per MoE layer, on the probe batch (B, T): the normalized entropy of the expert chosen given the
+    token's class (its first character's class) and given the token id, and without condition.
+    1 - H(e | x)/H(e) is the share of the routing the token explains: higher = more specialized."""
+    classes = char_class_ids([p[:1] for p in pieces])  # (B*T,)
+    ids = torch.unique(probe.reshape(-1), return_inverse=True)[1]
+    out = []
+    for d in routing_of(model, probe):  # (B, T, k) per MoE layer
+        E = int(model.config.n_experts)
+        mask = chosen_mask(d, E).reshape(-1, E)  # (B*T, E)
+        h_class, h = _cond_entropy(mask, classes, int(classes.max()) + 1)
+        h_token, _ = _cond_entropy(mask, ids, int(ids.max()) + 1)
+        out.append({"h_expert": h, "h_given_class": h_class, "h_given_token": h_token})
+    return out
+
+
+def saturation_curves(snapshots: Sequence[dict]) -> dict:
+    """From the training snapshots ({"tokens", "topk": [(B, T, k) per layer]}): per layer, at each
+    snapshot, OLMoE's saturation (mean top-k overlap with the final sets) and the exact-set share."""
+    if not snapshots:
+        return {"tokens": [], "overlap": [], "exact": []}
+    final = snapshots[-1]["topk"]
+    return {
+        "tokens": [s["tokens"] for s in snapshots],
+        "overlap": [[saturation_overlap(s["topk"][i], f) for s in snapshots] for i, f in enumerate(final)],
+        "exact": [[saturation(s["topk"][i], f) for s in snapshots] for i, f in enumerate(final)],
+    }
+
+
+def evaluate_run(run: dict, val_ids, block_size: int, val_tokens: int, probe: torch.Tensor,
+                 pieces: Sequence[str]) -> tuple[dict, torch.Tensor]:
+    """The measures of one trained run (a `train_variant` record): ({"val": loss_stats,
+    "specialization", "saturation"}, per-token losses (n_blocks, T) for paired differences)."""
+    model = run["model"]
+    losses = token_losses(model, val_ids, block_size, val_tokens)
+    out = {"val": loss_stats(losses)}
+    if model.config.n_experts:
+        out["specialization"] = specialization(model, probe, pieces)
+        out["saturation"] = saturation_curves(run["snapshots"])
+    return out, losses
+
+
+def summarize(records: Sequence[dict], ref: str = "base (MoE top-2)") -> list[dict]:
+    """Per variant: Δ of the final validation loss against `ref` per seed (the seeds both have), its
+    mean and sample standard deviation over seeds, and the variant's own val loss spread."""
+    by = {}
+    for r in records:
+        by.setdefault(r["name"], {})[r["seed"]] = r
+    out = []
+    for name, runs in by.items():
+        seeds = sorted(s for s in runs if s in by.get(ref, {}))
+        deltas = [runs[s]["val"]["mean"] - by[ref][s]["val"]["mean"] for s in seeds]
+        vals = [runs[s]["val"]["mean"] for s in sorted(runs)]
+        out.append({
+            "name": name, "seeds": seeds, "delta": deltas,
+            "delta_mean": sum(deltas) / len(deltas) if deltas else None,
+            "delta_sd": _sd(deltas), "val_mean": sum(vals) / len(vals), "val_sd": _sd(vals),
+        })
+    return out
+
+
+def _sd(xs: Sequence[float]):
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
