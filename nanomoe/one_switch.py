@@ -16,14 +16,19 @@ one. After training, `evaluate_run` measures what the chapter compares:
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Sequence
+import urllib.request
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .config import GPTConfig, modern_config, moe_config
+from .crossover import train_variant
 from .routing_analysis import char_class_ids, chosen_mask, routing_of, saturation, saturation_overlap
+from .train import TrainConfig
 
 # name -> (GPTConfig overrides on top of moe_config, TrainConfig overrides); "denso" is the dense model.
 MICRO4 = dict(batch_size=4, grad_accum=4)  # the same 16 sequences per step, in 4 micro-batches of 4
@@ -169,3 +174,49 @@ def _sd(xs: Sequence[float]):
         return None
     m = sum(xs) / len(xs)
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def run_grid(names: Sequence[str], seeds: Sequence[int], shape: dict, train_kw: dict, data: tuple,
+             probe: torch.Tensor, pieces: Sequence[str], val_tokens: int, cache_dir=None,
+             on_record: Optional[Callable[[list[dict]], None]] = None, progress: bool = False):
+    """Train (or reload from `cache_dir`) every variant of `names` for every seed, seed by seed, and
+    measure it (`evaluate_run`). data = (train_ids, val_ids); train_kw: the TrainConfig fields all
+    runs share (each variant may override some, e.g. the micro-batch layout). Returns (records: one
+    JSON-ready dict per run, runs: {(name, seed): the `train_variant` record, with its model}).
+    `on_record(records)` is called after every run (to save partial results)."""
+    train_ids, val_ids = data
+    records, losses, runs = [], {}, {}
+    for seed in seeds:
+        for name in names:
+            cfg, overrides = variant_config(name, shape)
+            tcfg = TrainConfig(**{**train_kw, "seed": seed, **overrides})
+            run = train_variant(name, cfg, tcfg, train_ids, val_ids, probe, cache_dir=cache_dir, progress=progress)
+            measures, losses[name, seed] = evaluate_run(run, val_ids, shape["block_size"], val_tokens, probe, pieces)
+            rec = {k: run[k] for k in ("name", "seed", "seconds", "tokens_per_s", "hardware", "active", "total")}
+            rec.update(measures, cached=run["cached"], micro_batch=tcfg.batch_size, grad_accum=tcfg.grad_accum,
+                       history=[{k: h.get(k) for k in ("step", "tokens", "elapsed_s", "val_loss")}
+                                for h in run["history"] if h.get("val_loss") is not None])
+            for ref in ("base (MoE top-2)", "micro-lotes de 4"):
+                if (ref, seed) in losses and ref != name:
+                    rec.setdefault("paired", {})[ref] = paired_delta(losses[name, seed], losses[ref, seed])
+            records.append(rec)
+            runs[name, seed] = run
+            if on_record is not None:
+                on_record(records)
+    return records, runs
+
+
+def load_recorded(rel_path: str, ref: str = "main") -> Optional[dict]:
+    """A recorded result of the repository (e.g. "docs/results/06/one_switch.json"): from the
+    current folder or one of its parents (a clone; a notebook runs in notebooks/), else from the
+    repository on GitHub at `ref` (Colab). None, with one line saying why, when neither answers."""
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        if (folder / rel_path).is_file():
+            return json.loads((folder / rel_path).read_text(encoding="utf-8"))
+    url = f"https://raw.githubusercontent.com/sagui-nlp/nanomoe/{ref}/{rel_path}"
+    try:
+        with urllib.request.urlopen(url, timeout=20) as r:
+            return json.loads(r.read().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        print(f"recorded result {rel_path} not found here nor at {url} ({e}); run the grid to make it")
+        return None
