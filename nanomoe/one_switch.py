@@ -220,3 +220,86 @@ def load_recorded(rel_path: str, ref: str = "main") -> Optional[dict]:
     except (OSError, ValueError) as e:
         print(f"recorded result {rel_path} not found here nor at {url} ({e}); run the grid to make it")
         return None
+
+
+# ---- reading a recorded grid (the chapter's tables) ---------------------------------------------------
+
+
+def pt(v: Optional[float], digits: int = 4, sign: bool = False) -> str:
+    """A number in pt-br: decimal comma, "−" for minus; "—" for None."""
+    if v is None:
+        return "—"
+    text = f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+    return text.replace("-", "−").replace(".", ",")
+
+
+def _mean_sd(xs: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
+    return (sum(xs) / len(xs) if xs else None), _sd(xs)
+
+
+def one_switch_panel(result: dict, ref: str = "base (MoE top-2)") -> dict:
+    """What `plots.plot_one_switch` draws for one regime: Δ per seed of each variant, the dense
+    model's seed standard deviation."""
+    summary = {s["name"]: s for s in result["summary"]}
+    return {"delta": {n: s["delta"] for n, s in summary.items() if n != ref},
+            "dense_sd": summary.get("denso", {}).get("val_sd")}
+
+
+def one_switch_caption(result: dict) -> str:
+    """One line: validation tokens, the standard error of one run's loss, the dense seed spread."""
+    runs = result["runs"]
+    se = [r["val"]["se_blocks"] for r in runs]
+    dense = next((s for s in result["summary"] if s["name"] == "denso"), None)
+    return (f"{runs[0]['val']['tokens']:,} tokens de validação por treino; erro-padrão (por blocos) da loss de um "
+            f"treino {pt(min(se))}–{pt(max(se))}; desvio da loss do denso entre sementes "
+            f"{pt(dense['val_sd'] if dense else None)}").replace(",", "\u2009", 1)
+
+
+def one_switch_table(result: dict, ref: str = "base (MoE top-2)") -> str:
+    """Markdown table: per variant, Δ val loss against `ref` per seed, mean ± sd over seeds, the mean
+    paired standard error of Δ, and the training speed relative to `ref` (same run's hardware)."""
+    runs = {(r["name"], r["seed"]): r for r in result["runs"]}
+    seeds = sorted({s for _, s in runs})
+    names = [n for n in VARIANTS if any((n, s) in runs for s in seeds)]
+    head = ("| variante | " + " | ".join(f"Δ semente {s}" for s in seeds)
+            + " | média ± desvio | EP pareado | tokens/s ÷ base |")
+    rows = [head, "|---|" + "---:|" * (len(seeds) + 3)]
+    for n in names:
+        if n == ref:
+            vals = [runs[n, s]["val"]["mean"] for s in seeds if (n, s) in runs]
+            m, sd = _mean_sd(vals)
+            rows.append(f"| {n} (loss) | " + " | ".join(pt(v) for v in vals) + f" | {pt(m)} ± {pt(sd)} | — | 1 |")
+            continue
+        ds = [runs[n, s]["val"]["mean"] - runs[ref, s]["val"]["mean"] if (n, s) in runs and (ref, s) in runs else None
+              for s in seeds]
+        present = [d for d in ds if d is not None]
+        m, sd = _mean_sd(present)
+        ses = [runs[n, s]["paired"][ref]["se_blocks"] for s in seeds
+               if (n, s) in runs and ref in runs[n, s].get("paired", {})]
+        speed = [runs[n, s]["tokens_per_s"] / runs[ref, s]["tokens_per_s"] for s in seeds
+                 if (n, s) in runs and (ref, s) in runs]
+        rows.append(f"| {n} | " + " | ".join(pt(d, sign=True) for d in ds)
+                    + f" | {pt(m, sign=True)} ± {pt(sd)} | {pt(_mean_sd(ses)[0])} | {pt(_mean_sd(speed)[0], 2)} |")
+    return "\n".join(rows)
+
+
+def recorded_hardware(recorded: dict) -> str:
+    """The hardware the recorded runs name, e.g. "CPU x86_64, 1 thread"."""
+    hw = sorted({r.get("hardware") or "?" for res in recorded.values() if res for r in res["runs"]})
+    return " + ".join(hw)
+
+
+def specialization_table(result: dict, names: Sequence[str]) -> str:
+    """Markdown: per variant and MoE layer, 1 - H(e|class)/H(e) and 1 - H(e|token)/H(e), mean ± sd
+    over the recorded seeds."""
+    rows = ["| variante | camada | pela classe do token | pelo token |", "|---|---:|---:|---:|"]
+    for n in names:
+        runs = [r for r in result["runs"] if r["name"] == n and r.get("specialization")]
+        if not runs:
+            continue
+        for li in range(len(runs[0]["specialization"])):
+            cls = [1 - r["specialization"][li]["h_given_class"] / r["specialization"][li]["h_expert"] for r in runs]
+            tok = [1 - r["specialization"][li]["h_given_token"] / r["specialization"][li]["h_expert"] for r in runs]
+            (mc, sc), (mt, st) = _mean_sd(cls), _mean_sd(tok)
+            rows.append(f"| {n} | {li} | {pt(mc, 3)} ± {pt(sc, 3)} | {pt(mt, 3)} ± {pt(st, 3)} |")
+    return "\n".join(rows)

@@ -22,17 +22,20 @@
 # modelo denso ainda ganhava, e só com 3× mais tokens o MoE top-2 passava à frente. Os MoEs que
 # lideram hoje (DeepSeek-V3, Qwen3-MoE, OLMoE) mudaram o **roteador** e os **especialistas**, e os
 # melhores relatos sobre MoE ensinam **olhando** para o roteamento. Este capítulo faz as duas
-# coisas:
+# coisas, com a promessa do curso: **uma chave de cada vez, medida**. Cada ideia abaixo é ligada
+# sozinha sobre o MoE do capítulo 03, em três sementes e dois regimes; depois, a receita do
+# DeepSeek-V3 inteira.
 #
 # | ideia | artigo |
 # |---|---|
 # | top-1, loss $N\sum_i f_i P_i$, capacidade | [Switch Transformers](https://arxiv.org/abs/2101.03961) (2021) |
 # | *router z-loss* | [ST-MoE](https://arxiv.org/abs/2202.08906) (2022) |
 # | especialistas finos + compartilhados | [DeepSeekMoE](https://arxiv.org/abs/2401.06066) (2024) |
-# | roteador sigmoide, viés que só escolhe, loss por sequência | [DeepSeek-V3](https://arxiv.org/abs/2412.19437) |
-# | primeiras camadas densas | [DeepSeek-V3](https://arxiv.org/abs/2412.19437), seção 4.2 |
+# | sigmoide, viés só escolhe, loss por sequência | [DeepSeek-V3](https://arxiv.org/abs/2412.19437), 2.1.2, eq. 12–20 |
+# | viés atualizado por $\gamma\,\operatorname{sign}$ | [Loss-Free Balancing](https://arxiv.org/abs/2408.15664) (2024) |
+# | primeiras camadas densas, $\alpha$ e $\gamma$ usados | [DeepSeek-V3](https://arxiv.org/abs/2412.19437), seção 4.2 |
 # | balanceamento no lote global | [Demons in the Detail](https://arxiv.org/abs/2501.11873) (Qwen, 2025) |
-# | análise do roteamento: coativação, especialização, saturação | [OLMoE](https://arxiv.org/abs/2409.02060) (2024) |
+# | saturação (seção 5.1) e coativação (seção 5.2) do roteamento | [OLMoE](https://arxiv.org/abs/2409.02060) (2024) |
 #
 # Cada ideia é um campo de `GPTConfig` (os padrões mantêm o capítulo 03 bit a bit):
 # `moe_router`, `moe_routed_scaling`, `moe_balance_scope`, `moe_dense_layers`, e os especialistas
@@ -66,12 +69,32 @@ import torch
 
 from nanomoe import GPT, modern_config, moe_config
 from nanomoe.cli import parse_args
-from nanomoe.crossover import crossover, regime_tokenizer, train_variant
+from nanomoe.crossover import crossover, regime_tokenizer
 from nanomoe.data import encode_splits, read_corpus
 from nanomoe.moe import MoE, balance_loss, global_balance_prepass
 from nanomoe.notebook import show_source
+from nanomoe.one_switch import (
+    VARIANTS,
+    load_recorded,
+    one_switch_caption,
+    one_switch_panel,
+    one_switch_table,
+    recorded_hardware,
+    run_grid,
+    saturation_curves,
+    specialization_table,
+    summarize,
+    variant_config,
+)
 from nanomoe.paths import in_home
-from nanomoe.plots import plot_crossover, plot_matrices, plot_saturation, plot_token_routing, save_figure
+from nanomoe.plots import (
+    plot_crossover,
+    plot_matrices,
+    plot_one_switch,
+    plot_saturation,
+    plot_token_routing,
+    save_figure,
+)
 from nanomoe.routing_analysis import (
     CHAR_CLASS_PT,
     CHAR_CLASSES,
@@ -81,19 +104,21 @@ from nanomoe.routing_analysis import (
     position_in_word,
     routing_of,
     routing_share,
-    saturation,
     top_tokens_per_expert,
 )
-from nanomoe.train import TrainConfig
 
 # %% [markdown]
 # ## Parâmetros
 #
-# Os valores abaixo dão o experimento completo (denso e três MoEs, 600 passos cada, cada um em três
-# sementes: doze treinos). Como script: `uv run -m scripts.06_modern_routers --threads=1`; num
-# notebook, edite o dicionário ou defina `NANOMOE_ARGS`. `--tokenizer=bpe` refaz o experimento com
-# o BPE português do curso em vez de caracteres (resultados em `runs/06/bpe/`). `--quick` roda tudo
-# em segundos (é o que os testes usam). Um treino terminado fica salvo em `runs/06/treinos/` e é
+# O experimento completo (seção 4) são 11 variantes × 3 sementes × 2 regimes = 66 treinos de 300
+# passos: ~1 hora de CPU. O notebook **não** refaz tudo: por padrão treina só 3 variantes na
+# semente 0 com caracteres (o denso, a base e a receita do DeepSeek-V3; poucos minutos numa CPU) e
+# lê a grade inteira registrada em `docs/results/06/` (cada treino com o hardware em que rodou). A
+# grade inteira, num regime: `--variants=all --seeds=0,1,2` (ou `uv run -m
+# scripts.grid_06_one_switch --threads=1 [--tokenizer=bpe]`, o que gerou o registro). Num notebook,
+# edite o dicionário ou defina `NANOMOE_ARGS`. `--tokenizer=bpe` troca os caracteres pelo BPE
+# português do curso (resultados em `runs/06/bpe/`). `--quick` roda todas as variantes em segundos
+# (é o que os testes usam). Um treino terminado fica salvo em `runs/06/one_switch/treinos/` e é
 # reaproveitado se a mesma configuração for pedida de novo.
 
 # %%
@@ -108,21 +133,22 @@ DEFAULTS = dict(
     n_embd=64,
     block_size=128,
     batch_size=16,
-    steps=600,  # optimizer steps per run (same token budget for every run)
+    steps=300,  # optimizer steps per run (same token budget for every run)
     lr=2e-3,
     min_lr=2e-4,
     warmup_steps=30,
     eval_interval=30,
     eval_iters=8,
-    seeds="0,1,2",  # seeds of the dense and the MoE top-2 runs
-    variant_seeds="0,1,2",  # seeds of the other MoE variants
-    probe_seqs=32,  # validation sequences the routing analysis reads
+    seeds="0",  # seeds trained here (the recorded grid has 0, 1, 2)
+    variants="denso;base (MoE top-2);receita DeepSeek-V3",  # ";"-separated names of VARIANTS, or "all"
+    val_tokens=131072,  # validation tokens of the final loss (each token's loss kept: standard errors)
+    probe_seqs=64,  # validation sequences the routing analysis reads
     device="auto",
     out_dir="runs/06",
-    threads=0,  # torch CPU threads; 0 = torch's default (all cores)
+    threads=1,  # torch CPU threads (the recorded grid: 1); 0 = torch's default (all cores)
 )
 QUICK = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, steps=8, warmup_steps=2, eval_interval=4,
-             eval_iters=2, seeds="0", variant_seeds="0", probe_seqs=4, bpe_vocab=320, threads=1)
+             eval_iters=2, seeds="0", variants="all", val_tokens=2048, probe_seqs=4, bpe_vocab=320)
 args = parse_args(DEFAULTS, quick=QUICK)
 out_rel = Path(args.out_dir) if args.tokenizer == "char" else Path(args.out_dir) / args.tokenizer  # runs/06/bpe
 out_dir = in_home(out_rel)
@@ -135,15 +161,23 @@ print(args)
 # ## 1. O roteador sigmoide (DeepSeek-V3)
 #
 # No Mixtral (capítulo 03) o roteador é um softmax: os $E$ escores competem e somam 1. O DeepSeek-V3
-# (seção 2.1, eq. 12–16) usa uma **sigmoide** por especialista — afinidades independentes — e
+# (seção 2.1.2, eq. 12–16) usa uma **sigmoide** por especialista — afinidades independentes — e
 # normaliza só sobre os $k$ escolhidos:
 #
 # $$s_i = \sigma(\mathbf{w}_i^\top x), \qquad S = \operatorname{top-}k\,(s_i + b_i), \qquad
-# g_i = \gamma\,\frac{s_i}{\sum_{j\in S} s_j}\ (i \in S)$$
+# g_i = \rho\,\frac{s_i}{\sum_{j\in S} s_j}\ (i \in S)$$
 #
-# O viés $b_i$ (o balanceamento sem loss auxiliar do capítulo 03) **só escolhe**: as portas vêm de
-# $s$ sem viés. $\gamma$ é o *routed scaling factor* (`moe_routed_scaling`; 2,5 no DeepSeek-V3).
-# Construímos do zero e comparamos com o pacote:
+# O viés $b_i$ (eq. 16; o balanceamento sem loss auxiliar do capítulo 03) **só escolhe**: as portas
+# vêm de $s$ sem viés. Depois de cada passo, $b_i \leftarrow b_i + \gamma\,\operatorname{sign}(
+# \bar c - c_i)$, com $c_i$ a carga do especialista $i$ e $\bar c$ a média ([Loss-Free
+# Balancing](https://arxiv.org/abs/2408.15664); o V3 usa $\gamma = 0{,}001$, seção 4.2).
+# $\rho$ é o *routed scaling factor* (`moe_routed_scaling`): **não está nas equações** do artigo;
+# o valor 2,5 vem da configuração publicada do DeepSeek-V3 (`routed_scaling_factor` no
+# `config.json` do modelo). O artigo também não traz uma ablação sigmoide × softmax: que a
+# sigmoide ajude porque 256 especialistas deixam de competir num só softmax é uma **hipótese**, não
+# um resultado do V3. O *node-limited routing* do V3 (cada token vai a no máximo 4 nós da máquina)
+# é uma restrição de comunicação entre máquinas; aqui, num processo, ele não tem o que limitar e
+# fica de fora. Construímos do zero e comparamos com o pacote:
 
 # %%
 torch.manual_seed(0)
@@ -171,6 +205,43 @@ show_source(MoE.route)
 # %%
 torch.testing.assert_close(probs, s / s.sum(-1, keepdim=True))
 print("probs somam 1:", probs.sum(-1).flatten()[:3].tolist())
+
+# %% [markdown]
+# **O viés escolhe; a loss conta sem viés.** Na loss por sequência do V3 (eq. 17–20),
+# $f_i = \frac{N}{kT}\sum_t \mathbb{1}\big(s_{i,t} \in \operatorname{Topk}(\{s_{j,t}\}, k)\big)$
+# conta o top-$k$ dos escores **sem** o viés $b_i$: o viés só decide para onde o token vai (eq. 16).
+# Num lote feito à mão (3 sequências × 5 tokens, +3 de viés no especialista 0, o que muda escolhas),
+# a eq. 18 escrita com laços bate com o pacote; contar a escolha enviesada daria outro número:
+
+# %%
+torch.manual_seed(11)
+hand = MoE(moe_config(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16, n_experts=4, moe_top_k=2,
+                      moe_router="sigmoid", moe_bias_balance=True, moe_balance_scope="sequence",
+                      moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0))
+xh = torch.randn(3, 5, 16)
+with torch.no_grad():
+    sh = torch.sigmoid(xh @ hand.router.weight.T)  # (3, 5, 4) scores without the bias
+hand.expert_bias.copy_(torch.tensor([3.0, 0.0, 0.0, 0.0]))
+
+
+def eq18(scores, chosen):  # DeepSeek-V3 eq. 17-20 with loops: mean over sequences of sum_i f_i P_i
+    Bh, Th, Eh = scores.shape
+    total = 0.0
+    for b in range(Bh):
+        for i in range(Eh):
+            f_i = Eh / (2 * Th) * sum(int(i in chosen[b, t].tolist()) for t in range(Th))
+            P_i = sum(float(scores[b, t, i] / scores[b, t].sum()) for t in range(Th)) / Th
+            total += f_i * P_i
+    return total / Bh
+
+
+_, _, biased_choice, _ = hand.route(xh)
+_, aux_h, _ = hand(xh)
+moved = (biased_choice.sort(-1).values != sh.topk(2, -1).indices.sort(-1).values).any(-1)  # (3, 5)
+print(f"tokens cuja escolha o viés mudou: {int(moved.sum())} de 15")
+print(f"eq. 18 à mão (top-k sem viés): {eq18(sh, sh.topk(2, -1).indices):.6f}   pacote: {float(aux_h):.6f}   "
+      f"contando a escolha enviesada: {eq18(sh, biased_choice):.6f}")
+assert abs(eq18(sh, sh.topk(2, -1).indices) - float(aux_h)) < 1e-5
 
 # %% [markdown]
 # ## 2. Onde se conta $f_i$: micro-lote, sequência ou lote global
@@ -259,33 +330,57 @@ show_source(global_balance_prepass)
 # %%
 shape = dict(vocab_size=96, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
              n_embd=args.n_embd, dropout=0.0)
-for name, cfg in {
-    "denso": modern_config(**shape),
-    "8 × top-2": moe_config(**shape),
-    "32 × top-8": moe_config(**shape, n_experts=32, moe_top_k=8),
-    "32 × top-7 + 1 compartilhado": moe_config(**shape, n_experts=32, moe_top_k=7, n_shared_experts=1),
-    "8 × top-2, 1ª camada densa": moe_config(**shape, moe_dense_layers=1),
-}.items():
+dense_active = GPT(modern_config(**shape)).num_params(active=True)
+for name in VARIANTS:
+    cfg, train_kw = variant_config(name, shape)
     m = GPT(cfg)
     kinds = "".join("M" if b.is_moe else "D" for b in m.transformer.h)
-    print(f"{name:30s} camadas {kinds}  largura do especialista {cfg.expert_hidden_dim:4d}  "
-          f"ativos {m.num_params(active=True):>9,}  totais {m.num_params():>9,}  "
-          f"combinações {math.comb(cfg.n_experts, cfg.moe_top_k) if cfg.n_experts else 1:,}")
+    extra = m.num_params(active=True) - dense_active
+    print(f"{name:31s} camadas {kinds}  largura {cfg.expert_hidden_dim if cfg.n_experts else cfg.hidden_dim:4d}  "
+          f"ativos {m.num_params(active=True):>7,} ({100 * extra / dense_active:+.1f}%)  totais {m.num_params():>7,}  "
+          f"combinações {math.comb(cfg.n_experts, cfg.moe_top_k) if cfg.n_experts else 1:>10,}"
+          + (f"  {train_kw['grad_accum']} micro-lotes de {train_kw['batch_size']}" if train_kw else ""))
 
 # %% [markdown]
-# ## 4. O experimento: onde o MoE passa o denso?
+# Os parâmetros **ativos** só diferem pelos roteadores ($C \times E$ por camada MoE: +1,0% com 8
+# especialistas, +4,1% com 32, no modelo de vocabulário 96 acima); o especialista compartilhado e a
+# primeira camada densa mantêm os ativos exatos, porque a largura dos roteados encolhe para caber.
+#
+# ## 4. O experimento: uma chave de cada vez
 #
 # Corpus: Machado de Assis, caracteres (ou, com `--tokenizer=bpe`, o BPE português de 1024 tokens
 # treinado só na parte de treino), 90% treino / 10% validação. Todos os treinos usam a mesma
-# receita (AdamW, warmup + cosseno), os mesmos lotes na mesma ordem (por semente) e os mesmos
-# **parâmetros ativos**:
+# receita (AdamW, warmup + cosseno, 300 passos de 16 sequências de 128 tokens = 0,61 M tokens), os
+# mesmos lotes na mesma ordem (por semente) e os mesmos **parâmetros ativos**. A **base** é o MoE
+# do capítulo 03: 8 especialistas, top-2, softmax, loss de balanceamento $\alpha = 0{,}01$ no
+# micro-lote e *z-loss* $10^{-3}$. Cada variante muda **uma** coisa:
 #
-# 1. **denso** — o modelo moderno do capítulo 02;
-# 2. **MoE top-2** — o do capítulo 03: 8 especialistas, softmax, $\alpha = 0{,}01$. Aqui um passo é
-#    um micro-lote num processo, então o $f_i$ do micro-lote **já é** o do lote global;
-# 3. **sigmoide (DeepSeek-V3)** — roteador sigmoide, viés sem loss auxiliar, e a loss por sequência
-#    com $\alpha = 10^{-4}$ como no V3;
-# 4. **finos 32 × top-7 + 1 compartilhado** (DeepSeekMoE), $\alpha = 0{,}01$.
+# | variante | o que muda (o resto é a base) |
+# |---|---|
+# | sigmoide | `moe_router="sigmoid"`: escores sigmoides, portas renormalizadas sobre os $k$ |
+# | viés, α = 0 | o viés de seleção (γ = 0,001) **no lugar** da loss de balanceamento |
+# | loss por sequência | $f_i$ contado por sequência (a forma da eq. 17–20), mesmo $\alpha$ |
+# | micro-lotes de 4 | o passo em 4 micro-lotes de 4 sequências (acumulação); $f_i$ em cada micro-lote |
+# | lote global (micro-lotes de 4) | o mesmo, mas $f_i$ do passo inteiro (pré-passagem); compara-se com o anterior |
+# | 1 compartilhado | 8 × top-2 + 1 especialista sempre ligado (largura 64 em vez de 96) |
+# | finos 32×top-8 | 32 especialistas de largura 24, top-8 |
+# | 1ª camada densa | a camada 0 volta a ser um MLP denso |
+# | receita DeepSeek-V3 | todas as chaves do V3 juntas (abaixo) |
+#
+# A **receita DeepSeek-V3**: sigmoide; viés de seleção com $\gamma = 0{,}001$; loss por sequência
+# com $\alpha = 10^{-4}$ (seção 4.2); sem *z-loss*; $\rho = 2{,}5$ (da configuração publicada);
+# 32 especialistas finos top-7 + 1 compartilhado (o V3: 256 top-8 + 1); a 1ª camada densa (o V3:
+# 3 de 61). Sem o *node-limited routing*, que só existe entre máquinas.
+#
+# Por que o par "micro-lotes de 4": com um micro-lote por passo num processo (a base), o $f_i$ do
+# micro-lote **é** o do lote global, e as duas losses são idênticas. Para o lote global mudar
+# alguma coisa, o passo precisa de vários micro-lotes; o par mede só a diferença do escopo.
+#
+# A loss de validação final é medida em **todos** os tokens dos primeiros 131 072 tokens de
+# validação (1 024 blocos de 128), guardando a loss de cada token: assim dá para dizer o erro-padrão
+# da estimativa. Como os tokens de um bloco são correlacionados, o erro-padrão é calculado pelos
+# blocos (desvio das médias dos blocos / $\sqrt{1024}$), e a diferença entre dois modelos é
+# **pareada** (os mesmos tokens).
 
 # %%
 text = read_corpus(args.corpus, source=args.source or None)
@@ -297,112 +392,139 @@ print(f"{len(text):,} caracteres, tokenizador {args.tokenizer} com vocabulário 
       f"{len(train_ids):,} tokens de treino ({len(text) / (len(train_ids) + len(val_ids)):.2f} caracteres/token)")
 
 shape = dict(shape, vocab_size=tok.vocab_size)
-variants = {
-    "denso": modern_config(**shape),
-    "MoE top-2": moe_config(**shape),
-    "sigmoide (DeepSeek-V3)": moe_config(**shape, moe_router="sigmoid", moe_bias_balance=True,
-                                         moe_balance_scope="sequence", moe_aux_loss_coef=1e-4),
-    "finos 32×top-7 + 1 compartilhado": moe_config(**shape, n_experts=32, moe_top_k=7, n_shared_experts=1),
-}
+names = list(VARIANTS) if args.variants == "all" else [n.strip() for n in args.variants.split(";") if n.strip()]
 seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-variant_seeds = [int(s) for s in str(args.variant_seeds).split(",") if s.strip()]
 probe = torch.tensor(val_ids[: args.probe_seqs * args.block_size], dtype=torch.long).view(args.probe_seqs, -1)
+pieces = [tok.decode([i]) for i in probe.flatten().tolist()]  # one string per token (a character, for char)
+train_kw = dict(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                warmup_steps=args.warmup_steps, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+                weight_decay=0.1, grad_clip=1.0, device=args.device, sample_tokens=0)
+print(f"{len(names) * len(seeds)} treinos aqui × {args.steps * args.batch_size * args.block_size:,} tokens")
 
-
-def tcfg_for(seed: int) -> TrainConfig:
-    return TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-                       warmup_steps=args.warmup_steps, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-                       weight_decay=0.1, grad_clip=1.0, seed=seed, device=args.device, sample_tokens=0)
-
-
-plan = [(n, s) for s in seeds for n in ("denso", "MoE top-2")]
-plan += [(n, s) for s in variant_seeds for n in variants if n not in ("denso", "MoE top-2")]
-print(f"{len(plan)} treinos × {args.steps * args.batch_size * args.block_size:,} tokens")
-
-# %%
-runs = {}
 t0 = time.perf_counter()
-for name, seed in plan:
-    print(f"\n=== {name}, semente {seed} ===")
-    runs[name, seed] = train_variant(name, variants[name], tcfg_for(seed), train_ids, val_ids, probe,
-                                     cache_dir=out_dir / "treinos", progress=not args.quick)
-    r = runs[name, seed]
-    print(f"val {r['history'][-1]['val_loss']:.4f}  {r['seconds']:.0f} s  {r['tokens_per_s']:,.0f} tokens/s"
+records, runs = run_grid(names, seeds, shape, train_kw, (train_ids, val_ids), probe, pieces, args.val_tokens,
+                         cache_dir=out_dir / "one_switch" / "treinos", progress=not args.quick)
+for r in records:
+    print(f"{r['name']:31s} semente {r['seed']}  val {r['val']['mean']:.4f} ± {r['val']['se_blocks']:.4f} "
+          f"(EP, {r['val']['tokens']:,} tokens)  {r['seconds']:.0f} s  {r['tokens_per_s']:,.0f} tokens/s"
           + ("  (treino já salvo, reaproveitado)" if r["cached"] else ""))
-n_cached = sum(r["cached"] for r in runs.values())
-print(f"\n{len(plan)} treinos em {time.perf_counter() - t0:.0f} s ({n_cached} reaproveitados de uma execução "
-      f"anterior); tempo de treino somado: {sum(r['seconds'] for r in runs.values()):.0f} s")
+print(f"{len(records)} treinos em {time.perf_counter() - t0:.0f} s")
+(out_dir / "one_switch.json").write_text(json.dumps({"args": dict(vars(args)), "summary": summarize(records),
+                                                     "runs": records}, indent=1, ensure_ascii=False), encoding="utf-8")
 
 # %% [markdown]
-# ### A tabela do cruzamento
+# ### Estes treinos contra o registro
 #
-# Para cada MoE e semente: a partir de quantos tokens (e de quantos segundos de treino) a loss de
-# validação do MoE fica **abaixo** da do denso da mesma semente e não volta mais.
+# A grade inteira (66 treinos) está registrada em `docs/results/06/one_switch.json` (caracteres) e
+# `docs/results/06/bpe/one_switch.json` (BPE), cada treino com o hardware em que rodou. Os treinos
+# refeitos aqui usam a mesma configuração e a mesma semente: na mesma CPU, com 1 thread, a loss
+# final sai igual; em outro hardware, perto.
 
 # %%
-def fmt_tokens(v):
-    return "nunca" if v is None else "desde o início" if v == 0 else f"{v / 1e6:.2f} M"
+recorded = {reg: load_recorded(f"docs/results/06/{'' if reg == 'char' else 'bpe/'}one_switch.json", NANOMOE_REF)
+            for reg in ("char", "bpe")}
+rec_here = recorded[args.tokenizer] if not args.quick else None
+if rec_here is not None:
+    old = {(r["name"], r["seed"]): r for r in rec_here["runs"]}
+    for r in records:
+        o = old.get((r["name"], r["seed"]))
+        if o is not None:
+            print(f"{r['name']:31s} semente {r['seed']}: aqui {r['val']['mean']:.4f}, "
+                  f"registrado {o['val']['mean']:.4f} "
+                  f"(diferença {r['val']['mean'] - o['val']['mean']:+.4f}; registrado em {o['hardware']})")
 
-
-rows = ["| variante | semente | params ativos | params totais | val final | denso | cruza em tokens | "
-        "cruza em tempo | tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-summary = []
-for (name, seed), r in runs.items():
-    dense = runs.get(("denso", seed))
-    tok_x = crossover(dense["history"], r["history"], "tokens") if dense and name != "denso" else None
-    sec_x = crossover(dense["history"], r["history"], "elapsed_s") if dense and name != "denso" else None
-    summary.append(dict(variant=name, seed=seed, active=r["active"], total=r["total"],
-                        val_loss=r["history"][-1]["val_loss"], seconds=r["seconds"], tokens_per_s=r["tokens_per_s"],
-                        hardware=r.get("hardware"),
-                        crossover_tokens=tok_x, crossover_seconds=sec_x,
-                        history=[{k: h.get(k) for k in ("step", "tokens", "elapsed_s", "train_loss", "val_loss")}
-                                 for h in r["history"]]))
-    dense_val = f"{dense['history'][-1]['val_loss']:.4f}" if dense else "—"
-    tok_cell = "—" if name == "denso" else fmt_tokens(tok_x)
-    sec_cell = "—" if name == "denso" else ("nunca" if sec_x is None else f"{sec_x:.0f} s")
-    rows.append(f"| {name} | {seed} | {r['active']:,} | {r['total']:,} | {r['history'][-1]['val_loss']:.4f} | "
-                f"{dense_val} | {tok_cell} | {sec_cell} | {r['tokens_per_s']:,.0f} |")
-table = "\n".join(rows)
-print(table)
-(out_dir / "crossover.json").write_text(json.dumps({"args": dict(vars(args)), "runs": summary}, indent=1),
-                                        encoding="utf-8")
+# %% [markdown]
+# ### Onde o MoE passa o denso (os treinos desta execução)
+#
+# A pergunta do capítulo 03, agora para a base e a receita do V3: a partir de quantos tokens (e de
+# quantos segundos de treino) a loss de validação do MoE fica abaixo da do denso da mesma semente e
+# não volta mais. O relógio é o desta execução.
 
 # %%
 by_variant = {}
 for (name, seed), r in runs.items():
     by_variant.setdefault(name, {})[seed] = r["history"]
+for (name, seed), r in runs.items():
+    dense = runs.get(("denso", seed))
+    if dense is None or name == "denso":
+        continue
+    tok_x = crossover(dense["history"], r["history"], "tokens")
+    sec_x = crossover(dense["history"], r["history"], "elapsed_s")
+    print(f"{name:31s} semente {seed}: cruza o denso em tokens: "
+          f"{'nunca' if tok_x is None else f'{tok_x / 1e6:.2f} M'.replace('.', ',')}; "
+          f"em tempo: {'nunca' if sec_x is None else f'{sec_x:.0f} s'}")
 regime = "caracteres" if args.tokenizer == "char" else f"BPE português, {tok.vocab_size} tokens"
 where = sorted({r.get("hardware") or "lugar não registrado" for r in runs.values()})  # where the times come from
-fig = plot_crossover(by_variant, reference="denso" if seeds else None, hardware=" + ".join(where),
-                     title=f"Machado ({regime}): denso e MoEs com os mesmos parâmetros ativos")
+fig = plot_crossover(by_variant, reference="denso" if "denso" in by_variant else None, hardware=" + ".join(where),
+                     title=f"Machado ({regime}), treinos desta execução: mesmos parâmetros ativos")
 save_figure(fig, out_dir / "crossover.png")
 fig
 
 # %% [markdown]
-# ## 5. O que o roteador aprendeu
+# ### A grade registrada: Δ contra a base, semente a semente
 #
-# Lemos o MoE top-2 (semente 0) em `probe_seqs` sequências de validação. Primeiro, a
-# **coativação** (OLMoE, seção 5.4): na linha $i$, a fração dos tokens que escolheram $i$ e também
-# escolheram $j$. Com top-2 de 8 e um roteador que ignorasse o token, cada célula valeria $1/7$.
+# Para cada variante e semente, a loss de validação final (131 072 tokens) menos a da base da
+# mesma semente; a média ± o desvio-padrão entre as 3 sementes; e, ao lado, o erro-padrão pareado
+# da estimativa (a média sobre as sementes). A linha do **denso** dá a escala do ruído entre
+# sementes: o desvio-padrão da loss do próprio denso de uma semente para outra.
 
 # %%
-main = runs["MoE top-2", seeds[0]]
+panels = {}
+for reg, res in recorded.items():
+    if res is None:
+        continue
+    print(f"\n{'caracteres' if reg == 'char' else 'BPE'}: {one_switch_caption(res)}")
+    print(one_switch_table(res))
+    panels["caracteres" if reg == "char" else "BPE português"] = one_switch_panel(res)
+if panels:
+    fig = plot_one_switch(panels, order=[n for n in VARIANTS if n != "base (MoE top-2)"],
+                          title="Uma chave de cada vez: Δ loss de validação contra a base (3 sementes; "
+                                + recorded_hardware(recorded) + ")")
+    save_figure(fig, out_dir / "one_switch.png")
+    fig
+
+# %% [markdown]
+# ### Lote global contra micro-lote: especialização
+#
+# O artigo do lote global ([Qiu et al. 2025](https://arxiv.org/abs/2501.11873)) argumenta que
+# balancear cada micro-lote atrapalha a **especialização**, não a loss. Medimos a especialização
+# como a parte da incerteza sobre o especialista que o token explica: $1 - H(e \mid x)/H(e)$, com
+# $e$ o especialista de uma atribuição e $x$ a classe do token (vogal, espaço...) ou o próprio
+# token. 0 = o roteador ignora o token; 1 = o token decide o especialista. Nas 64 sequências de
+# validação da sonda, por camada, nas 3 sementes registradas:
+
+# %%
+for reg, res in recorded.items():
+    if res is not None:
+        print(f"\n{'caracteres' if reg == 'char' else 'BPE'}")
+        print(specialization_table(res, ["micro-lotes de 4", "lote global (micro-lotes de 4)", "base (MoE top-2)"]))
+
+# %% [markdown]
+# ## 5. O que o roteador aprendeu
+#
+# Lemos a base (MoE top-2, a primeira semente desta execução) em `probe_seqs` sequências de
+# validação. Primeiro, a **coativação** (OLMoE, seção 5.2): na linha $i$, a fração dos tokens que
+# escolheram $i$ e também escolheram $j$. Com top-2 de 8 e um roteador que ignorasse o token, cada
+# célula valeria $1/7$.
+
+# %%
+main = runs["base (MoE top-2)", seeds[0]]
 E = main["model"].config.n_experts
 decisions = routing_of(main["model"], probe)  # one (B, T, k) per MoE layer
 mats = [coactivation(d, E) for d in decisions]
-fig = plot_matrices(mats, [f"camada {i}" for i in range(len(mats))], title="Coativação: P(j escolhido | i escolhido)")
+fig = plot_matrices(mats, [f"camada {i}" for i in range(len(mats))],
+                    title=f"Coativação: P(j escolhido | i escolhido) — base, semente {seeds[0]}, {main['hardware']}")
 save_figure(fig, out_dir / "coactivation.png")
 fig
 
 # %% [markdown]
 # **Especialização por classe de caractere.** Cada coluna é uma classe (vogal, consoante, espaço...);
-# cada célula, a fração das atribuições dessa classe que foi para o especialista. Branco é $1/E$ (o
-# roteador ignora a classe); vermelho, preferência. Com o BPE, um token é classificado pelo seu
-# primeiro caractere (um token que começa com espaço é um **início de palavra**), e listamos também
-# os tokens que cada especialista mais recebe.
+# cada célula, a fração das atribuições dessa classe que foi para o especialista. A marca branca na
+# barra de cores é $1/E$ (o roteador ignora a classe); acima dela, preferência. Com o BPE, um token
+# é classificado pelo seu primeiro caractere (um token que começa com espaço é um **início de
+# palavra**), e listamos também os tokens que cada especialista mais recebe.
 
 # %%
-pieces = [tok.decode([i]) for i in probe.flatten().tolist()]  # one string per token (a character, for char)
 classes = char_class_ids([p[:1] for p in pieces]).view(probe.shape)
 present = [c for c in range(len(CHAR_CLASSES)) if (classes == c).any()]
 mats = [routing_share(d, classes, len(CHAR_CLASSES), E)[:, present] for d in decisions]
@@ -410,7 +532,7 @@ names = dict(CHAR_CLASS_PT, space="início de palavra") if args.tokenizer == "bp
 labels = [names[CHAR_CLASSES[c]] for c in present]
 what = "caractere" if args.tokenizer == "char" else "token (pelo 1º caractere)"
 fig = plot_matrices(mats, [f"camada {i}" for i in range(len(mats))], xlabels=labels, center=1 / E,
-                    title=f"Para onde vai cada classe de {what} (branco = 1/E)")
+                    title=f"Para onde vai cada classe de {what} (marca na barra = 1/E) — base, semente {seeds[0]}")
 save_figure(fig, out_dir / "specialization_classes.png")
 if args.tokenizer != "char":
     k = main["model"].config.moe_top_k
@@ -435,18 +557,24 @@ save_figure(fig, out_dir / "specialization_position.png")
 fig
 
 # %% [markdown]
-# **Saturação do roteamento** (OLMoE, seção 5.1): em cada avaliação do treino, a fração dos tokens
-# da sonda cujo conjunto de $k$ especialistas já é o do modelo final.
+# **Saturação do roteamento** (OLMoE, seção 5.1). O OLMoE a define como a **sobreposição média**
+# entre os $k$ especialistas de um token num ponto do treino e os $k$ do modelo final
+# ($|S_t \cap S_{\text{final}}|/k$, média sobre os tokens); ao lado, a versão mais dura que este
+# capítulo usava antes: a fração dos tokens cujo **conjunto** de $k$ já é exatamente o final. Com
+# top-2 de 8 ao acaso, a sobreposição valeria $2/8 = 25\%$ e o conjunto exato $1/28 \approx 3{,}6\%$.
 
 # %%
-snaps = main["snapshots"]
-sat = [[saturation(s["topk"][layer_i], snaps[-1]["topk"][layer_i]) for s in snaps] for layer_i in range(len(decisions))]
-fig = plot_saturation([s["tokens"] for s in snaps], sat, title="MoE top-2: roteamento igual ao final")
+sat = saturation_curves(main["snapshots"])
+fig = plot_saturation(sat["tokens"], sat["exact"], overlap=sat["overlap"],
+                      title=f"Base (MoE top-2), semente {seeds[0]}: roteamento igual ao final — {main['hardware']}")
 save_figure(fig, out_dir / "saturation.png")
-print("tokens até 50% / 90% dos tokens com o top-k final, por camada:")
-for li, vals in enumerate(sat):
-    reach = [next((s["tokens"] for s, v in zip(snaps, vals) if v >= q), None) for q in (0.5, 0.9)]
-    print(f"  camada {li}: " + ", ".join("—" if t is None else f"{t / 1e6:.2f} M" for t in reach))
+print("tokens até 50% / 90%, por camada (conjunto exato | sobreposição do OLMoE):")
+for li in range(len(sat["exact"])):
+    cells = []
+    for curve in (sat["exact"][li], sat["overlap"][li]):
+        reach = [next((t for t, v in zip(sat["tokens"], curve) if v >= q), None) for q in (0.5, 0.9)]
+        cells.append(", ".join("—" if t is None else f"{t / 1e6:.2f} M".replace(".", ",") for t in reach))
+    print(f"  camada {li}: {cells[0]} | {cells[1]}")
 fig
 
 # %% [markdown]
@@ -462,7 +590,7 @@ save_figure(fig, out_dir / "token_routing.png")
 fig
 
 # %%
-print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivation.png, ...)")
+print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, crossover.png, coactivation.png, ...)")
 
 # %% [markdown]
 # ## 6. Resultados
