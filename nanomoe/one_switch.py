@@ -196,10 +196,12 @@ def run_grid(names: Sequence[str], seeds: Sequence[int], shape: dict, train_kw: 
             rec.update(measures, cached=run["cached"], micro_batch=tcfg.batch_size, grad_accum=tcfg.grad_accum,
                        history=[{k: h.get(k) for k in ("step", "tokens", "elapsed_s", "val_loss")}
                                 for h in run["history"] if h.get("val_loss") is not None])
-            for ref in ("base (MoE top-2)", "micro-lotes de 4"):
-                if (ref, seed) in losses and ref != name:
-                    rec.setdefault("paired", {})[ref] = paired_delta(losses[name, seed], losses[ref, seed])
             records.append(rec)
+            for ref in ("base (MoE top-2)", "micro-lotes de 4"):  # paired with the reference, whichever ran first
+                for other in records:
+                    if other["seed"] == seed and (ref, seed) in losses and other["name"] != ref:
+                        other.setdefault("paired", {})[ref] = paired_delta(losses[other["name"], seed],
+                                                                            losses[ref, seed])
             runs[name, seed] = run
             if on_record is not None:
                 on_record(records)
