@@ -452,29 +452,42 @@ def plot_one_switch(
     regimes: Mapping[str, Mapping],
     *,
     order: Sequence[str],
+    clip: Union[None, float, Mapping[str, float]] = None,
     title: Optional[str] = None,
     save_path: Optional[PathLike] = None,
 ) -> Figure:
     """Chapter 06: Δ validation loss of each variant against the baseline, one panel per regime.
 
     regimes: {panel title: {"delta": {variant: [Δ per seed]}, "dense_sd": the dense model's seed
-    standard deviation, "se": the validation estimate's standard error}}. Dots: seeds; bar: mean ±
-    sample standard deviation over seeds; grey band: ± the dense model's seed spread around 0."""
-    fig, axes = plt.subplots(1, len(regimes), figsize=(5.6 * len(regimes), 0.42 * len(order) + 1.6),
+    standard deviation}}. Dots: seeds; square and bar: mean ± sample standard deviation over seeds;
+    grey band: ± the dense model's seed spread around 0. With `clip` (one value, or one per panel),
+    the axis stops at ±clip and a variant beyond it is drawn at the edge with its mean written."""
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.6 * len(regimes), 0.42 * len(order) + 1.8),
                              squeeze=False, sharey=True)
     for ax, (name, r) in zip(axes[0], regimes.items()):
+        lim = clip.get(name) if isinstance(clip, Mapping) else clip
         if r.get("dense_sd"):
             ax.axvspan(-r["dense_sd"], r["dense_sd"], color="0.85", label="± desvio do denso entre sementes")
         ax.axvline(0, color="gray", lw=1)
+        first = True
         for y, v in enumerate(order):
             ds = r["delta"].get(v) or []
             if not ds:
                 continue
-            ax.plot(ds, [y] * len(ds), "o", color="C0", ms=4, alpha=0.6, label="uma semente" if y == 0 else None)
             mean = sum(ds) / len(ds)
             sd = math.sqrt(sum((d - mean) ** 2 for d in ds) / (len(ds) - 1)) if len(ds) > 1 else 0.0
+            if lim is not None and abs(mean) > lim:  # off the axis: an arrow at the edge, the value written
+                edge = math.copysign(lim, mean)
+                ax.plot([edge], [y], ">" if mean > 0 else "<", color="k", ms=7)
+                ax.text(edge * 0.97, y - 0.25, f"média {_pt_number(mean, 3)}", ha="right" if mean > 0 else "left",
+                        fontsize=7)
+                continue
+            ax.plot(ds, [y] * len(ds), "o", color="C0", ms=4, alpha=0.6, label="uma semente" if first else None)
             ax.errorbar([mean], [y], xerr=[sd], fmt="s", color="k", ms=5, capsize=3,
-                        label="média ± desvio (sementes)" if y == 0 else None)
+                        label="média ± desvio (sementes)" if first else None)
+            first = False
+        if lim is not None:
+            ax.set_xlim(-lim, lim)
         ax.set_yticks(range(len(order)))
         ax.set_yticklabels(order)
         ax.invert_yaxis()
@@ -482,7 +495,7 @@ def plot_one_switch(
         ax.set_xlabel("Δ loss de validação contra a base (nats/token)")
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3, axis="x")
-    axes[0][0].legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
