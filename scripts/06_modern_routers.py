@@ -342,9 +342,10 @@ for name in VARIANTS:
           + (f"  {train_kw['grad_accum']} micro-lotes de {train_kw['batch_size']}" if train_kw else ""))
 
 # %% [markdown]
-# Os parâmetros **ativos** só diferem pelos roteadores ($C \times E$ por camada MoE: +1,0% com 8
-# especialistas, +4,1% com 32, no modelo de vocabulário 96 acima); o especialista compartilhado e a
-# primeira camada densa mantêm os ativos exatos, porque a largura dos roteados encolhe para caber.
+# Os parâmetros **ativos** só diferem pelos roteadores, $C \times E$ por camada MoE: no modelo de
+# vocabulário 96 acima, +1,0% com 8 especialistas em 2 camadas, +4,1% com 32, +0,5% e +2,0% quando
+# a 1ª camada é densa; com o BPE (vocabulário 1024, mais embeddings) a fração é menor. O
+# especialista compartilhado não muda os ativos: a largura dos roteados encolhe para caber (96 → 64).
 #
 # ## 4. O experimento: uma chave de cada vez
 #
@@ -450,8 +451,9 @@ for (name, seed), r in runs.items():
         continue
     tok_x = crossover(dense["history"], r["history"], "tokens")
     sec_x = crossover(dense["history"], r["history"], "elapsed_s")
-    print(f"{name:31s} semente {seed}: cruza o denso em tokens: "
-          f"{'nunca' if tok_x is None else f'{tok_x / 1e6:.2f} M'.replace('.', ',')}; "
+    tok_cell = "nunca" if tok_x is None else "desde o início" if tok_x == 0 else f"{tok_x / 1e6:.2f} M"
+    tok_cell = tok_cell.replace(".", ",")
+    print(f"{name:31s} semente {seed}: cruza o denso em tokens: {tok_cell}; "
           f"em tempo: {'nunca' if sec_x is None else f'{sec_x:.0f} s'}")
 regime = "caracteres" if args.tokenizer == "char" else f"BPE português, {tok.vocab_size} tokens"
 where = sorted({r.get("hardware") or "lugar não registrado" for r in runs.values()})  # where the times come from
@@ -595,104 +597,24 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # %% [markdown]
 # ## 6. Resultados
 #
-# Execução de referência: este notebook, de cima a baixo, com os parâmetros padrão (2 camadas,
-# $C = 64$, 4 cabeças, contexto 128, lotes de 16; 600 passos = 1,23 milhão de tokens por treino;
-# ~102 mil parâmetros ativos em todos; sementes 0, 1 e 2), PyTorch 2.15 numa CPU x86_64 de 2
-# núcleos, 1 thread, com outro processo de 1 thread no outro núcleo: **8,4 min** de relógio, 435 s
-# de treino somando os 12 treinos. O mesmo comando refaz tudo: `uv run -m scripts.06_modern_routers
-# --threads=1`. O resultado registrado (`crossover.json` e as figuras) está em `docs/results/06/`.
+# **A grade registrada.** `uv run -m scripts.grid_06_one_switch --threads=1` e o mesmo com
+# `--tokenizer=bpe`, dois processos de 1 thread ao mesmo tempo numa CPU x86_64 de 2 núcleos
+# compartilhada com outros trabalhos (carga média entre 5 e 8): @@GRID_RUNS@@. Por isso os
+# tempos e os tokens/s desta grade são ruidosos e não entram nas conclusões; as losses não dependem
+# da carga. Modelo: 2 camadas, $C = 64$, 4 cabeças, contexto 128; 300 passos de 16 sequências
+# (0,61 M tokens por treino; metade do orçamento da versão anterior deste capítulo, para caber 66
+# treinos na CPU). Resultado: `docs/results/06/one_switch.json` e `docs/results/06/bpe/one_switch.json`.
 #
-# | variante | semente | val final | denso | MoE − denso | cruza em tokens | cruza em tempo |
-# |---|---:|---:|---:|---:|---:|---:|
-# | MoE top-2 | 0 | 2,0660 | 2,0775 | −0,0115 | 0,12 M | nunca |
-# | MoE top-2 | 1 | 2,0462 | 2,0573 | −0,0111 | 0,86 M | nunca |
-# | MoE top-2 | 2 | 2,0550 | 2,0612 | −0,0062 | 0,86 M | nunca |
-# | sigmoide (DeepSeek-V3) | 0 | 2,1047 | 2,0775 | +0,0272 | nunca | nunca |
-# | sigmoide (DeepSeek-V3) | 1 | 2,0693 | 2,0573 | +0,0120 | nunca | nunca |
-# | sigmoide (DeepSeek-V3) | 2 | 2,0556 | 2,0612 | −0,0056 | 1,11 M | nunca |
-# | finos 32×top-7 + 1 compartilhado | 0 | 2,0362 | 2,0775 | −0,0413 | desde o início | nunca |
-# | finos 32×top-7 + 1 compartilhado | 1 | 2,0459 | 2,0573 | −0,0114 | 0,86 M | nunca |
-# | finos 32×top-7 + 1 compartilhado | 2 | 2,0117 | 2,0612 | −0,0495 | 0,49 M | nunca |
+# **Quanto ruído há.** A loss de validação de um treino é a média sobre 131 072 tokens; o
+# erro-padrão dessa média (pelas médias de 1 024 blocos) é @@SE_CHAR@@ nats com caracteres e
+# @@SE_BPE@@ com BPE, e o de uma diferença pareada entre dois modelos nos mesmos tokens é ainda
+# menor (@@PSE@@). O ruído que importa é outro: o **mesmo** modelo denso, só trocando a semente
+# (inicialização e ordem dos lotes), varia @@DSD_CHAR@@ nats (desvio-padrão, caracteres) e
+# @@DSD_BPE@@ (BPE). Um efeito menor que isso, em 3 sementes, é **diferença não mensurável**.
 #
-# Tokens por segundo de treino (média das 3 sementes, nesta execução): denso 43 306, MoE top-2
-# 34 933 (1,24× o custo do denso por passo), sigmoide 36 957 (1,17×), finos 25 614 (1,69×).
+# @@TABLES@@
 #
-# **O cruzamento (caracteres).** Com os mesmos parâmetros ativos e os mesmos tokens, o MoE top-2
-# termina abaixo do denso nas três sementes, mas por pouco: −0,0096 nats em média. O ponto em que
-# passa à frente **para sempre** varia muito (0,12 M tokens numa semente, 0,86 M nas outras duas; o
-# painel da direita mostra a diferença oscilando em torno de zero até ~0,8 M). Num modelo deste
-# tamanho, a vantagem do MoE é do tamanho do ruído entre sementes até perto do fim, e cresce
-# devagar com os tokens. O capítulo 03 (4 camadas, $C = 128$, metade dos tokens) mediu a mesma
-# coisa: o MoE top-2 se separa do denso devagar, e a vantagem cresce com os tokens.
-#
-# **Contra o relógio o MoE não passa o denso** com caracteres, em nenhuma semente e em nenhuma
-# variante: cada passo custa 1,17× (sigmoide) a 1,69× (finos) o do denso, e a vantagem por token é
-# pequena demais para pagar isso em 1,2 M tokens.
-#
-# **Especialistas finos** (32 × top-7 + 1 compartilhado, mesmos ativos) foram o melhor MoE nas três
-# sementes: −0,034 nats em média, mais de 3× a vantagem do top-2. São também os mais caros por
-# passo (muitas multiplicações pequenas), e por isso não passam o denso no relógio.
-#
-# **O roteador sigmoide** com viés e loss por sequência ($\alpha = 10^{-4}$) ficou atrás do denso
-# em duas das três sementes (+0,011 em média). Com caracteres e 8 especialistas ele não ajudou; o
-# DeepSeek-V3 o usa com 256 especialistas finos, onde competir num softmax de 256 é o problema que a
-# sigmoide resolve.
-#
-# ### O outro regime: o BPE português
-#
-# Com `--tokenizer=bpe` o experimento se repete igual, mas sobre o BPE byte-level de 1024 tokens
-# treinado só na parte de treino do Machado (2,46 caracteres por token: os mesmos 1,23 M tokens
-# cobrem ~2,5× mais texto). Comando: `uv run -m scripts.06_modern_routers --threads=1
-# --tokenizer=bpe` (12 treinos, 603 s de treino somados, na mesma máquina, sozinho nela; ~161 mil parâmetros
-# ativos, por causa do vocabulário maior). Resultados e figuras registrados em
-# `docs/results/06/bpe/`. A loss é por token BPE, então não se compara com a dos caracteres.
-#
-# | variante | semente | val final | denso | MoE − denso | cruza em tokens | cruza em tempo |
-# |---|---:|---:|---:|---:|---:|---:|
-# | MoE top-2 | 0 | 4,1910 | 4,2616 | −0,0705 | 0,12 M | 5 s |
-# | MoE top-2 | 1 | 4,2047 | 4,3304 | −0,1257 | 0,12 M | 24 s |
-# | MoE top-2 | 2 | 4,2257 | 4,2248 | +0,0009 | nunca | nunca |
-# | sigmoide (DeepSeek-V3) | 0 | 4,2046 | 4,2616 | −0,0569 | 0,18 M | 23 s |
-# | sigmoide (DeepSeek-V3) | 1 | 4,2559 | 4,3304 | −0,0745 | 0,43 M | nunca |
-# | sigmoide (DeepSeek-V3) | 2 | 4,2018 | 4,2248 | −0,0230 | 0,80 M | nunca |
-# | finos 32×top-7 + 1 compartilhado | 0 | 4,2963 | 4,2616 | +0,0348 | nunca | nunca |
-# | finos 32×top-7 + 1 compartilhado | 1 | 4,2447 | 4,3304 | −0,0857 | 0,31 M | nunca |
-# | finos 32×top-7 + 1 compartilhado | 2 | 4,3098 | 4,2248 | +0,0850 | nunca | nunca |
-#
-# **O que cada regime mostra.** Com BPE a vantagem do MoE top-2 é ~7× maior (−0,065 nats em média)
-# e, em duas das três sementes, grande o bastante para o MoE passar o denso **também no relógio**
-# (aos 5 e aos 24 s de treino; o passo do top-2 custa 1,18× o do denso: 27 750 contra 32 709
-# tokens/s); na terceira semente os dois empatam. O relógio é a medida mais frágil: nesta execução o
-# mesmo modelo denso rodou entre 28 803 e 35 125 tokens/s de uma semente para outra (a máquina é
-# compartilhada), e o "5 s" da semente 0 deve muito a isso. O roteador sigmoide, que perdeu com
-# caracteres, ganha do denso nas três sementes com BPE (−0,052 em média; no relógio, em uma).
-# E os especialistas finos, os melhores com caracteres, ficam instáveis com BPE (+0,035,
-# −0,086, +0,085). Uma leitura: com caracteres há pouco para especializar (126 símbolos, quase
-# tudo é "que letra vem depois"), e o que ganha é a quantidade de combinações; com BPE, 1024 tokens
-# de frequências muito diferentes dão aos especialistas largos algo para dividir. Três sementes
-# de modelos de 100 mil parâmetros ativos são um indício, não uma lei: a variação entre sementes
-# do próprio denso (4,22 a 4,33 com BPE) é do tamanho dos efeitos.
-#
-# **O que o roteador aprendeu** (MoE top-2, semente 0). Na camada 0, os especialistas 2 e 3 recebem
-# quase todos os espaços e quebras de linha, e a coativação mostra que eles andam juntos (cada um é o
-# par do outro em ~65% das vezes); 1 e 4 ficam com a pontuação, 5 e 6 com as maiúsculas, 7 com as
-# vogais, 0 e 6 com as letras acentuadas. Na camada 1, 2 fica com os espaços, 5 com a pontuação, 3 com
-# as vogais, 6 com consoantes e maiúsculas. A posição **na palavra** importa (na última camada, o
-# especialista 2 recebe as não-letras, o 6 a primeira letra da palavra, o 3 a segunda, o 1 as letras
-# do fim de palavras longas); a posição **na sequência** não importa nada (tudo perto de $1/E$). A
-# saturação é lenta: metade dos tokens já tem o top-k final com 0,43 M (camada 0) e 0,61 M (camada 1)
-# tokens, 90% só com 1,11 M e 1,23 M — o roteamento ainda muda até o fim, diferente do OLMoE, que
-# satura cedo em bilhões de tokens.
-#
-# **Com o BPE** (MoE top-2, semente 0; figuras em `docs/results/06/bpe/`), a lista dos tokens que
-# cada especialista mais recebe na última camada se lê como gramática: um especialista fica com as
-# terminações verbais e nominais (`ia`, `ão`, `ir`, `ram`, `dor`, `ando`), outro com as palavras
-# curtas mais frequentes (`,`, ` a`, ` e`, ` o`, ` que`, ` de`), outro com pontuação e quebras de
-# linha (`\n`, `.`, `—`, `?`), outro com sílabas do meio da palavra (`ar`, `va`, `ir`, `ca`). Pela
-# classe do primeiro caractere, na camada 0 um especialista recebe quase todos os inícios de
-# palavra e dois dividem a pontuação; na camada 1, dois ficam com os tokens que começam com
-# maiúscula. A saturação chega a 50% com 0,31 M e 0,43 M tokens (camadas 0 e 1) — mais cedo que com
-# caracteres.
+# @@READING@@
 #
 # ## Exercícios
 #
@@ -752,8 +674,10 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 #
 # Esperado: um forward sem gradiente é ~1/3 de forward + backward, então ~1,33×. Medido (1 thread,
 # rodadas alternadas, máquina sem outra carga, o modelo padrão do benchmark: 4 camadas, $C = 48$):
-# 159,4 ms contra 123,7 ms, 1,29×. Com um micro-lote por passo (o nosso experimento) não há
-# pré-passagem: o forward só soma as contagens entre os processos, e o custo é o do top-2.
+# 159,4 ms contra 123,7 ms, 1,29×. Com um micro-lote por passo (a base do experimento) não há
+# pré-passagem: o forward só soma as contagens entre os processos, e o custo é o do top-2; o par
+# "micro-lotes de 4" / "lote global" da grade paga a pré-passagem (os tokens/s da grade, medidos sob
+# carga, são ruidosos demais para confirmar o 1,29×).
 # </details>
 #
 # ## O que você aprendeu
