@@ -258,19 +258,19 @@ def one_switch_caption(result: dict) -> str:
 
 
 def one_switch_table(result: dict, ref: str = "base (MoE top-2)") -> str:
-    """Markdown table: per variant, Δ val loss against `ref` per seed, mean ± sd over seeds, the mean
-    paired standard error of Δ, and the training speed relative to `ref` (same run's hardware)."""
+    """Markdown table: per variant, Δ val loss against `ref` per seed, mean ± sd over seeds, and the
+    mean paired standard error of Δ (the measurement's own noise, far below the seeds')."""
     runs = {(r["name"], r["seed"]): r for r in result["runs"]}
     seeds = sorted({s for _, s in runs})
     names = [n for n in VARIANTS if any((n, s) in runs for s in seeds)]
     head = ("| variante | " + " | ".join(f"Δ semente {s}" for s in seeds)
-            + " | média ± desvio | EP pareado | tokens/s ÷ base |")
-    rows = [head, "|---|" + "---:|" * (len(seeds) + 3)]
+            + " | média ± desvio | EP pareado |")
+    rows = [head, "|---|" + "---:|" * (len(seeds) + 2)]
     for n in names:
         if n == ref:
             vals = [runs[n, s]["val"]["mean"] for s in seeds if (n, s) in runs]
             m, sd = _mean_sd(vals)
-            rows.append(f"| {n} (loss) | " + " | ".join(pt(v) for v in vals) + f" | {pt(m)} ± {pt(sd)} | — | 1 |")
+            rows.append(f"| {n} (a loss, não Δ) | " + " | ".join(pt(v) for v in vals) + f" | {pt(m)} ± {pt(sd)} | — |")
             continue
         ds = [runs[n, s]["val"]["mean"] - runs[ref, s]["val"]["mean"] if (n, s) in runs and (ref, s) in runs else None
               for s in seeds]
@@ -278,10 +278,8 @@ def one_switch_table(result: dict, ref: str = "base (MoE top-2)") -> str:
         m, sd = _mean_sd(present)
         ses = [runs[n, s]["paired"][ref]["se_blocks"] for s in seeds
                if (n, s) in runs and ref in runs[n, s].get("paired", {})]
-        speed = [runs[n, s]["tokens_per_s"] / runs[ref, s]["tokens_per_s"] for s in seeds
-                 if (n, s) in runs and (ref, s) in runs]
         rows.append(f"| {n} | " + " | ".join(pt(d, sign=True) for d in ds)
-                    + f" | {pt(m, sign=True)} ± {pt(sd)} | {pt(_mean_sd(ses)[0])} | {pt(_mean_sd(speed)[0], 2)} |")
+                    + f" | {pt(m, sign=True)} ± {pt(sd)} | {pt(_mean_sd(ses)[0])} |")
     return "\n".join(rows)
 
 
@@ -305,3 +303,15 @@ def specialization_table(result: dict, names: Sequence[str]) -> str:
             (mc, sc), (mt, st) = _mean_sd(cls), _mean_sd(tok)
             rows.append(f"| {n} | {li} | {pt(mc, 3)} ± {pt(sc, 3)} | {pt(mt, 3)} ± {pt(st, 3)} |")
     return "\n".join(rows)
+
+
+def pair_line(result: dict, name: str, ref: str) -> str:
+    """One line: Δ val loss of `name` against `ref` per seed (paired standard error in brackets)."""
+    runs = {(r["name"], r["seed"]): r for r in result["runs"]}
+    cells = []
+    for s in sorted({s for _, s in runs}):
+        if (name, s) in runs and (ref, s) in runs:
+            d = runs[name, s]["val"]["mean"] - runs[ref, s]["val"]["mean"]
+            se = runs[name, s].get("paired", {}).get(ref, {}).get("se_blocks")
+            cells.append(f"semente {s}: {pt(d, sign=True)} (EP {pt(se)})")
+    return f"{name} − {ref}: " + "; ".join(cells)

@@ -79,6 +79,7 @@ from nanomoe.one_switch import (
     one_switch_caption,
     one_switch_panel,
     one_switch_table,
+    pair_line,
     recorded_hardware,
     run_grid,
     saturation_curves,
@@ -500,6 +501,7 @@ if panels:
 for reg, res in recorded.items():
     if res is not None:
         print(f"\n{'caracteres' if reg == 'char' else 'BPE'}")
+        print(pair_line(res, "lote global (micro-lotes de 4)", "micro-lotes de 4"))
         print(specialization_table(res, ["micro-lotes de 4", "lote global (micro-lotes de 4)", "base (MoE top-2)"]))
 
 # %% [markdown]
