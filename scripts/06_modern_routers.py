@@ -482,7 +482,7 @@ for reg, res in recorded.items():
     panels["caracteres" if reg == "char" else "BPE português"] = one_switch_panel(res)
 if panels:
     fig = plot_one_switch(panels, order=[n for n in VARIANTS if n != "base (MoE top-2)"],
-                          title="Uma chave de cada vez: Δ loss de validação contra a base (3 sementes; "
+                          title="Uma chave de cada vez: Δ loss de validação contra a base, por semente ("
                                 + recorded_hardware(recorded) + ")")
     save_figure(fig, out_dir / "one_switch.png")
     fig
@@ -706,6 +706,33 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # pré-passagem: o forward só soma as contagens entre os processos, e o custo é o do top-2; o par
 # "micro-lotes de 4" / "lote global" da grade paga a pré-passagem (os tokens/s da grade, medidos sob
 # carga, são ruidosos demais para confirmar o 1,29×).
+# </details>
+#
+# **5. Quantas sementes?** Com o desvio-padrão da loss do denso entre sementes da grade registrada
+# ($\sigma$), quantas sementes por variante seriam precisas para que o erro-padrão de uma média de
+# Δ, $\sigma\sqrt{2/n}$ (duas médias de $n$ sementes cada, sem parear), ficasse abaixo de 0,005
+# nats, em cada regime?
+#
+# <details><summary>Resposta medida</summary>
+#
+# @@EX5@@
+# </details>
+#
+# **6. O platô dos caracteres.** Em `docs/results/06/one_switch.json`, ache para cada treino com
+# caracteres o primeiro passo em que a loss de validação cai abaixo de 2,9 (os modelos passam um
+# tempo num platô perto de 3,1, a loss de quem só aprendeu a frequência de cada caractere) e
+# compare com a loss final. O que isso diz sobre as diferenças da tabela com caracteres?
+#
+# <details><summary>Resposta medida</summary>
+#
+# ```python
+# res = json.loads(Path("docs/results/06/one_switch.json").read_text(encoding="utf-8"))
+# for r in res["runs"]:
+#     escape = next((h["step"] for h in r["history"] if h["val_loss"] < 2.9), None)
+#     print(r["name"], r["seed"], escape, round(r["val"]["mean"], 4))
+# ```
+#
+# @@EX6@@
 # </details>
 #
 # ## O que você aprendeu
