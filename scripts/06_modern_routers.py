@@ -16,7 +16,8 @@
 # %% [markdown]
 # # Capítulo 06 — Roteadores modernos e o que o roteador aprende
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/06_modern_routers.ipynb)
+# [![Open In
+# Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/06_modern_routers.ipynb)
 #
 # O capítulo 03 fez um MoE no estilo Mixtral aprender e mediu com honestidade: no orçamento padrão o
 # modelo denso ainda ganhava, e só com 3× mais tokens o MoE top-2 passava à frente. Os MoEs que
@@ -603,22 +604,98 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 #
 # **A grade registrada.** `uv run -m scripts.grid_06_one_switch --threads=1` e o mesmo com
 # `--tokenizer=bpe`, dois processos de 1 thread ao mesmo tempo numa CPU x86_64 de 2 núcleos
-# compartilhada com outros trabalhos (carga média entre 5 e 8): @@GRID_RUNS@@. Por isso os
+# compartilhada com outros trabalhos (carga média entre ~4 e 8): 33 treinos com caracteres em 50 min
+# de relógio e 33 com BPE em 56 min. Por isso os
 # tempos e os tokens/s desta grade são ruidosos e não entram nas conclusões; as losses não dependem
 # da carga. Modelo: 2 camadas, $C = 64$, 4 cabeças, contexto 128; 300 passos de 16 sequências
 # (0,61 M tokens por treino; metade do orçamento da versão anterior deste capítulo, para caber 66
 # treinos na CPU). Resultado: `docs/results/06/one_switch.json` e `docs/results/06/bpe/one_switch.json`.
 #
 # **Quanto ruído há.** A loss de validação de um treino é a média sobre 131 072 tokens; o
-# erro-padrão dessa média (pelas médias de 1 024 blocos) é @@SE_CHAR@@ nats com caracteres e
-# @@SE_BPE@@ com BPE, e o de uma diferença pareada entre dois modelos nos mesmos tokens é ainda
-# menor (@@PSE@@). O ruído que importa é outro: o **mesmo** modelo denso, só trocando a semente
-# (inicialização e ordem dos lotes), varia @@DSD_CHAR@@ nats (desvio-padrão, caracteres) e
-# @@DSD_BPE@@ (BPE). Um efeito menor que isso, em 3 sementes, é **diferença não mensurável**.
+# erro-padrão dessa média (pelas médias de 1 024 blocos) é 0,0036 a 0,0040 nats com caracteres e
+# 0,0046 a 0,0050 com BPE, e o de uma diferença pareada entre dois modelos nos mesmos tokens é ainda
+# menor (0,0008 a 0,0029 nats contra a base). O ruído que importa é outro: o **mesmo** modelo denso,
+# só trocando a semente
+# (inicialização e ordem dos lotes), varia 0,0511 nats (desvio-padrão, caracteres) e
+# 0,0697 (BPE). Um efeito menor que isso, em 3 sementes, é **diferença não mensurável**.
 #
-# @@TABLES@@
+# **Caracteres** (131 072 tokens de validação por treino; erro-padrão (por blocos) da loss de um
+# treino 0,0036–0,0040; desvio da loss do denso entre sementes 0,0511; sementes 0, 1, 2):
 #
-# @@READING@@
+# | variante | Δ semente 0 | Δ semente 1 | Δ semente 2 | média ± desvio | EP pareado |
+# |---|---:|---:|---:|---:|---:|
+# | denso | +0,0610 | −0,0246 | −0,0593 | −0,0076 ± 0,0619 | — |
+# | base (MoE top-2) (a loss, não Δ) | 2,2876 | 2,2987 | 2,3101 | 2,2988 ± 0,0113 | — |
+# | sigmoide | +0,6800 | +0,0568 | −0,0218 | +0,2383 ± 0,3845 | 0,0016 |
+# | viés, α = 0 | −0,0231 | −0,0115 | +0,0577 | +0,0077 ± 0,0437 | 0,0010 |
+# | loss por sequência | +0,0402 | +0,3966 | −0,0656 | +0,1237 ± 0,2422 | 0,0014 |
+# | micro-lotes de 4 | +0,0110 | +0,5319 | −0,0875 | +0,1518 ± 0,3328 | 0,0017 |
+# | lote global (micro-lotes de 4) | +0,0319 | +0,0467 | −0,0583 | +0,0068 ± 0,0568 | 0,0010 |
+# | 1 compartilhado | +0,4705 | −0,0821 | −0,0882 | +0,1001 ± 0,3209 | 0,0017 |
+# | finos 32×top-8 | +0,1513 | −0,0101 | −0,0290 | +0,0374 ± 0,0991 | 0,0011 |
+# | 1ª camada densa | −0,0673 | +0,0166 | −0,0449 | −0,0319 ± 0,0434 | 0,0011 |
+# | receita DeepSeek-V3 | −0,0341 | −0,0592 | −0,0716 | −0,0549 ± 0,0191 | 0,0010 |
+#
+# **BPE português (1024 tokens)** (131 072 tokens de validação por treino; erro-padrão (por blocos)
+# da loss de um treino 0,0046–0,0050; desvio da loss do denso entre sementes 0,0697; sementes 0, 1,
+# 2):
+#
+# | variante | Δ semente 0 | Δ semente 1 | Δ semente 2 | média ± desvio | EP pareado |
+# |---|---:|---:|---:|---:|---:|
+# | denso | +0,0814 | +0,0863 | −0,0699 | +0,0326 ± 0,0888 | — |
+# | base (MoE top-2) (a loss, não Δ) | 4,7887 | 4,8033 | 4,8303 | 4,8074 ± 0,0211 | — |
+# | sigmoide | +0,0700 | +0,0019 | +0,0405 | +0,0375 ± 0,0341 | 0,0009 |
+# | viés, α = 0 | −0,0111 | +0,1222 | +0,0756 | +0,0622 ± 0,0676 | 0,0011 |
+# | loss por sequência | +0,0453 | +0,0341 | +0,0258 | +0,0351 ± 0,0098 | 0,0009 |
+# | micro-lotes de 4 | −0,0258 | −0,0136 | +0,0390 | −0,0001 ± 0,0344 | 0,0012 |
+# | lote global (micro-lotes de 4) | +0,0627 | +0,0395 | −0,0353 | +0,0223 ± 0,0512 | 0,0013 |
+# | 1 compartilhado | +0,0555 | −0,0021 | +0,0085 | +0,0206 ± 0,0307 | 0,0012 |
+# | finos 32×top-8 | +0,1852 | +0,0862 | +0,0532 | +0,1082 ± 0,0687 | 0,0013 |
+# | 1ª camada densa | +0,0023 | +0,0469 | +0,0546 | +0,0346 ± 0,0282 | 0,0012 |
+# | receita DeepSeek-V3 | −0,0122 | +0,0744 | −0,0202 | +0,0140 ± 0,0525 | 0,0013 |
+#
+# **Como ler.** Chamamos de **mensurável** um efeito com o mesmo sinal nas 3 sementes e média maior,
+# em módulo, que o desvio-padrão do denso entre sementes; o resto é **diferença não mensurável**
+# nesta grade, e não se ordena.
+#
+# **Caracteres: o platô decide, e quase nada é mensurável.** O MoE top-2 e o denso empatam: Δ do
+# denso −0,0076 ± 0,0619 (o denso fica acima da base na semente 0 e abaixo nas sementes 1 e 2).
+# Sigmoide, viés com α = 0, loss por sequência, micro-lotes de 4, lote global, 1 compartilhado,
+# finos e 1ª camada densa: **nenhuma diferença mensurável**. Vários têm uma semente com Δ enorme
+# (+0,68 da sigmoide, +0,53 dos micro-lotes de 4, +0,47 do compartilhado, +0,40 da loss por
+# sequência) e outras perto de zero ou negativas: são treinos que ficaram presos mais tempo no platô
+# de ~3,1 nats (exercício 6), não efeitos da chave. A única chave com o mesmo sinal nas três sementes
+# e acima do ruído do denso é a **receita DeepSeek-V3 inteira**: −0,034, −0,059, −0,072 (média
+# −0,055 ± 0,019, contra 0,051 de desvio do denso) — mensurável, mas por pouco, e nenhuma das suas
+# peças sozinha mostra de onde vem.
+#
+# **BPE português: menos platô, e ainda assim pouco mensurável.** Com o BPE o ruído do denso também
+# é grande: a semente 2 do denso terminou bem abaixo das outras (4,7604 contra 4,8701 e 4,8896), e o
+# desvio entre sementes é 0,0697. Por isso até a vantagem da base sobre o denso não é mensurável: o
+# MoE top-2 fica 0,081 e 0,086 abaixo do denso nas sementes 0 e 1 e **0,070 acima** na semente 2
+# (Δ do denso +0,0326 ± 0,0888). A única chave mensurável é a dos **finos 32×top-8**, pior nas três
+# sementes (+0,185, +0,086, +0,053; média +0,108 ± 0,069). Três chaves têm o mesmo sinal nas três
+# sementes, mas ficam abaixo do desvio do denso — um indício, não uma medida: sigmoide
+# (+0,038 ± 0,034), loss por sequência (+0,035 ± 0,010) e 1ª camada densa (+0,035 ± 0,028), todas
+# piores que a base. Viés com α = 0, micro-lotes de 4, lote global, 1 compartilhado e a **receita
+# DeepSeek-V3** (−0,012, +0,074, −0,020): **nenhuma diferença mensurável**. O que mudou em relação à
+# versão anterior deste capítulo, que misturava quatro chaves numa variante "sigmoide (DeepSeek-V3)":
+# nenhuma peça da receita, sozinha, ajuda de forma mensurável aqui, e a receita inteira ajuda com
+# caracteres (por pouco) e não com BPE.
+#
+# **Lote global contra micro-lote.** Com caracteres, o lote global (4 micro-lotes de 4) menos os
+# micro-lotes de 4 dá +0,021, −0,485 e +0,029 nas três sementes (a semente 1 é a dos micro-lotes
+# presos no platô): nenhuma diferença mensurável na loss. Com BPE: +0,089, +0,053 e −0,074 — também
+# não mensurável. O que o artigo do lote
+# global promete é especialização, e nós medimos: a fração da incerteza sobre o especialista que a
+# classe do token explica, $1 - H(e|x)/H(e)$, é, na camada 0, 0,269 ± 0,056 com o lote global
+# contra 0,236 ± 0,026 com micro-lotes de 4 (caracteres) e 0,161 ± 0,017 contra 0,195 ± 0,040 (BPE);
+# pelo próprio token, 0,494 contra 0,489 e 0,612 contra 0,630. Diferenças menores que o desvio
+# entre sementes, e de sinais opostos nos dois regimes: **nenhuma diferença mensurável de
+# especialização** nesta escala. A tabela completa (por camada, pela classe e pelo próprio token) é
+# a que o notebook imprime na seção 4. Um aviso: o artigo mede com
+# lotes globais de milhares de sequências e micro-lotes de poucas; aqui, 16 contra 4, num modelo de
+# 100 mil parâmetros ativos e 0,61 M tokens — um teste pequeno da ideia, não da escala do artigo.
 #
 # **O que o roteador aprendeu** (a base, semente 0, com caracteres: as figuras desta execução, em
 # `docs/results/06/`). Na camada 0, os especialistas 2 e 3 recebem quase todos os espaços e quebras
@@ -715,7 +792,12 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 #
 # <details><summary>Resposta medida</summary>
 #
-# @@EX5@@
+# Da grade: $\sigma$ = 0,0511 nats com caracteres e 0,0697 com BPE (o denso, sementes 0, 1, 2).
+# $\sigma\sqrt{2/n} < 0{,}005$ pede $n > 2(\sigma/0{,}005)^2$: 209 sementes com caracteres e 389 com
+# BPE. Com 3 sementes, o erro-padrão de um Δ é 0,0417 (caracteres) e 0,0569 (BPE): é por isso que
+# quase tudo na tabela dos caracteres é diferença não mensurável. Parear pela semente (o mesmo
+# início e os mesmos lotes para a base e a variante) ajuda quando a variante muda pouco o treino;
+# quando ela muda o momento em que o modelo sai do platô, não ajuda (exercício 6).
 # </details>
 #
 # **6. O platô dos caracteres.** Em `docs/results/06/one_switch.json`, ache para cada treino com
@@ -732,21 +814,40 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 #     print(r["name"], r["seed"], escape, round(r["val"]["mean"], 4))
 # ```
 #
-# @@EX6@@
+# Dos 33 treinos com caracteres, 24 saem do platô no passo 90 e terminam entre 2,2166 e 2,3454; 4
+# saem no passo 120 e terminam entre 2,3153 e 2,3679; os outros 5 saem mais tarde (ou nunca) e
+# terminam bem acima: sigmoide semente 0: nunca sai, loss 2,9676; 1 compartilhado semente 0: passo
+# 270, loss 2,7581; micro-lotes de 4 semente 1: passo 270, loss 2,8306; loss por sequência semente
+# 1: passo 240, loss 2,6954; finos 32×top-8 semente 0: passo 150, loss 2,4389. A loss final com
+# caracteres, neste orçamento, mede sobretudo **quando** o treino saiu do platô, e isso varia com a
+# semente mais do que com a chave: um Δ grande numa semente e pequeno noutra é isso, não um efeito
+# da chave.
 # </details>
 #
 # ## O que você aprendeu
 #
 # - O roteador **sigmoide** do DeepSeek-V3 dá afinidades independentes; as portas são os escores dos
-#   $k$ escolhidos renormalizados (vezes o *routed scaling factor*), e o viés de balanceamento só
-#   escolhe, nunca pesa.
+#   $k$ escolhidos renormalizados (vezes o *routed scaling factor*, que vem da configuração
+#   publicada, não das equações), e o viés de balanceamento **só escolhe**: nem pesa as portas nem
+#   entra na contagem $f_i$ da loss de balanceamento (eq. 16–18). O pacote conta $f_i$ sem o viés em
+#   todos os escopos, e um teste reproduz a eq. 18 à mão num lote em que o viés muda escolhas.
 # - **Onde** se conta $f_i$ muda a loss: micro-lote, sequência (DeepSeek-V3) ou lote global (Qwen).
 #   Global exige somar as **contagens** de todos os micro-lotes e processos **antes** da loss;
-#   com acumulação, uma pré-passagem sem gradiente faz isso exatamente, e os testes provam
-#   2 micro-lotes = 1 lote e 2 processos = 1 processo.
-# - **Especialistas finos** (DeepSeekMoE) trocam poucos especialistas largos por muitos estreitos com
-#   os mesmos parâmetros ativos: muito mais combinações, mais multiplicações pequenas.
-# - Para ler um MoE, **olhe o roteamento**: coativação, especialização por classe e posição, e a
-#   saturação ao longo do treino (OLMoE).
-# - Compare MoE e denso com os mesmos parâmetros ativos e os mesmos tokens, em mais de uma semente,
-#   e também contra o **tempo**: o MoE paga por passo.
+#   com acumulação, uma pré-passagem sem gradiente faz isso exatamente (2 micro-lotes = 1 lote,
+#   2 processos = 1 processo, nos testes).
+# - **Medir uma chave de cada vez** exige saber o tamanho do ruído. Aqui a estimativa da loss (131 072
+#   tokens) tem erro-padrão de ~0,004–0,005 nats e uma diferença pareada ~0,001–0,003; o que domina é
+#   a **semente**: o mesmo denso varia 0,0511 nats com caracteres e 0,0697 com BPE.
+# - **Uma chave de cada vez**, 0,61 M tokens, 3 sementes: com caracteres, só a receita DeepSeek-V3
+#   inteira fica abaixo da base nas três sementes (−0,055 ± 0,019 nats, mensurável por pouco), e o
+#   resto é dominado pelo momento em que cada treino sai do platô; com BPE, só os finos 32×top-8 são
+#   mensuravelmente piores (+0,108 ± 0,069), sigmoide, loss por sequência e 1ª camada densa são
+#   piores nas três sementes mas dentro do ruído, e a receita V3 não tem diferença mensurável.
+#   Até o MoE contra o denso muda de sinal numa semente de BPE (a semente 2). Uma semente em que o
+#   efeito some é dado, não exceção: três sementes de modelos de 100 mil parâmetros ativos são um
+#   indício, não uma lei.
+# - **Lote global contra micro-lote**: nem a loss nem a especialização mudam de forma mensurável
+#   nesta escala (16 sequências contra 4 por micro-lote).
+# - Para ler um MoE, **olhe o roteamento**: coativação (pares de especialistas que andam juntos),
+#   especialização por classe e posição, e a saturação ao longo do treino — que depende da
+#   definição: a sobreposição média do OLMoE chega a 50% bem antes do conjunto exato.
