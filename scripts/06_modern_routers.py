@@ -192,7 +192,7 @@ x = torch.randn(2, 5, 16)
 s = torch.sigmoid(x @ layer.router.weight.T)  # (B, T, E) independent affinities
 chosen = (s + layer.expert_bias).topk(2, dim=-1).indices  # the bias only chooses...
 gates = s.gather(-1, chosen)  # ...the gates come from s without the bias
-gates = 2.5 * gates / gates.sum(-1, keepdim=True)  # renormalized over the k chosen, times gamma
+gates = 2.5 * gates / gates.sum(-1, keepdim=True)  # renormalized over the k chosen, times rho (routed scaling)
 
 _, probs, topk_pkg, gates_pkg = layer.route(x)
 assert torch.equal(chosen, topk_pkg)
@@ -346,7 +346,7 @@ for name in VARIANTS:
 # %% [markdown]
 # Os parâmetros **ativos** só diferem pelos roteadores, $C \times E$ por camada MoE: no modelo de
 # vocabulário 96 acima, +1,0% com 8 especialistas em 2 camadas, +4,1% com 32, +0,5% e +2,0% quando
-# a 1ª camada é densa; com o BPE (vocabulário 1024, mais embeddings) a fração é menor. O
+# a 1ª camada é densa; com o BPE (vocabulário 1024, 160 064 ativos no denso), +0,6% e +2,6%. O
 # especialista compartilhado não muda os ativos: a largura dos roteados encolhe para caber (96 → 64).
 #
 # ## 4. O experimento: uma chave de cada vez
@@ -695,7 +695,7 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # especialização** nesta escala. A tabela completa (por camada, pela classe e pelo próprio token) é
 # a que o notebook imprime na seção 4. Um aviso: o artigo mede com
 # lotes globais de milhares de sequências e micro-lotes de poucas; aqui, 16 contra 4, num modelo de
-# 100 mil parâmetros ativos e 0,61 M tokens — um teste pequeno da ideia, não da escala do artigo.
+# 100 a 160 mil parâmetros ativos e 0,61 M tokens — um teste pequeno da ideia, não da escala do artigo.
 #
 # **O que o roteador aprendeu** (a base, semente 0, com caracteres: as figuras desta execução, em
 # `docs/results/06/`). Na camada 0, os especialistas 2 e 3 recebem quase todos os espaços e quebras
@@ -844,7 +844,7 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 #   mensuravelmente piores (+0,108 ± 0,069), sigmoide, loss por sequência e 1ª camada densa são
 #   piores nas três sementes mas dentro do ruído, e a receita V3 não tem diferença mensurável.
 #   Até o MoE contra o denso muda de sinal numa semente de BPE (a semente 2). Uma semente em que o
-#   efeito some é dado, não exceção: três sementes de modelos de 100 mil parâmetros ativos são um
+#   efeito some é dado, não exceção: três sementes de modelos de 100 a 160 mil parâmetros ativos são um
 #   indício, não uma lei.
 # - **Lote global contra micro-lote**: nem a loss nem a especialização mudam de forma mensurável
 #   nesta escala (16 sequências contra 4 por micro-lote).
