@@ -60,7 +60,9 @@ Balance scope (`moe_balance_scope`), where f_i is counted:
                      whole step. Tests: 2 micro-batches == 1 batch, 2 gloo ranks == 1 process.
 
 Aux-loss-free balancing (DeepSeek-V3, 2024, section 2.1.2), `moe_bias_balance=True`: a per-expert
-bias b_i is added to p_i *for the top-k selection only*; gates still come from the unbiased p.
+bias b_i is added to p_i *for the top-k selection only*; gates still come from the unbiased p, and
+the balance loss (any scope) counts f_i over the top-k of the unbiased scores (eq. 18), as
+Megatron-LM's `compute_routing_scores_for_aux_loss` does; the bias update counts the real load.
 After each optimizer step the training loop calls `update_moe_bias(model)`, which moves
 b_i <- b_i + rate * sign(mean_load - load_i): overloaded experts become less attractive. The loads
 are the step's training forwards' `stats["load"]`, summed by the training step (`add_loads`): the
@@ -414,11 +416,16 @@ class MoE(nn.Module):
         B, T, k = topk_idx.shape
         E = self.n_experts
         load = expert_counts(topk_idx.reshape(1, B * T, k), E)[0]  # (E,) assignments of this forward
+        # The balance loss counts f_i over the top-k of the UNBIASED scores (DeepSeek-V3, eq. 17-20:
+        # the bias b_i of eq. 16 only chooses experts); probs ranks the experts like the scores.
+        bal_idx = topk_idx if self.expert_bias is None else probs.topk(k, dim=-1).indices  # (B, T, k)
+        bal_load = load if self.expert_bias is None else expert_counts(bal_idx.reshape(1, B * T, k), E)[0]
 
         def balance() -> torch.Tensor:
             if self.balance_scope == "global" and self.training:
-                return balance_loss(probs, topk_idx, "global", self._global_load(load, step_load))
-            return balance_loss(probs, topk_idx, self.balance_scope, load if self.balance_scope != "sequence" else None)
+                return balance_loss(probs, bal_idx, "global", self._global_load(bal_load, step_load))
+            scope_load = bal_load if self.balance_scope != "sequence" else None
+            return balance_loss(probs, bal_idx, self.balance_scope, scope_load)
 
         def z_loss() -> torch.Tensor:
             return torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE, eq. 5
@@ -432,7 +439,8 @@ class MoE(nn.Module):
             aux = aux + self.z_coef * z
 
         stats = RoutingStats({
-            "load": lambda: load,
+            "load": lambda: load,  # the experts really chosen (the bias update counts these)
+            "balance_load": lambda: bal_load,  # f_i's counts: top-k of the unbiased scores
             "importance": lambda: probs.reshape(-1, E).mean(0),
             "tokens": lambda: torch.tensor(B * T, device=logits.device),
             "dropped": lambda: (~keep).sum() if keep is not None else topk_idx.new_zeros(()),
@@ -495,10 +503,11 @@ def sum_over_ranks(load: torch.Tensor) -> torch.Tensor:
     return load
 
 
-def add_loads(acc: Optional[list], stats: list) -> list:
+def add_loads(acc: Optional[list], stats: list, key: str = "load") -> list:
     """Running per-layer sum of the (E,) expert loads of a step's training forwards:
-    `acc = add_loads(acc, out.moe_stats)` after each micro-batch (acc starts as None)."""
-    loads = [st["load"] for st in stats]
+    `acc = add_loads(acc, out.moe_stats)` after each micro-batch (acc starts as None). key="load"
+    counts the experts really chosen; "balance_load" the balance loss's f_i counts (unbiased top-k)."""
+    loads = [st[key] for st in stats]
     return loads if acc is None else [a + b for a, b in zip(acc, loads)]
 
 
@@ -541,7 +550,7 @@ def global_balance_prepass(model: nn.Module, micro_batches: Iterable[torch.Tenso
     raw.eval()
     try:
         for idx in micro_batches:
-            loads = add_loads(loads, raw.hidden_states(idx)[2])  # routes every layer; no lm_head, no loss
+            loads = add_loads(loads, raw.hidden_states(idx)[2], "balance_load")  # routing only, no lm_head
     finally:
         raw.train(was_training)
     if dist.is_available() and dist.is_initialized():

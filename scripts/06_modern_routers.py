@@ -16,23 +16,27 @@
 # %% [markdown]
 # # Capítulo 06 — Roteadores modernos e o que o roteador aprende
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/06_modern_routers.ipynb)
+# [![Open In
+# Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/06_modern_routers.ipynb)
 #
 # O capítulo 03 fez um MoE no estilo Mixtral aprender e mediu com honestidade: no orçamento padrão o
 # modelo denso ainda ganhava, e só com 3× mais tokens o MoE top-2 passava à frente. Os MoEs que
 # lideram hoje (DeepSeek-V3, Qwen3-MoE, OLMoE) mudaram o **roteador** e os **especialistas**, e os
 # melhores relatos sobre MoE ensinam **olhando** para o roteamento. Este capítulo faz as duas
-# coisas:
+# coisas, com a promessa do curso: **uma chave de cada vez, medida**. Cada ideia abaixo é ligada
+# sozinha sobre o MoE do capítulo 03, em três sementes e dois regimes; depois, a receita do
+# DeepSeek-V3 inteira.
 #
 # | ideia | artigo |
 # |---|---|
 # | top-1, loss $N\sum_i f_i P_i$, capacidade | [Switch Transformers](https://arxiv.org/abs/2101.03961) (2021) |
 # | *router z-loss* | [ST-MoE](https://arxiv.org/abs/2202.08906) (2022) |
 # | especialistas finos + compartilhados | [DeepSeekMoE](https://arxiv.org/abs/2401.06066) (2024) |
-# | roteador sigmoide, viés que só escolhe, loss por sequência | [DeepSeek-V3](https://arxiv.org/abs/2412.19437) |
-# | primeiras camadas densas | [DeepSeek-V3](https://arxiv.org/abs/2412.19437), seção 4.2 |
+# | sigmoide, viés só escolhe, loss por sequência | [DeepSeek-V3](https://arxiv.org/abs/2412.19437), 2.1.2, eq. 12–20 |
+# | viés atualizado por $\gamma\,\operatorname{sign}$ | [Loss-Free Balancing](https://arxiv.org/abs/2408.15664) (2024) |
+# | primeiras camadas densas, $\alpha$ e $\gamma$ usados | [DeepSeek-V3](https://arxiv.org/abs/2412.19437), seção 4.2 |
 # | balanceamento no lote global | [Demons in the Detail](https://arxiv.org/abs/2501.11873) (Qwen, 2025) |
-# | análise do roteamento: coativação, especialização, saturação | [OLMoE](https://arxiv.org/abs/2409.02060) (2024) |
+# | saturação (seção 5.1) e coativação (seção 5.2) do roteamento | [OLMoE](https://arxiv.org/abs/2409.02060) (2024) |
 #
 # Cada ideia é um campo de `GPTConfig` (os padrões mantêm o capítulo 03 bit a bit):
 # `moe_router`, `moe_routed_scaling`, `moe_balance_scope`, `moe_dense_layers`, e os especialistas
@@ -65,9 +69,30 @@ from pathlib import Path
 import torch
 
 from nanomoe import GPT, modern_config, moe_config
-from nanomoe.course.crossover import crossover, regime_tokenizer, train_variant
+from nanomoe.course.crossover import crossover, regime_tokenizer
 from nanomoe.course.notebook import show_source
-from nanomoe.course.plots import plot_crossover, plot_matrices, plot_saturation, plot_token_routing, save_figure
+from nanomoe.course.one_switch import (
+    VARIANTS,
+    load_recorded,
+    one_switch_caption,
+    one_switch_panel,
+    one_switch_table,
+    pair_line,
+    recorded_hardware,
+    run_grid,
+    saturation_curves,
+    specialization_table,
+    summarize,
+    variant_config,
+)
+from nanomoe.course.plots import (
+    plot_crossover,
+    plot_matrices,
+    plot_one_switch,
+    plot_saturation,
+    plot_token_routing,
+    save_figure,
+)
 from nanomoe.course.routing_analysis import (
     CHAR_CLASS_PT,
     CHAR_CLASSES,
@@ -77,23 +102,25 @@ from nanomoe.course.routing_analysis import (
     position_in_word,
     routing_of,
     routing_share,
-    saturation,
     top_tokens_per_expert,
 )
 from nanomoe.data import encode_splits, read_corpus
 from nanomoe.moe import MoE, balance_loss, global_balance_prepass
 from nanomoe.paths import in_home
 from nanomoe.training.cli import parse_args
-from nanomoe.training.train import TrainConfig
 
 # %% [markdown]
 # ## Parâmetros
 #
-# Os valores abaixo dão o experimento completo (denso e três MoEs, 600 passos cada, cada um em três
-# sementes: doze treinos). Como script: `uv run -m scripts.06_modern_routers --threads=1`; num
-# notebook, edite o dicionário ou defina `NANOMOE_ARGS`. `--tokenizer=bpe` refaz o experimento com
-# o BPE português do curso em vez de caracteres (resultados em `runs/06/bpe/`). `--quick` roda tudo
-# em segundos (é o que os testes usam). Um treino terminado fica salvo em `runs/06/treinos/` e é
+# O experimento completo (seção 4) são 11 variantes × 3 sementes × 2 regimes = 66 treinos de 300
+# passos: ~1 hora de CPU. O notebook **não** refaz tudo: por padrão treina só 3 variantes na
+# semente 0 com caracteres (o denso, a base e a receita do DeepSeek-V3; poucos minutos numa CPU) e
+# lê a grade inteira registrada em `docs/results/06/` (cada treino com o hardware em que rodou). A
+# grade inteira, num regime: `--variants=all --seeds=0,1,2` (ou `uv run -m
+# scripts.grid_06_one_switch --threads=1 [--tokenizer=bpe]`, o que gerou o registro). Num notebook,
+# edite o dicionário ou defina `NANOMOE_ARGS`. `--tokenizer=bpe` troca os caracteres pelo BPE
+# português do curso (resultados em `runs/06/bpe/`). `--quick` roda todas as variantes em segundos
+# (é o que os testes usam). Um treino terminado fica salvo em `runs/06/one_switch/treinos/` e é
 # reaproveitado se a mesma configuração for pedida de novo.
 
 # %%
@@ -108,21 +135,22 @@ DEFAULTS = dict(
     n_embd=64,
     block_size=128,
     batch_size=16,
-    steps=600,  # optimizer steps per run (same token budget for every run)
+    steps=300,  # optimizer steps per run (same token budget for every run)
     lr=2e-3,
     min_lr=2e-4,
     warmup_steps=30,
     eval_interval=30,
     eval_iters=8,
-    seeds="0,1,2",  # seeds of the dense and the MoE top-2 runs
-    variant_seeds="0,1,2",  # seeds of the other MoE variants
-    probe_seqs=32,  # validation sequences the routing analysis reads
+    seeds="0",  # seeds trained here (the recorded grid has 0, 1, 2)
+    variants="denso;base (MoE top-2);receita DeepSeek-V3",  # ";"-separated names of VARIANTS, or "all"
+    val_tokens=131072,  # validation tokens of the final loss (each token's loss kept: standard errors)
+    probe_seqs=64,  # validation sequences the routing analysis reads
     device="auto",
     out_dir="runs/06",
-    threads=0,  # torch CPU threads; 0 = torch's default (all cores)
+    threads=1,  # torch CPU threads (the recorded grid: 1); 0 = torch's default (all cores)
 )
 QUICK = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, steps=8, warmup_steps=2, eval_interval=4,
-             eval_iters=2, seeds="0", variant_seeds="0", probe_seqs=4, bpe_vocab=320, threads=1)
+             eval_iters=2, seeds="0", variants="all", val_tokens=2048, probe_seqs=4, bpe_vocab=320)
 args = parse_args(DEFAULTS, quick=QUICK)
 out_rel = Path(args.out_dir) if args.tokenizer == "char" else Path(args.out_dir) / args.tokenizer  # runs/06/bpe
 out_dir = in_home(out_rel)
@@ -135,15 +163,23 @@ print(args)
 # ## 1. O roteador sigmoide (DeepSeek-V3)
 #
 # No Mixtral (capítulo 03) o roteador é um softmax: os $E$ escores competem e somam 1. O DeepSeek-V3
-# (seção 2.1, eq. 12–16) usa uma **sigmoide** por especialista — afinidades independentes — e
+# (seção 2.1.2, eq. 12–16) usa uma **sigmoide** por especialista — afinidades independentes — e
 # normaliza só sobre os $k$ escolhidos:
 #
 # $$s_i = \sigma(\mathbf{w}_i^\top x), \qquad S = \operatorname{top-}k\,(s_i + b_i), \qquad
-# g_i = \gamma\,\frac{s_i}{\sum_{j\in S} s_j}\ (i \in S)$$
+# g_i = \rho\,\frac{s_i}{\sum_{j\in S} s_j}\ (i \in S)$$
 #
-# O viés $b_i$ (o balanceamento sem loss auxiliar do capítulo 03) **só escolhe**: as portas vêm de
-# $s$ sem viés. $\gamma$ é o *routed scaling factor* (`moe_routed_scaling`; 2,5 no DeepSeek-V3).
-# Construímos do zero e comparamos com o pacote:
+# O viés $b_i$ (eq. 16; o balanceamento sem loss auxiliar do capítulo 03) **só escolhe**: as portas
+# vêm de $s$ sem viés. Depois de cada passo, $b_i \leftarrow b_i + \gamma\,\operatorname{sign}(
+# \bar c - c_i)$, com $c_i$ a carga do especialista $i$ e $\bar c$ a média ([Loss-Free
+# Balancing](https://arxiv.org/abs/2408.15664); o V3 usa $\gamma = 0{,}001$, seção 4.2).
+# $\rho$ é o *routed scaling factor* (`moe_routed_scaling`): **não está nas equações** do artigo;
+# o valor 2,5 vem da configuração publicada do DeepSeek-V3 (`routed_scaling_factor` no
+# `config.json` do modelo). O artigo também não traz uma ablação sigmoide × softmax: que a
+# sigmoide ajude porque 256 especialistas deixam de competir num só softmax é uma **hipótese**, não
+# um resultado do V3. O *node-limited routing* do V3 (cada token vai a no máximo 4 nós da máquina)
+# é uma restrição de comunicação entre máquinas; aqui, num processo, ele não tem o que limitar e
+# fica de fora. Construímos do zero e comparamos com o pacote:
 
 # %%
 torch.manual_seed(0)
@@ -156,7 +192,7 @@ x = torch.randn(2, 5, 16)
 s = torch.sigmoid(x @ layer.router.weight.T)  # (B, T, E) independent affinities
 chosen = (s + layer.expert_bias).topk(2, dim=-1).indices  # the bias only chooses...
 gates = s.gather(-1, chosen)  # ...the gates come from s without the bias
-gates = 2.5 * gates / gates.sum(-1, keepdim=True)  # renormalized over the k chosen, times gamma
+gates = 2.5 * gates / gates.sum(-1, keepdim=True)  # renormalized over the k chosen, times rho (routed scaling)
 
 _, probs, topk_pkg, gates_pkg = layer.route(x)
 assert torch.equal(chosen, topk_pkg)
@@ -171,6 +207,43 @@ show_source(MoE.route)
 # %%
 torch.testing.assert_close(probs, s / s.sum(-1, keepdim=True))
 print("probs somam 1:", probs.sum(-1).flatten()[:3].tolist())
+
+# %% [markdown]
+# **O viés escolhe; a loss conta sem viés.** Na loss por sequência do V3 (eq. 17–20),
+# $f_i = \frac{N}{kT}\sum_t \mathbb{1}\big(s_{i,t} \in \operatorname{Topk}(\{s_{j,t}\}, k)\big)$
+# conta o top-$k$ dos escores **sem** o viés $b_i$: o viés só decide para onde o token vai (eq. 16).
+# Num lote feito à mão (3 sequências × 5 tokens, +3 de viés no especialista 0, o que muda escolhas),
+# a eq. 18 escrita com laços bate com o pacote; contar a escolha enviesada daria outro número:
+
+# %%
+torch.manual_seed(11)
+hand = MoE(moe_config(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16, n_experts=4, moe_top_k=2,
+                      moe_router="sigmoid", moe_bias_balance=True, moe_balance_scope="sequence",
+                      moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0))
+xh = torch.randn(3, 5, 16)
+with torch.no_grad():
+    sh = torch.sigmoid(xh @ hand.router.weight.T)  # (3, 5, 4) scores without the bias
+hand.expert_bias.copy_(torch.tensor([3.0, 0.0, 0.0, 0.0]))
+
+
+def eq18(scores, chosen):  # DeepSeek-V3 eq. 17-20 with loops: mean over sequences of sum_i f_i P_i
+    Bh, Th, Eh = scores.shape
+    total = 0.0
+    for b in range(Bh):
+        for i in range(Eh):
+            f_i = Eh / (2 * Th) * sum(int(i in chosen[b, t].tolist()) for t in range(Th))
+            P_i = sum(float(scores[b, t, i] / scores[b, t].sum()) for t in range(Th)) / Th
+            total += f_i * P_i
+    return total / Bh
+
+
+_, _, biased_choice, _ = hand.route(xh)
+_, aux_h, _ = hand(xh)
+moved = (biased_choice.sort(-1).values != sh.topk(2, -1).indices.sort(-1).values).any(-1)  # (3, 5)
+print(f"tokens cuja escolha o viés mudou: {int(moved.sum())} de 15")
+print(f"eq. 18 à mão (top-k sem viés): {eq18(sh, sh.topk(2, -1).indices):.6f}   pacote: {float(aux_h):.6f}   "
+      f"contando a escolha enviesada: {eq18(sh, biased_choice):.6f}")
+assert abs(eq18(sh, sh.topk(2, -1).indices) - float(aux_h)) < 1e-5
 
 # %% [markdown]
 # ## 2. Onde se conta $f_i$: micro-lote, sequência ou lote global
@@ -261,33 +334,58 @@ show_source(global_balance_prepass)
 # %%
 shape = dict(vocab_size=96, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
              n_embd=args.n_embd, dropout=0.0)
-for name, cfg in {
-    "denso": modern_config(**shape),
-    "8 × top-2": moe_config(**shape),
-    "32 × top-8": moe_config(**shape, n_experts=32, moe_top_k=8),
-    "32 × top-7 + 1 compartilhado": moe_config(**shape, n_experts=32, moe_top_k=7, n_shared_experts=1),
-    "8 × top-2, 1ª camada densa": moe_config(**shape, moe_dense_layers=1),
-}.items():
+dense_active = GPT(modern_config(**shape)).num_params(active=True)
+for name in VARIANTS:
+    cfg, train_kw = variant_config(name, shape)
     m = GPT(cfg)
     kinds = "".join("M" if b.is_moe else "D" for b in m.transformer.h)
-    print(f"{name:30s} camadas {kinds}  largura do especialista {cfg.expert_hidden_dim:4d}  "
-          f"ativos {m.num_params(active=True):>9,}  totais {m.num_params():>9,}  "
-          f"combinações {math.comb(cfg.n_experts, cfg.moe_top_k) if cfg.n_experts else 1:,}")
+    extra = m.num_params(active=True) - dense_active
+    print(f"{name:31s} camadas {kinds}  largura {cfg.expert_hidden_dim if cfg.n_experts else cfg.hidden_dim:4d}  "
+          f"ativos {m.num_params(active=True):>7,} ({100 * extra / dense_active:+.1f}%)  totais {m.num_params():>7,}  "
+          f"combinações {math.comb(cfg.n_experts, cfg.moe_top_k) if cfg.n_experts else 1:>10,}"
+          + (f"  {train_kw['grad_accum']} micro-lotes de {train_kw['batch_size']}" if train_kw else ""))
 
 # %% [markdown]
-# ## 4. O experimento: onde o MoE passa o denso?
+# Os parâmetros **ativos** só diferem pelos roteadores, $C \times E$ por camada MoE: no modelo de
+# vocabulário 96 acima, +1,0% com 8 especialistas em 2 camadas, +4,1% com 32, +0,5% e +2,0% quando
+# a 1ª camada é densa; com o BPE (vocabulário 1024, 160 064 ativos no denso), +0,6% e +2,6%. O
+# especialista compartilhado não muda os ativos: a largura dos roteados encolhe para caber (96 → 64).
+#
+# ## 4. O experimento: uma chave de cada vez
 #
 # Corpus: Machado de Assis, caracteres (ou, com `--tokenizer=bpe`, o BPE português de 1024 tokens
 # treinado só na parte de treino), 90% treino / 10% validação. Todos os treinos usam a mesma
-# receita (AdamW, warmup + cosseno), os mesmos lotes na mesma ordem (por semente) e os mesmos
-# **parâmetros ativos**:
+# receita (AdamW, warmup + cosseno, 300 passos de 16 sequências de 128 tokens = 0,61 M tokens), os
+# mesmos lotes na mesma ordem (por semente) e os mesmos **parâmetros ativos**. A **base** é o MoE
+# do capítulo 03: 8 especialistas, top-2, softmax, loss de balanceamento $\alpha = 0{,}01$ no
+# micro-lote e *z-loss* $10^{-3}$. Cada variante muda **uma** coisa:
 #
-# 1. **denso** — o modelo moderno do capítulo 02;
-# 2. **MoE top-2** — o do capítulo 03: 8 especialistas, softmax, $\alpha = 0{,}01$. Aqui um passo é
-#    um micro-lote num processo, então o $f_i$ do micro-lote **já é** o do lote global;
-# 3. **sigmoide (DeepSeek-V3)** — roteador sigmoide, viés sem loss auxiliar, e a loss por sequência
-#    com $\alpha = 10^{-4}$ como no V3;
-# 4. **finos 32 × top-7 + 1 compartilhado** (DeepSeekMoE), $\alpha = 0{,}01$.
+# | variante | o que muda (o resto é a base) |
+# |---|---|
+# | sigmoide | `moe_router="sigmoid"`: escores sigmoides, portas renormalizadas sobre os $k$ |
+# | viés, α = 0 | o viés de seleção (γ = 0,001) **no lugar** da loss de balanceamento |
+# | loss por sequência | $f_i$ contado por sequência (a forma da eq. 17–20), mesmo $\alpha$ |
+# | micro-lotes de 4 | o passo em 4 micro-lotes de 4 sequências (acumulação); $f_i$ em cada micro-lote |
+# | lote global (micro-lotes de 4) | o mesmo, mas $f_i$ do passo inteiro (pré-passagem); compara-se com o anterior |
+# | 1 compartilhado | 8 × top-2 + 1 especialista sempre ligado (largura 64 em vez de 96) |
+# | finos 32×top-8 | 32 especialistas de largura 24, top-8 |
+# | 1ª camada densa | a camada 0 volta a ser um MLP denso |
+# | receita DeepSeek-V3 | todas as chaves do V3 juntas (abaixo) |
+#
+# A **receita DeepSeek-V3**: sigmoide; viés de seleção com $\gamma = 0{,}001$; loss por sequência
+# com $\alpha = 10^{-4}$ (seção 4.2); sem *z-loss*; $\rho = 2{,}5$ (da configuração publicada);
+# 32 especialistas finos top-7 + 1 compartilhado (o V3: 256 top-8 + 1); a 1ª camada densa (o V3:
+# 3 de 61). Sem o *node-limited routing*, que só existe entre máquinas.
+#
+# Por que o par "micro-lotes de 4": com um micro-lote por passo num processo (a base), o $f_i$ do
+# micro-lote **é** o do lote global, e as duas losses são idênticas. Para o lote global mudar
+# alguma coisa, o passo precisa de vários micro-lotes; o par mede só a diferença do escopo.
+#
+# A loss de validação final é medida em **todos** os tokens dos primeiros 131 072 tokens de
+# validação (1 024 blocos de 128), guardando a loss de cada token: assim dá para dizer o erro-padrão
+# da estimativa. Como os tokens de um bloco são correlacionados, o erro-padrão é calculado pelos
+# blocos (desvio das médias dos blocos / $\sqrt{1024}$), e a diferença entre dois modelos é
+# **pareada** (os mesmos tokens).
 
 # %%
 text = read_corpus(args.corpus, source=args.source or None)
@@ -299,110 +397,140 @@ print(f"{len(text):,} caracteres, tokenizador {args.tokenizer} com vocabulário 
       f"{len(train_ids):,} tokens de treino ({len(text) / (len(train_ids) + len(val_ids)):.2f} caracteres/token)")
 
 shape = dict(shape, vocab_size=tok.vocab_size)
-variants = {
-    "denso": modern_config(**shape),
-    "MoE top-2": moe_config(**shape),
-    "sigmoide (DeepSeek-V3)": moe_config(**shape, moe_router="sigmoid", moe_bias_balance=True,
-                                         moe_balance_scope="sequence", moe_aux_loss_coef=1e-4),
-    "finos 32×top-7 + 1 compartilhado": moe_config(**shape, n_experts=32, moe_top_k=7, n_shared_experts=1),
-}
+names = list(VARIANTS) if args.variants == "all" else [n.strip() for n in args.variants.split(";") if n.strip()]
 seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-variant_seeds = [int(s) for s in str(args.variant_seeds).split(",") if s.strip()]
 probe = torch.tensor(val_ids[: args.probe_seqs * args.block_size], dtype=torch.long).view(args.probe_seqs, -1)
+pieces = [tok.decode([i]) for i in probe.flatten().tolist()]  # one string per token (a character, for char)
+train_kw = dict(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                warmup_steps=args.warmup_steps, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+                weight_decay=0.1, grad_clip=1.0, device=args.device, sample_tokens=0)
+print(f"{len(names) * len(seeds)} treinos aqui × {args.steps * args.batch_size * args.block_size:,} tokens")
 
-
-def tcfg_for(seed: int) -> TrainConfig:
-    return TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-                       warmup_steps=args.warmup_steps, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-                       weight_decay=0.1, grad_clip=1.0, seed=seed, device=args.device, sample_tokens=0)
-
-
-plan = [(n, s) for s in seeds for n in ("denso", "MoE top-2")]
-plan += [(n, s) for s in variant_seeds for n in variants if n not in ("denso", "MoE top-2")]
-print(f"{len(plan)} treinos × {args.steps * args.batch_size * args.block_size:,} tokens")
-
-# %%
-runs = {}
 t0 = time.perf_counter()
-for name, seed in plan:
-    print(f"\n=== {name}, semente {seed} ===")
-    runs[name, seed] = train_variant(name, variants[name], tcfg_for(seed), train_ids, val_ids, probe,
-                                     cache_dir=out_dir / "treinos", progress=not args.quick)
-    r = runs[name, seed]
-    print(f"val {r['history'][-1]['val_loss']:.4f}  {r['seconds']:.0f} s  {r['tokens_per_s']:,.0f} tokens/s"
+records, runs = run_grid(names, seeds, shape, train_kw, (train_ids, val_ids), probe, pieces, args.val_tokens,
+                         cache_dir=out_dir / "one_switch" / "treinos", progress=not args.quick)
+for r in records:
+    print(f"{r['name']:31s} semente {r['seed']}  val {r['val']['mean']:.4f} ± {r['val']['se_blocks']:.4f} "
+          f"(EP, {r['val']['tokens']:,} tokens)  {r['seconds']:.0f} s  {r['tokens_per_s']:,.0f} tokens/s"
           + ("  (treino já salvo, reaproveitado)" if r["cached"] else ""))
-n_cached = sum(r["cached"] for r in runs.values())
-print(f"\n{len(plan)} treinos em {time.perf_counter() - t0:.0f} s ({n_cached} reaproveitados de uma execução "
-      f"anterior); tempo de treino somado: {sum(r['seconds'] for r in runs.values()):.0f} s")
+print(f"{len(records)} treinos em {time.perf_counter() - t0:.0f} s")
+(out_dir / "one_switch.json").write_text(json.dumps({"args": dict(vars(args)), "summary": summarize(records),
+                                                     "runs": records}, indent=1, ensure_ascii=False), encoding="utf-8")
 
 # %% [markdown]
-# ### A tabela do cruzamento
+# ### Estes treinos contra o registro
 #
-# Para cada MoE e semente: a partir de quantos tokens (e de quantos segundos de treino) a loss de
-# validação do MoE fica **abaixo** da do denso da mesma semente e não volta mais.
+# A grade inteira (66 treinos) está registrada em `docs/results/06/one_switch.json` (caracteres) e
+# `docs/results/06/bpe/one_switch.json` (BPE), cada treino com o hardware em que rodou. Os treinos
+# refeitos aqui usam a mesma configuração e a mesma semente: na mesma CPU, com 1 thread, a loss
+# final sai igual; em outro hardware, perto.
 
 # %%
-def fmt_tokens(v):
-    return "nunca" if v is None else "desde o início" if v == 0 else f"{v / 1e6:.2f} M"
+recorded = {reg: load_recorded(f"docs/results/06/{'' if reg == 'char' else 'bpe/'}one_switch.json", NANOMOE_REF)
+            for reg in ("char", "bpe")}
+rec_here = recorded[args.tokenizer] if not args.quick else None
+if rec_here is not None:
+    old = {(r["name"], r["seed"]): r for r in rec_here["runs"]}
+    for r in records:
+        o = old.get((r["name"], r["seed"]))
+        if o is not None:
+            print(f"{r['name']:31s} semente {r['seed']}: aqui {r['val']['mean']:.4f}, "
+                  f"registrado {o['val']['mean']:.4f} "
+                  f"(diferença {r['val']['mean'] - o['val']['mean']:+.4f}; registrado em {o['hardware']})")
 
-
-rows = ["| variante | semente | params ativos | params totais | val final | denso | cruza em tokens | "
-        "cruza em tempo | tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-summary = []
-for (name, seed), r in runs.items():
-    dense = runs.get(("denso", seed))
-    tok_x = crossover(dense["history"], r["history"], "tokens") if dense and name != "denso" else None
-    sec_x = crossover(dense["history"], r["history"], "elapsed_s") if dense and name != "denso" else None
-    summary.append(dict(variant=name, seed=seed, active=r["active"], total=r["total"],
-                        val_loss=r["history"][-1]["val_loss"], seconds=r["seconds"], tokens_per_s=r["tokens_per_s"],
-                        hardware=r.get("hardware"),
-                        crossover_tokens=tok_x, crossover_seconds=sec_x,
-                        history=[{k: h.get(k) for k in ("step", "tokens", "elapsed_s", "train_loss", "val_loss")}
-                                 for h in r["history"]]))
-    dense_val = f"{dense['history'][-1]['val_loss']:.4f}" if dense else "—"
-    tok_cell = "—" if name == "denso" else fmt_tokens(tok_x)
-    sec_cell = "—" if name == "denso" else ("nunca" if sec_x is None else f"{sec_x:.0f} s")
-    rows.append(f"| {name} | {seed} | {r['active']:,} | {r['total']:,} | {r['history'][-1]['val_loss']:.4f} | "
-                f"{dense_val} | {tok_cell} | {sec_cell} | {r['tokens_per_s']:,.0f} |")
-table = "\n".join(rows)
-(out_dir / "crossover.json").write_text(json.dumps({"args": dict(vars(args)), "runs": summary}, indent=1),
-                                        encoding="utf-8")
-print(table)
+# %% [markdown]
+# ### Onde o MoE passa o denso (os treinos desta execução)
+#
+# A pergunta do capítulo 03, agora para a base e a receita do V3: a partir de quantos tokens (e de
+# quantos segundos de treino) a loss de validação do MoE fica abaixo da do denso da mesma semente e
+# não volta mais. O relógio é o desta execução.
 
 # %%
 by_variant = {}
 for (name, seed), r in runs.items():
     by_variant.setdefault(name, {})[seed] = r["history"]
+for (name, seed), r in runs.items():
+    dense = runs.get(("denso", seed))
+    if dense is None or name == "denso":
+        continue
+    tok_x = crossover(dense["history"], r["history"], "tokens")
+    sec_x = crossover(dense["history"], r["history"], "elapsed_s")
+    tok_cell = "nunca" if tok_x is None else "desde o início" if tok_x == 0 else f"{tok_x / 1e6:.2f} M"
+    tok_cell = tok_cell.replace(".", ",")
+    sec_cell = "nunca" if sec_x is None else "desde o início" if sec_x == 0 else f"{sec_x:.0f} s"
+    print(f"{name:31s} semente {seed}: cruza o denso em tokens: {tok_cell}; "
+          f"em tempo: {sec_cell}")
 regime = "caracteres" if args.tokenizer == "char" else f"BPE português, {tok.vocab_size} tokens"
 where = sorted({r.get("hardware") or "lugar não registrado" for r in runs.values()})  # where the times come from
-fig = plot_crossover(by_variant, reference="denso" if seeds else None, hardware=" + ".join(where),
-                     title=f"Machado ({regime}): denso e MoEs com os mesmos parâmetros ativos")
+fig = plot_crossover(by_variant, reference="denso" if "denso" in by_variant else None, hardware=" + ".join(where),
+                     title=f"Machado ({regime}), treinos desta execução: mesmos parâmetros ativos")
 save_figure(fig, out_dir / "crossover.png")
+
+# %% [markdown]
+# ### A grade registrada: Δ contra a base, semente a semente
+#
+# Para cada variante e semente, a loss de validação final (131 072 tokens) menos a da base da
+# mesma semente; a média ± o desvio-padrão entre as 3 sementes; e, ao lado, o erro-padrão pareado
+# da estimativa (a média sobre as sementes). A linha do **denso** dá a escala do ruído entre
+# sementes: o desvio-padrão da loss do próprio denso de uma semente para outra.
+
+# %%
+panels = {}
+for reg, res in recorded.items():
+    if res is None:
+        continue
+    print(f"\n{'caracteres' if reg == 'char' else 'BPE'}: {one_switch_caption(res)}")
+    print(one_switch_table(res))
+    panels["caracteres" if reg == "char" else "BPE português"] = one_switch_panel(res)
+if panels:
+    fig = plot_one_switch(panels, order=[n for n in VARIANTS if n != "base (MoE top-2)"],
+                          title="Uma chave de cada vez: Δ loss de validação contra a base, por semente ("
+                                + recorded_hardware(recorded) + ")")
+    save_figure(fig, out_dir / "one_switch.png")
+    fig
+
+# %% [markdown]
+# ### Lote global contra micro-lote: especialização
+#
+# O artigo do lote global ([Qiu et al. 2025](https://arxiv.org/abs/2501.11873)) argumenta que
+# balancear cada micro-lote atrapalha a **especialização**, não a loss. Medimos a especialização
+# como a parte da incerteza sobre o especialista que o token explica: $1 - H(e \mid x)/H(e)$, com
+# $e$ o especialista de uma atribuição e $x$ a classe do token (vogal, espaço...) ou o próprio
+# token. 0 = o roteador ignora o token; 1 = o token decide o especialista. Nas 64 sequências de
+# validação da sonda, por camada, nas 3 sementes registradas:
+
+# %%
+for reg, res in recorded.items():
+    if res is not None:
+        print(f"\n{'caracteres' if reg == 'char' else 'BPE'}")
+        print(pair_line(res, "lote global (micro-lotes de 4)", "micro-lotes de 4"))
+        print(specialization_table(res, ["micro-lotes de 4", "lote global (micro-lotes de 4)", "base (MoE top-2)"]))
 
 # %% [markdown]
 # ## 5. O que o roteador aprendeu
 #
-# Lemos o MoE top-2 (semente 0) em `probe_seqs` sequências de validação. Primeiro, a
-# **coativação** (OLMoE, seção 5.4): na linha $i$, a fração dos tokens que escolheram $i$ e também
-# escolheram $j$. Com top-2 de 8 e um roteador que ignorasse o token, cada célula valeria $1/7$.
+# Lemos a base (MoE top-2, a primeira semente desta execução) em `probe_seqs` sequências de
+# validação. Primeiro, a **coativação** (OLMoE, seção 5.2): na linha $i$, a fração dos tokens que
+# escolheram $i$ e também escolheram $j$. Com top-2 de 8 e um roteador que ignorasse o token, cada
+# célula valeria $1/7$.
 
 # %%
-main = runs["MoE top-2", seeds[0]]
+main = runs["base (MoE top-2)", seeds[0]]
 E = main["model"].config.n_experts
 decisions = routing_of(main["model"], probe)  # one (B, T, k) per MoE layer
 mats = [coactivation(d, E) for d in decisions]
-fig = plot_matrices(mats, [f"camada {i}" for i in range(len(mats))], title="Coativação: P(j escolhido | i escolhido)")
+fig = plot_matrices(mats, [f"camada {i}" for i in range(len(mats))],
+                    title=f"Coativação: P(j escolhido | i escolhido) — base, semente {seeds[0]}, {main['hardware']}")
 save_figure(fig, out_dir / "coactivation.png")
 
 # %% [markdown]
 # **Especialização por classe de caractere.** Cada coluna é uma classe (vogal, consoante, espaço...);
-# cada célula, a fração das atribuições dessa classe que foi para o especialista. Branco é $1/E$ (o
-# roteador ignora a classe); vermelho, preferência. Com o BPE, um token é classificado pelo seu
-# primeiro caractere (um token que começa com espaço é um **início de palavra**), e listamos também
-# os tokens que cada especialista mais recebe.
+# cada célula, a fração das atribuições dessa classe que foi para o especialista. A marca branca na
+# barra de cores é $1/E$ (o roteador ignora a classe); acima dela, preferência. Com o BPE, um token
+# é classificado pelo seu primeiro caractere (um token que começa com espaço é um **início de
+# palavra**), e listamos também os tokens que cada especialista mais recebe.
 
 # %%
-pieces = [tok.decode([i]) for i in probe.flatten().tolist()]  # one string per token (a character, for char)
 classes = char_class_ids([p[:1] for p in pieces]).view(probe.shape)
 present = [c for c in range(len(CHAR_CLASSES)) if (classes == c).any()]
 mats = [routing_share(d, classes, len(CHAR_CLASSES), E)[:, present] for d in decisions]
@@ -410,7 +538,7 @@ names = dict(CHAR_CLASS_PT, space="início de palavra") if args.tokenizer == "bp
 labels = [names[CHAR_CLASSES[c]] for c in present]
 what = "caractere" if args.tokenizer == "char" else "token (pelo 1º caractere)"
 fig = plot_matrices(mats, [f"camada {i}" for i in range(len(mats))], xlabels=labels, center=1 / E,
-                    title=f"Para onde vai cada classe de {what} (branco = 1/E)")
+                    title=f"Para onde vai cada classe de {what} (marca na barra = 1/E) — base, semente {seeds[0]}")
 save_figure(fig, out_dir / "specialization_classes.png")
 if args.tokenizer != "char":
     k = main["model"].config.moe_top_k
@@ -429,22 +557,29 @@ mats, titles = [routing_share(decisions[-1], in_seq, 8, E)], ["posição na sequ
 if args.tokenizer == "char":
     in_word = position_in_word(pieces, max_pos=8).view(probe.shape)
     mats, titles = [routing_share(decisions[-1], in_word, 9, E)] + mats, ["posição na palavra (0 = não-letra)"] + titles
-fig = plot_matrices(mats, titles, xlabel="posição", center=1 / E, title="Última camada: o roteador olha a posição?")
+fig = plot_matrices(mats, titles, xlabel="posição", center=1 / E,
+                    title=f"Última camada: o roteador olha a posição? — base, semente {seeds[0]}")
 save_figure(fig, out_dir / "specialization_position.png")
 
 # %% [markdown]
-# **Saturação do roteamento** (OLMoE, seção 5.1): em cada avaliação do treino, a fração dos tokens
-# da sonda cujo conjunto de $k$ especialistas já é o do modelo final.
+# **Saturação do roteamento** (OLMoE, seção 5.1). O OLMoE a define como a **sobreposição média**
+# entre os $k$ especialistas de um token num ponto do treino e os $k$ do modelo final
+# ($|S_t \cap S_{\text{final}}|/k$, média sobre os tokens); ao lado, a versão mais dura que este
+# capítulo usava antes: a fração dos tokens cujo **conjunto** de $k$ já é exatamente o final. Com
+# top-2 de 8 ao acaso, a sobreposição valeria $2/8 = 25\%$ e o conjunto exato $1/28 \approx 3{,}6\%$.
 
 # %%
-snaps = main["snapshots"]
-sat = [[saturation(s["topk"][layer_i], snaps[-1]["topk"][layer_i]) for s in snaps] for layer_i in range(len(decisions))]
-fig = plot_saturation([s["tokens"] for s in snaps], sat, title="MoE top-2: roteamento igual ao final")
+sat = saturation_curves(main["snapshots"])
+fig = plot_saturation(sat["tokens"], sat["exact"], overlap=sat["overlap"],
+                      title=f"Base (MoE top-2), semente {seeds[0]}: roteamento igual ao final — {main['hardware']}")
 save_figure(fig, out_dir / "saturation.png")
-print("tokens até 50% / 90% dos tokens com o top-k final, por camada:")
-for li, vals in enumerate(sat):
-    reach = [next((s["tokens"] for s, v in zip(snaps, vals) if v >= q), None) for q in (0.5, 0.9)]
-    print(f"  camada {li}: " + ", ".join("—" if t is None else f"{t / 1e6:.2f} M" for t in reach))
+print("tokens até 50% / 90%, por camada (conjunto exato | sobreposição do OLMoE):")
+for li in range(len(sat["exact"])):
+    cells = []
+    for curve in (sat["exact"][li], sat["overlap"][li]):
+        reach = [next((t for t, v in zip(sat["tokens"], curve) if v >= q), None) for q in (0.5, 0.9)]
+        cells.append(", ".join("—" if t is None else f"{t / 1e6:.2f} M".replace(".", ",") for t in reach))
+    print(f"  camada {li}: {cells[0]} | {cells[1]}")
 
 # %% [markdown]
 # **Um texto colorido pelo especialista** (a vista do capítulo 03): o especialista top-1 de cada
@@ -458,109 +593,129 @@ fig = plot_token_routing([tok.decode([i]) for i in ids[0].tolist()], top1, E)
 save_figure(fig, out_dir / "token_routing.png")
 
 # %%
-print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivation.png, ...)")
+print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, crossover.png, coactivation.png, ...)")
 
 # %% [markdown]
 # ## 6. Resultados
 #
-# Execução de referência: este notebook, de cima a baixo, com os parâmetros padrão (2 camadas,
-# $C = 64$, 4 cabeças, contexto 128, lotes de 16; 600 passos = 1,23 milhão de tokens por treino;
-# ~102 mil parâmetros ativos em todos; sementes 0, 1 e 2), PyTorch 2.15 numa CPU x86_64 de 2
-# núcleos, 1 thread, com outro processo de 1 thread no outro núcleo: **8,4 min** de relógio, 435 s
-# de treino somando os 12 treinos. O mesmo comando refaz tudo: `uv run -m scripts.06_modern_routers
-# --threads=1`. O resultado registrado (`crossover.json` e as figuras) está em `docs/results/06/`.
+# **A grade registrada.** `uv run -m scripts.grid_06_one_switch --threads=1` e o mesmo com
+# `--tokenizer=bpe`, dois processos de 1 thread ao mesmo tempo numa CPU x86_64 de 2 núcleos
+# compartilhada com outros trabalhos (carga média entre ~4 e 8): 33 treinos com caracteres em 50 min
+# de relógio e 33 com BPE em 56 min. Por isso os
+# tempos e os tokens/s desta grade são ruidosos e não entram nas conclusões; as losses não dependem
+# da carga. Modelo: 2 camadas, $C = 64$, 4 cabeças, contexto 128; 300 passos de 16 sequências
+# (0,61 M tokens por treino; metade do orçamento da versão anterior deste capítulo, para caber 66
+# treinos na CPU). Resultado: `docs/results/06/one_switch.json` e `docs/results/06/bpe/one_switch.json`.
 #
-# | variante | semente | val final | denso | MoE − denso | cruza em tokens | cruza em tempo |
-# |---|---:|---:|---:|---:|---:|---:|
-# | MoE top-2 | 0 | 2,0660 | 2,0775 | −0,0115 | 0,12 M | nunca |
-# | MoE top-2 | 1 | 2,0462 | 2,0573 | −0,0111 | 0,86 M | nunca |
-# | MoE top-2 | 2 | 2,0550 | 2,0612 | −0,0062 | 0,86 M | nunca |
-# | sigmoide (DeepSeek-V3) | 0 | 2,1047 | 2,0775 | +0,0272 | nunca | nunca |
-# | sigmoide (DeepSeek-V3) | 1 | 2,0693 | 2,0573 | +0,0120 | nunca | nunca |
-# | sigmoide (DeepSeek-V3) | 2 | 2,0556 | 2,0612 | −0,0056 | 1,11 M | nunca |
-# | finos 32×top-7 + 1 compartilhado | 0 | 2,0362 | 2,0775 | −0,0413 | desde o início | nunca |
-# | finos 32×top-7 + 1 compartilhado | 1 | 2,0459 | 2,0573 | −0,0114 | 0,86 M | nunca |
-# | finos 32×top-7 + 1 compartilhado | 2 | 2,0117 | 2,0612 | −0,0495 | 0,49 M | nunca |
+# **Quanto ruído há.** A loss de validação de um treino é a média sobre 131 072 tokens; o
+# erro-padrão dessa média (pelas médias de 1 024 blocos) é 0,0036 a 0,0040 nats com caracteres e
+# 0,0046 a 0,0050 com BPE, e o de uma diferença pareada entre dois modelos nos mesmos tokens é ainda
+# menor (0,0008 a 0,0029 nats contra a base). O ruído que importa é outro: o **mesmo** modelo denso,
+# só trocando a semente
+# (inicialização e ordem dos lotes), varia 0,0511 nats (desvio-padrão, caracteres) e
+# 0,0697 (BPE). Um efeito menor que isso, em 3 sementes, é **diferença não mensurável**.
 #
-# Tokens por segundo de treino (média das 3 sementes, nesta execução): denso 43 306, MoE top-2
-# 34 933 (1,24× o custo do denso por passo), sigmoide 36 957 (1,17×), finos 25 614 (1,69×).
+# **Caracteres** (131 072 tokens de validação por treino; erro-padrão (por blocos) da loss de um
+# treino 0,0036–0,0040; desvio da loss do denso entre sementes 0,0511; sementes 0, 1, 2):
 #
-# **O cruzamento (caracteres).** Com os mesmos parâmetros ativos e os mesmos tokens, o MoE top-2
-# termina abaixo do denso nas três sementes, mas por pouco: −0,0096 nats em média. O ponto em que
-# passa à frente **para sempre** varia muito (0,12 M tokens numa semente, 0,86 M nas outras duas; o
-# painel da direita mostra a diferença oscilando em torno de zero até ~0,8 M). Num modelo deste
-# tamanho, a vantagem do MoE é do tamanho do ruído entre sementes até perto do fim, e cresce
-# devagar com os tokens. O capítulo 03 (4 camadas, $C = 128$, metade dos tokens) mediu a mesma
-# coisa: o MoE top-2 se separa do denso devagar, e a vantagem cresce com os tokens.
+# | variante | Δ semente 0 | Δ semente 1 | Δ semente 2 | média ± desvio | EP pareado |
+# |---|---:|---:|---:|---:|---:|
+# | denso | +0,0610 | −0,0246 | −0,0593 | −0,0076 ± 0,0619 | — |
+# | base (MoE top-2) (a loss, não Δ) | 2,2876 | 2,2987 | 2,3101 | 2,2988 ± 0,0113 | — |
+# | sigmoide | +0,6800 | +0,0568 | −0,0218 | +0,2383 ± 0,3845 | 0,0016 |
+# | viés, α = 0 | −0,0231 | −0,0115 | +0,0577 | +0,0077 ± 0,0437 | 0,0010 |
+# | loss por sequência | +0,0402 | +0,3966 | −0,0656 | +0,1237 ± 0,2422 | 0,0014 |
+# | micro-lotes de 4 | +0,0110 | +0,5319 | −0,0875 | +0,1518 ± 0,3328 | 0,0017 |
+# | lote global (micro-lotes de 4) | +0,0319 | +0,0467 | −0,0583 | +0,0068 ± 0,0568 | 0,0010 |
+# | 1 compartilhado | +0,4705 | −0,0821 | −0,0882 | +0,1001 ± 0,3209 | 0,0017 |
+# | finos 32×top-8 | +0,1513 | −0,0101 | −0,0290 | +0,0374 ± 0,0991 | 0,0011 |
+# | 1ª camada densa | −0,0673 | +0,0166 | −0,0449 | −0,0319 ± 0,0434 | 0,0011 |
+# | receita DeepSeek-V3 | −0,0341 | −0,0592 | −0,0716 | −0,0549 ± 0,0191 | 0,0010 |
 #
-# **Contra o relógio o MoE não passa o denso** com caracteres, em nenhuma semente e em nenhuma
-# variante: cada passo custa 1,17× (sigmoide) a 1,69× (finos) o do denso, e a vantagem por token é
-# pequena demais para pagar isso em 1,2 M tokens.
+# **BPE português (1024 tokens)** (131 072 tokens de validação por treino; erro-padrão (por blocos)
+# da loss de um treino 0,0046–0,0050; desvio da loss do denso entre sementes 0,0697; sementes 0, 1,
+# 2):
 #
-# **Especialistas finos** (32 × top-7 + 1 compartilhado, mesmos ativos) foram o melhor MoE nas três
-# sementes: −0,034 nats em média, mais de 3× a vantagem do top-2. São também os mais caros por
-# passo (muitas multiplicações pequenas), e por isso não passam o denso no relógio.
+# | variante | Δ semente 0 | Δ semente 1 | Δ semente 2 | média ± desvio | EP pareado |
+# |---|---:|---:|---:|---:|---:|
+# | denso | +0,0814 | +0,0863 | −0,0699 | +0,0326 ± 0,0888 | — |
+# | base (MoE top-2) (a loss, não Δ) | 4,7887 | 4,8033 | 4,8303 | 4,8074 ± 0,0211 | — |
+# | sigmoide | +0,0700 | +0,0019 | +0,0405 | +0,0375 ± 0,0341 | 0,0009 |
+# | viés, α = 0 | −0,0111 | +0,1222 | +0,0756 | +0,0622 ± 0,0676 | 0,0011 |
+# | loss por sequência | +0,0453 | +0,0341 | +0,0258 | +0,0351 ± 0,0098 | 0,0009 |
+# | micro-lotes de 4 | −0,0258 | −0,0136 | +0,0390 | −0,0001 ± 0,0344 | 0,0012 |
+# | lote global (micro-lotes de 4) | +0,0627 | +0,0395 | −0,0353 | +0,0223 ± 0,0512 | 0,0013 |
+# | 1 compartilhado | +0,0555 | −0,0021 | +0,0085 | +0,0206 ± 0,0307 | 0,0012 |
+# | finos 32×top-8 | +0,1852 | +0,0862 | +0,0532 | +0,1082 ± 0,0687 | 0,0013 |
+# | 1ª camada densa | +0,0023 | +0,0469 | +0,0546 | +0,0346 ± 0,0282 | 0,0012 |
+# | receita DeepSeek-V3 | −0,0122 | +0,0744 | −0,0202 | +0,0140 ± 0,0525 | 0,0013 |
 #
-# **O roteador sigmoide** com viés e loss por sequência ($\alpha = 10^{-4}$) ficou atrás do denso
-# em duas das três sementes (+0,011 em média). Com caracteres e 8 especialistas ele não ajudou; o
-# DeepSeek-V3 o usa com 256 especialistas finos, onde competir num softmax de 256 é o problema que a
-# sigmoide resolve.
+# **Como ler.** Chamamos de **mensurável** um efeito com o mesmo sinal nas 3 sementes e média maior,
+# em módulo, que o desvio-padrão do denso entre sementes; o resto é **diferença não mensurável**
+# nesta grade, e não se ordena.
 #
-# ### O outro regime: o BPE português
+# **Caracteres: o platô decide, e quase nada é mensurável.** O MoE top-2 e o denso empatam: Δ do
+# denso −0,0076 ± 0,0619 (o denso fica acima da base na semente 0 e abaixo nas sementes 1 e 2).
+# Sigmoide, viés com α = 0, loss por sequência, micro-lotes de 4, lote global, 1 compartilhado,
+# finos e 1ª camada densa: **nenhuma diferença mensurável**. Vários têm uma semente com Δ enorme
+# (+0,68 da sigmoide, +0,53 dos micro-lotes de 4, +0,47 do compartilhado, +0,40 da loss por
+# sequência) e outras perto de zero ou negativas: são treinos que ficaram presos mais tempo no platô
+# de ~3,1 nats (exercício 6), não efeitos da chave. A única chave com o mesmo sinal nas três sementes
+# e acima do ruído do denso é a **receita DeepSeek-V3 inteira**: −0,034, −0,059, −0,072 (média
+# −0,055 ± 0,019, contra 0,051 de desvio do denso) — mensurável, mas por pouco, e nenhuma das suas
+# peças sozinha mostra de onde vem.
 #
-# Com `--tokenizer=bpe` o experimento se repete igual, mas sobre o BPE byte-level de 1024 tokens
-# treinado só na parte de treino do Machado (2,46 caracteres por token: os mesmos 1,23 M tokens
-# cobrem ~2,5× mais texto). Comando: `uv run -m scripts.06_modern_routers --threads=1
-# --tokenizer=bpe` (12 treinos, 603 s de treino somados, na mesma máquina, sozinho nela; ~161 mil parâmetros
-# ativos, por causa do vocabulário maior). Resultados e figuras registrados em
-# `docs/results/06/bpe/`. A loss é por token BPE, então não se compara com a dos caracteres.
+# **BPE português: menos platô, e ainda assim pouco mensurável.** Com o BPE o ruído do denso também
+# é grande: a semente 2 do denso terminou bem abaixo das outras (4,7604 contra 4,8701 e 4,8896), e o
+# desvio entre sementes é 0,0697. Por isso até a vantagem da base sobre o denso não é mensurável: o
+# MoE top-2 fica 0,081 e 0,086 abaixo do denso nas sementes 0 e 1 e **0,070 acima** na semente 2
+# (Δ do denso +0,0326 ± 0,0888). A única chave mensurável é a dos **finos 32×top-8**, pior nas três
+# sementes (+0,185, +0,086, +0,053; média +0,108 ± 0,069). Três chaves têm o mesmo sinal nas três
+# sementes, mas ficam abaixo do desvio do denso — um indício, não uma medida: sigmoide
+# (+0,038 ± 0,034), loss por sequência (+0,035 ± 0,010) e 1ª camada densa (+0,035 ± 0,028), todas
+# piores que a base. Viés com α = 0, micro-lotes de 4, lote global, 1 compartilhado e a **receita
+# DeepSeek-V3** (−0,012, +0,074, −0,020): **nenhuma diferença mensurável**. O que mudou em relação à
+# versão anterior deste capítulo, que misturava quatro chaves numa variante "sigmoide (DeepSeek-V3)":
+# nenhuma peça da receita, sozinha, ajuda de forma mensurável aqui, e a receita inteira ajuda com
+# caracteres (por pouco) e não com BPE.
 #
-# | variante | semente | val final | denso | MoE − denso | cruza em tokens | cruza em tempo |
-# |---|---:|---:|---:|---:|---:|---:|
-# | MoE top-2 | 0 | 4,1910 | 4,2616 | −0,0705 | 0,12 M | 5 s |
-# | MoE top-2 | 1 | 4,2047 | 4,3304 | −0,1257 | 0,12 M | 24 s |
-# | MoE top-2 | 2 | 4,2257 | 4,2248 | +0,0009 | nunca | nunca |
-# | sigmoide (DeepSeek-V3) | 0 | 4,2046 | 4,2616 | −0,0569 | 0,18 M | 23 s |
-# | sigmoide (DeepSeek-V3) | 1 | 4,2559 | 4,3304 | −0,0745 | 0,43 M | nunca |
-# | sigmoide (DeepSeek-V3) | 2 | 4,2018 | 4,2248 | −0,0230 | 0,80 M | nunca |
-# | finos 32×top-7 + 1 compartilhado | 0 | 4,2963 | 4,2616 | +0,0348 | nunca | nunca |
-# | finos 32×top-7 + 1 compartilhado | 1 | 4,2447 | 4,3304 | −0,0857 | 0,31 M | nunca |
-# | finos 32×top-7 + 1 compartilhado | 2 | 4,3098 | 4,2248 | +0,0850 | nunca | nunca |
+# **Lote global contra micro-lote.** Com caracteres, o lote global (4 micro-lotes de 4) menos os
+# micro-lotes de 4 dá +0,021, −0,485 e +0,029 nas três sementes (a semente 1 é a dos micro-lotes
+# presos no platô): nenhuma diferença mensurável na loss. Com BPE: +0,089, +0,053 e −0,074 — também
+# não mensurável. O que o artigo do lote
+# global promete é especialização, e nós medimos: a fração da incerteza sobre o especialista que a
+# classe do token explica, $1 - H(e|x)/H(e)$, é, na camada 0, 0,269 ± 0,056 com o lote global
+# contra 0,236 ± 0,026 com micro-lotes de 4 (caracteres) e 0,161 ± 0,017 contra 0,195 ± 0,040 (BPE);
+# pelo próprio token, 0,494 contra 0,489 e 0,612 contra 0,630. Diferenças menores que o desvio
+# entre sementes, e de sinais opostos nos dois regimes: **nenhuma diferença mensurável de
+# especialização** nesta escala. A tabela completa (por camada, pela classe e pelo próprio token) é
+# a que o notebook imprime na seção 4. Um aviso: o artigo mede com
+# lotes globais de milhares de sequências e micro-lotes de poucas; aqui, 16 contra 4, num modelo de
+# 100 a 160 mil parâmetros ativos e 0,61 M tokens — um teste pequeno da ideia, não da escala do artigo.
 #
-# **O que cada regime mostra.** Com BPE a vantagem do MoE top-2 é ~7× maior (−0,065 nats em média)
-# e, em duas das três sementes, grande o bastante para o MoE passar o denso **também no relógio**
-# (aos 5 e aos 24 s de treino; o passo do top-2 custa 1,18× o do denso: 27 750 contra 32 709
-# tokens/s); na terceira semente os dois empatam. O relógio é a medida mais frágil: nesta execução o
-# mesmo modelo denso rodou entre 28 803 e 35 125 tokens/s de uma semente para outra (a máquina é
-# compartilhada), e o "5 s" da semente 0 deve muito a isso. O roteador sigmoide, que perdeu com
-# caracteres, ganha do denso nas três sementes com BPE (−0,052 em média; no relógio, em uma).
-# E os especialistas finos, os melhores com caracteres, ficam instáveis com BPE (+0,035,
-# −0,086, +0,085). Uma leitura: com caracteres há pouco para especializar (126 símbolos, quase
-# tudo é "que letra vem depois"), e o que ganha é a quantidade de combinações; com BPE, 1024 tokens
-# de frequências muito diferentes dão aos especialistas largos algo para dividir. Três sementes
-# de modelos de 100 mil parâmetros ativos são um indício, não uma lei: a variação entre sementes
-# do próprio denso (4,22 a 4,33 com BPE) é do tamanho dos efeitos.
+# **O que o roteador aprendeu** (a base, semente 0, com caracteres: as figuras desta execução, em
+# `docs/results/06/`). Na camada 0, os especialistas 2 e 3 recebem quase todos os espaços e quebras
+# de linha, e andam juntos (quando o 2 é escolhido, o 3 também é em ~80% das vezes); a pontuação vai
+# para 0 e 4, as maiúsculas para 0 e 5, as letras acentuadas para 0 e 6, as vogais para 1 e 7. Na
+# camada 1, os espaços vão para 0 e 5 (de novo um par), a pontuação para 2 e 6, as maiúsculas e
+# consoantes para 4 e 7. A posição **na palavra** importa na última camada (0 e 5 recebem as
+# não-letras, 4 e 7 a primeira letra, 5 a segunda, 1 e 3 as letras do fim de palavras longas); a
+# posição **na sequência** não importa (tudo perto de $1/E$). A saturação depende da definição: pela
+# do OLMoE (sobreposição média), metade dos especialistas finais já está escolhida com 0,12 M
+# (camada 0) e 0,18 M (camada 1) tokens e 90% com 0,49 M e 0,55 M; pelo conjunto exato, 50% só com
+# 0,31 M nas duas camadas e 90% só no último ponto (0,61 M). Nos dois casos o roteamento ainda muda
+# até o fim dos 0,61 M tokens — não é a saturação precoce que o OLMoE encontra ao longo de trilhões
+# de tokens, e nem deveria ser comparável: aqui o treino inteiro é o começo de um treino.
 #
-# **O que o roteador aprendeu** (MoE top-2, semente 0). Na camada 0, os especialistas 2 e 3 recebem
-# quase todos os espaços e quebras de linha, e a coativação mostra que eles andam juntos (cada um é o
-# par do outro em ~65% das vezes); 1 e 4 ficam com a pontuação, 5 e 6 com as maiúsculas, 7 com as
-# vogais, 0 e 6 com as letras acentuadas. Na camada 1, 2 fica com os espaços, 5 com a pontuação, 3 com
-# as vogais, 6 com consoantes e maiúsculas. A posição **na palavra** importa (na última camada, o
-# especialista 2 recebe as não-letras, o 6 a primeira letra da palavra, o 3 a segunda, o 1 as letras
-# do fim de palavras longas); a posição **na sequência** não importa nada (tudo perto de $1/E$). A
-# saturação é lenta: metade dos tokens já tem o top-k final com 0,43 M (camada 0) e 0,61 M (camada 1)
-# tokens, 90% só com 1,11 M e 1,23 M — o roteamento ainda muda até o fim, diferente do OLMoE, que
-# satura cedo em bilhões de tokens.
-#
-# **Com o BPE** (MoE top-2, semente 0; figuras em `docs/results/06/bpe/`), a lista dos tokens que
-# cada especialista mais recebe na última camada se lê como gramática: um especialista fica com as
-# terminações verbais e nominais (`ia`, `ão`, `ir`, `ram`, `dor`, `ando`), outro com as palavras
-# curtas mais frequentes (`,`, ` a`, ` e`, ` o`, ` que`, ` de`), outro com pontuação e quebras de
-# linha (`\n`, `.`, `—`, `?`), outro com sílabas do meio da palavra (`ar`, `va`, `ir`, `ca`). Pela
-# classe do primeiro caractere, na camada 0 um especialista recebe quase todos os inícios de
-# palavra e dois dividem a pontuação; na camada 1, dois ficam com os tokens que começam com
-# maiúscula. A saturação chega a 50% com 0,31 M e 0,43 M tokens (camadas 0 e 1) — mais cedo que com
-# caracteres.
+# **Com o BPE** (a base, semente 0; figuras em `docs/results/06/bpe/`), a lista dos tokens que cada
+# especialista mais recebe na última camada se lê como gramática: um especialista fica com as
+# palavras curtas mais frequentes (` e`, ` que`, ` se`, ` não`, ` era`), outro com vírgulas e
+# artigos/contrações (`,`, ` a`, ` da`, ` do`), outro com terminações (`ia`, `ão`, `ram`, `to`),
+# outros com quebras de linha e pontuação ou com sílabas do meio da palavra. Pela classe do
+# primeiro caractere, na camada 0 os dígitos e "outros" vão para 1 e 3, os inícios de palavra para
+# 5, a pontuação para 2; na camada 1, as maiúsculas para 2 e 7. A saturação pela sobreposição do
+# OLMoE chega a 50% com 0,18 M e 0,25 M tokens (camadas 0 e 1) e a 90% com 0,43 M e 0,55 M; pelo
+# conjunto exato, 50% com 0,25 M e 0,37 M.
 #
 # ## Exercícios
 #
@@ -620,22 +775,75 @@ print(f"figuras e tabela em {out_rel}/ (crossover.json, crossover.png, coactivat
 #
 # Esperado: um forward sem gradiente é ~1/3 de forward + backward, então ~1,33×. Medido (1 thread,
 # rodadas alternadas, máquina sem outra carga, o modelo padrão do benchmark: 4 camadas, $C = 48$):
-# 159,4 ms contra 123,7 ms, 1,29×. Com um micro-lote por passo (o nosso experimento) não há
-# pré-passagem: o forward só soma as contagens entre os processos, e o custo é o do top-2.
+# 159,4 ms contra 123,7 ms, 1,29×. Com um micro-lote por passo (a base do experimento) não há
+# pré-passagem: o forward só soma as contagens entre os processos, e o custo é o do top-2; o par
+# "micro-lotes de 4" / "lote global" da grade paga a pré-passagem (os tokens/s da grade, medidos sob
+# carga, são ruidosos demais para confirmar o 1,29×).
+# </details>
+#
+# **5. Quantas sementes?** Com o desvio-padrão da loss do denso entre sementes da grade registrada
+# ($\sigma$), quantas sementes por variante seriam precisas para que o erro-padrão de uma média de
+# Δ, $\sigma\sqrt{2/n}$ (duas médias de $n$ sementes cada, sem parear), ficasse abaixo de 0,005
+# nats, em cada regime?
+#
+# <details><summary>Resposta medida</summary>
+#
+# Da grade: $\sigma$ = 0,0511 nats com caracteres e 0,0697 com BPE (o denso, sementes 0, 1, 2).
+# $\sigma\sqrt{2/n} < 0{,}005$ pede $n > 2(\sigma/0{,}005)^2$: 209 sementes com caracteres e 389 com
+# BPE. Com 3 sementes, o erro-padrão de um Δ é 0,0417 (caracteres) e 0,0569 (BPE): é por isso que
+# quase tudo na tabela dos caracteres é diferença não mensurável. Parear pela semente (o mesmo
+# início e os mesmos lotes para a base e a variante) ajuda quando a variante muda pouco o treino;
+# quando ela muda o momento em que o modelo sai do platô, não ajuda (exercício 6).
+# </details>
+#
+# **6. O platô dos caracteres.** Em `docs/results/06/one_switch.json`, ache para cada treino com
+# caracteres o primeiro passo em que a loss de validação cai abaixo de 2,9 (os modelos passam um
+# tempo num platô perto de 3,1, a loss de quem só aprendeu a frequência de cada caractere) e
+# compare com a loss final. O que isso diz sobre as diferenças da tabela com caracteres?
+#
+# <details><summary>Resposta medida</summary>
+#
+# ```python
+# res = json.loads(Path("docs/results/06/one_switch.json").read_text(encoding="utf-8"))
+# for r in res["runs"]:
+#     escape = next((h["step"] for h in r["history"] if h["val_loss"] < 2.9), None)
+#     print(r["name"], r["seed"], escape, round(r["val"]["mean"], 4))
+# ```
+#
+# Dos 33 treinos com caracteres, 24 saem do platô no passo 90 e terminam entre 2,2166 e 2,3454; 4
+# saem no passo 120 e terminam entre 2,3153 e 2,3679; os outros 5 saem mais tarde (ou nunca) e
+# terminam bem acima: sigmoide semente 0: nunca sai, loss 2,9676; 1 compartilhado semente 0: passo
+# 270, loss 2,7581; micro-lotes de 4 semente 1: passo 270, loss 2,8306; loss por sequência semente
+# 1: passo 240, loss 2,6954; finos 32×top-8 semente 0: passo 150, loss 2,4389. A loss final com
+# caracteres, neste orçamento, mede sobretudo **quando** o treino saiu do platô, e isso varia com a
+# semente mais do que com a chave: um Δ grande numa semente e pequeno noutra é isso, não um efeito
+# da chave.
 # </details>
 #
 # ## O que você aprendeu
 #
 # - O roteador **sigmoide** do DeepSeek-V3 dá afinidades independentes; as portas são os escores dos
-#   $k$ escolhidos renormalizados (vezes o *routed scaling factor*), e o viés de balanceamento só
-#   escolhe, nunca pesa.
+#   $k$ escolhidos renormalizados (vezes o *routed scaling factor*, que vem da configuração
+#   publicada, não das equações), e o viés de balanceamento **só escolhe**: nem pesa as portas nem
+#   entra na contagem $f_i$ da loss de balanceamento (eq. 16–18). O pacote conta $f_i$ sem o viés em
+#   todos os escopos, e um teste reproduz a eq. 18 à mão num lote em que o viés muda escolhas.
 # - **Onde** se conta $f_i$ muda a loss: micro-lote, sequência (DeepSeek-V3) ou lote global (Qwen).
 #   Global exige somar as **contagens** de todos os micro-lotes e processos **antes** da loss;
-#   com acumulação, uma pré-passagem sem gradiente faz isso exatamente, e os testes provam
-#   2 micro-lotes = 1 lote e 2 processos = 1 processo.
-# - **Especialistas finos** (DeepSeekMoE) trocam poucos especialistas largos por muitos estreitos com
-#   os mesmos parâmetros ativos: muito mais combinações, mais multiplicações pequenas.
-# - Para ler um MoE, **olhe o roteamento**: coativação, especialização por classe e posição, e a
-#   saturação ao longo do treino (OLMoE).
-# - Compare MoE e denso com os mesmos parâmetros ativos e os mesmos tokens, em mais de uma semente,
-#   e também contra o **tempo**: o MoE paga por passo.
+#   com acumulação, uma pré-passagem sem gradiente faz isso exatamente (2 micro-lotes = 1 lote,
+#   2 processos = 1 processo, nos testes).
+# - **Medir uma chave de cada vez** exige saber o tamanho do ruído. Aqui a estimativa da loss (131 072
+#   tokens) tem erro-padrão de ~0,004–0,005 nats e uma diferença pareada ~0,001–0,003; o que domina é
+#   a **semente**: o mesmo denso varia 0,0511 nats com caracteres e 0,0697 com BPE.
+# - **Uma chave de cada vez**, 0,61 M tokens, 3 sementes: com caracteres, só a receita DeepSeek-V3
+#   inteira fica abaixo da base nas três sementes (−0,055 ± 0,019 nats, mensurável por pouco), e o
+#   resto é dominado pelo momento em que cada treino sai do platô; com BPE, só os finos 32×top-8 são
+#   mensuravelmente piores (+0,108 ± 0,069), sigmoide, loss por sequência e 1ª camada densa são
+#   piores nas três sementes mas dentro do ruído, e a receita V3 não tem diferença mensurável.
+#   Até o MoE contra o denso muda de sinal numa semente de BPE (a semente 2). Uma semente em que o
+#   efeito some é dado, não exceção: três sementes de modelos de 100 a 160 mil parâmetros ativos são um
+#   indício, não uma lei.
+# - **Lote global contra micro-lote**: nem a loss nem a especialização mudam de forma mensurável
+#   nesta escala (16 sequências contra 4 por micro-lote).
+# - Para ler um MoE, **olhe o roteamento**: coativação (pares de especialistas que andam juntos),
+#   especialização por classe e posição, e a saturação ao longo do treino — que depende da
+#   definição: a sobreposição média do OLMoE chega a 50% bem antes do conjunto exato.

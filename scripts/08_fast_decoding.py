@@ -45,7 +45,7 @@
 #    dos especialistas tocados cresce até todos.
 #
 # Cada peça é escrita do zero numa célula e conferida contra a do pacote (`nanomoe/static_cache.py`,
-# `nanomoe/quantize.py`, `nanomoe/roofline.py`). Os testes estão em `tests/test_08_decode.py`, e as
+# `nanomoe/quantize.py`, `nanomoe/course/roofline.py`). Os testes estão em `tests/test_08_decode.py`, e as
 # razões de velocidade medidas lado a lado no benchmark `scripts/bench_08_decode.py`
 # (`docs/benchmarks.md`).
 
@@ -78,6 +78,13 @@ import torch.nn.functional as F
 
 from nanomoe import GPT, get_tokenizer, gpt2_config, modern_config, moe_config
 from nanomoe.course.plots import save_figure
+from nanomoe.course.roofline import (
+    ExpertCounter,
+    decode_bytes,
+    expected_experts,
+    measure_bandwidth,
+    roofline_limit,
+)
 from nanomoe.data import encode_splits, read_corpus
 from nanomoe.quantize import (
     int8_error_bound,
@@ -87,13 +94,6 @@ from nanomoe.quantize import (
     quantize_int8,
     quantize_model_int8,
     save_quantized,
-)
-from nanomoe.roofline import (
-    ExpertCounter,
-    decode_bytes,
-    expected_experts,
-    measure_bandwidth,
-    roofline_limit,
 )
 from nanomoe.static_cache import compile_step, new_static_cache, static_generate
 from nanomoe.training.cli import parse_args
@@ -157,7 +157,7 @@ def my_bandwidth(megabytes: int = 256, reps: int = 5) -> float:
 
 
 bw_mine, bw = my_bandwidth(), measure_bandwidth()
-print(f"banda de leitura: {bw_mine / 1e9:.1f} GB/s (nossa sonda), {bw / 1e9:.1f} GB/s (nanomoe.roofline)")
+print(f"banda de leitura: {bw_mine / 1e9:.1f} GB/s (nossa sonda), {bw / 1e9:.1f} GB/s (nanomoe.course.roofline)")
 
 # %% [markdown]
 # Numa máquina compartilhada as duas medidas variam de uma execução para outra (outros processos
@@ -195,7 +195,7 @@ def my_bytes_per_token(L: int, C: int, V: int, elt: int = 4) -> int:
 mine = my_bytes_per_token(args.big_layer, args.big_embd, args.big_vocab)
 pkg = decode_bytes(big, batch=1)
 assert mine == pkg["total"], (mine, pkg)
-print(f"bytes por token (fp32, sem o KV cache): {mine / 1e6:.1f} MB = nanomoe.roofline.decode_bytes")
+print(f"bytes por token (fp32, sem o KV cache): {mine / 1e6:.1f} MB = nanomoe.course.roofline.decode_bytes")
 print(f"  dos quais a cabeça/embedding: {args.big_vocab * args.big_embd * 4 / 1e6:.1f} MB")
 kv_1024 = decode_bytes(big, 1, kv_positions=1024)["kv"]
 print(f"KV cache lido num passo com 1024 posições: {kv_1024 / 1e6:.1f} MB")

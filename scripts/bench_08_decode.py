@@ -29,8 +29,8 @@ import time
 import torch
 
 from nanomoe import GPT, gpt2_config, modern_config, moe_config
+from nanomoe.course.roofline import decode_bytes, measure_bandwidth, roofline_limit
 from nanomoe.quantize import quantize_model_int8
-from nanomoe.roofline import decode_bytes, measure_bandwidth, roofline_limit
 from nanomoe.static_cache import compile_step, new_static_cache, static_generate
 from nanomoe.training.cli import parse_args
 

@@ -5,6 +5,14 @@ import torch
 
 from nanomoe import GPT, moe_config
 from nanomoe.course.crossover import crossover, regime_tokenizer, train_variant
+from nanomoe.course.one_switch import (
+    VARIANTS,
+    _cond_entropy,
+    loss_stats,
+    paired_delta,
+    token_losses,
+    variant_config,
+)
 from nanomoe.course.routing_analysis import (
     CHAR_CLASSES,
     char_class,
@@ -15,6 +23,7 @@ from nanomoe.course.routing_analysis import (
     routing_of,
     routing_share,
     saturation,
+    saturation_overlap,
     top_tokens_per_expert,
 )
 from nanomoe.data import split_text
@@ -167,3 +176,66 @@ def test_hardware_names_where_a_run_happens():
     finally:
         torch.set_num_threads(threads)
     assert hardware("mps") == "Apple MPS"
+
+
+# ---- the one-switch measures -------------------------------------------------------------------
+
+
+def test_saturation_overlap_is_olmoe_mean_topk_overlap():
+    final = torch.tensor([[[0, 1], [2, 3], [0, 2]]])
+    now = torch.tensor([[[1, 0], [2, 1], [3, 1]]])  # overlaps 2/2, 1/2, 0/2
+    assert saturation_overlap(now, final) == pytest.approx((1 + 0.5 + 0) / 3)
+    assert saturation(now, final) == pytest.approx(1 / 3)  # the exact-set share is harder
+    assert saturation_overlap(final, final) == 1.0
+
+
+def test_loss_stats_and_paired_delta_by_hand():
+    losses = torch.tensor([[1.0, 3.0], [2.0, 2.0], [3.0, 5.0]])  # 3 blocks of 2 tokens
+    st = loss_stats(losses)
+    assert st["tokens"] == 6 and st["mean"] == pytest.approx(16 / 6)
+    blocks = torch.tensor([2.0, 2.0, 4.0], dtype=torch.float64)
+    assert st["se_blocks"] == pytest.approx(float(blocks.std() / 3 ** 0.5))
+    flat = losses.flatten().double()
+    assert st["se_tokens"] == pytest.approx(float(flat.std() / 6 ** 0.5))
+    d = paired_delta(losses + torch.tensor([[0.1], [0.3], [0.2]]), losses)
+    assert d["delta"] == pytest.approx(0.2) and d["se_blocks"] == pytest.approx(0.1 / 3 ** 0.5)
+
+
+def test_token_losses_match_the_model_loss():
+    torch.manual_seed(0)
+    model = GPT(moe_config(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16, n_experts=4))
+    ids = torch.randint(0, 16, (50,)).tolist()
+    losses = token_losses(model, ids, 8, 40)  # 5 blocks of 8
+    assert losses.shape == (5, 8)
+    x = torch.tensor(ids[:40]).view(5, 8)
+    y = torch.tensor(ids[1:41]).view(5, 8)
+    assert float(losses.mean()) == pytest.approx(float(model(x, y).ce_loss), rel=1e-5)
+
+
+def test_specialization_entropies_at_the_extremes():
+    # every vowel to experts {0, 1}, every consonant to {2, 3}: the class explains all the routing
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]] * 4, dtype=torch.float)
+    labels = torch.tensor([0, 1] * 4)
+    h_cond, h = _cond_entropy(mask, labels, 2)
+    assert h == pytest.approx(1.0) and h_cond == pytest.approx(0.5)  # log 2 / log 4 left: which of the two
+    h_cond, _ = _cond_entropy(mask, torch.zeros(8, dtype=torch.long), 1)  # one class: explains nothing
+    assert h_cond == pytest.approx(h)
+
+
+def test_variants_turn_one_switch_and_keep_active_parameters():
+    shape = dict(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    base, _ = variant_config("base (MoE top-2)", shape)
+    dense_active = GPT(variant_config("denso", shape)[0]).num_params(active=True)
+    for name in VARIANTS:
+        cfg, train_kw = variant_config(name, shape)
+        changed = {k for k, v in cfg.to_dict().items() if v != base.to_dict()[k]}
+        if name not in ("denso", "receita DeepSeek-V3", "viés, α = 0", "finos 32×top-8"):
+            assert len(changed) <= 1, (name, changed)  # one switch (the micro-batch pair: none, the batch layout)
+        if name != "denso":  # the same active parameters but the routers (C x E per MoE layer)
+            extra = GPT(cfg).num_params(active=True) - dense_active
+            assert extra == sum(cfg.is_moe_layer(i) for i in range(2)) * 32 * cfg.n_experts
+    v3, _ = variant_config("receita DeepSeek-V3", shape)
+    assert (v3.moe_router, v3.moe_bias_balance, v3.moe_balance_scope, v3.moe_aux_loss_coef, v3.moe_z_loss_coef,
+            v3.moe_routed_scaling, v3.n_shared_experts, v3.moe_dense_layers) == ("sigmoid", True, "sequence", 1e-4,
+                                                                                  0.0, 2.5, 1, 1)
+    assert variant_config("lote global (micro-lotes de 4)", shape)[1] == {"batch_size": 4, "grad_accum": 4}

@@ -126,6 +126,70 @@ def test_sequence_balance_by_hand_and_its_extremes():
     assert float(balance_loss(p, idx, "sequence")) == pytest.approx(2.0)
 
 
+def _eq18_by_hand(s: torch.Tensor, k: int) -> float:
+    """DeepSeek-V3 eq. 17-20 written out with loops: s (B, T, E) unbiased sigmoid scores of each
+    sequence; f_i = E/(k T) * #{t: s_i,t in top-k of s_t} (unbiased!), P_i = mean_t s_i,t / sum_j s_j,t;
+    loss = mean over sequences of sum_i f_i P_i."""
+    B, T, E = s.shape
+    total = 0.0
+    for b in range(B):
+        for i in range(E):
+            hits = sum(1 for t in range(T) if s[b, t, i] >= sorted(s[b, t].tolist(), reverse=True)[k - 1])
+            f_i = E / (k * T) * hits
+            P_i = sum(float(s[b, t, i] / s[b, t].sum()) for t in range(T)) / T
+            total += f_i * P_i
+    return total / B
+
+
+@pytest.mark.parametrize("scope", ["sequence", "micro_batch", "global"])
+def test_balance_counts_the_unbiased_top_k_even_when_a_bias_moves_the_choice(scope):
+    """DeepSeek-V3 (arXiv 2412.19437) eq. 16: the bias b_i only selects experts; eq. 17-20: the
+    balance loss counts f_i over the top-k of the UNBIASED scores. A +3 bias on expert 0 moves
+    selections; the loss must not see it. 3 sequences x 5 tokens, E = 4, k = 2."""
+    torch.manual_seed(11)
+    moe = MoE(layer_config(moe_router="sigmoid", moe_bias_balance=True, moe_balance_scope=scope,
+                           moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0))
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        s = torch.sigmoid(x.double() @ moe.router.weight.double().T)  # (3, 5, 4) written out, not the package
+    moe.expert_bias.copy_(torch.tensor([3.0, 0.0, 0.0, 0.0]))
+    _, _, biased_idx, _ = moe.route(x)
+    assert not torch.equal(biased_idx.sort(-1).values, s.topk(2, -1).indices.sort(-1).values)  # the bias moved some
+    if scope == "sequence":
+        want = _eq18_by_hand(s, 2)
+    else:  # micro-batch / global on one process, one micro-batch: the 15 tokens as one sequence
+        want = _eq18_by_hand(s.reshape(1, 15, 4), 2)
+    moe.train()
+    _, aux, st = moe(x)
+    assert float(aux) == pytest.approx(want, rel=1e-5)
+    assert float(st["balance_loss"]) == pytest.approx(want, rel=1e-5)
+    # the biased count would give another number: the test can tell the two apart
+    biased = balance_loss(s.float() / s.float().sum(-1, keepdim=True), biased_idx, scope if scope == "sequence"
+                          else "micro_batch")
+    assert abs(float(biased) - want) > 1e-3
+    # the bias update still counts the experts really chosen (eq. 16's load), not the unbiased top-k
+    torch.testing.assert_close(st["load"], torch.bincount(biased_idx.flatten(), minlength=4).float())
+
+
+def test_global_balance_prepass_counts_the_unbiased_top_k():
+    """Global scope with gradient accumulation: the pre-pass sums unbiased counts too, so 2
+    micro-batches give eq. 18 of the whole batch."""
+    torch.manual_seed(12)
+    cfg = layer_config(n_layer=1, moe_router="sigmoid", moe_bias_balance=True, moe_balance_scope="global",
+                       moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0)
+    model = GPT(cfg).train()
+    moe_layers(model)[0].expert_bias.copy_(torch.tensor([3.0, 0.0, 0.0, 0.0]))
+    xb = torch.randint(0, 32, (4, 16))
+    full = GPT(cfg)
+    full.load_state_dict(model.state_dict())
+    want = float(full(xb, xb).aux_loss)  # one batch of 4: f over all 64 tokens
+    step_loads = global_balance_prepass(model, [xb[:2], xb[2:]])
+    aux = 0.0
+    for part in (xb[:2], xb[2:]):
+        aux += float(model(part, part, moe_loads=step_loads).aux_loss) / 2
+    assert aux == pytest.approx(want, rel=1e-5)
+
+
 def _grads(model, loss):
     return torch.autograd.grad(loss, [p for p in model.parameters()], allow_unused=False)
 
@@ -319,6 +383,6 @@ def test_routing_statistics_are_computed_only_when_read(monkeypatch):
     want = (-(p * p.log()).sum(-1)).mean() / math.log(4)
     torch.testing.assert_close(st["entropy"], want)
     assert len(calls) == 1 and st["entropy"] is st["entropy"] and len(calls) == 1  # computed once
-    assert set(st) == {"load", "importance", "tokens", "dropped", "entropy", "top1_prob", "balance_loss", "z_loss",
-                       "topk_idx"}
+    assert set(st) == {"load", "balance_load", "importance", "tokens", "dropped", "entropy", "top1_prob",
+                       "balance_loss", "z_loss", "topk_idx"}
     assert not st["load"].requires_grad and not st["balance_loss"].requires_grad

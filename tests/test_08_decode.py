@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nanomoe import GPT, GPTConfig
+from nanomoe.course.roofline import ExpertCounter, decode_bytes, expected_experts
 from nanomoe.quantize import (
     Int8Linear,
     check_int8,
@@ -24,7 +25,6 @@ from nanomoe.quantize import (
     quantize_model_int8,
     save_quantized,
 )
-from nanomoe.roofline import ExpertCounter, decode_bytes, expected_experts
 from nanomoe.static_cache import compile_step, decode_step, new_static_cache, static_generate, static_hidden
 
 KINDS = {

@@ -2,7 +2,7 @@
 
 Every `notebooks/NN_*.ipynb` is a chapter (found by name, so a new chapter needs no change here);
 its page gets, under the title, a one-paragraph summary (`resumos.py`), the measured time of its
-default run (`nanomoe/notebook.py` CHAPTER_TIMES, read without importing torch), the "Abrir no
+default run (`nanomoe/course/notebook.py` CHAPTER_TIMES, read without importing torch), the "Abrir no
 Colab" and download buttons and links to the previous and next chapters. The chapter index page
 is generated from the same list, and so is an Atom feed (feedgen writes the XML).
 """
@@ -62,7 +62,7 @@ def _intro(cells: list[dict]) -> tuple[str, str]:
 
 
 def _times(root: Path) -> dict[str, str]:
-    """CHAPTER_TIMES from nanomoe/notebook.py as Portuguese sentences, parsed (importing would load torch)."""
+    """CHAPTER_TIMES from nanomoe/course/notebook.py as Portuguese sentences, parsed (importing would load torch)."""
     tree = ast.parse((root / "nanomoe" / "notebook.py").read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "CHAPTER_TIMES":

@@ -26,7 +26,7 @@ CHAPTER_TIMES: dict[str, dict[str, str | None]] = {
     "03": {"cpu": "~10 min", "gpu": None},
     "04": {"cpu": "~6 min", "gpu": None},
     "05": {"cpu": "~2.5 min (tiny GPT-2 stand-in)", "gpu": None},
-    "06": {"cpu": "~8 min (12 training runs)", "gpu": None},
+    "06": {"cpu": "~6 min (3 training runs: 246 s of training in the recorded grid, under load)", "gpu": None},
     "07": {"cpu": "~4 min", "gpu": None},
     "08": {"cpu": "~6 min", "gpu": None},
 }

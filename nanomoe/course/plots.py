@@ -19,6 +19,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 PathLike = Union[str, os.PathLike]
 
@@ -40,6 +41,24 @@ LABELS = {
 
 def _label(key: str) -> str:
     return LABELS.get(key, key)
+
+
+def _pt_number(v: float, digits: int = 2) -> str:
+    """A number with a decimal comma (pt-br), trailing zeros trimmed: 0.25 -> "0,25", 1.0 -> "1"."""
+    text = f"{v:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{v:.0f}"
+    return ("0" if text in ("-0", "") else text).replace(".", ",")
+
+
+def tokens_axis(ax, axis: str = "x", label: str = "tokens vistos") -> None:
+    """Token counts in millions with a decimal comma ("0,5"), said in the label: never a "1e6" offset."""
+    fmt = FuncFormatter(lambda v, _: _pt_number(v / 1e6))
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(fmt)
+    (ax.set_xlabel if axis == "x" else ax.set_ylabel)(f"{label} (milhões)")
+
+
+def decimal_comma_axis(ax, axis: str = "y", digits: int = 3) -> None:
+    """Tick labels with a decimal comma (pt-br) and no offset."""
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(FuncFormatter(lambda v, _: _pt_number(v, digits)))
 
 
 def save_figure(fig: Figure, save_path: Optional[PathLike], dpi: int = 120) -> None:
@@ -323,7 +342,10 @@ def plot_crossover(
                             label=f"{name} (semente {seed})")
         time_label = f"tempo de treino (s; {hardware})" if hardware else "tempo de treino (s)"
         ax.set_xlabel({"elapsed_s": time_label}.get(xk, _label(xk)))
+        if xk == "tokens":
+            tokens_axis(ax)
         ax.set_ylabel(_label("val_loss"))
+        decimal_comma_axis(ax)
         ax.grid(alpha=0.3)
     if reference is not None:
         ax, shown = axes[0][-1], []
@@ -340,7 +362,8 @@ def plot_crossover(
             pad = 0.15 * (max(late) - min(late)) + 1e-3
             ax.set_ylim(min(min(late), 0) - pad, max(max(late), 0) + pad)
         ax.axhline(0, color="gray", lw=1)
-        ax.set_xlabel(_label("tokens"))
+        tokens_axis(ax)
+        decimal_comma_axis(ax)
         ax.set_ylabel(f"loss de validação − {reference} (mesma semente)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
@@ -364,19 +387,16 @@ def plot_matrices(
 ) -> Figure:
     """Chapter 06: one heatmap per matrix (co-activation per layer, routing share per class...).
 
-    With `center` (e.g. 1/E for a routing share) the colour map is diverging around it:
-    red above, blue below, white where the router ignores what the columns measure."""
+    Shares are never negative: one sequential colour map (viridis) from 0; `center` (e.g. 1/E for
+    a routing share, the level where the router ignores what the columns measure) is marked on
+    the colour bar."""
     import numpy as np
 
     mats = [np.asarray(m, dtype=float) for m in mats]
     fig, axes = plt.subplots(1, len(mats), figsize=(min(4.2 * len(mats), 20), 3.9), squeeze=False)
     top = max(float(m.max()) for m in mats) if mats else 1.0
     for ax, m, name in zip(axes[0], mats, titles):
-        if center is None:
-            im = ax.imshow(m, cmap="viridis", vmin=0, vmax=top, aspect="auto")
-        else:
-            span = max(top - center, center, 1e-9)
-            im = ax.imshow(m, cmap="RdBu_r", vmin=center - span, vmax=center + span, aspect="auto")
+        im = ax.imshow(m, cmap="viridis", vmin=0, vmax=top, aspect="auto")  # shares: never negative, sequential
         ax.set_title(name, fontsize=10)
         ax.set_ylabel(ylabel)
         ax.set_yticks(range(m.shape[0]))
@@ -385,7 +405,12 @@ def plot_matrices(
             ax.set_xticklabels(xlabels, rotation=60, ha="right", fontsize=8)
         else:
             ax.set_xlabel(xlabel)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        bar = fig.colorbar(im, ax=ax, fraction=0.046)
+        bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _pt_number(v)))
+        if center is not None:  # the router-ignores-it level (e.g. 1/E), marked on the colour bar
+            bar.ax.axhline(center, color="white", lw=2)
+            bar.ax.text(1.6, center, _pt_number(center, 3), va="center", fontsize=7,
+                        transform=bar.ax.get_yaxis_transform())
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -397,21 +422,84 @@ def plot_saturation(
     tokens: Sequence[float],
     per_layer: Sequence[Sequence[float]],
     *,
+    overlap: Optional[Sequence[Sequence[float]]] = None,
     title: Optional[str] = None,
     save_path: Optional[PathLike] = None,
 ) -> Figure:
-    """Chapter 06: routing saturation (OLMoE): for checkpoints along a run, the share of tokens
-    whose top-k equals the final model's; `per_layer[l][i]` at `tokens[i]`."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for li, vals in enumerate(per_layer):
-        ax.plot(tokens, [100 * v for v in vals], "-o", ms=3, label=f"camada {li}")
-    ax.set_xlabel(_label("tokens"))
-    ax.set_ylabel("tokens com o top-k final (%)")
-    ax.set_ylim(0, 101)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    """Chapter 06: routing saturation along a run, `per_layer[l][i]` at `tokens[i]`: the share of
+    tokens whose top-k set equals the final model's; with `overlap`, a second panel with OLMoE's
+    definition (arXiv 2409.02060, sec. 5.1: the mean share of each token's k experts that are
+    among its final k)."""
+    panels = [(per_layer, "tokens com o conjunto top-k final (%)", "conjunto exato")]
+    if overlap is not None:
+        panels.append((overlap, "especialistas do top-k final (%, média)", "sobreposição (definição do OLMoE)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 3.8), squeeze=False)
+    for ax, (vals_by_layer, ylabel, name) in zip(axes[0], panels):
+        for li, vals in enumerate(vals_by_layer):
+            ax.plot(tokens, [100 * v for v in vals], "-o", ms=3, label=f"camada {li}")
+        tokens_axis(ax)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 101)
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     if title:
-        ax.set_title(title)
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, save_path)
+    return fig
+
+
+def plot_one_switch(
+    regimes: Mapping[str, Mapping],
+    *,
+    order: Sequence[str],
+    clip: Union[None, float, Mapping[str, float]] = None,
+    title: Optional[str] = None,
+    save_path: Optional[PathLike] = None,
+) -> Figure:
+    """Chapter 06: Δ validation loss of each variant against the baseline, one panel per regime.
+
+    regimes: {panel title: {"delta": {variant: [Δ per seed]}, "dense_sd": the dense model's seed
+    standard deviation}}. Dots: seeds; square and bar: mean ± sample standard deviation over seeds;
+    grey band: ± the dense model's seed spread around 0. With `clip` (one value, or one per panel),
+    the axis stops at ±clip and a variant beyond it is drawn at the edge with its mean written."""
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.6 * len(regimes), 0.42 * len(order) + 1.8),
+                             squeeze=False, sharey=True)
+    for ax, (name, r) in zip(axes[0], regimes.items()):
+        lim = clip.get(name) if isinstance(clip, Mapping) else clip
+        if r.get("dense_sd"):
+            ax.axvspan(-r["dense_sd"], r["dense_sd"], color="0.85", label="± desvio do denso entre sementes")
+        ax.axvline(0, color="gray", lw=1)
+        first = True
+        for y, v in enumerate(order):
+            ds = r["delta"].get(v) or []
+            if not ds:
+                continue
+            mean = sum(ds) / len(ds)
+            sd = math.sqrt(sum((d - mean) ** 2 for d in ds) / (len(ds) - 1)) if len(ds) > 1 else 0.0
+            if lim is not None and abs(mean) > lim:  # off the axis: an arrow at the edge, the value written
+                edge = math.copysign(lim, mean)
+                ax.plot([edge], [y], ">" if mean > 0 else "<", color="k", ms=7)
+                ax.text(edge * 0.97, y - 0.25, f"média {_pt_number(mean, 3)}", ha="right" if mean > 0 else "left",
+                        fontsize=7)
+                continue
+            ax.plot(ds, [y] * len(ds), "o", color="C0", ms=4, alpha=0.6, label="uma semente" if first else None)
+            ax.errorbar([mean], [y], xerr=[sd], fmt="s", color="k", ms=5, capsize=3,
+                        label="média ± desvio (sementes)" if first else None)
+            first = False
+        if lim is not None:
+            ax.set_xlim(-lim, lim)
+        ax.set_yticks(range(len(order)))
+        ax.set_yticklabels(order)
+        ax.invert_yaxis()
+        decimal_comma_axis(ax, "x")
+        ax.set_xlabel("Δ loss de validação contra a base (nats/token)")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, save_path)
     return fig

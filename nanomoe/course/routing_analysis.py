@@ -50,7 +50,7 @@ def chosen_mask(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 
 def coactivation(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """(E, E) with C[i, j] = share of the tokens that chose i which also chose j (OLMoE, sec. 5.4).
+    """(E, E) with C[i, j] = share of the tokens that chose i which also chose j (OLMoE, sec. 5.2).
     The diagonal is 0; a row of an expert nobody chose is 0."""
     m = chosen_mask(topk_idx, n_experts)  # (N, E)
     both = m.T @ m  # (E, E) tokens that chose i and j; the diagonal counts i alone
@@ -134,3 +134,13 @@ def saturation(topk_idx: torch.Tensor, final_topk_idx: torch.Tensor) -> float:
     a, _ = topk_idx.sort(-1)
     b, _ = final_topk_idx.sort(-1)
     return float((a == b).all(-1).float().mean())
+
+
+def saturation_overlap(topk_idx: torch.Tensor, final_topk_idx: torch.Tensor) -> float:
+    """Routing saturation as OLMoE defines it (arXiv 2409.02060, sec. 5.1): the mean share of each
+    token's k experts that are also among its k experts in the final model, |S_t ∩ S_final| / k,
+    averaged over tokens. 1 = the same sets; with random sets of k of E, about k / E."""
+    if topk_idx.shape != final_topk_idx.shape:
+        raise ValueError(f"saturation: shapes differ, {tuple(topk_idx.shape)} vs {tuple(final_topk_idx.shape)}")
+    same = (topk_idx.unsqueeze(-1) == final_topk_idx.unsqueeze(-2)).any(-1)  # (..., k): expert j also final
+    return float(same.float().mean())

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .moe import MoE
+from ..moe import MoE
 
 
 def measure_bandwidth(megabytes: int = 256, reps: int = 5) -> float:
