@@ -21,7 +21,7 @@ import torch.distributed as dist
 import nanomoe
 
 from ..config import moe_config
-from ..moe import MoE, expert_counts
+from ..moe import MoE
 from ..parallel.distributed import cleanup_distributed, setup_distributed
 from ..parallel.expert_parallel import check_world_size, expert_parallel_moe, load_full_state_dict, sync_gradients
 from ..training.cli import parse_args, short_errors
@@ -113,8 +113,10 @@ def check_layer(opts, info, sequences_per_rank: int = 2) -> dict:
         load_full_state_dict(layer, single.state_dict())
     b = sequences_per_rank
     xr = x[info.rank * b:(info.rank + 1) * b].clone().requires_grad_(True)
-    with torch.no_grad():  # the step's expert counts (global balance scope): every rank has the whole batch
-        load = expert_counts(single.route(x)[2].reshape(1, -1, config.moe_top_k), config.n_experts)[0]
+    with torch.no_grad():  # the step's balance counts (global scope, as `global_balance_prepass`): the whole batch
+        single.eval()
+        load = single(x)[2]["balance_load"].clone()
+        single.train()
     y, aux, _ = layer(xr, load)
     (y.square().mean() + aux).backward()  # any scalar of the outputs (a mean over tokens, like the CE)
     sync_gradients(layer)
