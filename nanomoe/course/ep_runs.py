@@ -37,6 +37,9 @@ def launch(world: int, module: str = "scripts.04_train", timeout: float = 3600, 
     scripts.04_train the run config is `machado_moe_ep` unless `config=` says otherwise. Returns the
     printed output; raises RuntimeError with its end when the run fails."""
     if module == "scripts.04_train":
+        if not (REPO / "scripts" / "04_train.py").is_file():  # pip installs the package, not the chapter scripts
+            raise RuntimeError("launch runs scripts.04_train, which comes with a source checkout of nanomoe: "
+                               "git clone https://github.com/sagui-nlp/nanomoe and run the notebook from it")
         options = {"config": "machado_moe_ep", "compare_chars": 0, "plot": False, **options}
     args = [f"--{k}={v}" for k, v in options.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
