@@ -125,7 +125,8 @@ def _layer_worker(rank, world, out_dir):
         b = B_ALL // world
         xr = x[rank * b:(rank + 1) * b].clone().requires_grad_(True)  # this rank's sequences
         with torch.no_grad():  # the global balance's counts: the training step's pre-pass, summed over ranks
-            load = expert_counts(layer.route(xr)[2].reshape(1, -1, layer.top_k), layer.n_experts)[0]
+            idx = layer.route(xr)[1].topk(layer.top_k, dim=-1).indices  # top-k of the unbiased scores (eq. 18)
+            load = expert_counts(idx.reshape(1, -1, layer.top_k), layer.n_experts)[0]
             dist.all_reduce(load)
         y, aux, stats = layer(xr, load)
         _layer_loss(y, aux, target[rank * b:(rank + 1) * b]).backward()
