@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanomoe import GPT, moe_config
-from nanomoe.moe import MoE, add_loads, global_balance_prepass, moe_layers, update_moe_bias
+from nanomoe.moe import MoE, add_loads, expert_counts, global_balance_prepass, moe_layers, update_moe_bias
 from nanomoe.parallel.expert_parallel import ExpertParallelError, check_world_size, expert_parallel_moe
 from nanomoe.training.checkpoint import CheckpointError, check_config, load_checkpoint
 
@@ -126,10 +126,9 @@ def _layer_worker(rank, world, out_dir):
         layer.load_state_dict(state)
         b = B_ALL // world
         xr = x[rank * b:(rank + 1) * b].clone().requires_grad_(True)  # this rank's sequences
-        with torch.no_grad():  # the global balance's counts: the training step's pre-pass (`global_balance_prepass`:
-            layer.eval()  # the balance loss's f_i counts, top-k of the unbiased scores), summed over ranks
-            load = layer(xr)[2]["balance_load"].clone()
-            layer.train()
+        with torch.no_grad():  # the global balance's counts: the training step's pre-pass, summed over ranks
+            idx = layer.route(xr)[1].topk(layer.top_k, dim=-1).indices  # top-k of the unbiased scores (eq. 18)
+            load = expert_counts(idx.reshape(1, -1, layer.top_k), layer.n_experts)[0]
             dist.all_reduce(load)
         y, aux, stats = layer(xr, load)
         _layer_loss(y, aux, target[rank * b:(rank + 1) * b]).backward()
