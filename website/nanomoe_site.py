@@ -63,7 +63,7 @@ def _intro(cells: list[dict]) -> tuple[str, str]:
 
 def _times(root: Path) -> dict[str, str]:
     """CHAPTER_TIMES from nanomoe/course/notebook.py as Portuguese sentences, parsed (importing would load torch)."""
-    tree = ast.parse((root / "nanomoe" / "notebook.py").read_text(encoding="utf-8"))
+    tree = ast.parse((root / "nanomoe" / "course" / "notebook.py").read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "CHAPTER_TIMES":
             table = ast.literal_eval(node.value)

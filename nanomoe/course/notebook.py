@@ -54,7 +54,7 @@ def versions() -> str:
 def setup(chapter: str, written_for: str | None = None) -> str:
     """Print versions, device and precision, the output folder and the chapter's measured run time.
 
-    `written_for` is the release tag the notebook pins (e.g. "v0.2.1"); a different installed
+    `written_for` is the release tag the notebook pins (e.g. "v0.3.0"); a different installed
     version is pointed out, since figures and outputs in the text came from that release.
     Returns the device name the chapter will use (`cuda`, `mps` or `cpu`)."""
     print(versions())
