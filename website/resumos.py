@@ -41,12 +41,14 @@ RESUMOS: dict[str, str] = {
         "passo 0; sem internet, tudo roda com um GPT-2 minúsculo substituto."
     ),
     "06": (
-        "Os roteadores modernos e o que um roteador aprende: roteador sigmoide do DeepSeek-V3, "
-        "balanceamento por micro-lote, por sequência e no lote global, especialistas finos mais um "
-        "compartilhado e primeiras camadas densas; depois coativação, especialização por classe de "
-        "caractere e por posição, e saturação. Com caracteres o MoE top-2 termina abaixo do denso nas "
-        "três sementes; com o BPE português também o passa no relógio em duas de três, e especialistas "
-        "de espaços, pontuação, maiúsculas e terminações verbais aparecem sozinhos."
+        "Os roteadores modernos, uma chave de cada vez sobre o MoE top-2 do capítulo 03: pontuação "
+        "sigmoide, viés de seleção sem loss auxiliar, loss por sequência, lote global, um especialista "
+        "compartilhado, especialistas finos e primeira camada densa, e depois a receita do DeepSeek-V3 "
+        "inteira, com a loss de balanceamento contando f_i sem o viés, como a eq. 18 do artigo. Em 66 "
+        "treinos registrados (3 sementes, caracteres e BPE português) quase nada se separa do ruído "
+        "entre sementes: com caracteres só a receita do V3 inteira fica abaixo da base nas três "
+        "sementes, e com BPE só os especialistas finos ficam mensuravelmente piores. O capítulo mede "
+        "também o que o roteador aprende: coativação, especialização e saturação como o OLMoE a define."
     ),
     "07": (
         "Um MoE em várias GPUs com paralelismo de especialistas: cada rank guarda uma fatia dos "
@@ -54,5 +56,13 @@ RESUMOS: dict[str, str] = {
         "densos têm média entre ranks e os especialistas não, e os checkpoints guardam os especialistas "
         "inteiros. Lançado pelo notebook com torchrun na CPU, a camada em 2 e 4 ranks dá as mesmas saídas "
         "e gradientes que um processo só, e o tráfego medido por passo bate com o previsto."
+    ),
+    "08": (
+        "Decodificar rápido: com lote 1 cada token novo lê uma vez todos os pesos que usa, então os "
+        "tokens/s não passam da banda de memória dividida pelos bytes lidos por token. O capítulo mede "
+        "esse limite na máquina do leitor, constrói um KV cache estático e um passo de um token que o "
+        "torch.compile captura, pesos bf16 e int8 por canal de saída (com a qualidade medida), mostra a "
+        "virada de limitado pela memória para limitado pelo cálculo quando o lote cresce, e por que um "
+        "MoE com lote 1 custa quase o mesmo que o seu gêmeo denso de parâmetros ativos."
     ),
 }

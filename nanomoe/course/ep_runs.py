@@ -36,14 +36,13 @@ def launch(world: int, module: str = "scripts.04_train", timeout: float = 3600, 
     (how a notebook starts W processes on one machine; gloo on CPU, one thread each). For
     scripts.04_train the run config is `machado_moe_ep` unless `config=` says otherwise. Returns the
     printed output; raises RuntimeError with its end when the run fails."""
+    target = ["-m", module]
     if module == "scripts.04_train":
-        if not (REPO / "scripts" / "04_train.py").is_file():  # pip installs the package, not the chapter scripts
-            raise RuntimeError("launch runs scripts.04_train, which comes with a source checkout of nanomoe: "
-                               "git clone https://github.com/sagui-nlp/nanomoe and run the notebook from it")
+        target = _train_04()
         options = {"config": "machado_moe_ep", "compare_chars": 0, "plot": False, **options}
     args = [f"--{k}={v}" for k, v in options.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           "-m", module, *args]
+           *target, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NANOMOE_ARGS": ""}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     if sys.platform.startswith("linux") and not torch.cuda.is_available():
@@ -53,6 +52,18 @@ def launch(world: int, module: str = "scripts.04_train", timeout: float = 3600, 
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun with {world} processes failed (exit {proc.returncode}):\n{text[-3000:]}")
     return text
+
+
+def _train_04() -> list[str]:
+    """How torchrun finds chapter 04's training program: `-m scripts.04_train` in a source checkout,
+    else the copy of that file the wheel carries as package data (a pip install has no scripts/)."""
+    if (REPO / "scripts" / "04_train.py").is_file():
+        return ["-m", "scripts.04_train"]
+    packaged = Path(nanomoe.__file__).resolve().parent / "resources" / "train_04.py"
+    if not packaged.is_file():
+        raise RuntimeError("chapter 04's training program was not found: run from a source checkout of nanomoe "
+                           "(git clone https://github.com/sagui-nlp/nanomoe) or install the nanomoe wheel")
+    return [str(packaged)]
 
 
 def _worth_showing(line: str) -> bool:
