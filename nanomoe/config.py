@@ -136,42 +136,46 @@ class GPTConfig:
             need(self.mlp_hidden > 0, f"mlp_hidden must be positive, got {self.mlp_hidden}")
         need(self.n_experts >= 0, f"n_experts must be >= 0 (0 = dense), got {self.n_experts}")
         if self.n_experts > 0:
+            self._check_moe(need)
+
+    def _check_moe(self, need) -> None:
+        """The MoE switches' checks (n_experts > 0), one clear message each."""
+        need(
+            1 <= self.moe_top_k <= self.n_experts,
+            f"moe_top_k ({self.moe_top_k}) must be between 1 and n_experts ({self.n_experts})",
+        )
+        need(self.moe_every >= 1, f"moe_every must be >= 1, got {self.moe_every}")
+        need(self.moe_impl in MOE_IMPLS, f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if self.moe_capacity_factor is not None:
             need(
-                1 <= self.moe_top_k <= self.n_experts,
-                f"moe_top_k ({self.moe_top_k}) must be between 1 and n_experts ({self.n_experts})",
+                self.moe_capacity_factor > 0,
+                f"moe_capacity_factor must be > 0 or None, got {self.moe_capacity_factor}",
             )
-            need(self.moe_every >= 1, f"moe_every must be >= 1, got {self.moe_every}")
-            need(self.moe_impl in MOE_IMPLS, f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
-            need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
-            if self.moe_capacity_factor is not None:
-                need(
-                    self.moe_capacity_factor > 0,
-                    f"moe_capacity_factor must be > 0 or None, got {self.moe_capacity_factor}",
-                )
-            need(self.moe_min_capacity >= 1, f"moe_min_capacity must be >= 1, got {self.moe_min_capacity}")
-            if self.moe_hidden is not None:
-                need(self.moe_hidden > 0, f"moe_hidden must be positive, got {self.moe_hidden}")
-            need(self.moe_router in MOE_ROUTERS, f"moe_router must be one of {MOE_ROUTERS}, got {self.moe_router!r}")
-            need(self.moe_routed_scaling > 0, f"moe_routed_scaling must be > 0, got {self.moe_routed_scaling}")
-            need(
-                self.moe_balance_scope in MOE_BALANCE_SCOPES,
-                f"moe_balance_scope must be one of {MOE_BALANCE_SCOPES}, got {self.moe_balance_scope!r}",
-            )
-            need(
-                self.moe_balance_scope != "global" or self.dropout == 0.0,
-                f"moe_balance_scope='global' needs dropout=0.0 (got {self.dropout}): the step's routing pre-pass "
-                "must route exactly like the training forward",
-            )
-            need(
-                isinstance(self.moe_dense_layers, int) and 0 <= self.moe_dense_layers < self.n_layer,
-                f"moe_dense_layers must be between 0 and n_layer - 1 = {self.n_layer - 1} (at least one MoE "
-                f"layer), got {self.moe_dense_layers!r}",
-            )
-            need(
-                self.moe_dense_layers == 0 or any(self.is_moe_layer(i) for i in range(self.n_layer)),
-                f"moe_dense_layers={self.moe_dense_layers} with moe_every={self.moe_every} leaves no MoE layer "
-                f"in {self.n_layer} layers",
-            )
+        need(self.moe_min_capacity >= 1, f"moe_min_capacity must be >= 1, got {self.moe_min_capacity}")
+        if self.moe_hidden is not None:
+            need(self.moe_hidden > 0, f"moe_hidden must be positive, got {self.moe_hidden}")
+        need(self.moe_router in MOE_ROUTERS, f"moe_router must be one of {MOE_ROUTERS}, got {self.moe_router!r}")
+        need(self.moe_routed_scaling > 0, f"moe_routed_scaling must be > 0, got {self.moe_routed_scaling}")
+        need(
+            self.moe_balance_scope in MOE_BALANCE_SCOPES,
+            f"moe_balance_scope must be one of {MOE_BALANCE_SCOPES}, got {self.moe_balance_scope!r}",
+        )
+        need(
+            self.moe_balance_scope != "global" or self.dropout == 0.0,
+            f"moe_balance_scope='global' needs dropout=0.0 (got {self.dropout}): the step's routing pre-pass "
+            "must route exactly like the training forward",
+        )
+        need(
+            isinstance(self.moe_dense_layers, int) and 0 <= self.moe_dense_layers < self.n_layer,
+            f"moe_dense_layers must be between 0 and n_layer - 1 = {self.n_layer - 1} (at least one MoE "
+            f"layer), got {self.moe_dense_layers!r}",
+        )
+        need(
+            self.moe_dense_layers == 0 or any(self.is_moe_layer(i) for i in range(self.n_layer)),
+            f"moe_dense_layers={self.moe_dense_layers} with moe_every={self.moe_every} leaves no MoE layer "
+            f"in {self.n_layer} layers",
+        )
 
     # ---- derived sizes (one place, so every module agrees) -----------------------------------
     @property

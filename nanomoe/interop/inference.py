@@ -466,18 +466,11 @@ def generate_text(
     chapter 08's static cache (with the model's compiled step when `compile_for_generation` made
     one). The result is a list of str with `.stats` (GenerationStats: time to first token,
     tokens/s) and `.continuations`."""
-    check_sampling_args(temperature, top_k, top_p)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InferenceError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise InferenceError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    int8 = _check_generation(model, temperature, top_k, top_p, max_new_tokens, num_samples, static and use_cache)
     bs = model.config.block_size
     ids = encode_prompt(tokenizer, prompt, bs)
     T = len(ids)
     check_fits(T, max_new_tokens, bs, use_cache)
-    int8 = getattr(model, "quantization", None) == "int8"
-    if int8 and not (static and use_cache):
-        raise InferenceError("int8 weights generate through the static KV cache: drop --no-static / --no-cache")
     device = weights_ref(model).device
     dtype = str(weights_ref(model).dtype).replace("torch.", "")
     cache: Optional[StaticKVCache] = new_static_cache(model, 1, T + max_new_tokens) if static and use_cache else None
@@ -492,10 +485,7 @@ def generate_text(
     with _only_tokenizer_ids(model, tokenizer.vocab_size):
         for s in range(num_samples):
             if stream_to is not None:
-                if num_samples > 1:
-                    stream_to.write(f"{'' if s == 0 else chr(10)}--- sample {s + 1}/{num_samples} ---\n")
-                stream_to.write(prompt)
-                stream_to.flush()
+                _stream_header(stream_to, prompt, s, num_samples)
             dec = StreamDecoder(tokenizer, ids)
             t0 = time.perf_counter()
             if cache is not None:
@@ -510,16 +500,29 @@ def generate_text(
             conts.append(dec.text)
     texts.continuations = conts
     texts.stats = GenerationStats(
-        num_samples=num_samples,
-        prompt_tokens=T,
-        new_tokens=max_new_tokens,
-        seconds=time.perf_counter() - t_start,
-        ttft_s=sum(ttfts) / len(ttfts),
-        decode_s=decode_s,
-        use_cache=use_cache,
-        device=str(device),
-        dtype=dtype,
-        static=cache is not None,
-        int8=int8,
-    )
+        num_samples=num_samples, prompt_tokens=T, new_tokens=max_new_tokens, seconds=time.perf_counter() - t_start,
+        ttft_s=sum(ttfts) / len(ttfts), decode_s=decode_s, use_cache=use_cache, device=str(device), dtype=dtype,
+        static=cache is not None, int8=int8)
     return texts
+
+
+def _check_generation(model: GPT, temperature, top_k, top_p, max_new_tokens, num_samples, static_cache: bool) -> bool:
+    """generate_text's arguments, each refused with one clear InferenceError; returns whether the
+    model's weights are int8 (which decode only through the static KV cache)."""
+    check_sampling_args(temperature, top_k, top_p)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InferenceError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise InferenceError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    int8 = getattr(model, "quantization", None) == "int8"
+    if int8 and not static_cache:
+        raise InferenceError("int8 weights generate through the static KV cache: drop --no-static / --no-cache")
+    return int8
+
+
+def _stream_header(stream_to: TextIO, prompt: str, s: int, num_samples: int) -> None:
+    """Before sample s: a separator line when there are several samples, then the prompt."""
+    if num_samples > 1:
+        stream_to.write(f"{'' if s == 0 else chr(10)}--- sample {s + 1}/{num_samples} ---\n")
+    stream_to.write(prompt)
+    stream_to.flush()
