@@ -170,7 +170,7 @@ print("primeiros ids:", ids[0, :20].tolist())
 # ```
 #
 # É o mesmo que treinar com `x = ids[:, :-1]` e `y = ids[:, 1:]`; o truque do `-1` mantém `x`
-# inteiro e apresenta o índice ignorado, que mais tarde serve para máscaras e padding.
+# inteiro e apresenta o índice ignorado, que mais tarde serve para máscaras e *padding* (preenchimento).
 
 # %%
 targets = shift_targets(ids)
@@ -220,7 +220,7 @@ print(f"parâmetros: {model.num_params(non_embedding=False):,} no total, "
 # ## 4. Antes de treinar: loss ≈ ln(V), perplexidade ≈ V
 #
 # Com pesos aleatórios pequenos (o GPT-2 inicializa com desvio 0,02), os logits saem quase
-# todos iguais e o softmax dá probabilidade ≈ 1/V a cada um dos V tokens. A cross-entropy de
+# todos iguais e o softmax dá probabilidade ≈ 1/V a cada um dos V tokens. A entropia cruzada de
 # acertar o token certo é então −ln(1/V) = **ln(V)**, e a perplexidade, exp(loss), é ≈ **V**:
 # o modelo está "em dúvida" entre todos os tokens do vocabulário, como um dado de V faces.
 # A perplexidade se lê como "entre quantos tokens o modelo hesita"; decorar o texto é chegar a 1.
@@ -333,8 +333,9 @@ print(f"tempo de treino {result.seconds:.1f}s ({result.seconds / args.epochs * 1
 
 # %% [markdown]
 # As saídas registradas neste notebook são de uma execução da configuração padrão numa CPU x86_64
-# de 2 núcleos (PyTorch 2.15, 1 thread, com outro processo de 1 thread no outro núcleo): 14,1 s de
-# treino (202 ms/passo) e 29 s para o notebook inteiro. Numa GPU: não medido ainda.
+# de 2 núcleos (PyTorch 2.15, 1 thread, com a CPU ocupada por outros processos: carga 2,6): 10,0 s
+# de treino (142 ms/passo) e cerca de 18 s para executar todas as células. Numa GPU: não medido
+# ainda.
 
 # %% [markdown]
 # ## 7. Curvas de loss e perplexidade
@@ -391,14 +392,16 @@ print(f"p(token certo): mediana {p_before.median():.3f} antes, {p_after.median()
 #
 # | `n_embd` | parâmetros | passos até PPL < 2 | tempo (CPU de 2 núcleos compartilhada; varia com a carga) |
 # |---|---|---|---|
-# | 32 | 67 mil | 135 | 17 a 20 s |
-# | 64 | 232 mil | 60 | 7 a 9 s |
-# | 128 | 857 mil | 30 | 5 a 7 s |
-# | 256 | 3,3 milhões | 35 | 12 a 15 s |
+# | 32 | 67 mil | 135 | 46,0 s |
+# | 64 | 232 mil | 60 | 15,3 s |
+# | 128 | 857 mil | 30 | 10,3 s |
+# | 256 | 3,3 milhões | 35 | 26,4 s |
 #
 # Mais largura aprende em menos passos, até um ponto: com 256 o modelo não chega mais rápido
-# (com a mesma taxa de aprendizado, modelos maiores costumam pedir uma taxa menor) e cada passo
-# custa o dobro. O modelo de 67 mil parâmetros também chega lá, só que leva 4,5× mais passos.
+# (com a mesma taxa de aprendizado, modelos maiores costumam pedir uma taxa menor; e, com uma
+# semente e a perplexidade medida a cada 5 passos, 30 e 35 passos são praticamente um empate) e
+# cada passo custa cerca do dobro (2,2× nesta execução). O modelo de 67 mil parâmetros também
+# chega lá, só que leva 4,5× mais passos.
 #
 # </details>
 #
@@ -406,20 +409,21 @@ print(f"p(token certo): mediana {p_before.median():.3f} antes, {p_after.median()
 #
 # <details><summary>Resposta</summary>
 #
-# Com `--dropout=0`: a perplexidade passa de 2 no mesmo passo 30, mas a reconstrução fica exata
-# no passo 40 em vez de 52, a perplexidade final em 70 passos é 1,039 em vez de 1,058, e cada
-# passo em CPU fica mais barato: o dropout sorteia máscaras e tira a atenção do caminho rápido do
-# `scaled_dot_product_attention`. Numa mesma execução, alternando as duas configurações (70 passos
-# cada, 1 thread, CPU de 2 núcleos compartilhada), medimos 244 contra 149 ms/passo na primeira
-# rodada e 326 contra 174 na segunda (1,6× e 1,9×); na terceira a máquina ficou ocupada e as duas
-# subiram para 860 e 812 ms/passo. Tempo absoluto numa CPU compartilhada mede a carga; compare
-# sempre lado a lado.
+# Com `--dropout=0` (semente 1337): a perplexidade fica abaixo de 2 no mesmo passo 30, mas a
+# reconstrução fica exata no passo 40 em vez de 52, a perplexidade final em 70 passos é 1,039 em
+# vez de 1,058, e cada passo em CPU fica mais barato: o dropout sorteia máscaras e tira a atenção
+# do caminho rápido do `scaled_dot_product_attention`. Na execução registrada em
+# `docs/results/01/exercicios.md`, os 70 passos levaram 25,0 s com dropout e 18,4 s sem (1,4×).
+# Em outra execução, alternando as duas configurações (70 passos cada, 1 thread, CPU de 2 núcleos
+# compartilhada), medimos 244 contra 149 ms/passo na primeira rodada e 326 contra 174 na segunda
+# (1,6× e 1,9×); na terceira a CPU ficou carregada por outros processos e as duas subiram para 860
+# e 812 ms/passo. Tempo absoluto numa CPU compartilhada mede a carga; compare sempre lado a lado.
 #
 # O dropout desliga neurônios ao acaso justamente para o modelo **não** depender de detalhes
 # decorados: é um regularizador contra o sobreajuste, e aqui o sobreajuste é o objetivo. Por
-# isso ele atrasa a memorização. Repare também que a loss de treino (com dropout) fica acima da
-# loss medida em modo `eval`. Em um corpus de verdade, onde queremos generalizar, ele volta a
-# ajudar.
+# isso ele atrasa a memorização (aqui, 12 passos numa semente só). Repare também que a loss de
+# treino (com dropout) fica acima da loss medida em modo `eval`. Em um corpus de verdade, onde
+# queremos generalizar, ele volta a ajudar.
 #
 # </details>
 #
@@ -431,8 +435,8 @@ print(f"p(token certo): mediana {p_before.median():.3f} antes, {p_after.median()
 # Não se perde: com `--cont_prefix_tokens=3` o modelo recebe só "Um " e reescreve o parágrafo
 # inteiro, sem erro. Mais curioso: demos a ele 8 caracteres do **meio** do texto ("s de mui")
 # na posição 0, e ele continuou com "o de linguagem aprende como quem ouve histórias...", isto
-# é, o texto a partir da posição 8, ignorando o que recebeu. Com uma única sequência, o modelo
-# aprendeu sobretudo "qual caractere vem na posição t", usando os embeddings de posição
+# é, o texto a partir da posição 8, ignorando o que recebeu. Isso sugere que, com uma única
+# sequência, o modelo aprendeu sobretudo "qual caractere vem na posição t", usando os embeddings de posição
 # aprendidos, em vez de ler o conteúdo. A deriva aparece quando esse atalho não existe: textos
 # maiores e variados, ou posições relativas (RoPE, capítulo 02).
 #
@@ -444,12 +448,13 @@ print(f"p(token certo): mediana {p_before.median():.3f} antes, {p_after.median()
 #
 # Com `--lr=5e-3` a loss de treino **sobe** logo no início (de 3,62 para 5,06 no passo 4), depois
 # empaca num platô perto de 2,96 (20 passos a menos de 0,15 dele, contra 2 com `lr=1e-3`), e só
-# então volta a cair: a perplexidade passa de 2 no passo 65 (contra 30), e em 70 passos a
+# então volta a cair: a perplexidade fica abaixo de 2 no passo 65 (contra 30), e em 70 passos a
 # reconstrução ainda tem 65 erros (PPL 1,60; `docs/results/01/exercicios.md`). O
 # platô tem explicação: 2,96 é a entropia das frequências dos caracteres do parágrafo (PPL ≈ 19).
 # É a loss de um modelo que só sabe "quais letras são comuns" e ignora o contexto. Passos grandes
-# demais derrubam o modelo nessa solução preguiçosa, e ele demora a sair dela. É por isso que
-# treinos de verdade começam com *warmup* (capítulo 02, seção "O laço de treino").
+# demais derrubaram o modelo nessa solução preguiçosa (numa semente), e ele demorou a sair dela.
+# Evitar esse tipo de tropeço no início é um dos motivos por que treinos de verdade começam com
+# *warmup* (capítulo 02, seção "O laço de treino").
 #
 # </details>
 #
@@ -459,11 +464,11 @@ print(f"p(token certo): mediana {p_before.median():.3f} antes, {p_after.median()
 #
 # <details><summary>Resposta</summary>
 #
-# Usamos os primeiros 1500 caracteres de *Dom Casmurro* (`--text_file=.../domCasmurro.txt
-# --text_chars=1500`; V = 59, T = 1500): três vezes mais tokens, e cada passo custou ~6× mais
+# Usamos os primeiros 1 500 caracteres de *Dom Casmurro* (`--text_file=.../domCasmurro.txt
+# --text_chars=1500`; V = 59, T = 1 500): três vezes mais tokens, e cada passo custou ~6× mais
 # (a atenção cresce com T²). Em 70 passos, com 4 camadas: PPL 1,11 e 5 erros (quase lá). Com
-# `--n_layer=6`: PPL 1,30 e 26 erros, e cada passo quase 2× mais caro. Mais profundidade não
-# acelera a memorização; mais passos, sim: com `--epochs=120` e 4 camadas a reconstrução fica
+# `--n_layer=6`: PPL 1,30 e 26 erros, e cada passo quase 2× mais caro. Aqui (uma semente), mais
+# profundidade não acelerou a memorização; mais passos, sim: com `--epochs=120` e 4 camadas a reconstrução fica
 # exata no passo 90 e a perplexidade final é 1,012 (6 minutos numa CPU de 2 núcleos compartilhada;
 # numa GPU, não medido ainda).
 #
