@@ -48,7 +48,7 @@
 # tokens. Por fim, o **KV cache**: por que a geração fica rápida e quanto de memória GQA/MQA
 # economizam.
 #
-# Cada afirmação deste notebook tem um teste em `tests/test_02_layers.py` e
+# Cada verificação numérica deste notebook tem um teste em `tests/test_02_layers.py` e
 # `tests/test_02_cache.py` (rode `uv run pytest tests/test_02_*.py`), inclusive a comparação
 # do nosso RoPE com o do `transformers` (Hugging Face Llama).
 
@@ -94,11 +94,11 @@ from nanomoe.training.train import TrainConfig, train
 # %% [markdown]
 # ## Parâmetros
 #
-# Os valores abaixo são os da execução de referência (seção 10): 7 treinos de 300 passos, 8 min
-# de relógio para o notebook inteiro numa CPU de 2 núcleos (1 thread); numa GPU, não medido
-# ainda. Rode como script com `uv run -m scripts.02_modern_gpt`; para treinos mais longos,
-# `--steps=600`. Num notebook, edite o dicionário ou defina `NANOMOE_ARGS="--steps=600"`. `--quick`
-# roda tudo em segundos (é o que os testes usam).
+# Os valores abaixo são os da execução de referência (seção 10): 7 treinos de 300 passos, cerca de
+# 12 min de relógio para o notebook inteiro numa CPU de 2 núcleos compartilhada (threads padrão do
+# PyTorch); numa GPU, não medido ainda. Rode como script com `uv run -m scripts.02_modern_gpt`;
+# para treinos mais longos, `--steps=600`. Num notebook, edite o dicionário ou defina
+# `NANOMOE_ARGS="--steps=600"`. `--quick` roda tudo em segundos (é o que os testes usam).
 
 # %%
 DEFAULTS = dict(
@@ -506,8 +506,8 @@ print(f"{len(configs)} configurações x {tcfg.max_steps * tcfg.batch_size * arg
 #    `nanomoe/training/train.py`): *warmup* linear nos primeiros `warmup_steps` passos e depois decaimento
 #    cosseno até `min_lr` (Loshchilov & Hutter 2016, [SGDR](https://arxiv.org/abs/1608.03983)). O
 #    warmup existe porque, no início, o AdamW ainda não tem boas estimativas das médias do gradiente
-#    e do seu quadrado: passos grandes nessa hora jogam o modelo numa solução ruim (o exercício 4
-#    do capítulo 01 mostra o platô em que ele cai);
+#    e do seu quadrado: passos grandes nessa hora podem jogar o modelo numa solução ruim (o exercício 4
+#    do capítulo 01 mostra, numa semente, um platô desses);
 # 2. **soma os gradientes de `grad_accum` micro-lotes**, cada loss dividida pelo número de
 #    micro-lotes: o gradiente é a média sobre o lote inteiro, mesmo quando ele não cabe de uma vez
 #    na memória (aqui `grad_accum = 1`);
@@ -609,7 +609,7 @@ save_figure(fig, out_dir / "ablation_val_loss.png")
 # o que veio antes. Atenção ao número de parâmetros: ele muda ao longo da escada (o RoPE remove a
 # tabela `wpe`, o GQA encolhe `c_attn`), então a tabela compara receitas, não modelos do mesmo
 # tamanho; o benchmark `scripts/bench_02_modern.py` compara a velocidade do GPT-2 e do moderno
-# com o mesmo número de parâmetros.
+# com quase o mesmo número de parâmetros.
 #
 # Uma amostra de cada ponta (geração com KV cache, temperatura 0,8):
 
@@ -792,24 +792,26 @@ save_figure(fig, out_dir / "kv_cache_bytes.png")
 # %% [markdown]
 # ## 10. Resultados que obtivemos
 #
-# Execução de referência: `uv run -m scripts.02_modern_gpt --threads=1` (parâmetros padrão:
-# 4 camadas, 4 cabeças, C = 128, contexto 128, 300 passos × 16 sequências = 614 400 caracteres por
-# configuração, tokenizador de caracteres com 126 símbolos). Máquina: VM x86_64 de 2 núcleos
-# (AVX-512), PyTorch 2.15 só CPU, 1 thread, com outro processo de 1 thread no outro núcleo (carga
-# ~2). Este notebook, executado de cima a baixo com esses parâmetros: 8,1 min de relógio, dos quais
-# 459 s nos 7 treinos. Com a mesma semente e os mesmos lotes, as losses se repetem entre execuções
-# até a terceira casa decimal (o treino `+no-bias` refeito deu 1,9888 contra 1,9882; exercício 2);
-# os tokens/s variam cerca de ±10% entre execuções numa máquina compartilhada.
+# Execução de referência: este notebook, de cima a baixo, com os parâmetros padrão (os mesmos de
+# `uv run -m scripts.02_modern_gpt`: 4 camadas, 4 cabeças, C = 128, contexto 128, 300 passos × 16
+# sequências = 614 400 caracteres por configuração, tokenizador de caracteres com 126 símbolos,
+# `threads=0`, o número de threads padrão do PyTorch). Máquina: VM x86_64 de 2 núcleos (AVX-512),
+# PyTorch 2.15 na CPU, dividida com outro treino que rodava ao mesmo tempo. Levou cerca de 12 min
+# de relógio, dos quais 704 s no laço dos 7 treinos. Com a mesma semente e os mesmos lotes, as
+# losses se repetem entre execuções até a terceira casa decimal (o treino `+no-bias`, refeito em
+# outra execução no exercício 2, deu o mesmo 1,9888); os tokens/s dependem de quanto a máquina
+# está ocupada e mudam muito entre execuções e até dentro de um treino (de 3629 a 11 503
+# tokens/s por trecho de 25 passos nesta execução).
 #
 # | configuração | parâmetros | tokens/s (lado a lado) | loss treino | loss validação |
 # |---|---:|---:|---:|---:|
-# | gpt2 (baseline) | 825 856 | 14 367 | 2,3464 | 2,3509 |
-# | +rope | 809 472 | 12 437 | 2,0477 | 2,0573 |
-# | +rmsnorm | 808 320 | 11 152 | 2,0478 | 2,0583 |
-# | +swiglu | 825 472 | 11 376 | 1,9555 | 1,9709 |
-# | +gqa (n_kv_head=2) | 759 424 | 12 496 | 1,9556 | 1,9734 |
-# | +no-bias | 754 560 | 12 415 | 1,9771 | 1,9882 |
-# | +softcap (30) | 754 560 | 12 396 | 1,9812 | 1,9957 |
+# | gpt2 (baseline) | 825 856 | 11 092 | 2,3464 | 2,3509 |
+# | +rope | 809 472 | 10 501 | 2,0477 | 2,0573 |
+# | +rmsnorm | 808 320 | 9867 | 2,0479 | 2,0585 |
+# | +swiglu | 825 472 | 10 167 | 1,9558 | 1,9710 |
+# | +gqa (n_kv_head=2) | 759 424 | 11 394 | 1,9557 | 1,9735 |
+# | +no-bias | 754 560 | 10 908 | 1,9789 | 1,9888 |
+# | +softcap (30) | 754 560 | 10 821 | 1,9812 | 1,9957 |
 #
 # O que a tabela diz, neste orçamento pequeno:
 #
@@ -817,13 +819,14 @@ save_figure(fig, out_dir / "kv_cache_bytes.png")
 #   128 posições a partir dos dados, enquanto o RoPE entrega a posição relativa de graça (e ainda
 #   tira 16 mil parâmetros).
 # - **RMSNorm** não muda a loss (+0,001) — é o que o artigo promete: a mesma qualidade com uma
-#   conta mais simples. (Na CPU da execução de referência ele não é mais rápido: o LayerNorm do PyTorch é um kernel
-#   fundido, o nosso RMSNorm são cinco operações. Numa GPU, com `torch.compile` fundindo as cinco,
+#   conta mais simples. (Na CPU da execução de referência ele não é mais rápido: o LayerNorm do
+#   PyTorch é um kernel fundido, o nosso RMSNorm é uma sequência de operações separadas (quadrado,
+#   média, soma, `rsqrt`, dois produtos). Numa GPU, com `torch.compile` fundindo essas operações,
 #   esperamos que a ordem se inverta, mas não medimos ainda.)
-# - **SwiGLU** ganha −0,09 nat com praticamente os mesmos parâmetros.
-# - **GQA** (2 cabeças de k/v para 4 de consulta) custa +0,003 nat com 8% menos parâmetros e
+# - **SwiGLU** é o segundo ganho (−0,09 nat), com praticamente os mesmos parâmetros.
+# - **GQA** (2 cabeças de k/v para 4 de consulta) custa +0,0025 nat com 8% menos parâmetros e
 #   corta o KV cache pela metade.
-# - **Sem viés** (+0,015) e **soft-cap 30** (+0,0075) ficam ligeiramente piores aqui. Nenhum dos
+# - **Sem viés** (+0,015) e **soft-cap 30** (+0,007) ficam ligeiramente piores aqui. Nenhum dos
 #   dois foi proposto para melhorar a loss de um modelo pequeno: o PaLM tira os vieses pela
 #   estabilidade de treinos enormes, e o cap de 30 quase não age quando os logits ficam bem abaixo
 #   de 30, como num modelo de caracteres no início do treino. Diferenças desse tamanho (~0,01)
@@ -846,16 +849,17 @@ save_figure(fig, out_dir / "kv_cache_bytes.png")
 #
 # | `n_kv_head` | parâmetros | KV cache (1024 posições, fp32) | loss de validação |
 # |---|---:|---:|---:|
-# | 4 (MHA) | 820 096 | 4,00 MiB | 1,9708 |
-# | 2 (GQA) | 754 560 | 2,00 MiB | 1,9882 |
-# | 1 (MQA) | 721 792 | 1,00 MiB | 2,0100 |
+# | 4 (MHA) | 820 096 | 4,00 MiB | 1,971 |
+# | 2 (GQA) | 754 560 | 2,00 MiB | 1,989 |
+# | 1 (MQA) | 721 792 | 1,00 MiB | 2,010 |
 #
 # O cache é exatamente proporcional a `n_kv_head` (a seção 9 calcula: 2 × 4 camadas × n_kv_head ×
 # 1024 posições × 32 dimensões × 4 bytes). A loss piora ~0,02 nat a cada vez que as cabeças de k/v
 # caem pela metade: neste modelo pequeno, menos cabeças de k/v também são menos parâmetros (−8% e
 # −12%). Num modelo grande a conta é outra: o cache de um Llama 3 8B cai de 4 GiB para 1 GiB por
-# sequência de 8192 tokens, e o artigo do GQA mostra qualidade quase igual à do MHA. A linha MQA é o
-# modelo denso do capítulo 03 (mesma receita, 2,0100).
+# sequência de 8192 tokens, e o artigo do GQA mostra qualidade quase igual à do MHA. A linha GQA é
+# a `+no-bias` da ablação acima, e a linha MQA é o modelo denso do capítulo 03 (mesma receita); as
+# losses estão com três casas porque a quarta muda de uma execução para outra.
 #
 # </details>
 #
@@ -877,8 +881,8 @@ save_figure(fig, out_dir / "kv_cache_bytes.png")
 # | 10 000 (padrão) | 1,9888 | 0,023 rad |
 # | 1 000 000 | 1,9905 | 0,0003 rad |
 #
-# Os três treinos são de uma mesma execução (`docs/results/02/exercicios.md`; o padrão deu 1,9888, e
-# não o 1,9882 da ablação acima: de uma execução para outra a quarta casa decimal muda). Neste
+# Os três treinos são de uma mesma execução (`docs/results/02/exercicios.md`; o padrão deu 1,9888,
+# o mesmo valor da linha `+no-bias` da ablação acima, que veio de outra execução). Neste
 # contexto curto, a base menor ganhou (−0,013 nat) e a maior perdeu um pouco (+0,002). Com
 # head_dim 32 há 16 pares; com θ = 10 000, 6 deles giram menos de 0,5 rad em 127 posições, e com
 # 1 000 000 são 9: esses pares quase não mudam com a posição e pouco ajudam a distinguir distâncias
@@ -908,8 +912,8 @@ save_figure(fig, out_dir / "kv_cache_bytes.png")
 # ## O que você aprendeu
 #
 # - Cada ideia moderna é um campo de `GPTConfig`; `gpt2_config()` e `modern_config()` são as
-#   duas pontas, e a ablação mostra o caminho entre elas. Neste orçamento, o RoPE é o maior ganho e
-#   o SwiGLU o segundo; RMSNorm, sem viés e soft-cap mudam a loss em 0,015 nat ou menos, menos do que
+#   duas pontas, e a ablação mostra o caminho entre elas. Neste orçamento (uma semente), o RoPE é o
+#   maior ganho e o SwiGLU o segundo; RMSNorm, sem viés e soft-cap mudam a loss em 0,015 nat ou menos, menos do que
 #   uma semente só permite separar do acaso.
 # - RoPE gira pares de dimensões de q e k; o produto escalar passa a depender só da distância.
 #   RMSNorm só reescala; SwiGLU multiplica duas projeções, uma delas passada pela SiLU. Você
@@ -919,8 +923,8 @@ save_figure(fig, out_dir / "kv_cache_bytes.png")
 # - O KV cache dá exatamente os mesmos tokens que a geração sem cache. O nosso é pré-alocado, então
 #   o custo por token fica constante (a atenção lê o buffer inteiro); em geral a atenção de um passo
 #   custa $O(t)$.
-# - `nanomoe.training.train` faz, a cada passo: taxa de aprendizado com warmup + cosseno, acumulação,
-#   clipping do gradiente e AdamW com weight decay só nas matrizes.
+# - `nanomoe.training.train` faz, a cada passo: taxa de aprendizado com *warmup* e decaimento
+#   cosseno, acumulação de gradiente, *gradient clipping* e AdamW com *weight decay* só nas matrizes.
 #
 # **Para ler.** Os artigos de cada interruptor estão na tabela do início. E também: Touvron et al.
 # 2023, [*LLaMA*](https://arxiv.org/abs/2302.13971); Llama Team 2024,

@@ -48,8 +48,8 @@
 #
 # O código mora em `nanomoe/moe.py` (a camada) e `nanomoe/course/moe_metrics.py` (as métricas); aqui
 # lemos esse código, verificamos cada equação e, no fim, treinamos no Machado de Assis um modelo
-# denso contra MoEs com **o mesmo número de parâmetros ativos**. Cada afirmação tem um teste em
-# `tests/test_03_*.py` (`uv run pytest tests/test_03_*.py`).
+# denso contra MoEs com **o mesmo número de parâmetros ativos**. As afirmações sobre o código têm
+# testes em `tests/test_03_*.py` (`uv run pytest tests/test_03_*.py`).
 
 # %%
 # Set-up: on Colab (or any Jupyter without nanomoe) install the release this notebook was written for.
@@ -103,9 +103,9 @@ from nanomoe.training.train import TrainConfig, train
 # ## Parâmetros
 #
 # Os valores abaixo dão o experimento completo: 8 treinos de 300 passos. Na execução de referência
-# (seção 10), numa CPU de 2 núcleos (1 thread, com outro processo de 1 thread no outro núcleo), os
-# 8 treinos levaram 578 s (um denso 47 s, um MoE 53–76 s) e o notebook inteiro 9,9 min. Numa GPU:
-# não medido ainda. Como script: `uv run -m scripts.03_train_moe`; para
+# (seção 10), numa CPU x86_64 de 2 núcleos compartilhada com outros processos (threads padrão do
+# PyTorch), os 8 treinos levaram 786 s (o denso 81 s, cada MoE 62–129 s) e o notebook inteiro
+# cerca de 13 min. Numa GPU: não medido ainda. Como script: `uv run -m scripts.03_train_moe`; para
 # treinos 3× mais longos, `--steps=900`. Num notebook, edite o dicionário ou defina
 # `NANOMOE_ARGS="--steps=900"`. `--quick` roda tudo em segundos (é o que os testes usam).
 
@@ -409,7 +409,7 @@ print(f"my_balance_loss == MoE (valor {mine.item():.4f} e gradiente em W_r)")
 #    o Switch e o GShard contam a capacidade no lote de cada dispositivo (milhares de tokens), onde
 #    as flutuações da carga se compensam; numa sequência de 128 tokens elas pesam muito mais, e o
 #    mesmo fator descarta mais (capítulo 07, exercício 3).
-# 3. **Dropless é o padrão** (`moe_capacity_factor=None`, como o Mixtral): com capacidade, um
+# 3. **Sem descarte é o padrão** (*dropless*: `moe_capacity_factor=None`, como o Mixtral): com capacidade, um
 #    passo de decodificação com cache vê 1 token e nunca descarta, enquanto a passagem pela
 #    sequência inteira pode descartar — sem capacidade as duas coincidem.
 
@@ -517,12 +517,13 @@ for cf in (None, 1.0):
 
 # %% [markdown]
 # O benchmark `uv run -m scripts.bench_03_moe` mede lado a lado o tempo de forward+backward de
-# uma camada MoE (8 especialistas, top-2, mesmos parâmetros ativos) contra o MLP denso. Na nossa
-# CPU de 2 núcleos (4096 tokens): `grouped` custa 1,04–1,10× o MLP denso, o laço 1,01–1,07×, o
-# `padded` 1,16–1,27× e a referência 1,09–1,13× (detalhes em `docs/benchmarks.md`). Numa máquina
-# compartilhada, rode com `OMP_WAIT_POLICY=PASSIVE`: com as threads do OpenMP girando à espera
-# umas das outras, o MoE (8× mais multiplicações de matrizes que o MLP denso: uma por especialista) chega a
-# custar 1,5–6×.
+# uma camada MoE (8 especialistas, top-2, mesmos parâmetros ativos) contra o MLP denso. Numa
+# CPU x86_64 de 2 núcleos (AMD EPYC, PyTorch 2.15, float32; 4096 tokens): `grouped` custa
+# 1,04–1,10× o MLP denso, o laço 1,01–1,07×, o `padded` 1,16–1,27× e a referência 1,09–1,13×
+# (detalhes em `docs/benchmarks.md`). Numa máquina compartilhada, rode com
+# `OMP_WAIT_POLICY=PASSIVE`: com as threads do OpenMP girando à espera umas das outras, o MoE (51
+# multiplicações de matrizes no forward + backward contra 6 do MLP denso: uma por especialista)
+# chega a custar 1,5–6×.
 #
 # ## 8. Métricas de roteamento
 #
@@ -541,13 +542,14 @@ show_source(MoEMetrics.summary)
 #
 # Corpus: as obras de Machado de Assis, tokenizador de caracteres, 90% para treino e os 10%
 # finais para validação. Todos os treinos usam a mesma semente (os mesmos lotes, na mesma ordem),
-# o mesmo número de passos e de tokens, e a mesma receita (AdamW, warmup + cosseno).
+# o mesmo número de passos e de tokens, e a mesma receita (AdamW, *warmup* + cosseno).
 #
 # 1. **denso**: o modelo moderno de `modern_config` com 4 cabeças, que tem **1** cabeça de k/v
 #    (MQA; 721 792 parâmetros). Atenção: a ablação do capítulo 02 terminou com 2 cabeças de k/v
 #    (GQA-2, 754 560 parâmetros, validação 1,9882). Com 1 cabeça de k/v e tudo o mais igual, a
-#    mesma receita do capítulo 02 chega a 2,0100 (medimos; ver o exercício 1 do capítulo 02),
-#    exatamente o denso daqui; a diferença para o 1,9882 de lá é a cabeça de k/v a menos;
+#    mesma receita do capítulo 02 chega a 2,010 (medimos; ver o exercício 1 do capítulo 02), o
+#    denso daqui; a diferença de ~0,02 nat para o capítulo 02 vem da cabeça de k/v a menos, numa
+#    semente só (a loss do denso varia ~0,04 entre sementes, seção 10);
 # 2. **MoE top-2** e **MoE top-1**: 8 especialistas em todas as camadas, com os mesmos
 #    parâmetros ativos do denso ($\alpha = 0{,}01$, $\beta = 0{,}001$);
 # 3. **varredura de $\alpha$** (top-2): 0; 0,001; 0,01; 0,1 — efeito na carga e na validação;
@@ -721,78 +723,89 @@ for e in range(model.config.n_experts):
 #
 # Execução de referência: este notebook, de cima a baixo, com os parâmetros padrão (4 camadas,
 # C = 128, 4 cabeças, contexto 128; 300 passos × 16 × 128 = 614 mil tokens de treino por
-# configuração; semente 1337), PyTorch 2.15 numa CPU x86_64 de 2 núcleos, 1 thread, com outro
-# processo de 1 thread no outro núcleo: 9,9 min de relógio, 578 s para os 8 treinos. As métricas de
-# roteamento são a média das 4 camadas na última janela de 10 passos; omitimos os tokens/s, que numa
-# CPU compartilhada medem sobretudo a carga da máquina (a velocidade da camada está no benchmark).
+# configuração; semente 1337), nanomoe 0.3.0 e PyTorch 2.15 numa CPU x86_64 de 2 núcleos
+# compartilhada com outros processos, threads padrão do PyTorch: cerca de 13 min de relógio, 786 s
+# para os 8 treinos. As métricas de roteamento são a média das 4 camadas na última janela de 10
+# passos; omitimos os tokens/s, que numa CPU compartilhada medem sobretudo a carga da máquina (a
+# velocidade da camada está no benchmark).
 #
 # | treino | params ativos | params totais | loss validação | CV carga | max/média | mortos | descartados | L_bal |
 # |---|---:|---:|---:|---:|---:|---:|---:|---:|
-# | denso | 721 792 | 721 792 | 2,0100 | — | — | — | — | — |
-# | MoE top-2 | 725 888 | 2 347 904 | 1,9990 | 0,109 | 1,23 | 0 | 0,0% | 1,006 |
-# | MoE top-1 | 725 888 | 4 510 592 | 2,0996 | 0,200 | 1,31 | 0 | 0,0% | 1,009 |
-# | MoE top-2 α=0 | 725 888 | 2 347 904 | 2,0423 | 1,416 | 3,79 | 7 | 0,0% | 2,639 |
-# | MoE top-2 α=0.001 | 725 888 | 2 347 904 | 2,0214 | 0,382 | 1,57 | 0 | 0,0% | 1,051 |
-# | MoE top-2 α=0.1 | 725 888 | 2 347 904 | 2,0038 | 0,042 | 1,07 | 0 | 0,0% | 1,001 |
-# | MoE top-2 cf=1 | 725 888 | 2 347 904 | 2,0707 | 0,093 | 1,15 | 0 | 6,7% | 1,005 |
-# | MoE top-2 viés (α=0) | 725 888 | 2 347 904 | 1,9810 | 0,326 | 1,77 | 1 | 0,0% | 1,451 |
+# | denso | 721 792 | 721 792 | 2,0099 | — | — | — | — | — |
+# | MoE top-2 | 725 888 | 2 347 904 | 2,0267 | 0,145 | 1,24 | 0 | 0,0% | 1,009 |
+# | MoE top-1 | 725 888 | 4 510 592 | 2,1006 | 0,202 | 1,33 | 0 | 0,0% | 1,011 |
+# | MoE top-2 α=0 | 725 888 | 2 347 904 | 2,0375 | 1,333 | 3,58 | 6 | 0,0% | 2,483 |
+# | MoE top-2 α=0.001 | 725 888 | 2 347 904 | 2,0217 | 0,489 | 1,84 | 0 | 0,0% | 1,092 |
+# | MoE top-2 α=0.1 | 725 888 | 2 347 904 | 2,0124 | 0,044 | 1,07 | 0 | 0,0% | 1,001 |
+# | MoE top-2 cf=1 | 725 888 | 2 347 904 | 2,0875 | 0,063 | 1,10 | 0 | 6,3% | 1,001 |
+# | MoE top-2 viés (α=0) | 725 888 | 2 347 904 | 1,9833 | 0,291 | 1,71 | 1 | 0,0% | 2,117 |
 #
 # **Denso contra MoE: no orçamento padrão, uma semente não decide.** Com 614 mil tokens o MoE top-2
-# ficou 0,011 nats abaixo do denso nesta semente. Repetimos denso, top-2 e top-1 com outras sementes
-# (`--seed=1`, `--seed=2`) e com 3× mais tokens (`--steps=900 --eval_interval=50 --load_every=30`,
-# 1,84 milhão de tokens por treino), com o mesmo código:
+# ficou 0,017 nat acima do denso nesta execução. A execução anterior deste notebook (nanomoe 0.2.1,
+# 1 thread), com os mesmos modelos, a mesma receita e a mesma semente, tinha dado o contrário: o
+# top-2 0,011 nat abaixo do denso. Uma versão nova e outro número de threads mudam os
+# arredondamentos, e a trajetória do MoE muda tanto quanto com outra semente. Com a versão 0.2.1
+# repetimos denso, top-2 e top-1 com outras sementes (`--seed=1`, `--seed=2`) e com 3× mais tokens
+# (`--steps=900 --eval_interval=50 --load_every=30`, 1,84 milhão de tokens por treino):
 #
-# | passos (tokens) | semente | denso | MoE top-2 | MoE top-1 | MoE top-2 viés (α=0) |
-# |---|---:|---:|---:|---:|---:|
-# | 300 (614 mil) | 1337 | 2,0100 | **1,9990** | 2,0996 | 1,9810 |
-# | 300 (614 mil) | 1 | **1,9765** | 2,0076 | 2,0568 | — |
-# | 300 (614 mil) | 2 | **1,9722** | 1,9971 | 2,1369 | — |
-# | 900 (1,84 milhão) | 1337 | 1,6674 | **1,6260** | 1,7265 | 1,6494 |
-# | 900 (1,84 milhão) | 1 | 1,6546 | **1,6409** | 1,7284 | — |
+# | passos (tokens) | semente | versão | denso | MoE top-2 | MoE top-1 | MoE top-2 viés (α=0) |
+# |---|---:|---|---:|---:|---:|---:|
+# | 300 (614 mil) | 1337 | 0.3.0 (acima) | **2,0099** | 2,0267 | 2,1006 | 1,9833 |
+# | 300 (614 mil) | 1 | 0.2.1 | **1,9765** | 2,0076 | 2,0568 | — |
+# | 300 (614 mil) | 2 | 0.2.1 | **1,9722** | 1,9971 | 2,1369 | — |
+# | 900 (1,84 milhão) | 1337 | 0.2.1 | 1,6674 | **1,6260** | 1,7265 | 1,6494 |
+# | 900 (1,84 milhão) | 1 | 0.2.1 | 1,6546 | **1,6409** | 1,7284 | — |
 #
-# Com 300 passos o denso ganha em média (1,986 contra 2,001 do top-2, três sementes: o MoE só ganhou
-# na semente 1337); com 900 passos o MoE top-2 ganha nas duas sementes (por 0,041 e 0,014 nats;
-# a curva desses treinos longos não está no notebook, só a loss final). Faz sentido: cada especialista
-# só vê ~1/4 dos tokens (top-2 de 8), então precisa de mais dados para aprender; o MoE tem 3,3× mais
-# parâmetros, mas eles só pagam quando o modelo denso começa a ficar limitado pela sua capacidade,
-# não no começo do treino, quando os dois ainda estão aprendendo o básico (letras, sílabas, espaços).
+# Com 300 passos o denso ganhou nas três sementes (por 0,017, 0,031 e 0,025 nat); com 900 passos o
+# MoE top-2 ganhou nas duas sementes medidas (por 0,041 e 0,014 nat; a curva desses treinos longos
+# não está no notebook, só a loss final). Uma explicação plausível, que não testamos: cada
+# especialista só vê ~1/4 dos tokens (top-2 de 8), então precisa de mais dados para aprender; o MoE
+# tem 3,3× mais parâmetros, mas eles só pagariam quando o modelo denso começa a ficar limitado pela
+# sua capacidade, não no começo do treino, quando os dois ainda aprendem o básico (letras, sílabas,
+# espaços).
 #
-# **Top-1 perde sempre**, e varia mais entre sementes (2,057 a 2,137, contra 1,997 a 2,008 do
-# top-2): cada especialista é tão largo quanto o MLP denso, mas vê só 1/8 dos tokens, e sua saída é
-# multiplicada por $p_i$, que começa perto de $1/8$ — o MLP contribui pouco no início. O Switch
-# Transformer usa top-1 numa escala em que cada especialista recebe bilhões de tokens.
+# **Top-1 perdeu nos cinco pares de treinos**, e varia mais entre sementes (2,057 a 2,137, contra
+# 1,997 a 2,027 do top-2): cada especialista é tão largo quanto o MLP denso, mas vê só ~1/8 dos
+# tokens, e sua saída é multiplicada por $p_i$, que começa perto de $1/8$ — o MLP contribui pouco no
+# início. O Switch Transformer usa top-1 numa escala em que cada especialista recebe centenas de
+# milhões de tokens ou mais.
 #
-# **Varredura de α.** Sem a loss de balanceamento (α = 0) o roteador colapsa: CV 1,42, o
-# especialista mais carregado de cada camada com 3,8× a carga média (média das 4 camadas) e 7
+# **Varredura de α.** Sem a loss de balanceamento (α = 0) o roteador colapsa: CV 1,33, o
+# especialista mais carregado de cada camada com 3,6× a carga média (média das 4 camadas) e 6
 # especialistas mortos (nenhuma atribuição na última janela) somando as 4 camadas. No mapa de calor a
-# carga se concentra: na camada 2 quase tudo vai para 2 dos 8 especialistas, na camada 1 para 3; os
-# outros recebem pouco, mas nem todos zero. α = 0,001 já reduz o CV a 0,38; α = 0,01 (o valor do
-# Switch) chega a 0,11; α = 0,1 equilibra quase perfeitamente (CV 0,04). Na validação as três ficam
-# a 0,02 nat umas das outras (2,0214, 1,9990 e 2,0038), menos que a variação entre sementes (~0,03
-# na tabela abaixo): numa semente só, a varredura mostra o efeito na carga, não qual α treina melhor.
+# carga se concentra: na camada 2 quase tudo vai para 2 dos 8 especialistas, na camada 1 sobretudo
+# para 2; os outros recebem pouco, mas nem todos zero. α = 0,001 já reduz o CV a 0,49; α = 0,01 (o
+# valor do Switch) chega a 0,15; α = 0,1 equilibra quase perfeitamente (CV 0,04). Na validação as
+# três ficam a 0,015 nat umas das outras (2,0217, 2,0267 e 2,0124), menos que a variação entre
+# sementes (~0,03 na tabela acima): numa semente só, a varredura mostra o efeito na carga, não qual
+# α treina melhor.
 #
-# **Capacidade** (cf = 1): 6,7% das atribuições descartadas e +0,07 nats de validação — o descarte
-# vale também na avaliação, e cada descarte tira metade do MLP de um token. É por isso que o
-# Mixtral (e o nosso padrão) não descarta nada.
+# **Capacidade** (cf = 1): 6,3% das atribuições descartadas e +0,06 nat de validação (2,0875 contra
+# 2,0267, numa semente) — o descarte vale também na avaliação, e cada descarte tira de um token um
+# dos seus dois especialistas. O Mixtral (e o nosso padrão) não descarta nada.
 #
-# **Viés do DeepSeek-V3** (α = 0): equilibra sem nenhuma loss auxiliar (CV 0,33 em 300 passos,
-# 0,008 em 900). Com 300 passos teve a melhor validação de todos os treinos (1,9810 contra 1,9990 do
-# melhor α); com 900 ficou atrás do top-2 com α = 0,01 (1,6494 contra 1,6260), ainda à frente do
-# denso (1,6674). Numa semente só, nenhum vencedor claro entre os dois; a vantagem do viés é não
+# **Viés do DeepSeek-V3** (α = 0): equilibra sem nenhuma loss auxiliar (CV 0,29 em 300 passos;
+# 0,008 em 900, com a 0.2.1). A coluna L_bal dessa linha (2,117) conta $f_i$ no top-k **sem** o
+# viés: mede o quanto o roteador, por baixo do viés, ainda prefere poucos especialistas; a carga
+# real, que o viés corrige, é a do CV. Com 300 passos teve a melhor validação dos 8 treinos (1,9833
+# contra 2,0099 do denso e 2,0124 do melhor α), mas por menos de 0,03 nat, dentro da variação entre
+# sementes; com 900 (0.2.1) ficou atrás do top-2 com α = 0,01 (1,6494 contra 1,6260), ainda à frente
+# do denso (1,6674). Numa semente só, nenhum vencedor claro entre os dois; a vantagem do viés é não
 # precisar escolher um coeficiente nem pôr um gradiente estranho à entropia cruzada no roteador.
 #
 # **Especialização.** Na execução de referência, na última camada do MoE top-2, um especialista
-# recebeu 100% dos espaços e quebras de linha; outro, o "é", o "á" e o ponto final (e metade dos
-# "a" e "o"); outro, o "q" (e metade dos "c"); outros, grupos de consoantes (j, h, z, v, t) ou de
-# vogais (e, a, u). Ninguém programou isso: o roteador aprendeu com o gradiente que chega pelas
-# portas.
+# recebeu 100% dos espaços e quebras de linha; outro, todos os pontos e vírgulas; outro, o "á" e 85%
+# dos "é" (e mais da metade dos "a"); outro, o "b", o "p" e o hífen (e 65% dos "q"); outros, grupos
+# de consoantes (f, j, v, g, t; z, l, m, s) ou o "i", o "n" e o "u". Ninguém programou isso: o
+# roteador aprendeu com o gradiente que chega pelas portas.
 
 # %% [markdown]
 # ## 11. Exercícios
 #
 # Preveja antes de abrir a resposta. As respostas são de treinos reais com o código deste capítulo
-# na configuração padrão (4 camadas, C = 128, 8 especialistas, 300 passos, semente 1337, 1 thread,
-# CPU de 2 núcleos compartilhada): as tabelas da seção 10.
+# na configuração padrão (4 camadas, C = 128, 8 especialistas, 300 passos, semente 1337, CPU de 2
+# núcleos compartilhada): as tabelas da seção 10 (as outras sementes e os 900 passos, da versão
+# 0.2.1).
 #
 # **1. Top-1 ou top-2?** Com os mesmos parâmetros ativos (o especialista do top-1 tem a largura do
 # MLP denso; os do top-2, metade), qual ganha, por quanto, e a diferença é estável entre sementes?
@@ -800,9 +813,10 @@ for e in range(model.config.n_experts):
 #
 # <details><summary>Resposta</summary>
 #
-# O top-2 ganha sempre, e por muito: validação 1,9990 / 2,0076 / 1,9971 (sementes 1337, 1 e 2)
-# contra 2,0996 / 2,0568 / 2,1369 do top-1; com 900 passos, 1,6260 / 1,6409 contra 1,7265 / 1,7284.
-# O top-1 também varia mais entre sementes (0,08 nats de uma ponta à outra, contra 0,01 do top-2).
+# O top-2 ganhou nos cinco pares de treinos, por 0,05 a 0,14 nat: validação 2,0267 / 2,0076 /
+# 1,9971 (sementes 1337, 1 e 2) contra 2,1006 / 2,0568 / 2,1369 do top-1; com 900 passos, 1,6260 /
+# 1,6409 contra 1,7265 / 1,7284. O top-1 também varia mais entre sementes (0,08 nat de uma ponta à
+# outra, contra 0,03 do top-2).
 # Cada especialista do top-1 vê só 1/8 dos
 # tokens, e a sua saída é multiplicada por $g = p_i$, que começa perto de 1/8: o MLP quase não
 # contribui no início. O top-2 renormaliza as portas (somam 1) e cada token combina dois
@@ -820,14 +834,14 @@ for e in range(model.config.n_experts):
 #
 # <details><summary>Resposta</summary>
 #
-# O roteador colapsa: na última janela, 7 especialistas mortos somando as 4 camadas, o mais
-# carregado de cada camada com 3,79× a carga média, CV 1,42 (contra 0,11 com α = 0,01) e
-# $\mathcal{L}_{bal}$ = 2,64 (1 seria o equilíbrio; 4 = $N/k$, o colapso total). No mapa de calor, a
+# O roteador colapsa: na última janela, 6 especialistas mortos somando as 4 camadas, o mais
+# carregado de cada camada com 3,58× a carga média, CV 1,33 (contra 0,15 com α = 0,01) e
+# $\mathcal{L}_{bal}$ = 2,48 (1 seria o equilíbrio; 4 = $N/k$, o colapso total). No mapa de calor, a
 # camada 2 manda quase tudo para 2 dos 8 especialistas (nela, o MoE quase virou um MLP denso dividido
-# em dois) e a camada 1 para 3; os demais recebem pouco, mas só 7 recebem zero. A validação piora
-# 0,043 nats (2,0423 contra 1,9990) e fica atrás até do
-# denso (2,0100): a capacidade extra que o MoE prometia se perde, e o roteador ainda gasta passos
-# mudando de ideia antes de colapsar.
+# em dois) e a camada 1, sobretudo para 2; os demais recebem pouco, mas só 6 recebem zero. Na
+# validação, nesta semente, o efeito é pequeno: 2,0375 contra 2,0267 com α = 0,01 (+0,011 nat,
+# dentro da variação entre sementes, ~0,03). O colapso se vê na carga: a capacidade extra que o MoE
+# prometia fica parada em especialistas que quase não recebem tokens.
 #
 # </details>
 #
@@ -837,11 +851,12 @@ for e in range(model.config.n_experts):
 #
 # <details><summary>Resposta</summary>
 #
-# 6,7% das atribuições foram descartadas (linha `cf=1` da tabela), com a carga equilibrada (CV
-# 0,09). Equilíbrio médio não basta: numa sequência de 128 tokens a carga flutua, e todo
-# especialista que passa da sua cota descarta o excedente. O custo foi +0,07 nat de validação (2,0707
-# contra 1,9990), porque o descarte vale também na avaliação e cada descarte tira metade do MLP de
-# um token. Uma pista para escolher o fator: a razão máximo/média da carga (1,23 no MoE top-2 sem
+# 6,3% das atribuições foram descartadas (linha `cf=1` da tabela), com a carga equilibrada (CV
+# 0,06). Equilíbrio médio não basta: numa sequência de 128 tokens a carga flutua, e todo
+# especialista que passa da sua cota descarta o excedente. O custo foi +0,06 nat de validação (2,0875
+# contra 2,0267, numa semente), porque o descarte vale também na avaliação e cada descarte tira de
+# um token um dos seus dois especialistas. Uma pista para escolher o fator: a razão máximo/média da
+# carga (1,24 no MoE top-2 sem
 # capacidade, média das 4 camadas na última janela) — mas sequências isoladas flutuam mais que a
 # média (não medimos
 # outros fatores).
@@ -862,8 +877,9 @@ for e in range(model.config.n_experts):
 # - Capacidade: com mínimo, por sequência e em ordem de posição — nunca zero, nunca espiando o
 #   futuro; os descartados seguem pela residual, e descartar custa validação.
 # - Compare MoE e denso com os mesmos **parâmetros ativos** e os mesmos tokens, e meça a
-#   validação só com a entropia cruzada. Neste orçamento o MoE só passa à frente com mais tokens (3× mais,
-#   2 sementes).
+#   validação só com a entropia cruzada. Com 614 mil tokens o denso ganhou do MoE top-2 nas três
+#   sementes; com 3× mais tokens o top-2 passou à frente nas duas sementes medidas (versão 0.2.1).
+#   Outra versão ou outro número de threads mudam o resultado de um treino tanto quanto outra semente.
 #
 # **Para ler.** Os artigos estão na tabela do início. Um guia para a camada inteira, com os mesmos
 # nomes: a seção de MoE do Switch Transformer (seções 2.1 e 2.2) e o Mixtral (seção 2.1). Termos:

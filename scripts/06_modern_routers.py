@@ -19,8 +19,9 @@
 # [![Open In
 # Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/06_modern_routers.ipynb)
 #
-# O capítulo 03 fez um MoE no estilo Mixtral aprender e mediu com honestidade: no orçamento padrão o
-# modelo denso ainda ganhava, e só com 3× mais tokens o MoE top-2 passava à frente. Os MoEs que
+# O capítulo 03 fez um MoE no estilo Mixtral aprender e mediu com honestidade: no orçamento padrão,
+# em três sementes, o MoE top-2 não se separava do denso de forma mensurável, e só com 3× mais tokens
+# ficou à frente (nas duas sementes testadas). Os MoEs que
 # lideram hoje (DeepSeek-V3, Qwen3-MoE, OLMoE) mudaram o **roteador** e os **especialistas**, e os
 # melhores relatos sobre MoE ensinam **olhando** para o roteamento. Este capítulo faz as duas
 # coisas, com a promessa do curso: **uma chave de cada vez, medida**. Cada ideia abaixo é ligada
@@ -113,7 +114,8 @@ from nanomoe.training.cli import parse_args
 # ## Parâmetros
 #
 # O experimento completo (seção 4) são 11 variantes × 3 sementes × 2 regimes = 66 treinos de 300
-# passos: ~1 hora de CPU. O notebook **não** refaz tudo: por padrão treina só 3 variantes na
+# passos: ~1 h 26 min de treino com 1 thread na grade registrada (CPU x86_64 sob carga; ~1 hora de
+# relógio com os dois regimes em paralelo). O notebook **não** refaz tudo: por padrão treina só 3 variantes na
 # semente 0 com caracteres (o denso, a base e a receita do DeepSeek-V3; poucos minutos numa CPU) e
 # lê a grade inteira registrada em `docs/results/06/` (cada treino com o hardware em que rodou). A
 # grade inteira, num regime: `--variants=all --seeds=0,1,2` (ou `uv run -m
@@ -329,7 +331,9 @@ show_source(global_balance_prepass)
 # combinatório: $\binom{8}{2} = 28$ combinações de especialistas por token contra
 # $\binom{32}{8} \approx 10^7$. Um especialista **compartilhado**, sempre ligado, guarda o que
 # todos precisariam aprender. O DeepSeek-V3 ainda deixa as **primeiras camadas densas**
-# (`moe_dense_layers`; 3 de 61 no V3): lá o roteador ainda não tem contexto para escolher bem.
+# (`moe_dense_layers`; 3 de 61 no V3). O V3 não explica a escolha; o DeepSeekMoE (seção 6.1),
+# que deixa só a 1ª camada densa, diz que nela o balanceamento de carga converge bem mais devagar.
+# Que o roteador ali ainda não tenha contexto para escolher bem é uma **hipótese**.
 
 # %%
 shape = dict(vocab_size=96, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
@@ -358,7 +362,7 @@ for name in VARIANTS:
 # receita (AdamW, warmup + cosseno, 300 passos de 16 sequências de 128 tokens = 0,61 M tokens), os
 # mesmos lotes na mesma ordem (por semente) e os mesmos **parâmetros ativos**. A **base** é o MoE
 # do capítulo 03: 8 especialistas, top-2, softmax, loss de balanceamento $\alpha = 0{,}01$ no
-# micro-lote e *z-loss* $10^{-3}$. Cada variante muda **uma** coisa:
+# micro-lote e *z-loss* 1e-3. Cada variante muda **uma** coisa:
 #
 # | variante | o que muda (o resto é a base) |
 # |---|---|
@@ -373,7 +377,7 @@ for name in VARIANTS:
 # | receita DeepSeek-V3 | todas as chaves do V3 juntas (abaixo) |
 #
 # A **receita DeepSeek-V3**: sigmoide; viés de seleção com $\gamma = 0{,}001$; loss por sequência
-# com $\alpha = 10^{-4}$ (seção 4.2); sem *z-loss*; $\rho = 2{,}5$ (da configuração publicada);
+# com $\alpha$ = 1e-4 (seção 4.2); sem *z-loss*; $\rho = 2{,}5$ (da configuração publicada);
 # 32 especialistas finos top-7 + 1 compartilhado (o V3: 256 top-8 + 1); a 1ª camada densa (o V3:
 # 3 de 61). Sem o *node-limited routing*, que só existe entre máquinas.
 #
@@ -512,7 +516,7 @@ for reg, res in recorded.items():
 # Lemos a base (MoE top-2, a primeira semente desta execução) em `probe_seqs` sequências de
 # validação. Primeiro, a **coativação** (OLMoE, seção 5.2): na linha $i$, a fração dos tokens que
 # escolheram $i$ e também escolheram $j$. Com top-2 de 8 e um roteador que ignorasse o token, cada
-# célula valeria $1/7$.
+# célula fora da diagonal valeria $1/7$.
 
 # %%
 main = runs["base (MoE top-2)", seeds[0]]
@@ -564,8 +568,8 @@ save_figure(fig, out_dir / "specialization_position.png")
 # %% [markdown]
 # **Saturação do roteamento** (OLMoE, seção 5.1). O OLMoE a define como a **sobreposição média**
 # entre os $k$ especialistas de um token num ponto do treino e os $k$ do modelo final
-# ($|S_t \cap S_{\text{final}}|/k$, média sobre os tokens); ao lado, a versão mais dura que este
-# capítulo usava antes: a fração dos tokens cujo **conjunto** de $k$ já é exatamente o final. Com
+# ($|S_t \cap S_{\text{final}}|/k$, média sobre os tokens); ao lado, uma versão mais dura: a
+# fração dos tokens cujo **conjunto** de $k$ já é exatamente o final. Com
 # top-2 de 8 ao acaso, a sobreposição valeria $2/8 = 25\%$ e o conjunto exato $1/28 \approx 3{,}6\%$.
 
 # %%
@@ -604,8 +608,8 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # de relógio e 33 com BPE em 56 min. Por isso os
 # tempos e os tokens/s desta grade são ruidosos e não entram nas conclusões; as losses não dependem
 # da carga. Modelo: 2 camadas, $C = 64$, 4 cabeças, contexto 128; 300 passos de 16 sequências
-# (0,61 M tokens por treino; metade do orçamento da versão anterior deste capítulo, para caber 66
-# treinos na CPU). Resultado: `docs/results/06/one_switch.json` e `docs/results/06/bpe/one_switch.json`.
+# (0,61 M tokens por treino, para caber 66 treinos na CPU). Resultado:
+# `docs/results/06/one_switch.json` e `docs/results/06/bpe/one_switch.json`.
 #
 # **Quanto ruído há.** A loss de validação de um treino é a média sobre 131 072 tokens; o
 # erro-padrão dessa média (pelas médias de 1 024 blocos) é 0,0036 a 0,0040 nats com caracteres e
@@ -654,16 +658,16 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # em módulo, que o desvio-padrão do denso entre sementes; o resto é **diferença não mensurável**
 # nesta grade, e não se ordena.
 #
-# **Caracteres: o platô decide, e quase nada é mensurável.** O MoE top-2 e o denso empatam: Δ do
-# denso −0,0076 ± 0,0619 (o denso fica acima da base na semente 0 e abaixo nas sementes 1 e 2).
-# Sigmoide, viés com α = 0, loss por sequência, micro-lotes de 4, lote global, 1 compartilhado,
-# finos e 1ª camada densa: **nenhuma diferença mensurável**. Vários têm uma semente com Δ enorme
-# (+0,68 da sigmoide, +0,53 dos micro-lotes de 4, +0,47 do compartilhado, +0,40 da loss por
-# sequência) e outras perto de zero ou negativas: são treinos que ficaram presos mais tempo no platô
-# de ~3,1 nats (exercício 6), não efeitos da chave. A única chave com o mesmo sinal nas três sementes
-# e acima do ruído do denso é a **receita DeepSeek-V3 inteira**: −0,034, −0,059, −0,072 (média
-# −0,055 ± 0,019, contra 0,051 de desvio do denso) — mensurável, mas por pouco, e nenhuma das suas
-# peças sozinha mostra de onde vem.
+# **Caracteres: o platô decide, e quase nada é mensurável.** Entre o MoE top-2 e o denso, nenhuma
+# diferença mensurável: Δ do denso −0,0076 ± 0,0619 (o denso fica acima da base na semente 0 e
+# abaixo nas sementes 1 e 2). Sigmoide, viés com α = 0, loss por sequência, micro-lotes de 4, lote
+# global, 1 compartilhado, finos e 1ª camada densa: **nenhuma diferença mensurável**. Vários têm uma
+# semente com Δ enorme (+0,68 da sigmoide, +0,53 dos micro-lotes de 4, +0,47 do compartilhado, +0,40
+# da loss por sequência) e outras perto de zero ou negativas: são treinos que ficaram presos mais
+# tempo no platô de ~3,1 nats (exercício 6), não efeitos da chave. A única chave com o mesmo sinal
+# nas três sementes e acima do ruído do denso é a **receita DeepSeek-V3 inteira**: −0,034, −0,059,
+# −0,072 (média −0,055 ± 0,019, contra 0,051 de desvio do denso) — mensurável, mas por pouco, e
+# nenhuma das suas peças sozinha mostra de onde vem.
 #
 # **BPE português: menos platô, e ainda assim pouco mensurável.** Com o BPE o ruído do denso também
 # é grande: a semente 2 do denso terminou bem abaixo das outras (4,7604 contra 4,8701 e 4,8896), e o
@@ -672,12 +676,12 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # (Δ do denso +0,0326 ± 0,0888). A única chave mensurável é a dos **finos 32×top-8**, pior nas três
 # sementes (+0,185, +0,086, +0,053; média +0,108 ± 0,069). Três chaves têm o mesmo sinal nas três
 # sementes, mas ficam abaixo do desvio do denso — um indício, não uma medida: sigmoide
-# (+0,038 ± 0,034), loss por sequência (+0,035 ± 0,010) e 1ª camada densa (+0,035 ± 0,028), todas
-# piores que a base. Viés com α = 0, micro-lotes de 4, lote global, 1 compartilhado e a **receita
-# DeepSeek-V3** (−0,012, +0,074, −0,020): **nenhuma diferença mensurável**. O que mudou em relação à
-# versão anterior deste capítulo, que misturava quatro chaves numa variante "sigmoide (DeepSeek-V3)":
-# nenhuma peça da receita, sozinha, ajuda de forma mensurável aqui, e a receita inteira ajuda com
-# caracteres (por pouco) e não com BPE.
+# (+0,038 ± 0,034), loss por sequência (+0,035 ± 0,010) e 1ª camada densa (+0,035 ± 0,028), as três
+# com Δ positivo, mas **sem diferença mensurável** pela regra acima. Viés com α = 0, micro-lotes de
+# 4, lote global, 1 compartilhado e a **receita DeepSeek-V3** (−0,012, +0,074, −0,020): **nenhuma
+# diferença mensurável**. Em resumo: nenhuma peça da receita, sozinha, ajuda de forma mensurável
+# aqui, e a receita inteira fica mensuravelmente abaixo da base com caracteres (por pouco) e sem
+# diferença mensurável com BPE.
 #
 # **Lote global contra micro-lote.** Com caracteres, o lote global (4 micro-lotes de 4) menos os
 # micro-lotes de 4 dá +0,021, −0,485 e +0,029 nas três sementes (a semente 1 é a dos micro-lotes
@@ -686,9 +690,12 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # global promete é especialização, e nós medimos: a fração da incerteza sobre o especialista que a
 # classe do token explica, $1 - H(e|x)/H(e)$, é, na camada 0, 0,269 ± 0,056 com o lote global
 # contra 0,236 ± 0,026 com micro-lotes de 4 (caracteres) e 0,161 ± 0,017 contra 0,195 ± 0,040 (BPE);
-# pelo próprio token, 0,494 contra 0,489 e 0,612 contra 0,630. Diferenças menores que o desvio
-# entre sementes, e de sinais opostos nos dois regimes: **nenhuma diferença mensurável de
-# especialização** nesta escala. A tabela completa (por camada, pela classe e pelo próprio token) é
+# pelo próprio token, 0,494 contra 0,489 e 0,612 contra 0,630. Pela classe, diferenças menores que
+# o desvio entre sementes e de sinais opostos nos dois regimes; pelo token com caracteres, também.
+# A exceção é o token com BPE na camada 0: o lote global fica **abaixo** nas três sementes (−0,028,
+# −0,007, −0,021; média −0,019, acima do desvio de cada variante), o contrário do que o artigo
+# prevê — uma camada de um regime, um indício e não uma lei. Nenhum **ganho** mensurável de
+# especialização com o lote global nesta escala. A tabela completa (por camada, pela classe e pelo próprio token) é
 # a que o notebook imprime na seção 4. Um aviso: o artigo mede com
 # lotes globais de milhares de sequências e micro-lotes de poucas; aqui, 16 contra 4, num modelo de
 # 100 a 160 mil parâmetros ativos e 0,61 M tokens — um teste pequeno da ideia, não da escala do artigo.
@@ -727,7 +734,7 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # <details><summary>Resposta medida</summary>
 #
 # Numa camada de 8 especialistas, $C = 16$, 16 tokens, `y.square().sum().backward()`: norma do
-# gradiente do roteador $3{,}2\times10^{-5}$ com a porta crua $s_i$ e $1{,}3\times10^{-12}$ (zero
+# gradiente do roteador 3,2e-5 com a porta crua $s_i$ e 1,3e-12 (zero
 # numérico) com a porta renormalizada. Com $g = 1$ a saída não depende dos escores: o roteador só
 # receberia gradiente das losses auxiliares e nunca aprenderia com o modelo de linguagem. Por isso,
 # como no Switch, o pacote usa a porta crua com $k = 1$ (e a exportação para o Mixtral recusa $k=1$).
@@ -743,9 +750,11 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # `balance_loss(p, idx, "micro_batch")` = 1,0 (o lote, somado, está perfeitamente equilibrado) e
 # `balance_loss(p, idx, "sequence")` = 2,0 $= E/k$ (cada sequência, sozinha, está colapsada em 2
 # especialistas) — o teste `test_sequence_balance_by_hand_and_its_extremes` confere os dois. A loss
-# por sequência pune justamente a especialização por texto que o lote global permite: é por isso que o
-# DeepSeek-V3 a usa só como complemento, com $\alpha = 10^{-4}$, e que Qiu et al. defendem contar $f_i$
-# no lote inteiro.
+# por sequência pune justamente a especialização por texto que o lote global permite. O DeepSeek-V3
+# a usa só como complemento, com $\alpha$ = 1e-4, "para evitar desequilíbrio extremo numa única
+# sequência" (seção 2.1.2), e argumenta (seção 4.5.3) que balancear no lote, e não em cada sequência,
+# deixa os especialistas se especializarem por domínio; Qiu et al. defendem contar $f_i$ no lote
+# global inteiro.
 # </details>
 #
 # **3. Especialistas finos.** Para o modelo deste capítulo (2 camadas, $C = 64$, vocabulário 96),
@@ -756,15 +765,16 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 #
 # | MoE | largura | ativos | totais | combinações |
 # |---|---:|---:|---:|---:|
-# | denso | 192 (MLP) | 100.672 | 100.672 | 1 |
-# | 8 × top-2 | 96 | 101.696 | 322.880 | 28 |
-# | 32 × top-8 | 24 | 104.768 | 325.952 | 10.518.300 |
-# | 32 × top-7 + 1 compartilhado | 24 | 104.768 | 335.168 | 3.365.856 |
+# | denso | 192 (MLP) | 100 672 | 100 672 | 1 |
+# | 8 × top-2 | 96 | 101 696 | 322 880 | 28 |
+# | 32 × top-8 | 24 | 104 768 | 325 952 | 10 518 300 |
+# | 32 × top-7 + 1 compartilhado | 24 | 104 768 | 335 168 | 3 365 856 |
 #
 # Os ativos só diferem pelo roteador ($2 \times 64 \times E$); os totais quase não mudam (a mesma
 # largura total de especialistas), mas as combinações crescem de 28 para milhões. O preço aparece no
-# `docs/benchmarks.md`: muitos especialistas estreitos são muitas multiplicações pequenas (2,08× o
-# denso na CPU, contra 1,40× do top-2).
+# `docs/benchmarks.md`: muitos especialistas estreitos são muitas multiplicações pequenas (no modelo
+# do benchmark, 4 camadas e $C = 48$, numa CPU x86_64 com 1 thread: 32 × top-7 + 1 compartilhado
+# custa 2,08× o passo do denso, contra 1,40× do top-2).
 # </details>
 #
 # **4. O preço do lote global.** Com acumulação de gradiente, `global_balance_prepass` roda um forward
@@ -774,7 +784,7 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # <details><summary>Resposta medida</summary>
 #
 # Esperado: um forward sem gradiente é ~1/3 de forward + backward, então ~1,33×. Medido (1 thread,
-# rodadas alternadas, máquina sem outra carga, o modelo padrão do benchmark: 4 camadas, $C = 48$):
+# rodadas alternadas, numa CPU x86_64 de 2 núcleos sem outra carga, o modelo padrão do benchmark: 4 camadas, $C = 48$):
 # 159,4 ms contra 123,7 ms, 1,29×. Com um micro-lote por passo (a base do experimento) não há
 # pré-passagem: o forward só soma as contagens entre os processos, e o custo é o do top-2; o par
 # "micro-lotes de 4" / "lote global" da grade paga a pré-passagem (os tokens/s da grade, medidos sob
@@ -810,14 +820,14 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 #     print(r["name"], r["seed"], escape, round(r["val"]["mean"], 4))
 # ```
 #
-# Dos 33 treinos com caracteres, 24 saem do platô no passo 90 e terminam entre 2,2166 e 2,3454; 4
-# saem no passo 120 e terminam entre 2,3153 e 2,3679; os outros 5 saem mais tarde (ou nunca) e
-# terminam bem acima: sigmoide semente 0: nunca sai, loss 2,9676; 1 compartilhado semente 0: passo
-# 270, loss 2,7581; micro-lotes de 4 semente 1: passo 270, loss 2,8306; loss por sequência semente
-# 1: passo 240, loss 2,6954; finos 32×top-8 semente 0: passo 150, loss 2,4389. A loss final com
-# caracteres, neste orçamento, mede sobretudo **quando** o treino saiu do platô, e isso varia com a
-# semente mais do que com a chave: um Δ grande numa semente e pequeno noutra é isso, não um efeito
-# da chave.
+# Dos 33 treinos com caracteres, 24 saem do platô até o passo 90 (3 no passo 60, 21 no 90) e
+# terminam entre 2,2166 e 2,3454; 4 saem no passo 120 e terminam entre 2,3153 e 2,3679; os outros 5
+# saem mais tarde (ou nunca) e terminam bem acima: sigmoide semente 0: nunca sai, loss 2,9676; 1
+# compartilhado semente 0: passo 270, loss 2,7581; micro-lotes de 4 semente 1: passo 270, loss
+# 2,8306; loss por sequência semente 1: passo 240, loss 2,6954; finos 32×top-8 semente 0: passo 150,
+# loss 2,4389. A loss final com caracteres, neste orçamento, mede sobretudo **quando** o treino saiu
+# do platô, e isso varia com a semente mais do que com a chave: um Δ grande numa semente e pequeno
+# noutra é isso, não um efeito da chave.
 # </details>
 #
 # ## O que você aprendeu
@@ -837,13 +847,15 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # - **Uma chave de cada vez**, 0,61 M tokens, 3 sementes: com caracteres, só a receita DeepSeek-V3
 #   inteira fica abaixo da base nas três sementes (−0,055 ± 0,019 nats, mensurável por pouco), e o
 #   resto é dominado pelo momento em que cada treino sai do platô; com BPE, só os finos 32×top-8 são
-#   mensuravelmente piores (+0,108 ± 0,069), sigmoide, loss por sequência e 1ª camada densa são
-#   piores nas três sementes mas dentro do ruído, e a receita V3 não tem diferença mensurável.
+#   mensuravelmente piores (+0,108 ± 0,069); sigmoide, loss por sequência e 1ª camada densa têm Δ
+#   positivo nas três sementes, mas dentro do ruído (nenhuma diferença mensurável), e a receita V3
+#   não tem diferença mensurável.
 #   Até o MoE contra o denso muda de sinal numa semente de BPE (a semente 2). Uma semente em que o
 #   efeito some é dado, não exceção: três sementes de modelos de 100 a 160 mil parâmetros ativos são um
 #   indício, não uma lei.
-# - **Lote global contra micro-lote**: nem a loss nem a especialização mudam de forma mensurável
-#   nesta escala (16 sequências contra 4 por micro-lote).
+# - **Lote global contra micro-lote**: nenhuma diferença mensurável na loss, e nenhum ganho
+#   mensurável de especialização nesta escala (16 sequências contra 4 por micro-lote); o único
+#   sinal consistente (pelo token, BPE, camada 0) vai no sentido contrário ao do artigo.
 # - Para ler um MoE, **olhe o roteamento**: coativação (pares de especialistas que andam juntos),
 #   especialização por classe e posição, e a saturação ao longo do treino — que depende da
 #   definição: a sobreposição média do OLMoE chega a 50% bem antes do conjunto exato.
