@@ -415,7 +415,7 @@ records, runs = run_grid(names, seeds, shape, train_kw, (train_ids, val_ids), pr
                          cache_dir=out_dir / "one_switch" / "treinos", progress=not args.quick)
 for r in records:
     print(f"{r['name']:31s} semente {r['seed']}  val {r['val']['mean']:.4f} ± {r['val']['se_blocks']:.4f} "
-          f"(EP, {r['val']['tokens']:,} tokens)  {r['seconds']:.0f} s  {r['tokens_per_s']:,.0f} tokens/s"
+          f"(erro-padrão, {r['val']['tokens']:,} tokens)  {r['seconds']:.0f} s  {r['tokens_per_s']:,.0f} tokens/s"
           + ("  (treino já salvo, reaproveitado)" if r["cached"] else ""))
 print(f"{len(records)} treinos em {time.perf_counter() - t0:.0f} s")
 (out_dir / "one_switch.json").write_text(json.dumps({"args": dict(vars(args)), "summary": summarize(records),
@@ -622,7 +622,7 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # **Caracteres** (131 072 tokens de validação por treino; erro-padrão (por blocos) da loss de um
 # treino 0,0036–0,0040; desvio da loss do denso entre sementes 0,0511; sementes 0, 1, 2):
 #
-# | variante | Δ semente 0 | Δ semente 1 | Δ semente 2 | média ± desvio | EP pareado |
+# | variante | Δ semente 0 | Δ semente 1 | Δ semente 2 | média ± desvio | erro-padrão pareado |
 # |---|---:|---:|---:|---:|---:|
 # | denso | +0,0610 | −0,0246 | −0,0593 | −0,0076 ± 0,0619 | — |
 # | base (MoE top-2) (a loss, não Δ) | 2,2876 | 2,2987 | 2,3101 | 2,2988 ± 0,0113 | — |
@@ -640,7 +640,7 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # da loss de um treino 0,0046–0,0050; desvio da loss do denso entre sementes 0,0697; sementes 0, 1,
 # 2):
 #
-# | variante | Δ semente 0 | Δ semente 1 | Δ semente 2 | média ± desvio | EP pareado |
+# | variante | Δ semente 0 | Δ semente 1 | Δ semente 2 | média ± desvio | erro-padrão pareado |
 # |---|---:|---:|---:|---:|---:|
 # | denso | +0,0814 | +0,0863 | −0,0699 | +0,0326 ± 0,0888 | — |
 # | base (MoE top-2) (a loss, não Δ) | 4,7887 | 4,8033 | 4,8303 | 4,8074 ± 0,0211 | — |

@@ -264,7 +264,7 @@ def one_switch_table(result: dict, ref: str = "base (MoE top-2)") -> str:
     seeds = sorted({s for _, s in runs})
     names = [n for n in VARIANTS if any((n, s) in runs for s in seeds)]
     head = ("| variante | " + " | ".join(f"Δ semente {s}" for s in seeds)
-            + " | média ± desvio | EP pareado |")
+            + " | média ± desvio | erro-padrão pareado |")
     rows = [head, "|---|" + "---:|" * (len(seeds) + 2)]
     for n in names:
         if n == ref:
@@ -313,5 +313,5 @@ def pair_line(result: dict, name: str, ref: str) -> str:
         if (name, s) in runs and (ref, s) in runs:
             d = runs[name, s]["val"]["mean"] - runs[ref, s]["val"]["mean"]
             se = runs[name, s].get("paired", {}).get(ref, {}).get("se_blocks")
-            cells.append(f"semente {s}: {pt(d, sign=True)} (EP {pt(se)})")
+            cells.append(f"semente {s}: {pt(d, sign=True)} (erro-padrão {pt(se)})")
     return f"{name} − {ref}: " + "; ".join(cells)
