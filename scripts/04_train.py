@@ -42,7 +42,7 @@
 # uv run -m scripts.04_train --config=machado_moe --max_steps=500
 # uv run -m scripts.04_train --resume                          # continua do último checkpoint
 # torchrun --standalone --nproc_per_node=2 -m scripts.04_train --config=machado_char_modern  # DDP
-# torchrun --standalone --nproc_per_node=2 -m scripts.04_train --config=machado_moe_ep  # experts split (cap. 07)
+# torchrun --standalone --nproc_per_node=2 -m scripts.04_train --config=machado_moe_ep  # EP, cap. 07
 # ```
 
 # %%
@@ -275,24 +275,25 @@ if main and result.history:
 # ### A corrida registrada neste notebook
 #
 # As saídas acima são de uma execução real da configuração padrão (`machado_char_modern`) numa CPU
-# x86_64 de 2 núcleos (PyTorch 2.15), com `--threads=1` e outro processo de 1 thread no outro núcleo
-# (carga ~2): numa CPU disputada, 2 threads do PyTorch esperando uma pela outra chegaram a ser 10×
-# mais lentas que uma.
+# x86_64 de 2 núcleos (PyTorch 2.15), com 1 thread (`OMP_NUM_THREADS=1`) e outros processos
+# disputando a CPU (carga ~2): numa CPU disputada, 2 threads do PyTorch esperando uma pela outra
+# chegaram a ser 10× mais lentas que uma.
 #
 # | | |
 # |---|---|
 # | modelo | moderno (RoPE, RMSNorm, SwiGLU, MQA: 4 cabeças de consulta, 1 de k/v), 4 camadas, C = 128, bloco 128 |
 # | parâmetros | 721 792 (0,72 milhão) |
 # | dados | Machado por caractere (126 símbolos), 4,3 milhões de tokens de treino, 478 mil de validação |
-# | treino | 2000 passos × 12 × 128 = 3,07 milhões de tokens (0,71 época), 310 s de treino (~9,9 mil tokens/s) |
+# | treino | 2000 passos × 12 × 128 = 3,07 milhões de tokens (0,71 época), 269 s de treino (~11,4 mil tokens/s) |
 # | validação | 4,92 no início (chute uniforme: ln 126 = 4,84), 2,42 no passo 100, 1,64 no 1000, **1,494 no 2000** |
 # | perplexidade final | 4,45 |
-# | tempo total | 6,3 min para o notebook inteiro (treino, avaliações, amostras, comparação de tokenizadores, geração) |
+# | tempo total | 309 s na célula de treino (com avaliações, amostras, checkpoints); 5,3 min no notebook inteiro |
 #
 # Com 1,5 nat por caractere o modelo já escreve palavras e pontuação de português, diálogos com
 # travessão, "CAPÍTULO" e nomes de personagens (Maria, Iaiá, Sofia), mas as frases ainda não fazem
 # sentido. A loss de treino e a de validação andam juntas (menos de uma época vista): ainda não há
-# sobreajuste, e mais passos continuariam ajudando. Os números ficam também em `docs/benchmarks.md`.
+# sobreajuste, e a validação ainda caía no fim (1,5003 → 1,4939 nos últimos 100 passos): mais passos
+# provavelmente ainda ajudariam. As losses ficam também em `docs/benchmarks.md`.
 
 # %% [markdown]
 # ## Retomar, interromper, várias GPUs
@@ -397,7 +398,7 @@ if main:
 # tokens), bf16, `torch.compile`. O ajuste fino usa o tokenizador do GPT-2 no Machado.
 #
 # **Tokens por passo, não micro-lotes.** Uma receita é ajustada para um lote medido em tokens
-# (~0,5M para o GPT-2 124M: tabela 2.1 de [Brown et al. 2020](https://arxiv.org/abs/2005.14165));
+# (0,5M para um modelo de 125M, o GPT-3 Small da tabela 2.1 de [Brown et al. 2020](https://arxiv.org/abs/2005.14165));
 # `tokens_per_step` fixa esse número e `nanomoe.training.accumulation` deriva dele e do número de processos
 # quantos micro-lotes cada processo acumula: 524 288 = 64 × 1024 × 8 micro-lotes numa GPU, × 1 em
 # cada uma de 8 GPUs. O script diz o que escolheu
@@ -633,13 +634,16 @@ if main and ckpt_file.is_file():
 #
 # <details><summary>Resposta</summary>
 #
-# Muito mais devagar, e de forma imprevisível. Medimos (`docs/benchmarks.md`, capítulo 04): com 2
-# threads, o mesmo modelo variou de 700 a 20 000 tokens/s de uma execução para outra; com 1 thread,
-# a execução registrada neste notebook fez 9 904 tokens/s em média. Cada operação do
+# Quase sempre mais devagar, e de forma imprevisível. Medimos (`docs/benchmarks.md`, capítulo 04)
+# com os modelos da receita de CPU do nanoGPT (4 camadas, C = 128, como o deste capítulo, mas
+# contexto 64): com 2 threads, a melhor execução de cada um ficou entre 18,9 mil e 20,3 mil tokens/s, e as
+# outras ficaram entre 700 e 6 mil; com 1 thread, os mesmos modelos fizeram ~13 mil tokens/s, de
+# forma estável. (A execução registrada neste notebook, com 1 thread e contexto 128, fez
+# 11 418 tokens/s em média.) Cada operação do
 # PyTorch divide o trabalho entre as threads e espera a mais lenta; quando outro processo ocupa o
 # segundo núcleo, a segunda thread só roda quando o sistema operacional lhe dá a vez, e todas as
-# operações esperam por ela. Numa máquina livre, 2 threads ajudam; numa compartilhada, 1 thread (ou
-# `OMP_WAIT_POLICY=PASSIVE`) é o seguro.
+# operações esperam por ela. Numa máquina livre, 2 threads costumam ajudar; numa compartilhada,
+# 1 thread (ou `OMP_WAIT_POLICY=PASSIVE`) é o seguro.
 #
 # </details>
 
