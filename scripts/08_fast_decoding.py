@@ -28,7 +28,8 @@
 # \times \text{lote}$$
 #
 # É o **roofline** (Williams, Waterman & Patterson 2009,
-# [*Roofline: an insightful visual performance model*](https://doi.org/10.1145/1498765.1498785)):
+# [*Roofline: an insightful visual performance model for multicore
+# architectures*](https://doi.org/10.1145/1498765.1498785), Communications of the ACM):
 # abaixo de uma certa intensidade aritmética (FLOPs por byte), o teto é a banda. Este capítulo
 # mede esse teto na sua máquina e tenta chegar perto dele, uma peça de cada vez:
 #
@@ -40,9 +41,9 @@
 # 3. **pesos em bf16** e **pesos int8** com uma escala por canal de saída (menos bytes por peso), e
 #    quanto isso custa em qualidade num modelo treinado;
 # 4. **o lote**: quando o modelo deixa de esperar pela memória e passa a esperar pela conta;
-# 5. **o MoE na inferência**: com lote 1 um MoE lê só os top-k especialistas por camada e custa
-#    quase o mesmo que o seu gêmeo denso de mesmos parâmetros ativos; com lotes maiores, a união
-#    dos especialistas tocados cresce até todos.
+# 5. **o MoE na inferência**: com lote 1 um MoE lê só os top-k especialistas por camada, quase os
+#    mesmos bytes que o seu gêmeo denso de mesmos parâmetros ativos (o despacho dos tokens custa
+#    tempo à parte); com lotes maiores, a união dos especialistas tocados cresce até todos.
 #
 # Cada peça é escrita do zero numa célula e conferida contra a do pacote (`nanomoe/static_cache.py`,
 # `nanomoe/quantize.py`, `nanomoe/course/roofline.py`). Os testes estão em `tests/test_08_decode.py`, e as
@@ -102,8 +103,9 @@ from nanomoe.training.train import TrainConfig, train
 # %% [markdown]
 # ## Parâmetros
 #
-# Execução de referência: ~8 min de relógio numa CPU de 2 núcleos compartilhada (1 thread; o tempo
-# medido está no README); numa GPU, não medido ainda. Como script:
+# Execução de referência: ~2 min de relógio numa CPU de 2 núcleos compartilhada, com carga
+# média ~2 (1 thread); com a máquina mais disputada (carga 6–9) levou 5–6 min. Numa GPU, não medido
+# ainda. Como script:
 # `uv run -m scripts.08_fast_decoding`; `--quick` roda tudo em segundos (é o que os testes usam).
 # A forma "grande" é a do GPT-2 124M (12 camadas, C = 768, vocabulário 50 257) com pesos
 # aleatórios: a velocidade não depende do valor dos pesos, só de quantos bytes eles ocupam.
@@ -141,8 +143,10 @@ print(f"{platform.machine()}, {os.cpu_count()} núcleos, {torch.get_num_threads(
 # ## 1. A banda: quantos bytes por segundo a memória entrega
 #
 # Somar um vetor grande é o programa mais simples que só espera pela memória: cada float é lido uma
-# vez e custa uma soma. Com um buffer muito maior que os caches do processador (256 MB), o tempo
-# de `x.sum()` é o tempo de trazer os bytes da RAM. Escrevemos a sonda e comparamos com a do pacote.
+# vez e custa uma soma. Com um buffer muito maior que os caches do processador (256 MiB), o tempo
+# de `x.sum()` é o tempo de trazer os bytes da RAM — com 1 thread, a banda que um núcleo consegue
+# puxar, que é a que os passos medidos abaixo (também com 1 thread) têm. Escrevemos a sonda e
+# comparamos com a do pacote.
 
 # %%
 def my_bandwidth(megabytes: int = 256, reps: int = 5) -> float:
@@ -162,8 +166,8 @@ print(f"banda de leitura: {bw_mine / 1e9:.1f} GB/s (nossa sonda), {bw / 1e9:.1f}
 # %% [markdown]
 # Numa máquina compartilhada as duas medidas variam de uma execução para outra (outros processos
 # disputam a mesma memória); o que importa é a ordem de grandeza, e usamos a do pacote daqui em
-# diante. Uma GPU entrega dezenas de vezes mais (a ficha técnica da NVIDIA anuncia ~3,35 TB/s para
-# a H100 SXM), e a conta abaixo é a mesma.
+# diante. Uma GPU entrega muito mais: a ficha técnica da NVIDIA anuncia mais de 3 TB/s para a H100
+# SXM, mais de cem vezes os 22,9 GB/s medidos acima. A conta abaixo é a mesma.
 #
 # ## 2. Bytes por token
 #
@@ -282,7 +286,8 @@ print(repr(tok.decode(ref[0].tolist())[:160]))
 #
 # `compile_step` entrega o passo de um token ao `torch.compile` (na GPU, no modo
 # `"reduce-overhead"`, que grava o passo como um CUDA graph e o repete com um só lançamento). A
-# primeira chamada compila — dezenas de segundos numa CPU —, as seguintes reusam o mesmo grafo,
+# primeira chamada compila (compilação e primeira geração: 13 s na execução de referência); as
+# seguintes reusam o mesmo grafo,
 # porque as formas nunca mudam. Conferimos que os tokens são os mesmos e medimos os dois.
 
 # %%
@@ -310,10 +315,13 @@ if args.compile:
           f"({comp_tps / eager_tps:.2f}x), mesmos tokens")
 
 # %% [markdown]
-# No modelo pequeno (~1 MB de pesos, cabe no cache do processador) o passo não espera pela RAM:
-# espera pelo Python e pelos lançamentos de dezenas de operações pequenas, e é isso que a
-# compilação corta. No modelo grande, na CPU, o passo espera pela memória e a compilação não
-# ajudou (o `scripts/bench_08_decode.py` mede eager e compilado lado a lado; `docs/benchmarks.md`);
+# No modelo pequeno (0,72 milhão de parâmetros, 2,9 MB de pesos em fp32, cabe no cache L3 de 32 MiB da CPU
+# de referência) o passo não espera pela RAM: espera pelo Python e pelos lançamentos de dezenas de
+# operações pequenas, e é isso que a compilação corta (2,57× acima). No modelo grande, na CPU, o
+# passo espera pela memória e a compilação ajuda pouco e de modo instável: no benchmark
+# (`scripts/bench_08_decode.py`, que mede eager e compilado lado a lado, com a máquina sob carga
+# 8–11; `docs/benchmarks.md`) o passo compilado deu 1,1× o eager em fp32 e 1,4× em bf16, e numa
+# execução anterior empatou em bf16 e ficou abaixo do caminho eager em fp32;
 # na GPU, onde cada lançamento custa microssegundos e um passo tem centenas deles, os CUDA graphs
 # são o que o gpt-fast mostra valer a pena (não medido ainda aqui).
 #
@@ -500,8 +508,8 @@ fig
 # Leia a figura pelas razões: o limite dobra de fp32 para bf16 e quase dobra de novo para int8,
 # porque os bytes por passo caem na mesma proporção. A fração atingida depende dos kernels: na CPU
 # de referência do curso, o produto matriz-vetor fp32 do MKL com a matriz da cabeça (50 257 × 768,
-# guardada por linhas) lê bem abaixo da banda (o capítulo 02 e o `docs/benchmarks.md` já mediram
-# isso), e o kernel int8 da CPU não chega perto da banda. O benchmark
+# guardada por linhas) lê bem abaixo da banda (o benchmark do capítulo 02, em `docs/benchmarks.md`,
+# já mediu isso), e o kernel int8 da CPU não chega perto da banda. O benchmark
 # (`scripts/bench_08_decode.py`) repete esta medida com mais rodadas, com o `generate` do
 # `transformers` ao lado e com os passos compilados.
 #
@@ -574,7 +582,7 @@ fig
 # %% [markdown]
 # A linha pontilhada é o que a memória permitiria se os bytes por passo não mudassem com o lote.
 # Onde a curva medida se afasta dela, o passo deixou de ser limitado pela memória. Para o MoE, a
-# linha pontilhada é otimista em dobro: os bytes por passo *crescem* com o lote, porque mais tokens
+# linha pontilhada é otimista por mais um motivo: os bytes por passo *crescem* com o lote, porque mais tokens
 # tocam mais especialistas. Quantos?
 
 # %%
@@ -601,16 +609,20 @@ for sname in shapes:
 # %% [markdown]
 # Com lote 1 cada camada toca exatamente 2 dos 8 especialistas: o MoE lê os mesmos bytes de
 # especialistas que o gêmeo denso lê de MLP (por construção, k especialistas somam a largura do MLP
-# denso), mais o roteador. Com lote 8 já são quase todos (o sorteio uniforme dá 7,2): nessa hora
-# o MoE lê ~4× os bytes de MLP do denso, e a vantagem da inferência "barata" some — a não ser que o
+# denso), mais o roteador. Com lote 8 já são quase todos (7,5 e 7,4 medidos nas duas formas; o
+# sorteio uniforme dá 7,2): nessa hora o MoE lê ~3,7× os bytes de MLP do denso, e a vantagem da
+# inferência "barata" some — a não ser que o
 # passo já esteja limitado pela conta, quando o MoE volta a custar o que os parâmetros *ativos*
 # custam. É por isso que servir MoEs grandes usa lotes grandes e paralelismo de especialistas
 # (capítulo 07). Com pesos aleatórios o roteador sorteia quase uniformemente; um roteador treinado
-# concentra um pouco mais.
+# não sorteia assim, e a curva muda com ele (não medido aqui).
 #
-# Um detalhe que a tabela acima mostra na forma 124M: o MoE é mais lento que o gêmeo denso mesmo
-# com lote 1, porque o despacho (ordenar, juntar e espalhar os tokens, dois `grouped_mm`) custa
-# operações pequenas que o MLP denso não tem; o benchmark mede a razão com mais rodadas.
+# Um detalhe que a tabela acima mostra: o MoE é mais lento que o gêmeo denso mesmo com lote 1
+# (0,87× os tokens/s do denso na forma 124M, 0,45× na forma pequena, onde o passo espera pelos
+# lançamentos e não pela memória), porque o despacho (ordenar, juntar e espalhar os tokens, dois
+# `grouped_mm`) custa operações pequenas que o MLP denso não tem. Cada ponto é uma medida curta (4
+# passos na forma 124M); o benchmark, com mais rodadas, mediu na forma 124M 1,07× o tempo por token
+# do denso.
 
 # %%
 print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} s")
@@ -639,9 +651,11 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 #
 # <details><summary>Resposta</summary>
 #
-# Veja a linha `124M ... denso` da seção 7. Nas execuções de referência, tokens/s cresceu 4–5× de
-# B = 1 a B = 8 (perto da proporção do lote) e só pouco mais de 2× de B = 8 a B = 64 (8× mais
-# tokens por passo): daí em diante cada peso lido alimenta 2B FLOPs e a conta, não a memória, manda. O ponto
+# Veja a linha `124M ... denso` da seção 7. Na execução de referência, tokens/s cresceu ~4× de
+# B = 1 a B = 8 (22 → 89, metade da proporção do lote, já com ruído: de B = 1 a B = 2 quase não
+# mudou) e só ~2,2× de B = 8 a B = 64 (89 → 195, com 8× mais tokens por passo): cada dobra do lote
+# rendeu 1,7×, 1,5×, 1,3× e 1,1× em B = 8, 16, 32 e 64. A curva dobra por volta de B = 8: daí em
+# diante cada peso lido alimenta 2B FLOPs e a conta, não a memória, manda. O ponto
 # exato muda com a carga da máquina (cada ponto é uma medida curta), e numa GPU a virada vem muito
 # mais tarde: ela faz centenas de FLOPs por byte lido.
 #
@@ -652,8 +666,11 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 #
 # <details><summary>Resposta</summary>
 #
-# A tabela da seção 5 responde a primeira: a quantização dos pesos é a mesma nas duas, e a
-# diferença de concordância vem do arredondamento das ativações em bf16 (8 bits de mantissa). A
+# A tabela da seção 5 responde a primeira: com ativações fp32, 99,1% na geração gulosa e 99,4% nas
+# posições de validação; com ativações bf16, 98,3% e 98,9% (o bf16 sozinho dá 98,3% e 99,0%). A
+# quantização dos pesos é a mesma nas duas, e a diferença — 2 tokens em 235,
+# meio ponto nas posições de validação, num só modelo — vem do arredondamento das ativações em bf16
+# (7 bits de mantissa guardados, 8 de precisão). A
 # segunda: as duas usam o mesmo kernel `_weight_int8pack_mm`, que na CPU é ~5× mais rápido com
 # ativações bf16 (a docstring de `int8_path` traz a medida). Desquantizar e multiplicar seria pior
 # ainda: lê 1 byte, escreve 4 e relê 4 por peso, mais tráfego que o próprio fp32, que só lê 4.
@@ -667,8 +684,8 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 #
 # <details><summary>Resposta</summary>
 #
-# 8 × (1 − (6/8)⁴) = 8 × (1 − 0,316) ≈ 5,5. A seção 7 imprime o medido para as duas formas (com
-# pesos aleatórios o roteador é quase uniforme, então fica perto).
+# 8 × (1 − (6/8)⁴) = 8 × (1 − 81/256) ≈ 5,5. A seção 7 mediu 5,9 na forma do capítulo 03 e 5,6 na
+# do GPT-2 124M (com pesos aleatórios o roteador é quase uniforme, então fica perto).
 #
 # </details>
 
@@ -685,12 +702,15 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 #   com erro limitado por $s_o/2 \sum_i |x_i|$ e, no modelo treinado, concordância gulosa e
 #   perplexidade medidas acima.
 # - Com lote maior, os mesmos bytes rendem mais tokens até o processador virar o gargalo.
-# - Um MoE com lote 1 lê só os top-k especialistas: custa perto do gêmeo denso de mesmos
-#   parâmetros ativos. Com lote maior a união dos especialistas tocados cresce até todos, e os bytes
+# - Um MoE com lote 1 lê só os top-k especialistas: quase os mesmos bytes que o gêmeo denso de
+#   mesmos parâmetros ativos, mas o despacho custa tempo à parte (0,87× os tokens/s do denso na
+#   forma 124M aqui, 1,07× o tempo por token no benchmark). Com lote maior a união dos
+#   especialistas tocados cresce até todos, e os bytes
 #   por passo com ela.
 #
 # **Para ler.** Williams, Waterman & Patterson 2009,
-# [*Roofline*](https://doi.org/10.1145/1498765.1498785); equipe do PyTorch, gpt-fast
+# [*Roofline: an insightful visual performance model for multicore
+# architectures*](https://doi.org/10.1145/1498765.1498785); equipe do PyTorch, gpt-fast
 # ([post](https://pytorch.org/blog/accelerating-generative-ai-2/),
 # [código](https://github.com/pytorch-labs/gpt-fast)); Dettmers et al. 2022,
 # [*LLM.int8()*](https://arxiv.org/abs/2208.07339); Pope et al. 2022,
