@@ -418,8 +418,9 @@ for r in records:
           f"(erro-padrão, {r['val']['tokens']:,} tokens)  {r['seconds']:.0f} s  {r['tokens_per_s']:,.0f} tokens/s"
           + ("  (treino já salvo, reaproveitado)" if r["cached"] else ""))
 print(f"{len(records)} treinos em {time.perf_counter() - t0:.0f} s")
-(out_dir / "one_switch.json").write_text(json.dumps({"args": dict(vars(args)), "summary": summarize(records),
-                                                     "runs": records}, indent=1, ensure_ascii=False), encoding="utf-8")
+_ = (out_dir / "one_switch.json").write_text(json.dumps({"args": dict(vars(args)), "summary": summarize(records),
+                                                         "runs": records}, indent=1, ensure_ascii=False),
+                                              encoding="utf-8")
 
 # %% [markdown]
 # ### Estes treinos contra o registro
