@@ -23,9 +23,9 @@
 #
 # 1. **Carregar exato.** `from_pretrained("gpt2")` copia *cada* tensor do GPT-2 da Hugging Face
 #    para o nosso `GPT` e *prova* que os logits são os mesmos do `transformers`: a diferença máxima
-#    é arredondamento de float32 (1,2e-6 no substituto minúsculo das saídas registradas abaixo; com o
-#    GPT-2 124M real, não medido ainda neste curso; a célula exige < 1e-4). O projeto original
-#    prometia isso e copiava quase nada, escondido atrás de um `load_state_dict(strict=False)`.
+#    é arredondamento de float32 (1,7e-6 no substituto minúsculo das saídas registradas abaixo; com o
+#    GPT-2 124M real, não medido ainda neste curso; a célula exige < 1e-4). A carga é estrita: um
+#    `load_state_dict(strict=False)` deixaria tensores esquecidos na inicialização aleatória, sem aviso.
 # 2. **Ajuste fino (*fine-tuning*) em Machado de Assis** com o BPE do GPT-2: partindo dos pesos
 #    pré-treinados *versus* do zero, com os mesmos passos e os mesmos lotes.
 # 3. **Transferência parcial** para a arquitetura moderna do capítulo 02 (RoPE, RMSNorm, SwiGLU,
@@ -43,7 +43,7 @@
 # — o notebook usa um **substituto**: um GPT-2 minúsculo (2 camadas, 64 dimensões, o mesmo
 # tokenizador de 50 257 tokens), salvo numa pasta local com `save_pretrained` exatamente como a do
 # Hub e pré-treinado aqui mesmo por alguns segundos em TinyShakespeare (inglês, como o GPT-2). A
-# saída diz sempre qual dos dois rodou. Tempo: ~2,5 min na configuração `--tiny` numa CPU de 2
+# saída diz sempre qual dos dois rodou. Tempo: ~2,7 min na configuração `--tiny` numa CPU de 2
 # núcleos, 1 thread (as saídas registradas); numa T4 do Colab, com os pesos reais, não medido
 # ainda.
 
@@ -67,10 +67,10 @@ device = setup("05", written_for=NANOMOE_REF)  # 'cuda', 'mps' or 'cpu'
 # ## Parâmetros
 #
 # Há dois tamanhos, `full` (GPT-2 124M do Hub) e `tiny` (o substituto minúsculo). Sem `--tiny` nem
-# `--full`, o tamanho é `full` quando há GPU e `tiny` na CPU; as duas flags forçam um ou outro. Os
-# campos `None` dependem do tamanho (tabela
-# `SIZES`). Num script: `uv run -m scripts.05_gpt2_weights --tiny --steps=200`; num notebook, edite
-# `DEFAULTS` ou use a variável de ambiente `NANOMOE_ARGS`.
+# `--full`, o tamanho é `full` quando há GPU CUDA e `tiny` nos outros casos (CPU, MPS); as duas
+# flags forçam um ou outro. Os campos `None` dependem do tamanho (tabela `SIZES`). Num script:
+# `uv run -m scripts.05_gpt2_weights --tiny --steps=200`; num notebook, edite `DEFAULTS` ou use a
+# variável de ambiente `NANOMOE_ARGS`.
 
 # %%
 import copy
@@ -250,7 +250,8 @@ del hf_model, hf_state
 #
 # O BPE do GPT-2 foi treinado em inglês: em Machado ele gasta ~0,41 token por caractere, contra
 # ~0,31 de um BPE treinado no próprio Machado (capítulo 04) — palavras como "ressaca" viram vários
-# pedaços. Mesmo assim o GPT-2 viu algum português na web, e muito de "como texto funciona".
+# pedaços. Mesmo assim o GPT-2 deve ter visto um pouco de português (o WebText descartou as páginas
+# que não eram em inglês, mas nenhum filtro é perfeito), e muito de "como texto funciona".
 #
 # Dois treinos com **os mesmos passos, os mesmos lotes** (a semente fixa a ordem dos dados) e o
 # mesmo modelo: um parte dos pesos pré-treinados, o outro da inicialização aleatória. Com o GPT-2
@@ -386,7 +387,7 @@ del modern_scratch
 # saída do MLP multiplicada por $p_i$, não igual a ela (exercício 2). Os
 # especialistas têm a largura do MLP denso (não a largura "de ativos iguais" do capítulo 03): o
 # MLP do MoE custa ~k vezes o do denso por token (o resto do modelo, igual), e tem E vezes os seus
-# parâmetros. Neste modelo minúsculo quase tudo é a tabela de embeddings (50 257 × 64), então os
+# parâmetros. Neste modelo minúsculo quase tudo é a tabela de embeddings (50 257 × 64), então os
 # ativos quase não mudam: 3,4 milhões contra 3,3 milhões do denso (saída abaixo). O treino então
 # separa os especialistas (com `noise_std > 0` eles já nascem levemente diferentes).
 #
@@ -486,15 +487,18 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 # ## O que observar
 #
 # - **Exatidão primeiro.** A diferença de logits entre o nosso GPT-2 e o do `transformers` é
-#   arredondamento de float32 (1,2e-6 no substituto das saídas registradas; com o GPT-2 real, não
-#   medido ainda); um erro de transposição daria diferenças de ordem 1.
+#   arredondamento de float32 (1,7e-6 no substituto das saídas registradas; com o GPT-2 real, não
+#   medido ainda); um erro de transposição daria pesos errados (até 5,85e-2 de diferença no `c_proj`
+#   da atenção, acima) e logits muito mais distantes (não medido aqui).
 #   O mesmo vale para o MoE exportado como Mixtral e para a volta com `load_hf`.
 # - **Pré-treino vale ouro.** Até o substituto, pré-treinado por segundos em inglês, começa em 9,472
 #   de validação em Machado, abaixo de ln(50 257) ≈ 10,8 (o "chute uniforme" de um modelo aleatório;
 #   com os pesos reais do GPT-2, não medido ainda), e o modelo do zero
 #   gasta a maior parte dos passos aprendendo o básico que o pré-treinado já sabe.
-# - **Transferência parcial** ajuda menos que o ajuste fino do mesmo modelo: o MLP (dois terços
-#   dos parâmetros de cada bloco) recomeça do zero, e q/k mudam de posições absolutas para RoPE.
+# - **Transferência parcial** ajudou menos que o ajuste fino do próprio GPT-2, sobretudo no começo
+#   (no passo 10, ~1,1 nat abaixo do moderno do zero, contra ~1,4 do pré-treinado sobre o GPT-2 do
+#   zero; no fim, ~0,52 contra ~0,56, numa semente só): o MLP (dois terços dos parâmetros de cada
+#   bloco do GPT-2) recomeça do zero, e q/k mudam de posições absolutas para RoPE.
 #   Por isso o passo 0 pode ser *pior* que o de um modelo aleatório — pesos pré-treinados
 #   combinados com um MLP novo dão previsões confiantes e erradas —, mas em poucos passos o
 #   modelo transferido passa o do zero. O relatório mostra exatamente o que foi reaproveitado.
@@ -509,10 +513,10 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 # ### Resultados registrados neste notebook
 #
 # As saídas acima vêm da configuração **`--tiny` numa CPU de 2 núcleos** (x86_64, PyTorch 2.15, 1
-# thread, com outro processo de 1 thread no outro núcleo; o notebook inteiro levou 2,5 min),
+# thread, com outro processo de 1 thread no outro núcleo; o notebook inteiro levou 2,7 min),
 # sem GPU e sem acesso ao Hugging Face Hub, com o **substituto** — um GPT-2 de 2 camadas e 64
 # dimensões pré-treinado aqui por 100 passos em TinyShakespeare —, **não** do GPT-2 da OpenAI.
-# Cada treino: 60 passos de 4 × 64 tokens (15 360 tokens; upcycling: 30 passos), taxa 1e-3,
+# Cada treino: 60 passos de 4 × 64 tokens (15 360 tokens; *upcycling*: 30 passos), taxa 1e-3,
 # mesma semente e mesmos lotes; loss de validação em 4 lotes fixos:
 #
 # | execução | val. no passo 0 | val. no fim | perplexidade no fim |
@@ -525,9 +529,11 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 # | denso continuado | 7,793 | 7,139 | 1 260 |
 #
 # Mesmo um pré-treino de segundos, em outra língua, dá ~0,56 nat de vantagem depois de 60 passos,
-# e a transferência parcial ~0,52 nat sobre o moderno do zero. Em 30 passos o MoE ainda não se
-# separou do denso (7,142 contra 7,139: a simetria descrita acima). Numa T4 com os pesos reais
-# (`--full`, o padrão quando há GPU) os números serão outros: não medidos ainda — rode e compare.
+# e a transferência parcial ~0,52 nat sobre o moderno do zero (uma semente só: a ordem de grandeza
+# vale, a diferença entre os dois ganhos não foi medida contra a variação entre sementes). Em 30
+# passos o MoE ainda não se separou do denso (7,142 contra 7,139; nem com a simetria quebrada por
+# `noise_std`: exercício 3). Numa T4 com os pesos reais (`--full`, o padrão quando há GPU CUDA) os
+# números serão outros: não medidos ainda — rode e compare.
 
 # %% [markdown]
 # ## Exercícios
@@ -570,7 +576,7 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 # $g = 1$ e deixaria o roteador sem gradiente, capítulo 03), então a saída de cada MLP sai
 # multiplicada por $p_i$. Na frase "Capitu tinha olhos de ressaca.", com o modelo moderno
 # transferido e ajustado 60 passos, a maior diferença de logits no passo 0 foi 0,19 com top-1,
-# contra 2,4e-6 (arredondamento) com top-2. Por isso o *upcycling* deste capítulo usa top-2.
+# contra 1,9e-6 (arredondamento) com top-2 (a saída da seção 4). Por isso o *upcycling* deste capítulo usa top-2.
 #
 # </details>
 #
@@ -580,10 +586,11 @@ print("files:", sorted(p.name for p in folder.iterdir()))
 #
 # <details><summary>Resposta</summary>
 #
-# No passo 0 o ruído quase não muda nada: diferença máxima de logits de 3,6e-4 (contra 2,4e-6 sem
+# No passo 0 o ruído quase não muda nada: diferença máxima de logits de 3,6e-4 (contra 1,9e-6 sem
 # ruído). Em 30 passos também não: validação 7,1395 com ruído contra 7,1389 do denso continuado na
-# mesma execução (`docs/results/05/exercicios.md`); sem ruído, na execução gravada acima, 7,1424
-# contra 7,1391: diferenças de milésimos. Quebrar a simetria deixa o roteador aprender, mas 30 passos
+# mesma execução (`docs/results/05/exercicios.md`, nanomoe 0.2.1; o denso dá lá o mesmo 7,1389 que
+# aqui); sem ruído, na execução gravada acima, 7,1421
+# contra 7,1389: diferenças de milésimos. Quebrar a simetria deixa o roteador aprender, mas 30 passos
 # de 4 × 64 tokens são pouco para os especialistas se separarem; o ganho do MoE, se vier, aparece
 # com mais passos (não medido aqui).
 #
