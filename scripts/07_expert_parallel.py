@@ -376,28 +376,34 @@ save_figure(fig, out_dir / "loss_gaps.png")
 plt.show()
 
 # %% [markdown]
-# **Como ler.** Na execução gravada (CPU x86_64 de 2 núcleos, 3,7 min para o notebook inteiro), as
-# três losses são iguais nos 4 algarismos impressos no passo 33 (3,1784); na figura de |ΔL|, as
-# diferenças ficam no último algarismo do float32 (~1e-7) por umas três dezenas de passos e depois
-# saltam para centésimos de nat (a ordem de 1e-2; os máximos estão impressos acima). Não é o
-# algoritmo, e o controle mostra por quê: o treino de 1 processo com os pesos iniciais mudados só no
-# último algarismo do float32 também se separa do original, e chega à mesma ordem de grandeza (a
-# figura de |ΔL|; qual das três curvas vai mais longe muda de uma execução para outra). Com $W$
-# ranks a conta é a mesma, mas os gradientes são
-# somados em outra ordem, e isso muda o último algarismo; o treino amplifica essa diferença — um
-# token cujos dois melhores especialistas têm quase o mesmo escore troca de especialista, e daí em
-# diante os treinos fazem contas diferentes. Duas GPUs com *kernels* não determinísticos fazem o
-# mesmo. A igualdade passo a passo é o que o teste verifica em 20 passos (diferença máxima de loss
-# 2,4e-7).
+# **Como ler.** Na execução gravada (CPU x86_64 de 2 núcleos compartilhada com outros processos,
+# 3,3 min para os treinos e medidas do notebook), os treinos com $W$ = 2, com $W$ = 4 e o controle
+# dão exatamente a loss do treino de 1 processo nos primeiros 4, 10 e 6 passos; depois, na figura
+# de |ΔL|, as diferenças ficam no último algarismo do float32 (~1e-7) até umas três dezenas de
+# passos e então saltam para centésimos de nat. Os máximos impressos acima: 4,6e-2 com $W$ = 2,
+# 3,0e-2 com $W$ = 4 e 2,3e-2 no controle, que não tem EP nenhum, só os pesos iniciais mudados no
+# último algarismo do float32. O arredondamento sozinho, portanto, já separa dois treinos até
+# centésimos de nat. Nesta execução as duas curvas de EP terminam acima da do controle (no último
+# passo, 2,9e-2 e 3,4e-3 contra 7,6e-4), mas os máximos ficam na mesma ordem de grandeza, e uma
+# execução de cada, com um só sorteio de ε, não separa o efeito do EP do efeito do arredondamento.
+# O que mostra que o algoritmo é o mesmo são os primeiros passos idênticos e o teste: com $W$ ranks
+# a conta é a mesma, mas os gradientes são somados em outra ordem, e isso muda o último algarismo;
+# o treino amplifica essa diferença — um token cujos dois melhores especialistas têm quase o mesmo
+# escore troca de especialista, e daí em diante os treinos fazem contas diferentes. Duas GPUs com
+# *kernels* não determinísticos fazem o mesmo. A igualdade passo a passo é o que o teste verifica
+# em 20 passos (diferença máxima de loss 2,4e-7).
 #
-# **A velocidade.** Os tokens/s da tabela foram medidos numa CPU x86_64 de 2 núcleos quase livre (carga
-# ~1; testes curtos rodaram ao lado por alguns segundos). Com $W$ = 1 o treino fez 26 164 tokens/s;
-# com $W$ = 2, 13 944: dois processos dividem os mesmos 2 núcleos e ainda pagam as trocas de dados e
-# a espera pelo rank mais carregado; com $W$ = 4, 19 423, caindo de ~25 mil para ~13 mil ao longo do
-# treino: 4 processos em 2 núcleos ficam à mercê do agendador do sistema operacional, e a mediana
-# mede sobretudo isso. Numa CPU, mais processos não trazem mais núcleos. O paralelismo de especialistas existe para
-# **caber** (cada GPU guarda $E/W$ dos especialistas) e para somar a memória e a banda de várias
-# GPUs; na CPU medimos a correção e o tráfego, não o ganho de tempo.
+# **A velocidade.** Os tokens/s da tabela (a mediana da segunda metade de cada treino, uma execução
+# por $W$) foram medidos na mesma CPU x86_64 de 2 núcleos, compartilhada com outros processos. Com
+# $W$ = 1 o treino fez 35 088 tokens/s; com $W$ = 2, 17 825 (cerca de metade); com $W$ = 4,
+# 20 320 (cerca de 58%): 2 ou 4 processos dividem os mesmos 2 núcleos e ainda pagam as trocas de
+# dados e a espera pelo rank mais carregado. Entre $W$ = 2 e $W$ = 4, uma execução de cada não diz
+# qual é mais rápido: 4 processos em 2 núcleos ficam à mercê do agendador do sistema operacional, e
+# a mediana mede sobretudo isso (em `docs/benchmarks.md`, outra medida, com a máquina mais
+# carregada, pôs $W$ = 4 à frente até de $W$ = 1). Numa CPU, mais processos não trazem mais
+# núcleos. O paralelismo de especialistas existe para **caber** (cada GPU guarda $E/W$ dos
+# especialistas) e para somar a memória e a banda de várias GPUs; na CPU medimos a correção e o
+# tráfego, não o ganho de tempo.
 
 # %% [markdown]
 # ## 6. A contabilidade: quem manda quanto para quem
@@ -524,9 +530,10 @@ def run_exercise(name: str, steps: int = args.ex_steps or 50, **changes) -> dict
 # Cada atribuição que sai do rank cruza a rede 4 vezes (ida e volta no *forward*, ida e volta no
 # *backward*): $4 \cdot n \cdot S \cdot k \cdot (1 - 1/W) \cdot C \cdot 4$ bytes. Com $n$ = 2,
 # $S$ = 4·8·64 = 2048, $k$ = 2, $C$ = 64: 4,19 MB para $W$ = 2 e 6,29 MB para $W$ = 4. A seção 5
-# mediu 4,20 MB ($W$ = 2) e 6,29 MB ($W$ = 4) por passo: a previsão acerta porque o roteador, depois
-# do começo, manda metade (um quarto) das linhas para o próprio rank — 50,0% e 25,0% medidos (a
-# `local_fraction` da seção 5). Note
+# mediu 4,19 MB ($W$ = 2) e 6,29 MB ($W$ = 4) por passo: a previsão acerta porque o roteador, na
+# segunda metade do treino, manda metade (um quarto) das linhas para o próprio rank, como faria um
+# roteamento uniforme — 50,0% e 25,0% medidos (`runs[W]["local_fraction"]`, registrados em
+# `docs/results/07/exercicios.md`). Note
 # que o tráfego cresce com $W$: mais ranks, menos linhas ficam em casa ($1/W$).
 #
 # </details>
@@ -545,8 +552,9 @@ def run_exercise(name: str, steps: int = args.ex_steps or 50, **changes) -> dict
 # `docs/results/07/exercicios.md`): com top-1 o tráfego cai pela metade, 2,10 MB contra 4,18 MB por
 # passo (cada token viaja para 1 especialista em vez de 2), e o desequilíbrio entre os ranks sobe de
 # 1,271 para 1,421: com um só especialista por token a carga oscila mais. A loss ficou em 3,1556
-# contra 3,1286 do top-2: 0,027 nat, menos do que a loss do passo 50 do mesmo treino top-2 mudou de
-# uma execução para outra (~0,04). Com 50 passos e uma semente, não dá para dizer qual treina melhor.
+# contra 3,1286 do top-2: 0,027 nat, menos do que a maior diferença entre os treinos de $W$ = 1 e
+# $W$ = 2 da seção 5 (4,6e-2), que fazem a mesma conta e só somam em outra ordem. Com 50 passos e
+# uma semente, não dá para dizer qual treina melhor.
 # Cada especialista top-1 é duas vezes mais largo (mesmos parâmetros ativos), então o cálculo por
 # token é o mesmo: o que se economiza é comunicação.
 #
@@ -572,8 +580,10 @@ def run_exercise(name: str, steps: int = args.ex_steps or 50, **changes) -> dict
 # (desequilíbrio médio 1,271 no top-2 sem capacidade). O tráfego caiu para 2,20 MB por passo
 # (atribuições descartadas não viajam: a capacidade é decidida **antes** do despacho) e o
 # desequilíbrio ficou em 1,247 (o teto de vagas corta os picos); a loss do passo 50 (3,1302 contra
-# 3,1286) ficou dentro da variação entre execuções. Capacidade troca qualidade por um limite no
-# tráfego e na espera; sem descarte (MegaBlocks, DeepSeek-V3) é a escolha moderna.
+# 3,1286) ficou bem dentro da diferença que o arredondamento sozinho produz (seção 5): aqui, em 50
+# passos, a perda de qualidade não é mensurável. Em geral, a capacidade troca qualidade (tokens
+# descartados) por um limite no tráfego e na espera; sem descarte (MegaBlocks, DeepSeek-V3) é a
+# escolha moderna.
 #
 # </details>
 #
@@ -581,12 +591,12 @@ def run_exercise(name: str, steps: int = args.ex_steps or 50, **changes) -> dict
 #
 # <details><summary>Resposta</summary>
 #
-# Na execução gravada ele foi **mais lento**: 19 423 tokens/s contra 26 164 com $W$ = 1 (e 13 944
-# com $W$ = 2). O trabalho de um passo é o mesmo nos três casos, e com $W$ > 1 ainda há as trocas
-# de dados (6,29 MB por passo com $W$ = 4) e a espera pelo rank mais carregado (desequilíbrio médio
-# 1,394 contra 1,061 com $W$ = 2). Numa CPU de 2 núcleos, 4 processos de 1 thread disputam 2
-# núcleos, e os tokens/s medem sobretudo o agendador do sistema operacional (a seção 5 mostra o
-# $W$ = 4 caindo de ~25 mil para ~13 mil tokens/s ao longo do treino). O ganho real do EP aparece
+# Na execução gravada ele foi **mais lento**: 20 320 tokens/s contra 35 088 com $W$ = 1 (e
+# 17 825 com $W$ = 2). O trabalho de um passo é o mesmo nos três casos, e com $W$ > 1 ainda há as
+# trocas de dados (6,29 MB por passo com $W$ = 4) e a espera pelo rank mais carregado (desequilíbrio
+# médio 1,182, contra 1,148 com $W$ = 2). Numa CPU de 2 núcleos, 4 processos de 1 thread disputam 2
+# núcleos, e os tokens/s medem sobretudo o agendador do sistema operacional (por isso, com uma
+# execução de cada, $W$ = 4 à frente de $W$ = 2 não quer dizer nada). O ganho real do EP aparece
 # com uma GPU por rank, quando cada uma calcula só $E/W$ dos especialistas.
 #
 # </details>

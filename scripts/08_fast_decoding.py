@@ -64,7 +64,7 @@ if importlib.util.find_spec("nanomoe") is None:
 
 from nanomoe.course.notebook import setup
 
-setup("08", written_for=NANOMOE_REF)
+device = setup("08", written_for=NANOMOE_REF)
 
 # %%
 import copy
@@ -502,7 +502,6 @@ ax.set_title(f"GPT-2 124M (pesos aleatórios), CPU {platform.machine()}, {torch.
              f"banda {bw_runs / 1e9:.1f} GB/s", fontsize=9)
 ax.legend()
 save_figure(fig, out_dir / "roofline_variants.png")
-fig
 
 # %% [markdown]
 # Leia a figura pelas razões: o limite dobra de fp32 para bf16 e quase dobra de novo para int8,
@@ -577,7 +576,6 @@ for ax, sname in zip(axes, shapes):
     ax.legend(fontsize=7)
 fig.suptitle(f"tokens/s × lote, cache estático, fp32, CPU {platform.machine()}, 1 thread", fontsize=10)
 save_figure(fig, out_dir / "tokens_per_s_vs_batch.png")
-fig
 
 # %% [markdown]
 # A linha pontilhada é o que a memória permitiria se os bytes por passo não mudassem com o lote.
@@ -597,7 +595,6 @@ ax.set_ylabel("especialistas distintos por camada e passo")
 ax.set_title("MoE 8 especialistas top-2 (pesos aleatórios)", fontsize=9)
 ax.legend(fontsize=7)
 save_figure(fig, out_dir / "experts_touched_vs_batch.png")
-fig
 
 # %%
 for sname in shapes:

@@ -28,7 +28,9 @@ BADGE = "colab-badge.svg"
 INDEX_DOC = "website/capitulos"
 # CHAPTER_TIMES is written in English for the notebooks' set-up line; the site speaks Portuguese
 TIME_WORDS = [("of training", "de treino"), ("for the whole notebook", "para o notebook inteiro"),
-              ("tiny GPT-2 stand-in", "GPT-2 minúsculo substituto"), ("training runs", "treinos")]
+              ("tiny GPT-2 stand-in", "GPT-2 minúsculo substituto"), ("training runs", "treinos"),
+              ("shared with another notebook", "dividindo a CPU com outro notebook"),
+              ("the 66-run grid is read from", "a grade de 66 treinos é lida de")]
 
 
 @dataclass

@@ -21,14 +21,14 @@ from ..paths import home
 # How long each chapter's default configuration took, and where. Only measured figures: a GPU time
 # is quoted once a run on that GPU was recorded in the chapter (`None` = not measured yet).
 CHAPTER_TIMES: dict[str, dict[str, str | None]] = {
-    "01": {"cpu": "~15 s of training, ~30 s for the whole notebook", "gpu": None},
-    "02": {"cpu": "~8 min", "gpu": None},
-    "03": {"cpu": "~10 min", "gpu": None},
-    "04": {"cpu": "~6 min", "gpu": None},
-    "05": {"cpu": "~2.5 min (tiny GPT-2 stand-in)", "gpu": None},
-    "06": {"cpu": "~6 min (3 training runs: 246 s of training in the recorded grid, under load)", "gpu": None},
-    "07": {"cpu": "~4 min", "gpu": None},
-    "08": {"cpu": "~6 min", "gpu": None},
+    "01": {"cpu": "~10 s of training, ~20 s for the whole notebook", "gpu": None},
+    "02": {"cpu": "~12 min (shared with another notebook)", "gpu": None},
+    "03": {"cpu": "~13 min (shared with another notebook)", "gpu": None},
+    "04": {"cpu": "~5 min", "gpu": None},
+    "05": {"cpu": "~2.7 min (tiny GPT-2 stand-in)", "gpu": None},
+    "06": {"cpu": "~1 min (3 training runs; the 66-run grid is read from docs/results/06)", "gpu": None},
+    "07": {"cpu": "~3.5 min", "gpu": None},
+    "08": {"cpu": "~2 min", "gpu": None},
 }
 CPU_NAME = "2-core CPU"
 
