@@ -13,12 +13,12 @@ import json
 import os
 import subprocess
 import sys
+from importlib.resources import files
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-
-import nanomoe
 
 from ..config import moe_config
 from ..moe import MoE
@@ -26,7 +26,6 @@ from ..parallel.distributed import cleanup_distributed, setup_distributed
 from ..parallel.expert_parallel import check_world_size, expert_parallel_moe, load_full_state_dict, sync_gradients
 from ..training.cli import parse_args, short_errors
 
-REPO = Path(nanomoe.__file__).resolve().parent.parent  # where `scripts/` lives (a source checkout)
 CHECK_DEFAULTS = dict(n_embd=64, n_head=4, block_size=64, n_experts=8, moe_top_k=2, moe_capacity_factor=0.0,
                       moe_balance_scope="global", seed=1337, threads=1)
 
@@ -36,15 +35,15 @@ def launch(world: int, module: str = "scripts.04_train", timeout: float = 3600, 
     (how a notebook starts W processes on one machine; gloo on CPU, one thread each). For
     scripts.04_train the run config is `machado_moe_ep` unless `config=` says otherwise. Returns the
     printed output; raises RuntimeError with its end when the run fails."""
-    target = ["-m", module]
+    target, root = ["-m", module], _checkout()
     if module == "scripts.04_train":
-        target = _train_04()
+        target = ["-m", module] if root is not None else [_packaged_train_04()]
         options = {"config": "machado_moe_ep", "compare_chars": 0, "plot": False, **options}
     args = [f"--{k}={v}" for k, v in options.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            *target, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NANOMOE_ARGS": ""}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root or ""), env.get("PYTHONPATH", "")) if p)
     if sys.platform.startswith("linux") and not torch.cuda.is_available():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: talk over the loopback interface
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -54,16 +53,20 @@ def launch(world: int, module: str = "scripts.04_train", timeout: float = 3600, 
     return text
 
 
-def _train_04() -> list[str]:
-    """How torchrun finds chapter 04's training program: `-m scripts.04_train` in a source checkout,
-    else the copy of that file the wheel carries as package data (a pip install has no scripts/)."""
-    if (REPO / "scripts" / "04_train.py").is_file():
-        return ["-m", "scripts.04_train"]
-    packaged = Path(nanomoe.__file__).resolve().parent / "resources" / "train_04.py"
+def _checkout() -> Optional[Path]:
+    """The source checkout the notebook runs in (the current folder or a parent holding
+    scripts/04_train.py: a clone, where a notebook runs in notebooks/), else None (a pip install)."""
+    return next((d for d in (Path.cwd(), *Path.cwd().parents) if (d / "scripts" / "04_train.py").is_file()), None)
+
+
+def _packaged_train_04() -> str:
+    """Chapter 04's training program as the wheel carries it (package data: a pip install, such as
+    Colab's, has no scripts/ folder)."""
+    packaged = files("nanomoe.resources").joinpath("train_04.py")
     if not packaged.is_file():
         raise RuntimeError("chapter 04's training program was not found: run from a source checkout of nanomoe "
                            "(git clone https://github.com/sagui-nlp/nanomoe) or install the nanomoe wheel")
-    return [str(packaged)]
+    return str(packaged)
 
 
 def _worth_showing(line: str) -> bool:
