@@ -6,6 +6,7 @@ They follow the course's one convention (`nanomoe.training.cli.parse_args`): `--
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -79,7 +80,9 @@ def prepare_fineweb_cli(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     try:
         a = parse_args(FINEWEB_DEFAULTS, argv, description="Tokenize FineWeb-Edu with GPT-2's BPE into shards of "
                        "--shard_size tokens (first shard = val), like build-nanogpt's fineweb.py.")
-        docs = iter_documents(a.source) if a.source else _hub_documents(a.remote_name)
+        docs = iter(iter_documents(a.source) if a.source else _hub_documents(a.remote_name))
+        first = next(docs, None)  # a malformed source fails here, before the tokenizer (a download) is needed
+        docs = itertools.chain([] if first is None else [first], docs)
         t0 = time.perf_counter()
         meta = write_document_shards(docs, gpt2_tokenizer(), in_home(a.out_dir), shard_size=a.shard_size,
                                      max_tokens=a.max_tokens or None, progress=a.progress)
