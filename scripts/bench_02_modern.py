@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 
 from nanomoe import GPT, GPTConfig, gpt2_config, modern_config
+from nanomoe.course.roofline import time_steps
 from nanomoe.training.cli import parse_args
 
 DEFAULTS = dict(
@@ -64,15 +65,6 @@ DEFAULTS = dict(
 )
 QUICK = dict(train_steps=2, decode_reps=2, gen_tokens=40, block_size=64, positions="8,60", train_seq=32, train_batch=2,
              vocabs="128,4096", vocab_size=4096, n_layer=2, n_embd=64, threads=1)
-
-
-def median_time(fn: Callable[[], object], reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def decode_config(args, vocab_size=None, **kw) -> GPTConfig:
@@ -185,12 +177,12 @@ def bench_decode(args, V: int) -> dict:
     for _ in range(args.decode_reps):  # every rep visits every cell: drifts in machine load hit all alike
         for c, fn in cells.items():
             fn()  # a step like the one before it (as in a real generation), then time three in a row
-            times[c].append(median_time(fn, 3))
+            times[c].append(time_steps(fn, 3, warmup=0))
     out: dict = {p: {f"{kind}_ms": 1e3 * statistics.median(times[(p, kind)]) for kind in ("cache", "no_cache")}
                  for p in positions}
     # the output layer for one token: the same work with or without the cache (Amdahl's bound)
     h = torch.randn(1, args.n_embd)
-    out["lm_head_ms"] = 1e3 * median_time(lambda: model.logits(h).argmax(-1), args.decode_reps)
+    out["lm_head_ms"] = 1e3 * time_steps(lambda: model.logits(h).argmax(-1), args.decode_reps, warmup=0)
     return out
 
 
