@@ -73,6 +73,16 @@ def save_figure(fig: Figure, save_path: Optional[PathLike], dpi: int = 120) -> N
     fig.savefig(p, dpi=dpi, bbox_inches="tight")
 
 
+
+def _finish(fig: Figure, title: Optional[str], save_path: Optional[PathLike]) -> Figure:
+    """Every figure's last lines: the overall title (when given), a tight layout, the optional save."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, save_path)
+    return fig
+
+
 def plot_curves(
     histories: Union[Mapping[str, Sequence[Mapping]], Sequence[Mapping]],
     x: str = "step",
@@ -125,11 +135,7 @@ def plot_curves(
             ax.legend(fontsize=8)
     for pi in range(len(ys), nrows * ncols):
         axes[pi // ncols][pi % ncols].set_visible(False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, save_path)
-    return fig
+    return _finish(fig, title, save_path)
 
 
 def plot_loss_ppl(
@@ -199,11 +205,7 @@ def plot_panels(
         ax.set_ylabel(_label(y))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, save_path)
-    return fig
+    return _finish(fig, title, save_path)
 
 
 def plot_expert_load(
@@ -307,11 +309,7 @@ def plot_balance_sweep(
         ax.set_xlabel("coeficiente da loss de balanceamento")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, save_path)
-    return fig
+    return _finish(fig, title, save_path)
 
 
 def plot_crossover(
@@ -367,11 +365,7 @@ def plot_crossover(
         ax.set_ylabel(f"loss de validação − {reference} (mesma semente)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, save_path)
-    return fig
+    return _finish(fig, title, save_path)
 
 
 def plot_matrices(
@@ -411,11 +405,7 @@ def plot_matrices(
             bar.ax.axhline(center, color="white", lw=2)
             bar.ax.text(1.6, center, _pt_number(center, 3), va="center", fontsize=7,
                         transform=bar.ax.get_yaxis_transform())
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, save_path)
-    return fig
+    return _finish(fig, title, save_path)
 
 
 def plot_saturation(
@@ -443,11 +433,7 @@ def plot_saturation(
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, save_path)
-    return fig
+    return _finish(fig, title, save_path)
 
 
 def plot_one_switch(
@@ -498,8 +484,4 @@ def plot_one_switch(
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3, axis="x")
         ax.legend(fontsize=7, loc="lower right")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, save_path)
-    return fig
+    return _finish(fig, title, save_path)
