@@ -44,3 +44,9 @@ def shared_data_dir() -> Optional[Path]:
     """The offline copies of the public corpora: the folder $NANOMOE_DATA names, or None."""
     env = os.environ.get("NANOMOE_DATA")
     return Path(env) if env and Path(env).is_dir() else None
+
+
+def checkout_with(rel_path: str) -> Optional[Path]:
+    """The current folder or the nearest parent that holds rel_path (a clone of the repository,
+    where a notebook runs in notebooks/), else None (a pip install, such as Colab's)."""
+    return next((d for d in (Path.cwd(), *Path.cwd().parents) if (d / rel_path).is_file()), None)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from importlib.resources import files
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,6 +23,7 @@ from ..config import moe_config
 from ..moe import MoE
 from ..parallel.distributed import cleanup_distributed, setup_distributed
 from ..parallel.expert_parallel import check_world_size, expert_parallel_moe, load_full_state_dict, sync_gradients
+from ..paths import checkout_with
 from ..training.cli import parse_args, short_errors
 
 CHECK_DEFAULTS = dict(n_embd=64, n_head=4, block_size=64, n_experts=8, moe_top_k=2, moe_capacity_factor=0.0,
@@ -35,7 +35,7 @@ def launch(world: int, module: str = "scripts.04_train", timeout: float = 3600, 
     (how a notebook starts W processes on one machine; gloo on CPU, one thread each). For
     scripts.04_train the run config is `machado_moe_ep` unless `config=` says otherwise. Returns the
     printed output; raises RuntimeError with its end when the run fails."""
-    target, root = ["-m", module], _checkout()
+    target, root = ["-m", module], checkout_with("scripts/04_train.py")
     if module == "scripts.04_train":
         target = ["-m", module] if root is not None else [_packaged_train_04()]
         options = {"config": "machado_moe_ep", "compare_chars": 0, "plot": False, **options}
@@ -51,12 +51,6 @@ def launch(world: int, module: str = "scripts.04_train", timeout: float = 3600, 
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun with {world} processes failed (exit {proc.returncode}):\n{text[-3000:]}")
     return text
-
-
-def _checkout() -> Optional[Path]:
-    """The source checkout the notebook runs in (the current folder or a parent holding
-    scripts/04_train.py: a clone, where a notebook runs in notebooks/), else None (a pip install)."""
-    return next((d for d in (Path.cwd(), *Path.cwd().parents) if (d / "scripts" / "04_train.py").is_file()), None)
 
 
 def _packaged_train_04() -> str:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import math
 import urllib.request
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..config import GPTConfig, modern_config, moe_config
+from ..paths import checkout_with
 from ..training.train import TrainConfig
 from .crossover import train_variant
 from .routing_analysis import char_class_ids, chosen_mask, routing_of, saturation, saturation_overlap
@@ -212,9 +212,9 @@ def load_recorded(rel_path: str, ref: str = "main") -> Optional[dict]:
     """A recorded result of the repository (e.g. "docs/results/06/one_switch.json"): from the
     current folder or one of its parents (a clone; a notebook runs in notebooks/), else from the
     repository on GitHub at `ref` (Colab). None, with one line saying why, when neither answers."""
-    for folder in (Path.cwd(), *Path.cwd().parents):
-        if (folder / rel_path).is_file():
-            return json.loads((folder / rel_path).read_text(encoding="utf-8"))
+    folder = checkout_with(rel_path)
+    if folder is not None:
+        return json.loads((folder / rel_path).read_text(encoding="utf-8"))
     url = f"https://raw.githubusercontent.com/sagui-nlp/nanomoe/{ref}/{rel_path}"
     try:
         with urllib.request.urlopen(url, timeout=20) as r:
