@@ -190,8 +190,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None, moe_loads: Optional[list] = None):
         """idx (B, T) -> final normalized hidden states (B, T, C), summed MoE aux loss, MoE stats.
-        moe_loads: one (E,) step count per MoE layer for the global balance scope, or a function of a
-        layer's own counts (`nanomoe.moe.sum_over_ranks`); see `nanomoe.moe`."""
+        moe_loads: one (E,) step count per MoE layer for the global balance scope, or
+        `nanomoe.moe.BALANCE_AFTER_FORWARD` (the training step adds that term); see `nanomoe.moe`."""
         start = cache.pos if cache is not None else 0
         self._check_idx(idx, start)
         B, T = idx.shape

@@ -47,8 +47,11 @@ Balance scope (`moe_balance_scope`), where f_i is counted:
     "global"       the whole optimizer step: every micro-batch of every rank (Qiu et al. 2025,
                    "Demons in the Detail", arXiv 2501.11873). f_i . P_i is not linear, so the
                    counts are summed first and the loss comes after. How, exactly:
-                   - one micro-batch per rank: the training step passes `moe_loads=sum_over_ranks`,
-                     which sums this forward's counts over the ranks (the identity in one process);
+                   - one micro-batch per rank: the training step passes
+                     `moe_loads=BALANCE_AFTER_FORWARD`; the layer leaves its balance term out of the
+                     aux loss and hands out P_i (with its gradient) and its counts; after the
+                     forward the step sums the counts over the ranks and adds the term itself
+                     (`balance_after_forward`): no extra forward, no collective in the layer;
                    - with gradient accumulation, the training step calls
                      `global_balance_prepass(model, micro_batches)`: a no-grad routing pass over
                      the step's micro-batches before the first backward (one extra forward,
@@ -188,6 +191,10 @@ def experts_padded(xs, expert_sorted, counts, w_fc, w_proj, kind, approximate="t
     return out[expert_sorted, slot]  # (M, C)
 
 
+# `moe_loads=BALANCE_AFTER_FORWARD`: the global balance term is added by the training step after the
+# forward, from the counts summed over the ranks (`balance_after_forward`).
+BALANCE_AFTER_FORWARD = "after_forward"
+
 KERNELS = {"grouped": experts_grouped, "loop": experts_loop, "padded": experts_padded}
 
 
@@ -287,6 +294,8 @@ class RoutingStats(Mapping):
     dropped (assignments), entropy (mean router entropy / log E), top1_prob, balance_loss, z_loss
     (raw, before coefficients), topk_idx (B, T, k)."""
 
+    pending_balance: Optional[tuple] = None  # (coef, P (E,) with gradient, counts (E,)): see balance_after_forward
+
     def __init__(self, values: dict[str, Callable[[], torch.Tensor]]):
         self._make, self._done = values, {}
 
@@ -373,12 +382,11 @@ class MoE(nn.Module):
     @staticmethod
     def _global_load(load: torch.Tensor, step_load) -> torch.Tensor:
         """The (E,) counts of the whole optimizer step for the global balance loss (training only):
-        the training step's `step_load` (counts, or a function of this forward's counts such as
-        `sum_over_ranks` when one micro-batch is the rank's whole step), or this forward's own."""
-        if callable(step_load):
-            return step_load(load)
-        if step_load is not None:
+        the training step's `step_load`, or this forward's own when it is the whole step."""
+        if isinstance(step_load, torch.Tensor):
             return step_load
+        if isinstance(step_load, str):  # BALANCE_AFTER_FORWARD
+            return load  # only the stats read this: the step computes the loss term (balance_after_forward)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise RuntimeError("global balance across ranks: the training step must pass the step's counts, "
                                "model(x, y, moe_loads=global_balance_prepass(model, micro_batches))")
@@ -387,7 +395,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, step_load: Optional[torch.Tensor] = None):
         """x (B, T, C) -> (y (B, T, C), aux_loss, stats): route -> dispatch -> experts -> combine.
         step_load (E,): the step's expert counts for the global balance scope (from
-        `global_balance_prepass`), else None."""
+        `global_balance_prepass`), `BALANCE_AFTER_FORWARD` (the step adds the term), else None."""
         B, T, C = x.shape
         E, k = self.n_experts, self.top_k
         logits, probs, topk_idx, gates = self.route(x)  # (B, T, E) x2, (B, T, k) x2
@@ -430,7 +438,8 @@ class MoE(nn.Module):
         def z_loss() -> torch.Tensor:
             return torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE, eq. 5
 
-        bal = balance() if (self.aux_coef or (self.balance_scope == "global" and self.training)) else None
+        after = self.balance_scope == "global" and self.training and isinstance(step_load, str)
+        bal = balance() if not after and (self.aux_coef or (self.balance_scope == "global" and self.training)) else None
         z = z_loss() if self.z_coef else None
         aux = probs.new_zeros(())
         if bal is not None:
@@ -450,6 +459,8 @@ class MoE(nn.Module):
             "z_loss": (lambda: z) if z is not None else z_loss,
             "topk_idx": lambda: topk_idx,
         })
+        if after:  # P_i keeps its gradient: the step's term a * N * sum_i f_i P_i flows back through it
+            stats.pending_balance = (self.aux_coef, probs.reshape(-1, E).mean(0), bal_load)
         return aux, stats
 
     # ---- dispatch: readable reference --------------------------------------------------------
@@ -493,14 +504,23 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def sum_over_ranks(load: torch.Tensor) -> torch.Tensor:
-    """The training step's way to give a one-micro-batch step its global counts: passed as
-    `model(x, y, moe_loads=sum_over_ranks)`, it sums this forward's (E,) counts over the ranks
-    (no extra forward; the step decides, the layer only calls what it is given)."""
-    load = load.clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(load)
-    return load
+def balance_after_forward(stats: list) -> Optional[torch.Tensor]:
+    """The global balance term of a step that is one micro-batch per rank, computed by the training
+    step after `out = model(x, y, moe_loads=BALANCE_AFTER_FORWARD)`: for each layer that left its
+    term out (`RoutingStats.pending_balance`), a * N * sum_i f_i P_i with f_i from the counts summed
+    over the ranks (Qiu et al. 2025, arXiv 2501.11873) and P_i this rank's, with its gradient. Add it
+    to `out.loss` before the backward. None when no layer left a term."""
+    total = None
+    for st in stats:
+        if st.pending_balance is None:
+            continue
+        coef, P, load = st.pending_balance  # (E,) with gradient, (E,) counts of this rank
+        load = load.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)  # the step's collective, between the forward and the backward
+        term = coef * balance_loss(P.view(1, 1, -1), None, "global", load)
+        total = term if total is None else total + term
+    return total
 
 
 def add_loads(acc: Optional[list], stats: list, key: str = "load") -> list:

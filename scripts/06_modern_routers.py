@@ -261,9 +261,12 @@ assert abs(eq18(sh, sh.topk(2, -1).indices) - float(aux_h)) < 1e-5
 #   todos os especialistas, o que briga com a especialização por domínio.
 #
 # Como $f_i P_i$ não é linear, "global" exige somar as **contagens** primeiro e só então calcular a
-# loss — calcular a loss por processo e tirar a média é outra coisa. Com um micro-lote por passo, o
-# passo de treino entrega ao forward `moe_loads=sum_over_ranks`, que soma as contagens entre os
-# processos (`all_reduce`; num processo só, nada muda). Com acumulação de gradiente, o micro-lote 1
+# loss — calcular a loss por processo e tirar a média é outra coisa. Com um micro-lote por passo e
+# vários processos, o passo de treino chama o forward com `moe_loads=BALANCE_AFTER_FORWARD`: cada
+# camada deixa o termo de balanceamento de fora e entrega $P_i$ (com gradiente) e as suas contagens;
+# depois do forward, `balance_after_forward` soma as contagens entre os processos (`all_reduce`) e
+# acrescenta o termo à loss antes do backward (num processo só, o forward já é o passo inteiro e
+# usa as próprias contagens). Com acumulação de gradiente, o micro-lote 1
 # precisaria das contagens do micro-lote 2, que ainda não rodou; a nossa solução, exata:
 # `global_balance_prepass` roda **antes** do passo um forward sem gradiente sobre os micro-lotes do
 # passo, só para contar, soma as contagens entre os processos e as entrega a cada forward do passo

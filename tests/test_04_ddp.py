@@ -1,7 +1,9 @@
 """Chapter 04: DDP with 2 processes on CPU (gloo, launched by torchrun) follows the same loss
 trajectory as 1 process with 2 gradient-accumulation micro-batches, for a dense and an MoE model
 (with DeepSeek-V3 bias balancing, whose expert loads are summed over ranks), and every rank ends
-with the same weights. This checks `no_sync` + loss / grad_accum + the rank-aware loader together:
+with the same weights; an MoE with the global-batch balance loss too (each rank's one micro-batch:
+the step sums the counts over the ranks after the forward; 1 process: the pre-pass).
+This checks `no_sync` + loss / grad_accum + the rank-aware loader together:
 a rank reading the wrong batches, a gradient not averaged, or a loss not divided by the number of
 micro-batches all change the trajectory or the gradient norm."""
 
@@ -26,7 +28,11 @@ import numpy as np
 import torch
 
 
-def run(out_dir, moe, info=None):
+CASES = {"dense": {}, "moe": dict(n_experts=4, moe_top_k=2, moe_bias_balance=True),
+         "moe_global": dict(n_experts=4, moe_top_k=2, moe_balance_scope="global", moe_aux_loss_coef=0.1)}
+
+
+def run(out_dir, case, info=None):
     torch.set_num_threads(1)
     from nanomoe import GPT, preset
     from nanomoe.training.train import TrainConfig, train
@@ -34,7 +40,7 @@ def run(out_dir, moe, info=None):
     rng = np.random.default_rng(1)
     base = np.tile(rng.integers(0, 40, 89), 120)[:10_000]
     ids = np.where(rng.random(base.size) < 0.1, rng.integers(0, 40, base.size), base).astype(np.uint16)
-    extra = dict(n_experts=4, moe_top_k=2, moe_bias_balance=True) if moe else {}
+    extra = CASES[case]
     torch.manual_seed(0)
     model = GPT(preset("modern", vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, **extra))
     cfg = TrainConfig(max_steps=6, warmup_steps=2, batch_size=4, grad_accum=2, lr=3e-3, eval_interval=3,
@@ -50,7 +56,7 @@ if __name__ == "__main__":
 
     out = sys.argv[1]
     info = setup_distributed("cpu")  # one process group for both runs
-    result = {name: run(f"{out}/{name}", moe) for name, moe in (("dense", False), ("moe", True))}
+    result = {name: run(f"{out}/{name}", name) for name in CASES}
     with open(f"{out}/rank{info.rank}.json", "w") as f:
         json.dump(result, f)
     cleanup_distributed(info)
@@ -80,8 +86,8 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path):
 
     ns: dict = {"__name__": "driver"}
     exec(DRIVER, ns)
-    for name, moe in (("dense", False), ("moe", True)):
-        single = ns["run"](str(tmp_path / f"single_{name}"), moe)
+    for name in ns["CASES"]:
+        single = ns["run"](str(tmp_path / f"single_{name}"), name)
         ddp, other = r0[name], r1[name]
         assert len(ddp["losses"]) == len(single["losses"]) == 6
         assert ddp["losses"] == other["losses"]  # every rank logs (and decides on) the same all-reduced value

@@ -3,7 +3,8 @@
 f_i . P_i is not linear, so averaging per-rank losses is not the global loss: the counts must be
 summed over the ranks (and the micro-batches) before the loss. Two cases, each against a single
 process that sees the same 8 sequences with gradient accumulation:
-  A. one micro-batch per rank per step (the forward all-reduces the counts);
+  A. one micro-batch per rank per step (the step sums the counts over the ranks after the forward
+     and adds the balance term itself: balance_after_forward);
   B. two micro-batches per rank (global_balance_prepass sums them, then over the ranks)."""
 
 import contextlib
@@ -14,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from nanomoe import GPT, moe_config
-from nanomoe.moe import global_balance_prepass, sum_over_ranks
+from nanomoe.moe import BALANCE_AFTER_FORWARD, balance_after_forward, global_balance_prepass
 
 
 def _config(scope="global"):
@@ -56,9 +57,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ddp = DDP(model)
         x = _data()
         part = x[4 * rank : 4 * rank + 4]  # this rank's share of the step
-        res = ddp(part, part, moe_loads=sum_over_ranks)  # A: one micro-batch, its counts summed over the
-        res.loss.backward()  # ranks by what the training step passes (the layer decides nothing about ranks)
-        out = {"A": _grads(model), "A_aux": float(res.aux_loss)}
+        calls = []
+        real_all_reduce = dist.all_reduce
+        dist.all_reduce = lambda t, *a, **kw: calls.append(t.shape) or real_all_reduce(t, *a, **kw)
+        try:
+            res = ddp(part, part, moe_loads=BALANCE_AFTER_FORWARD)  # A: one micro-batch; the layers leave the
+            in_forward = len(calls)
+            term = balance_after_forward(res.moe_stats)  # balance term to the step, which sums counts over ranks
+        finally:
+            dist.all_reduce = real_all_reduce
+        assert in_forward == 0 and len(calls) == 2, (in_forward, calls)  # no collective in a layer; one per layer
+        assert torch.equal(res.aux_loss, torch.zeros(()))  # z-loss off: nothing else in the layers' aux
+        (res.loss + term).backward()
+        out = {"A": _grads(model), "A_aux": float(term)}
         out["B"], out["B_aux"] = _accumulate(model, ddp, [part[:2], part[2:]])  # B: pre-pass + 2 micro-batches
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:

@@ -178,16 +178,22 @@ def _sd(xs: Sequence[float]):
 
 def run_grid(names: Sequence[str], seeds: Sequence[int], shape: dict, train_kw: dict, data: tuple,
              probe: torch.Tensor, pieces: Sequence[str], val_tokens: int, cache_dir=None,
-             on_record: Optional[Callable[[list[dict]], None]] = None, progress: bool = False):
+             on_record: Optional[Callable[[list[dict]], None]] = None, progress: bool = False,
+             previous: Sequence[dict] = ()):
     """Train (or reload from `cache_dir`) every variant of `names` for every seed, seed by seed, and
     measure it (`evaluate_run`). data = (train_ids, val_ids); train_kw: the TrainConfig fields all
     runs share (each variant may override some, e.g. the micro-batch layout). Returns (records: one
     JSON-ready dict per run, runs: {(name, seed): the `train_variant` record, with its model}).
-    `on_record(records)` is called after every run (to save partial results)."""
+    `on_record(records)` is called after every run (to save partial results). `previous`: records of
+    an earlier grid with the same settings; the (variant, seed) pairs they hold are kept, not retrained
+    (paired differences need both runs of a seed, so a seed is completed in one grid)."""
     train_ids, val_ids = data
-    records, losses, runs = [], {}, {}
+    records, losses, runs = list(previous), {}, {}
+    done = {(r["name"], r["seed"]) for r in records}
     for seed in seeds:
         for name in names:
+            if (name, seed) in done:
+                continue
             cfg, overrides = variant_config(name, shape)
             tcfg = TrainConfig(**{**train_kw, "seed": seed, **overrides})
             run = train_variant(name, cfg, tcfg, train_ids, val_ids, probe, cache_dir=cache_dir, progress=progress)

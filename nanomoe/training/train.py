@@ -47,7 +47,7 @@ from ..config import from_dict, require
 from ..data import BatchLoader, DataError, TokenSource
 from ..device import Precision, peak_flops, pick_precision
 from ..interop.hellaswag import Example, evaluate_hellaswag, for_training
-from ..moe import add_loads, global_balance_prepass, sum_over_ranks, update_moe_bias
+from ..moe import BALANCE_AFTER_FORWARD, add_loads, balance_after_forward, global_balance_prepass, update_moe_bias
 from ..parallel.distributed import DistInfo, all_reduce_mean, barrier, count_ranks, process_group
 from ..parallel.strategy import STRATEGIES, DDPStrategy, make_strategy
 from . import checkpoint as ck
@@ -410,6 +410,23 @@ def _resume_notes(run: Run, state: dict, path: Path) -> None:
 # ---- one optimizer step ---------------------------------------------------------------------------
 
 
+def _global_balance_counts(run: Run, batches: list):
+    """What the step's training forwards get as `moe_loads` for the global balance scope (see
+    `nanomoe.moe`): the pre-pass's counts with gradient accumulation, `BALANCE_AFTER_FORWARD` with
+    one micro-batch per rank over several ranks, else None (the forward is the whole step)."""
+    raw = run.raw
+    if raw.config.n_experts == 0:
+        return None
+    if run.accum > 1:
+        with run.precision.autocast():  # route exactly as the training forwards will (same dtype)
+            step_loads = global_balance_prepass(raw, [x for x, _ in batches])  # None unless scope is global
+        run.strategy.end_prepass(raw)
+        return step_loads
+    if run.dist.world_size > 1 and raw.config.moe_balance_scope == "global":
+        return BALANCE_AFTER_FORWARD  # no extra forward: the counts are summed over ranks after it
+    return None
+
+
 def compute_gradients(run: Run, step: int) -> StepStats:
     """Forward and backward over the step's micro-batches, gradients unscaled and clipped (not applied)."""
     tcfg, raw, fwd = run.tcfg, run.raw, run.fwd
@@ -420,13 +437,7 @@ def compute_gradients(run: Run, step: int) -> StepStats:
         g["lr"] = lr
     batches = [run.loader.next_batch(run.precision.device) for _ in range(run.accum)]
     run.strategy.start_step(raw)
-    step_loads = None  # the global balance scope's counts of the whole step (see nanomoe.moe)
-    if run.accum > 1 and raw.config.n_experts > 0:
-        with run.precision.autocast():  # route exactly as the training forwards will (same dtype)
-            step_loads = global_balance_prepass(raw, [x for x, _ in batches])  # None unless scope is global
-        run.strategy.end_prepass(raw)
-    elif run.dist.world_size > 1 and raw.config.n_experts > 0 and raw.config.moe_balance_scope == "global":
-        step_loads = sum_over_ranks  # one micro-batch per rank: its counts summed over ranks, no extra forward
+    step_loads = _global_balance_counts(run, batches)
     loss_sum = torch.zeros((), device=run.precision.device)
     ce_sum = torch.zeros((), device=run.precision.device)
     out = moe_loads = None
@@ -435,8 +446,12 @@ def compute_gradients(run: Run, step: int) -> StepStats:
         with run.strategy.no_sync(fwd, micro == run.accum - 1):
             with run.precision.autocast():
                 out = fwd(x, y, moe_loads=step_loads)
-            run.scaler.scale(out.loss / run.accum).backward()
-        loss_sum += out.loss.detach().float()
+            loss = out.loss
+            if step_loads == BALANCE_AFTER_FORWARD:  # the layers left the global balance term to the step
+                term = balance_after_forward(out.moe_stats)
+                loss, out.aux_loss = loss + term, out.aux_loss + term.detach()
+            run.scaler.scale(loss / run.accum).backward()
+        loss_sum += loss.detach().float()
         ce_sum += out.ce_loss.float()
         run.strategy.after_micro(out.moe_stats)
         if raw.config.moe_bias_balance:
@@ -534,6 +549,35 @@ def is_new_best(res: TrainResult, rec: dict) -> bool:
 # ---- the loop -------------------------------------------------------------------------------------
 
 
+def record_step(run: Run, log: RunLog, meters: dict, done: int, st: StepStats, dt: float) -> None:
+    """Count an applied step (`done` steps so far, `dt` seconds) in the result and the running meters."""
+    res = run.result
+    res.tokens += run.tokens_per_step
+    res.train_time_s += dt
+    res.losses.append(st.loss)
+    for meter in meters.values():
+        meter.add(st.ce, dt, run.tokens_per_step)
+    log.bar.update(1)
+
+
+def log_eval_save(run: Run, log: RunLog, meters: dict, done: int, st: StepStats) -> None:
+    """After step `done`: the log line, the evaluation (with its checkpoint and curves) or the
+    periodic checkpoint, each when its interval (or the last step) comes; resets the meters used."""
+    tcfg, res = run.tcfg, run.result
+    last = done == tcfg.max_steps
+    if done % tcfg.log_interval == 0 or last:
+        log_train(run, log, done, st, meters["log"])
+        meters["log"] = Meter()
+    if tcfg.eval_iters > 0 and (done % tcfg.eval_interval == 0 or last):
+        rec = evaluate_step(run, log, done, meters["eval"])
+        meters["eval"] = Meter()
+        save(run, done, is_best=is_new_best(res, rec))
+        if run.out is not None and run.main and tcfg.plot:
+            save_curves(res.history, res.log, run.out / "curves.png")
+    elif (tcfg.save_interval and done % tcfg.save_interval == 0) or last:
+        save(run, done, is_best=False)
+
+
 def train(
     model: torch.nn.Module,
     train_data: TokenSource,
@@ -566,7 +610,7 @@ def train(
                  f"{run.step_line}")
         if start == 0 and run.has_val and tcfg.max_steps > 0:
             evaluate_step(run, log, 0, None)
-        since_log, since_eval = Meter(), Meter()  # running sums since the last log line / evaluation
+        meters = {"log": Meter(), "eval": Meter()}  # running sums since the last log line / evaluation
         for step in range(start, tcfg.max_steps):
             t0 = time.perf_counter()
             st = compute_gradients(run, step)
@@ -575,27 +619,10 @@ def train(
                 stop(run, log, why, step + 1, st.lr)
                 break
             apply_update(run, st)
-            done, dt = step + 1, time.perf_counter() - t0
-            res.tokens += run.tokens_per_step
-            res.train_time_s += dt
-            res.losses.append(st.loss)
-            since_log.add(st.ce, dt, run.tokens_per_step)
-            since_eval.add(st.ce, dt, run.tokens_per_step)
+            record_step(run, log, meters, step + 1, st, time.perf_counter() - t0)
             if on_step is not None:
-                on_step(done, run.raw, st)
-            log.bar.update(1)
-            last = done == tcfg.max_steps
-            if done % tcfg.log_interval == 0 or last:
-                log_train(run, log, done, st, since_log)
-                since_log = Meter()
-            if tcfg.eval_iters > 0 and (done % tcfg.eval_interval == 0 or last):
-                rec = evaluate_step(run, log, done, since_eval)
-                since_eval = Meter()
-                save(run, done, is_best=is_new_best(res, rec))
-                if run.out is not None and run.main and tcfg.plot:
-                    save_curves(res.history, res.log, run.out / "curves.png")
-            elif (tcfg.save_interval and done % tcfg.save_interval == 0) or last:
-                save(run, done, is_best=False)
+                on_step(step + 1, run.raw, st)
+            log_eval_save(run, log, meters, step + 1, st)
         if tcfg.max_steps == 0 and start == 0:
             save(run, 0, is_best=False)  # max_steps=0: the initial weights as a checkpoint (chapter 07 perturbs them)
         log.close()
