@@ -112,7 +112,13 @@ class Int8Linear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_matmul(x, self.weight_int8, self.scales)
+        if (torch.compiler.is_compiling() and x.numel() == x.size(-1) and x.dtype == torch.float32
+                and x.device.type == "cpu"):
+            # one row inside torch.compile: the reduction sum_i W8_oi x_i, with the int8 -> float
+            # conversion fused into the loop, reads each weight byte once (as static_cache.MatvecLinear)
+            y = (x.unsqueeze(-2) * self.weight_int8.to(x.dtype)).sum(-1) * self.scales.to(x.dtype)
+        else:
+            y = int8_matmul(x, self.weight_int8, self.scales)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

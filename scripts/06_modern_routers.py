@@ -25,7 +25,7 @@
 # lideram hoje (DeepSeek-V3, Qwen3-MoE, OLMoE) mudaram o **roteador** e os **especialistas**, e os
 # melhores relatos sobre MoE ensinam **olhando** para o roteamento. Este capítulo faz as duas
 # coisas, com a promessa do curso: **uma chave de cada vez, medida**. Cada ideia abaixo é ligada
-# sozinha sobre o MoE do capítulo 03, em três sementes e dois regimes; depois, a receita do
+# sozinha sobre o MoE do capítulo 03, em dez sementes e dois regimes; depois, a receita do
 # DeepSeek-V3 inteira.
 #
 # | ideia | artigo |
@@ -82,6 +82,7 @@ from nanomoe.course.one_switch import (
     recorded_hardware,
     run_grid,
     saturation_curves,
+    specialization_pairs,
     specialization_table,
     summarize,
     variant_config,
@@ -113,12 +114,13 @@ from nanomoe.training.cli import parse_args
 # %% [markdown]
 # ## Parâmetros
 #
-# O experimento completo (seção 4) são 11 variantes × 3 sementes × 2 regimes = 66 treinos de 300
-# passos: ~1 h 26 min de treino com 1 thread na grade registrada (CPU x86_64 sob carga; ~1 hora de
-# relógio com os dois regimes em paralelo). O notebook **não** refaz tudo: por padrão treina só 3 variantes na
+# O experimento completo (seção 4) são 11 variantes × 10 sementes × 2 regimes = 220 treinos de 300
+# passos: 1 h 18 min (caracteres) e 1 h 32 min (BPE) de relógio na grade registrada, os dois regimes
+# em paralelo em 2 processos de 1 thread (CPU x86_64; as sementes 0 a 2 sob carga, as outras com a
+# máquina mais livre). O notebook **não** refaz tudo: por padrão treina só 3 variantes na
 # semente 0 com caracteres (o denso, a base e a receita do DeepSeek-V3; poucos minutos numa CPU) e
 # lê a grade inteira registrada em `docs/results/06/` (cada treino com o hardware em que rodou). A
-# grade inteira, num regime: `--variants=all --seeds=0,1,2` (ou `uv run -m
+# grade inteira, num regime: `--variants=all --seeds=0,1,2,3,4,5,6,7,8,9` (ou `uv run -m
 # scripts.grid_06_one_switch --threads=1 [--tokenizer=bpe]`, o que gerou o registro). Num notebook,
 # edite o dicionário ou defina `NANOMOE_ARGS`. `--tokenizer=bpe` troca os caracteres pelo BPE
 # português do curso (resultados em `runs/06/bpe/`). `--quick` roda todas as variantes em segundos
@@ -143,7 +145,7 @@ DEFAULTS = dict(
     warmup_steps=30,
     eval_interval=30,
     eval_iters=8,
-    seeds="0",  # seeds trained here (the recorded grid has 0, 1, 2)
+    seeds="0",  # seeds trained here (the recorded grid has 0 to 9)
     variants="denso;base (MoE top-2);receita DeepSeek-V3",  # ";"-separated names of VARIANTS, or "all"
     val_tokens=131072,  # validation tokens of the final loss (each token's loss kept: standard errors)
     probe_seqs=64,  # validation sequences the routing analysis reads
@@ -428,7 +430,7 @@ _ = (out_dir / "one_switch.json").write_text(json.dumps({"args": dict(vars(args)
 # %% [markdown]
 # ### Estes treinos contra o registro
 #
-# A grade inteira (66 treinos) está registrada em `docs/results/06/one_switch.json` (caracteres) e
+# A grade inteira (220 treinos) está registrada em `docs/results/06/one_switch.json` (caracteres) e
 # `docs/results/06/bpe/one_switch.json` (BPE), cada treino com o hardware em que rodou. Os treinos
 # refeitos aqui usam a mesma configuração e a mesma semente: na mesma CPU, com 1 thread, a loss
 # final sai igual; em outro hardware, perto.
@@ -478,9 +480,12 @@ save_figure(fig, out_dir / "crossover.png")
 # ### A grade registrada: Δ contra a base, semente a semente
 #
 # Para cada variante e semente, a loss de validação final (131 072 tokens) menos a da base da
-# mesma semente; a média ± o desvio-padrão entre as 3 sementes; e, ao lado, o erro-padrão pareado
-# da estimativa (a média sobre as sementes). A linha do **denso** dá a escala do ruído entre
-# sementes: o desvio-padrão da loss do próprio denso de uma semente para outra.
+# mesma semente; a média ± o desvio-padrão entre as 10 sementes; o intervalo de 95% da média (t de
+# Student); em quantas sementes a variante ficou abaixo da base; e o erro-padrão pareado da
+# estimativa (a média sobre as sementes). A linha do **denso** dá a escala do ruído entre sementes;
+# a legenda de cada regime traz o desvio-padrão da loss do próprio denso de uma semente para outra.
+# Na figura, cada ponto é uma semente, e a barra é o intervalo de 95% da média: uma barra que cruza
+# o zero é **diferença não mensurável**.
 
 # %%
 panels = {}
@@ -505,7 +510,8 @@ if panels:
 # como a parte da incerteza sobre o especialista que o token explica: $1 - H(e \mid x)/H(e)$, com
 # $e$ o especialista de uma atribuição e $x$ a classe do token (vogal, espaço...) ou o próprio
 # token. 0 = o roteador ignora o token; 1 = o token decide o especialista. Nas 64 sequências de
-# validação da sonda, por camada, nas 3 sementes registradas:
+# validação da sonda, por camada, nas 10 sementes registradas (média ± desvio), e a diferença
+# pareada, semente a semente, entre o lote global e os micro-lotes de 4:
 
 # %%
 for reg, res in recorded.items():
@@ -513,6 +519,7 @@ for reg, res in recorded.items():
         print(f"\n{'caracteres' if reg == 'char' else 'BPE'}")
         print(pair_line(res, "lote global (micro-lotes de 4)", "micro-lotes de 4"))
         print(specialization_table(res, ["micro-lotes de 4", "lote global (micro-lotes de 4)", "base (MoE top-2)"]))
+        print(specialization_pairs(res, "lote global (micro-lotes de 4)", "micro-lotes de 4"))
 
 # %% [markdown]
 # ## 5. O que o roteador aprendeu
@@ -607,102 +614,69 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # ## 6. Resultados
 #
 # **A grade registrada.** `uv run -m scripts.grid_06_one_switch --threads=1` e o mesmo com
-# `--tokenizer=bpe`, dois processos de 1 thread ao mesmo tempo numa CPU x86_64 de 2 núcleos
-# compartilhada com outros trabalhos (carga média entre ~4 e 8): 33 treinos com caracteres em 50 min
-# de relógio e 33 com BPE em 56 min. Por isso os
-# tempos e os tokens/s desta grade são ruidosos e não entram nas conclusões; as losses não dependem
-# da carga. Modelo: 2 camadas, $C = 64$, 4 cabeças, contexto 128; 300 passos de 16 sequências
-# (0,61 M tokens por treino, para caber 66 treinos na CPU). Resultado:
-# `docs/results/06/one_switch.json` e `docs/results/06/bpe/one_switch.json`.
+# `--tokenizer=bpe`, dois processos de 1 thread ao mesmo tempo numa CPU x86_64 de 2 núcleos; as
+# sementes 0 a 2 rodaram com a máquina compartilhada com outros trabalhos (carga média entre ~4 e 8)
+# e as sementes 3 a 9 depois, acrescentadas ao mesmo registro (`--extend`). Por isso os tempos e os
+# tokens/s desta grade são ruidosos e não entram nas conclusões; as losses não dependem da carga.
+# Modelo: 2 camadas, $C = 64$, 4 cabeças, contexto 128; 300 passos de 16 sequências (0,61 M tokens
+# por treino, para caber 220 treinos na CPU). Resultado: `docs/results/06/one_switch.json` e
+# `docs/results/06/bpe/one_switch.json`; as tabelas são as que a seção 4 imprime.
 #
 # **Quanto ruído há.** A loss de validação de um treino é a média sobre 131 072 tokens; o
-# erro-padrão dessa média (pelas médias de 1 024 blocos) é 0,0036 a 0,0040 nats com caracteres e
-# 0,0046 a 0,0050 com BPE, e o de uma diferença pareada entre dois modelos nos mesmos tokens é ainda
-# menor (0,0008 a 0,0029 nats contra a base). O ruído que importa é outro: o **mesmo** modelo denso,
-# só trocando a semente
-# (inicialização e ordem dos lotes), varia 0,0511 nats (desvio-padrão, caracteres) e
-# 0,0697 (BPE). Um efeito menor que isso, em 3 sementes, é **diferença não mensurável**.
+# erro-padrão dessa média (pelas médias de 1 024 blocos) é 0,0035 a 0,0040 nats com caracteres e
+# 0,0042 a 0,0050 com BPE, e o de uma diferença pareada entre dois modelos nos mesmos tokens é ainda
+# menor (0,0010 a 0,0015 nats, na média de cada variante). O ruído que importa é outro: o **mesmo**
+# modelo denso, só trocando a semente (inicialização e ordem dos lotes), varia 0,0403 nats
+# (desvio-padrão, caracteres) e 0,1171 (BPE).
 #
-# **Caracteres** (131 072 tokens de validação por treino; erro-padrão (por blocos) da loss de um
-# treino 0,0036–0,0040; desvio da loss do denso entre sementes 0,0511; sementes 0, 1, 2):
+# **Como ler.** Para cada variante temos 10 diferenças pareadas (uma por semente). Chamamos de
+# **mensurável** um efeito cujo intervalo de 95% da média (t de Student com 9 graus de liberdade:
+# média ± 2,262 · desvio/√10) não contém zero; o resto é **diferença não mensurável** nesta grade, e
+# não se ordena. São 10 comparações por regime: mesmo sem nenhum efeito real, ~1 em cada 20 intervalos
+# exclui o zero por acaso, então um intervalo que mal deixa o zero de fora é um indício, não uma lei.
+# As 3 sementes da primeira versão deste capítulo não bastavam: com elas, a receita do V3 parecia
+# melhor que a base com caracteres (as três sementes abaixo), o que as sementes 3 a 9 não confirmaram.
 #
-# | variante | Δ semente 0 | Δ semente 1 | Δ semente 2 | média ± desvio | erro-padrão pareado |
-# |---|---:|---:|---:|---:|---:|
-# | denso | +0,0610 | −0,0246 | −0,0593 | −0,0076 ± 0,0619 | — |
-# | base (MoE top-2) (a loss, não Δ) | 2,2876 | 2,2987 | 2,3101 | 2,2988 ± 0,0113 | — |
-# | sigmoide | +0,6800 | +0,0568 | −0,0218 | +0,2383 ± 0,3845 | 0,0016 |
-# | viés, α = 0 | −0,0231 | −0,0115 | +0,0577 | +0,0077 ± 0,0437 | 0,0010 |
-# | loss por sequência | +0,0402 | +0,3966 | −0,0656 | +0,1237 ± 0,2422 | 0,0014 |
-# | micro-lotes de 4 | +0,0110 | +0,5319 | −0,0875 | +0,1518 ± 0,3328 | 0,0017 |
-# | lote global (micro-lotes de 4) | +0,0319 | +0,0467 | −0,0583 | +0,0068 ± 0,0568 | 0,0010 |
-# | 1 compartilhado | +0,4705 | −0,0821 | −0,0882 | +0,1001 ± 0,3209 | 0,0017 |
-# | finos 32×top-8 | +0,1513 | −0,0101 | −0,0290 | +0,0374 ± 0,0991 | 0,0011 |
-# | 1ª camada densa | −0,0673 | +0,0166 | −0,0449 | −0,0319 ± 0,0434 | 0,0011 |
-# | receita DeepSeek-V3 | −0,0341 | −0,0592 | −0,0716 | −0,0549 ± 0,0191 | 0,0010 |
+# **Caracteres: o platô decide, e nada é mensurável.** Nenhum intervalo exclui o zero. Entre o MoE
+# top-2 e o denso: Δ do denso −0,0596 ± 0,1641 (intervalo −0,1770 a +0,0578). A semente 4 mostra
+# por quê: a **base** dessa semente ficou presa no platô de ~3,1 nats até o passo 240 (loss final
+# 2,716, contra 2,226 a 2,310 nas outras sementes), então todo Δ da semente 4 é muito negativo
+# (−0,515 do denso, −0,511 da receita V3, −0,472 do compartilhado). Do outro lado, uma variante presa
+# no platô dá um Δ enorme e positivo (+0,680 da sigmoide na semente 0, +0,532 dos micro-lotes de 4 na
+# semente 1). A loss final com caracteres, neste orçamento, mede sobretudo **quando** o treino saiu do
+# platô (exercício 6), e isso varia mais com a semente do que com a chave. A receita DeepSeek-V3
+# inteira fica abaixo da base em 7 de 10 sementes, −0,0705 ± 0,1589 (intervalo −0,1841 a +0,0431):
+# **nenhuma diferença mensurável**.
 #
-# **BPE português (1024 tokens)** (131 072 tokens de validação por treino; erro-padrão (por blocos)
-# da loss de um treino 0,0046–0,0050; desvio da loss do denso entre sementes 0,0697; sementes 0, 1,
-# 2):
+# **BPE português: menos platô, dois efeitos mensuráveis, ambos para pior.** O desvio do próprio
+# denso entre sementes é grande (0,1171), e até a vantagem da base sobre o denso não é mensurável:
+# Δ do denso +0,0683 ± 0,1205 (intervalo −0,0179 a +0,1545; o denso fica abaixo da base em 2 das 10
+# sementes). Os **finos 32×top-8** são piores: +0,0874 ± 0,0711, intervalo +0,0365 a +0,1382, acima
+# da base em 9 de 10 sementes — mensurável. A **receita DeepSeek-V3** também fica acima da base:
+# +0,0536 ± 0,0704, intervalo +0,0032 a +0,1040, em 7 de 10 sementes — mensurável pela regra, mas por
+# pouco (o tipo de resultado que, entre 10 comparações, o acaso também produz). A **1ª camada densa**
+# fica acima da base em 9 de 10 sementes, mas a semente 8 (−0,145) alarga o intervalo até −0,0127 a
+# +0,0923: **sem diferença mensurável**, um indício. Sigmoide, viés com α = 0, loss por sequência,
+# micro-lotes de 4, lote global e 1 compartilhado: **nenhuma diferença mensurável**. Em resumo:
+# nenhuma peça da receita, sozinha, ajuda de forma mensurável nesta escala; com BPE, os especialistas
+# finos e a receita inteira ficam mensuravelmente **acima** (piores que) a base.
 #
-# | variante | Δ semente 0 | Δ semente 1 | Δ semente 2 | média ± desvio | erro-padrão pareado |
-# |---|---:|---:|---:|---:|---:|
-# | denso | +0,0814 | +0,0863 | −0,0699 | +0,0326 ± 0,0888 | — |
-# | base (MoE top-2) (a loss, não Δ) | 4,7887 | 4,8033 | 4,8303 | 4,8074 ± 0,0211 | — |
-# | sigmoide | +0,0700 | +0,0019 | +0,0405 | +0,0375 ± 0,0341 | 0,0009 |
-# | viés, α = 0 | −0,0111 | +0,1222 | +0,0756 | +0,0622 ± 0,0676 | 0,0011 |
-# | loss por sequência | +0,0453 | +0,0341 | +0,0258 | +0,0351 ± 0,0098 | 0,0009 |
-# | micro-lotes de 4 | −0,0258 | −0,0136 | +0,0390 | −0,0001 ± 0,0344 | 0,0012 |
-# | lote global (micro-lotes de 4) | +0,0627 | +0,0395 | −0,0353 | +0,0223 ± 0,0512 | 0,0013 |
-# | 1 compartilhado | +0,0555 | −0,0021 | +0,0085 | +0,0206 ± 0,0307 | 0,0012 |
-# | finos 32×top-8 | +0,1852 | +0,0862 | +0,0532 | +0,1082 ± 0,0687 | 0,0013 |
-# | 1ª camada densa | +0,0023 | +0,0469 | +0,0546 | +0,0346 ± 0,0282 | 0,0012 |
-# | receita DeepSeek-V3 | −0,0122 | +0,0744 | −0,0202 | +0,0140 ± 0,0525 | 0,0013 |
-#
-# **Como ler.** Chamamos de **mensurável** um efeito com o mesmo sinal nas 3 sementes e média maior,
-# em módulo, que o desvio-padrão do denso entre sementes; o resto é **diferença não mensurável**
-# nesta grade, e não se ordena.
-#
-# **Caracteres: o platô decide, e quase nada é mensurável.** Entre o MoE top-2 e o denso, nenhuma
-# diferença mensurável: Δ do denso −0,0076 ± 0,0619 (o denso fica acima da base na semente 0 e
-# abaixo nas sementes 1 e 2). Sigmoide, viés com α = 0, loss por sequência, micro-lotes de 4, lote
-# global, 1 compartilhado, finos e 1ª camada densa: **nenhuma diferença mensurável**. Vários têm uma
-# semente com Δ enorme (+0,68 da sigmoide, +0,53 dos micro-lotes de 4, +0,47 do compartilhado, +0,40
-# da loss por sequência) e outras perto de zero ou negativas: são treinos que ficaram presos mais
-# tempo no platô de ~3,1 nats (exercício 6), não efeitos da chave. A única chave com o mesmo sinal
-# nas três sementes e acima do ruído do denso é a **receita DeepSeek-V3 inteira**: −0,034, −0,059,
-# −0,072 (média −0,055 ± 0,019, contra 0,051 de desvio do denso) — mensurável, mas por pouco, e
-# nenhuma das suas peças sozinha mostra de onde vem.
-#
-# **BPE português: menos platô, e ainda assim pouco mensurável.** Com o BPE o ruído do denso também
-# é grande: a semente 2 do denso terminou bem abaixo das outras (4,7604 contra 4,8701 e 4,8896), e o
-# desvio entre sementes é 0,0697. Por isso até a vantagem da base sobre o denso não é mensurável: o
-# MoE top-2 fica 0,081 e 0,086 abaixo do denso nas sementes 0 e 1 e **0,070 acima** na semente 2
-# (Δ do denso +0,0326 ± 0,0888). A única chave mensurável é a dos **finos 32×top-8**, pior nas três
-# sementes (+0,185, +0,086, +0,053; média +0,108 ± 0,069). Três chaves têm o mesmo sinal nas três
-# sementes, mas ficam abaixo do desvio do denso — um indício, não uma medida: sigmoide
-# (+0,038 ± 0,034), loss por sequência (+0,035 ± 0,010) e 1ª camada densa (+0,035 ± 0,028), as três
-# com Δ positivo, mas **sem diferença mensurável** pela regra acima. Viés com α = 0, micro-lotes de
-# 4, lote global, 1 compartilhado e a **receita DeepSeek-V3** (−0,012, +0,074, −0,020): **nenhuma
-# diferença mensurável**. Em resumo: nenhuma peça da receita, sozinha, ajuda de forma mensurável
-# aqui, e a receita inteira fica mensuravelmente abaixo da base com caracteres (por pouco) e sem
-# diferença mensurável com BPE.
-#
-# **Lote global contra micro-lote.** Com caracteres, o lote global (4 micro-lotes de 4) menos os
-# micro-lotes de 4 dá +0,021, −0,485 e +0,029 nas três sementes (a semente 1 é a dos micro-lotes
-# presos no platô): nenhuma diferença mensurável na loss. Com BPE: +0,089, +0,053 e −0,074 — também
-# não mensurável. O que o artigo do lote
-# global promete é especialização, e nós medimos: a fração da incerteza sobre o especialista que a
-# classe do token explica, $1 - H(e|x)/H(e)$, é, na camada 0, 0,269 ± 0,056 com o lote global
-# contra 0,236 ± 0,026 com micro-lotes de 4 (caracteres) e 0,161 ± 0,017 contra 0,195 ± 0,040 (BPE);
-# pelo próprio token, 0,494 contra 0,489 e 0,612 contra 0,630. Pela classe, diferenças menores que
-# o desvio entre sementes e de sinais opostos nos dois regimes; pelo token com caracteres, também.
-# A exceção é o token com BPE na camada 0: o lote global fica **abaixo** nas três sementes (−0,028,
-# −0,007, −0,021; média −0,019, acima do desvio de cada variante), o contrário do que o artigo
-# prevê — uma camada de um regime, um indício e não uma lei. Nenhum **ganho** mensurável de
-# especialização com o lote global nesta escala. A tabela completa (por camada, pela classe e pelo próprio token) é
-# a que o notebook imprime na seção 4. Um aviso: o artigo mede com
-# lotes globais de milhares de sequências e micro-lotes de poucas; aqui, 16 contra 4, num modelo de
-# 100 a 160 mil parâmetros ativos e 0,61 M tokens — um teste pequeno da ideia, não da escala do artigo.
+# **Lote global contra micro-lote.** A loss do lote global (4 micro-lotes de 4) menos a dos
+# micro-lotes de 4, semente a semente, tem média −0,0556 com caracteres (intervalo ± 0,1143; a
+# semente 1, −0,485, é a dos micro-lotes presos no platô) e +0,0052 com BPE (± 0,0389): nenhuma
+# diferença mensurável na loss. O que o artigo do lote global promete é especialização, e nós
+# medimos: a fração da incerteza sobre o especialista que a classe do token explica,
+# $1 - H(e|x)/H(e)$, é, na camada 0, 0,283 ± 0,046 com o lote global contra 0,266 ± 0,048 com
+# micro-lotes de 4 (caracteres) e 0,170 ± 0,017 contra 0,174 ± 0,041 (BPE); pelo próprio token,
+# 0,495 contra 0,496 e 0,619 contra 0,628. A diferença pareada (global − micro, por semente) tem
+# intervalo que contém o zero em todas as camadas e nos dois regimes, com uma exceção: pelo token,
+# com BPE, na camada 0, o lote global fica **abaixo** em 9 de 10 sementes (média −0,0088, intervalo
+# ± 0,0079), o contrário do que o artigo prevê — uma camada de um regime, no limite da regra, um
+# indício e não uma lei. Nenhum **ganho** mensurável de especialização com o lote global nesta
+# escala. A tabela completa (por camada, pela classe e pelo próprio token) é a que o notebook imprime
+# na seção 4. Um aviso: o artigo mede com lotes globais de milhares de sequências e micro-lotes de
+# poucas; aqui, 16 contra 4, num modelo de 100 a 160 mil parâmetros ativos e 0,61 M tokens — um
+# teste pequeno da ideia, não da escala do artigo.
 #
 # **O que o roteador aprendeu** (a base, semente 0, com caracteres: as figuras desta execução, em
 # `docs/results/06/`). Na camada 0, os especialistas 2 e 3 recebem quase todos os espaços e quebras
@@ -790,7 +764,8 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # Esperado: um forward sem gradiente é ~1/3 de forward + backward, então ~1,33×. Medido (1 thread,
 # rodadas alternadas, numa CPU x86_64 de 2 núcleos sem outra carga, o modelo padrão do benchmark: 4 camadas, $C = 48$):
 # 159,4 ms contra 123,7 ms, 1,29×. Com um micro-lote por passo (a base do experimento) não há
-# pré-passagem: o forward só soma as contagens entre os processos, e o custo é o do top-2; o par
+# pré-passagem: o passo soma as contagens entre os processos depois do forward, e o custo é o do
+# top-2; o par
 # "micro-lotes de 4" / "lote global" da grade paga a pré-passagem (os tokens/s da grade, medidos sob
 # carga, são ruidosos demais para confirmar o 1,29×).
 # </details>
@@ -802,12 +777,14 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 #
 # <details><summary>Resposta medida</summary>
 #
-# Da grade: $\sigma$ = 0,0511 nats com caracteres e 0,0697 com BPE (o denso, sementes 0, 1, 2).
-# $\sigma\sqrt{2/n} < 0{,}005$ pede $n > 2(\sigma/0{,}005)^2$: 209 sementes com caracteres e 389 com
-# BPE. Com 3 sementes, o erro-padrão de um Δ é 0,0417 (caracteres) e 0,0569 (BPE): é por isso que
-# quase tudo na tabela dos caracteres é diferença não mensurável. Parear pela semente (o mesmo
-# início e os mesmos lotes para a base e a variante) ajuda quando a variante muda pouco o treino;
-# quando ela muda o momento em que o modelo sai do platô, não ajuda (exercício 6).
+# Da grade: $\sigma$ = 0,0403 nats com caracteres e 0,1171 com BPE (o denso, sementes 0 a 9).
+# $\sigma\sqrt{2/n} < 0{,}005$ pede $n > 2(\sigma/0{,}005)^2$: 130 sementes com caracteres e 1 097
+# com BPE. Com as 10 sementes da grade, o erro-padrão de um Δ sem parear é 0,018 (caracteres) e
+# 0,052 (BPE). Parear pela semente (o mesmo início e os mesmos lotes para a base e a variante)
+# ajuda quando a variante muda pouco o treino — com BPE, o desvio dos Δ pareados de várias chaves
+# (0,0249 a 0,0745) fica bem abaixo do desvio do próprio denso; quando a variante (ou a base) muda o
+# momento em que o modelo sai do platô, não ajuda (exercício 6): com caracteres, os Δ pareados
+# variam 0,1238 a 0,2260 entre sementes, mais que o próprio denso.
 # </details>
 #
 # **6. O platô dos caracteres.** Em `docs/results/06/one_switch.json`, ache para cada treino com
@@ -824,14 +801,13 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 #     print(r["name"], r["seed"], escape, round(r["val"]["mean"], 4))
 # ```
 #
-# Dos 33 treinos com caracteres, 24 saem do platô até o passo 90 (3 no passo 60, 21 no 90) e
-# terminam entre 2,2166 e 2,3454; 4 saem no passo 120 e terminam entre 2,3153 e 2,3679; os outros 5
-# saem mais tarde (ou nunca) e terminam bem acima: sigmoide semente 0: nunca sai, loss 2,9676; 1
-# compartilhado semente 0: passo 270, loss 2,7581; micro-lotes de 4 semente 1: passo 270, loss
-# 2,8306; loss por sequência semente 1: passo 240, loss 2,6954; finos 32×top-8 semente 0: passo 150,
-# loss 2,4389. A loss final com caracteres, neste orçamento, mede sobretudo **quando** o treino saiu
-# do platô, e isso varia com a semente mais do que com a chave: um Δ grande numa semente e pequeno
-# noutra é isso, não um efeito da chave.
+# Dos 110 treinos com caracteres, 83 saem do platô até o passo 90 (10 no passo 60, 73 no 90) e
+# terminam entre 2,2006 e 2,3537; 14 saem no passo 120 e terminam entre 2,2701 e 2,3931; os outros
+# 13 saem do passo 150 em diante (ou nunca) e terminam entre 2,4389 e 2,9676 — entre eles a própria
+# **base** da semente 4 (passo 240, loss 2,7155), o que torna negativo todo Δ dessa semente, e a
+# sigmoide da semente 0, que nunca sai (2,9676). A loss final com caracteres, neste orçamento, mede
+# sobretudo **quando** o treino saiu do platô, e isso varia com a semente mais do que com a chave:
+# um Δ grande numa semente e pequeno noutra é isso, não um efeito da chave.
 # </details>
 #
 # ## O que você aprendeu
@@ -846,20 +822,23 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 #   com acumulação, uma pré-passagem sem gradiente faz isso exatamente (2 micro-lotes = 1 lote,
 #   2 processos = 1 processo, nos testes).
 # - **Medir uma chave de cada vez** exige saber o tamanho do ruído. Aqui a estimativa da loss (131 072
-#   tokens) tem erro-padrão de ~0,004–0,005 nats e uma diferença pareada ~0,001–0,003; o que domina é
-#   a **semente**: o mesmo denso varia 0,0511 nats com caracteres e 0,0697 com BPE.
-# - **Uma chave de cada vez**, 0,61 M tokens, 3 sementes: com caracteres, só a receita DeepSeek-V3
-#   inteira fica abaixo da base nas três sementes (−0,055 ± 0,019 nats, mensurável por pouco), e o
-#   resto é dominado pelo momento em que cada treino sai do platô; com BPE, só os finos 32×top-8 são
-#   mensuravelmente piores (+0,108 ± 0,069); sigmoide, loss por sequência e 1ª camada densa têm Δ
-#   positivo nas três sementes, mas dentro do ruído (nenhuma diferença mensurável), e a receita V3
-#   não tem diferença mensurável.
-#   Até o MoE contra o denso muda de sinal numa semente de BPE (a semente 2). Uma semente em que o
-#   efeito some é dado, não exceção: três sementes de modelos de 100 a 160 mil parâmetros ativos são um
-#   indício, não uma lei.
+#   tokens) tem erro-padrão de ~0,004–0,005 nats e uma diferença pareada ~0,001; o que domina é a
+#   **semente**: o mesmo denso varia 0,0403 nats com caracteres e 0,1171 com BPE. Um efeito só é
+#   mensurável quando o intervalo de 95% da média sobre as sementes deixa o zero de fora.
+# - **Uma chave de cada vez**, 0,61 M tokens, 10 sementes: com caracteres, **nada** é mensurável — o
+#   momento em que cada treino sai do platô (até a base da semente 4 ficou presa até o passo 240) pesa
+#   mais que a chave; a receita DeepSeek-V3, que com 3 sementes parecia melhor (−0,055 ± 0,019),
+#   ficou em −0,0705 ± 0,1589, nenhuma diferença mensurável. Com BPE, os finos 32×top-8 são
+#   mensuravelmente piores (+0,0874 ± 0,0711, intervalo +0,0365 a +0,1382) e a receita V3 também,
+#   por pouco (+0,0536 ± 0,0704, intervalo +0,0032 a +0,1040); a 1ª camada densa fica acima da base
+#   em 9 de 10 sementes, mas dentro do ruído; o resto, nenhuma diferença mensurável. Até o MoE contra
+#   o denso muda de sinal de uma semente para outra nos dois regimes. Mais sementes mudaram a
+#   conclusão de 3: uma semente em que o efeito some é dado, não exceção, e 10 sementes de modelos de
+#   100 a 160 mil parâmetros ativos continuam sendo um indício, não uma lei.
 # - **Lote global contra micro-lote**: nenhuma diferença mensurável na loss, e nenhum ganho
 #   mensurável de especialização nesta escala (16 sequências contra 4 por micro-lote); o único
-#   sinal consistente (pelo token, BPE, camada 0) vai no sentido contrário ao do artigo.
+#   sinal que deixa o zero de fora (pelo token, BPE, camada 0, no limite) vai no sentido contrário
+#   ao do artigo.
 # - Para ler um MoE, **olhe o roteamento**: coativação (pares de especialistas que andam juntos),
 #   especialização por classe e posição, e a saturação ao longo do treino — que depende da
 #   definição: a sobreposição média do OLMoE chega a 50% bem antes do conjunto exato.

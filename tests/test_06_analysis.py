@@ -8,8 +8,11 @@ from nanomoe.course.crossover import crossover, regime_tokenizer, train_variant
 from nanomoe.course.one_switch import (
     VARIANTS,
     _cond_entropy,
+    ci95,
     loss_stats,
+    one_switch_table,
     paired_delta,
+    summarize,
     token_losses,
     variant_config,
 )
@@ -239,3 +242,30 @@ def test_variants_turn_one_switch_and_keep_active_parameters():
             v3.moe_routed_scaling, v3.n_shared_experts, v3.moe_dense_layers) == ("sigmoid", True, "sequence", 1e-4,
                                                                                   0.0, 2.5, 1, 1)
     assert variant_config("lote global (micro-lotes de 4)", shape)[1] == {"batch_size": 4, "grad_accum": 4}
+
+
+def test_ci95_is_students_t_interval():
+    # mean 2, sd 1, n 3: t(0.975, 2 df) = 4.303 -> 4.303 / sqrt(3)
+    assert ci95([1.0, 2.0, 3.0]) == pytest.approx(4.303 / 3**0.5)
+    assert ci95([0.5]) is None
+    # 10 seeds use 9 degrees of freedom (2.262); 50 values fall back to the 40-df entry (wider)
+    xs = [float(i % 2) for i in range(10)]
+    assert ci95(xs) == pytest.approx(2.262 * torch.tensor(xs).std().item() / 10**0.5)
+    assert ci95([float(i % 2) for i in range(50)]) == pytest.approx(2.021 * torch.tensor(
+        [float(i % 2) for i in range(50)]).std().item() / 50**0.5)
+
+
+def test_summary_and_table_report_the_interval_and_the_signs():
+    base = [2.0, 2.1, 2.2]
+    runs = [{"name": "base (MoE top-2)", "seed": s, "val": {"mean": v}} for s, v in enumerate(base)]
+    paired = {"base (MoE top-2)": {"se_blocks": 0.001}}
+    runs += [{"name": "sigmoide", "seed": s, "val": {"mean": v + d}, "paired": paired}
+             for s, (v, d) in enumerate(zip(base, [-0.01, -0.02, 0.03]))]
+    row = {s["name"]: s for s in summarize(runs)}["sigmoide"]
+    assert row["delta"] == pytest.approx([-0.01, -0.02, 0.03])
+    assert row["delta_below_0"] == 2 and row["delta_ci95"] == pytest.approx(ci95(row["delta"]))
+    table = one_switch_table({"runs": runs})
+    line = next(x for x in table.splitlines() if x.startswith("| sigmoide"))
+    lo, hi = row["delta_mean"] - row["delta_ci95"], row["delta_mean"] + row["delta_ci95"]
+    assert "−0,010 −0,020 +0,030" in line and "2 de 3" in line
+    assert f"{lo:+.4f} a {hi:+.4f}".replace("-", "−").replace(".", ",") in line

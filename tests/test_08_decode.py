@@ -7,6 +7,7 @@ No timings here: speed lives in scripts/bench_08_decode.py.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -25,7 +26,15 @@ from nanomoe.quantize import (
     quantize_model_int8,
     save_quantized,
 )
-from nanomoe.static_cache import compile_step, decode_step, new_static_cache, static_generate, static_hidden
+from nanomoe.static_cache import (
+    MatvecLinear,
+    compile_step,
+    decode_step,
+    new_static_cache,
+    static_generate,
+    static_hidden,
+    use_matvec_linears,
+)
 
 KINDS = {
     "dense": dict(),
@@ -97,9 +106,18 @@ def _inductor_works() -> bool:
     return True
 
 
+@torch.no_grad()
+def _step_logits(model: GPT, step, idx: torch.Tensor) -> torch.Tensor:
+    """Prefill idx (B, T) eagerly into a fresh static cache, then one `step` at position T: logits (B, V)."""
+    T = idx.size(1)
+    cache = new_static_cache(model, idx.size(0), 24)
+    static_hidden(model, idx, torch.arange(T), cache)
+    return step(model, idx[:, -1:], torch.tensor([T]), cache)
+
+
 @pytest.mark.skipif(not _inductor_works(), reason="torch.compile's inductor backend is not available")
 def test_compiled_step_equals_eager_step():
-    """One tiny model, one compile (tens of seconds on a 2-core CPU): same tokens and logits."""
+    """One tiny model, two compiles (tens of seconds on a 2-core CPU): same tokens and logits."""
     model = make("gqa_rope")
     idx = prompt(2, 3)
     step = compile_step("cpu")
@@ -108,13 +126,28 @@ def test_compiled_step_equals_eager_step():
     except Exception as e:  # no C compiler or a broken toolchain: not this test's business
         pytest.skip(f"torch.compile cannot build kernels here: {type(e).__name__}")
     assert torch.equal(compiled, static_generate(model, idx, 12))
-    c1, c2 = new_static_cache(model, 2, 24), new_static_cache(model, 2, 24)
-    with torch.no_grad():
-        static_hidden(model, idx, torch.arange(3), c1)
-        static_hidden(model, idx, torch.arange(3), c2)
-        a = step(model, idx[:, -1:], torch.tensor([3]), c1)
-        b = decode_step(model, idx[:, -1:], torch.tensor([3]), c2)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_step_logits(model, step, idx), _step_logits(model, decode_step, idx),
+                               atol=1e-5, rtol=1e-5)
+    # batch 1 with MatvecLinear: inside the compiled step each one-row product is a reduction
+    mv, one, mv_step = use_matvec_linears(copy.deepcopy(model)), idx[:1], compile_step("cpu")
+    assert torch.equal(static_generate(mv, one, 12, step=mv_step), static_generate(model, one, 12))
+    torch.testing.assert_close(_step_logits(mv, mv_step, one), _step_logits(model, decode_step, one),
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_matvec_linears_share_the_weights_and_change_nothing_eager():
+    model = make("dense")
+    mv = use_matvec_linears(copy.deepcopy(model))
+    linears = [m for m in mv.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, MatvecLinear) for m in linears)
+    assert mv.lm_head.weight is mv.transformer.wte.weight  # tied weights stay one tensor
+    assert mv.state_dict().keys() == model.state_dict().keys()
+    x = prompt(1, 5)
+    assert torch.equal(mv(x).logits, model(x).logits)  # eager: the plain nn.Linear path
+    lin = linears[0]
+    v = torch.randn(1, lin.in_features)
+    # the reduction it becomes under compile is the same product
+    torch.testing.assert_close((v.unsqueeze(-2) * lin.weight).sum(-1), lin(v), atol=1e-5, rtol=1e-5)
 
 
 # ---- int8 -----------------------------------------------------------------------------------------

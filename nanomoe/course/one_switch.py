@@ -164,9 +164,28 @@ def summarize(records: Sequence[dict], ref: str = "base (MoE top-2)") -> list[di
         out.append({
             "name": name, "seeds": seeds, "delta": deltas,
             "delta_mean": sum(deltas) / len(deltas) if deltas else None,
-            "delta_sd": _sd(deltas), "val_mean": sum(vals) / len(vals), "val_sd": _sd(vals),
+            "delta_sd": _sd(deltas), "delta_ci95": ci95(deltas), "delta_below_0": sum(d < 0 for d in deltas),
+            "val_mean": sum(vals) / len(vals), "val_sd": _sd(vals),
         })
     return out
+
+
+# Student's t, 97.5% quantile by degrees of freedom (from any statistics table): the 95% interval of
+# a mean of n values is mean ± t[n-1] * sd / sqrt(n). Degrees of freedom missing here use the next
+# smaller key (a slightly wider, conservative interval).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def ci95(xs: Sequence[float]) -> Optional[float]:
+    """Half width of the 95% confidence interval of the mean of `xs` (t with n-1 degrees of freedom);
+    None for fewer than 2 values. The chapter calls an effect measurable when mean ± this excludes 0."""
+    sd = _sd(xs)
+    if sd is None:
+        return None
+    df = max(k for k in T975 if k <= len(xs) - 1)
+    return T975[df] * sd / math.sqrt(len(xs))
 
 
 def _sd(xs: Sequence[float]):
@@ -246,10 +265,11 @@ def _mean_sd(xs: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
 
 
 def one_switch_panel(result: dict, ref: str = "base (MoE top-2)") -> dict:
-    """What `plots.plot_one_switch` draws for one regime: Δ per seed of each variant, the dense
-    model's seed standard deviation."""
+    """What `plots.plot_one_switch` draws for one regime: Δ per seed of each variant, the half width
+    of the 95% interval of its mean, the dense model's seed standard deviation."""
     summary = {s["name"]: s for s in result["summary"]}
     return {"delta": {n: s["delta"] for n, s in summary.items() if n != ref},
+            "ci95": {n: ci95(s["delta"]) for n, s in summary.items() if n != ref},
             "dense_sd": summary.get("denso", {}).get("val_sd")}
 
 
@@ -264,28 +284,31 @@ def one_switch_caption(result: dict) -> str:
 
 
 def one_switch_table(result: dict, ref: str = "base (MoE top-2)") -> str:
-    """Markdown table: per variant, Δ val loss against `ref` per seed, mean ± sd over seeds, and the
-    mean paired standard error of Δ (the measurement's own noise, far below the seeds')."""
+    """Markdown table: per variant, Δ val loss against `ref` per seed (in seed order), mean ± sd over
+    seeds, the 95% interval of the mean, how many seeds went below the base, and the mean paired
+    standard error of Δ (the measurement's own noise, far below the seeds')."""
     runs = {(r["name"], r["seed"]): r for r in result["runs"]}
     seeds = sorted({s for _, s in runs})
     names = [n for n in VARIANTS if any((n, s) in runs for s in seeds)]
-    head = ("| variante | " + " | ".join(f"Δ semente {s}" for s in seeds)
-            + " | média ± desvio | erro-padrão pareado |")
-    rows = [head, "|---|" + "---:|" * (len(seeds) + 2)]
+    rows = [f"| variante | Δ por semente ({seeds[0]} a {seeds[-1]}) | média ± desvio | IC 95% da média "
+            "| sementes com Δ < 0 | erro-padrão pareado |", "|---|---|---:|---:|---:|---:|"]
     for n in names:
         if n == ref:
             vals = [runs[n, s]["val"]["mean"] for s in seeds if (n, s) in runs]
             m, sd = _mean_sd(vals)
-            rows.append(f"| {n} (a loss, não Δ) | " + " | ".join(pt(v) for v in vals) + f" | {pt(m)} ± {pt(sd)} | — |")
+            rows.append(f"| {n} (a loss, não Δ) | " + " ".join(pt(v, 3) for v in vals)
+                        + f" | {pt(m)} ± {pt(sd)} | — | — | — |")
             continue
-        ds = [runs[n, s]["val"]["mean"] - runs[ref, s]["val"]["mean"] if (n, s) in runs and (ref, s) in runs else None
-              for s in seeds]
-        present = [d for d in ds if d is not None]
-        m, sd = _mean_sd(present)
+        ds = [runs[n, s]["val"]["mean"] - runs[ref, s]["val"]["mean"] for s in seeds
+              if (n, s) in runs and (ref, s) in runs]
+        m, sd = _mean_sd(ds)
+        half = ci95(ds)
+        ci = "—" if half is None else f"{pt(m - half, sign=True)} a {pt(m + half, sign=True)}"
         ses = [runs[n, s]["paired"][ref]["se_blocks"] for s in seeds
                if (n, s) in runs and ref in runs[n, s].get("paired", {})]
-        rows.append(f"| {n} | " + " | ".join(pt(d, sign=True) for d in ds)
-                    + f" | {pt(m, sign=True)} ± {pt(sd)} | {pt(_mean_sd(ses)[0])} |")
+        rows.append(f"| {n} | " + " ".join(pt(d, 3, sign=True) for d in ds)
+                    + f" | {pt(m, sign=True)} ± {pt(sd)} | {ci} | {sum(d < 0 for d in ds)} de {len(ds)} "
+                    f"| {pt(_mean_sd(ses)[0])} |")
     return "\n".join(rows)
 
 
@@ -312,12 +335,35 @@ def specialization_table(result: dict, names: Sequence[str]) -> str:
 
 
 def pair_line(result: dict, name: str, ref: str) -> str:
-    """One line: Δ val loss of `name` against `ref` per seed (paired standard error in brackets)."""
+    """One line: Δ val loss of `name` against `ref` per seed (paired standard error in brackets), then
+    the mean and the half width of its 95% interval."""
     runs = {(r["name"], r["seed"]): r for r in result["runs"]}
-    cells = []
+    cells, ds = [], []
     for s in sorted({s for _, s in runs}):
         if (name, s) in runs and (ref, s) in runs:
             d = runs[name, s]["val"]["mean"] - runs[ref, s]["val"]["mean"]
             se = runs[name, s].get("paired", {}).get(ref, {}).get("se_blocks")
             cells.append(f"semente {s}: {pt(d, sign=True)} (erro-padrão {pt(se)})")
-    return f"{name} − {ref}: " + "; ".join(cells)
+            ds.append(d)
+    return (f"{name} − {ref}: " + "; ".join(cells)
+            + f"\nmédia {pt(_mean_sd(ds)[0], sign=True)}, IC 95% ± {pt(ci95(ds))}")
+
+
+def specialization_pairs(result: dict, name: str, ref: str) -> str:
+    """Markdown: per MoE layer, the paired difference `name` − `ref` (same seed) of the
+    specialization by class and by token: mean, 95% interval half width, seeds below zero."""
+    runs = {(r["name"], r["seed"]): r for r in result["runs"] if r.get("specialization")}
+    seeds = sorted(s for n, s in runs if n == name and (ref, s) in runs)
+    if not seeds:
+        return ""
+    rows = [f"| camada | medida | {name} − {ref} (média) | IC 95% ± | sementes abaixo de 0 |",
+            "|---:|---|---:|---:|---:|"]
+    for li in range(len(runs[name, seeds[0]]["specialization"])):
+        for key, label in (("h_given_class", "pela classe do token"), ("h_given_token", "pelo token")):
+            def spec(r):
+                layer = r["specialization"][li]
+                return 1 - layer[key] / layer["h_expert"]
+            ds = [spec(runs[name, s]) - spec(runs[ref, s]) for s in seeds]
+            rows.append(f"| {li} | {label} | {pt(_mean_sd(ds)[0], sign=True)} | {pt(ci95(ds))} "
+                        f"| {sum(d < 0 for d in ds)} de {len(ds)} |")
+    return "\n".join(rows)

@@ -446,8 +446,9 @@ def plot_one_switch(
 ) -> Figure:
     """Chapter 06: Δ validation loss of each variant against the baseline, one panel per regime.
 
-    regimes: {panel title: {"delta": {variant: [Δ per seed]}, "dense_sd": the dense model's seed
-    standard deviation}}. Dots: seeds; square and bar: mean ± sample standard deviation over seeds;
+    regimes: {panel title: {"delta": {variant: [Δ per seed]}, "ci95": {variant: half width of the
+    95% interval of the mean}, "dense_sd": the dense model's seed standard deviation}}. Dots: seeds;
+    square and bar: the mean and its 95% interval (a bar that crosses 0: no measurable difference);
     grey band: ± the dense model's seed spread around 0. With `clip` (one value, or one per panel),
     the axis stops at ±clip and a variant beyond it is drawn at the edge with its mean written."""
     fig, axes = plt.subplots(1, len(regimes), figsize=(5.6 * len(regimes), 0.42 * len(order) + 1.8),
@@ -463,7 +464,7 @@ def plot_one_switch(
             if not ds:
                 continue
             mean = sum(ds) / len(ds)
-            sd = math.sqrt(sum((d - mean) ** 2 for d in ds) / (len(ds) - 1)) if len(ds) > 1 else 0.0
+            half = (r.get("ci95") or {}).get(v) or 0.0
             if lim is not None and abs(mean) > lim:  # off the axis: an arrow at the edge, the value written
                 edge = math.copysign(lim, mean)
                 ax.plot([edge], [y], ">" if mean > 0 else "<", color="k", ms=7)
@@ -471,8 +472,8 @@ def plot_one_switch(
                         fontsize=7)
                 continue
             ax.plot(ds, [y] * len(ds), "o", color="C0", ms=4, alpha=0.6, label="uma semente" if first else None)
-            ax.errorbar([mean], [y], xerr=[sd], fmt="s", color="k", ms=5, capsize=3,
-                        label="média ± desvio (sementes)" if first else None)
+            ax.errorbar([mean], [y], xerr=[half], fmt="s", color="k", ms=5, capsize=3,
+                        label="média e IC 95% da média" if first else None)
             first = False
         if lim is not None:
             ax.set_xlim(-lim, lim)
