@@ -121,6 +121,7 @@ def prose_numbers(text: str) -> list[tuple[str, float, int, float]]:
 def source_values(text: str) -> set[float]:
     """Every reading of every number in printed output or a results file (Python or pt-br style)."""
     values = set()
+    text = re.sub(r"(?<![\w.])[−-](?=\d)", " ", text)  # a leading minus sign ("| −0,1770"): only |value| counts
     for m in _NUM.finditer(text.replace("−", "-")):
         mult = _exponent(m.group("exp")) * _SCALE.get(m.group("scale") or "", 1.0)
         for pt in (False, True):
@@ -221,6 +222,11 @@ def test_matcher_reads_pt_br_prose_and_python_outputs():
     for prose in ("2,35", "2,3464", "825\u202f856", "614 mil", "1,84 milhão", "3,45 milhões", "2,346"):
         (_, value, decimals, mult), = prose_numbers(prose)
         assert matches(value, decimals, mult, src), prose
+    signed = source_values("| −0,0596 ± 0,1641 | −0,1770 a +0,0578 | média −0,0556, IC | lr 1e-3 | GPT-2")
+    for prose in ("−0,0596", "0,1770", "+0,0578", "−0,0556"):
+        (_, value, decimals, mult), = prose_numbers(prose)
+        assert matches(value, decimals, mult, signed), prose
+    assert 1e-3 in signed  # an exponent's minus is not a sign
 
 
 def test_matcher_fails_on_a_stale_number():
