@@ -94,9 +94,14 @@ def decode_step(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor, cache: S
 
 def compile_step(device_type: str = "cpu") -> Callable:
     """torch.compile'd `decode_step`: on CUDA in "reduce-overhead" mode (CUDA graphs: the whole
-    step is replayed with one launch), elsewhere the default mode (fused kernels, no graphs)."""
-    mode = "reduce-overhead" if device_type == "cuda" else None
-    return torch.compile(decode_step, mode=mode, dynamic=False)
+    step is replayed with one launch); elsewhere the default mode, with every intermediate result
+    stored once (`realize_opcount_threshold=0`). Why: by default inductor inlines a cheap producer
+    (a LayerNorm's normalization, a GELU) into the loop of the reduction that reads it, and a
+    matrix-vector product written as a reduction (`MatvecLinear`, `Int8Linear`) would then recompute
+    that producer for every output row; on a 768-wide vector, storing it costs nothing."""
+    if device_type == "cuda":
+        return torch.compile(decode_step, mode="reduce-overhead", dynamic=False)
+    return torch.compile(decode_step, dynamic=False, options={"realize_opcount_threshold": 0})
 
 
 class MatvecLinear(nn.Linear):

@@ -20,8 +20,8 @@
 # Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sagui-nlp/nanomoe/blob/main/notebooks/06_modern_routers.ipynb)
 #
 # O capítulo 03 fez um MoE no estilo Mixtral aprender e mediu com honestidade: no orçamento padrão,
-# em três sementes, o MoE top-2 não se separava do denso de forma mensurável, e só com 3× mais tokens
-# ficou à frente (nas duas sementes testadas). Os MoEs que
+# o denso ficou à frente do MoE top-2 nas três sementes, por pouco, e só com 3× mais tokens o top-2
+# passou à frente (nas duas sementes testadas). Os MoEs que
 # lideram hoje (DeepSeek-V3, Qwen3-MoE, OLMoE) mudaram o **roteador** e os **especialistas**, e os
 # melhores relatos sobre MoE ensinam **olhando** para o roteamento. Este capítulo faz as duas
 # coisas, com a promessa do curso: **uma chave de cada vez, medida**. Cada ideia abaixo é ligada
@@ -336,7 +336,7 @@ show_source(global_balance_prepass)
 # combinatório: $\binom{8}{2} = 28$ combinações de especialistas por token contra
 # $\binom{32}{8} \approx 10^7$. Um especialista **compartilhado**, sempre ligado, guarda o que
 # todos precisariam aprender. O DeepSeek-V3 ainda deixa as **primeiras camadas densas**
-# (`moe_dense_layers`; 3 de 61 no V3). O V3 não explica a escolha; o DeepSeekMoE (seção 6.1),
+# (`moe_dense_layers`; 3 de 61 no V3). O V3 não explica a escolha; o DeepSeekMoE (seção 5.1.2),
 # que deixa só a 1ª camada densa, diz que nela o balanceamento de carga converge bem mais devagar.
 # Que o roteador ali ainda não tenha contexto para escolher bem é uma **hipótese**.
 
@@ -635,18 +635,20 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # não se ordena. São 10 comparações por regime: mesmo sem nenhum efeito real, ~1 em cada 20 intervalos
 # exclui o zero por acaso, então um intervalo que mal deixa o zero de fora é um indício, não uma lei.
 # As 3 sementes da primeira versão deste capítulo não bastavam: com elas, a receita do V3 parecia
-# melhor que a base com caracteres (as três sementes abaixo), o que as sementes 3 a 9 não confirmaram.
+# melhor que a base com caracteres (abaixo dela nas três), o que as sementes 3 a 9 não confirmaram.
 #
 # **Caracteres: o platô decide, e nada é mensurável.** Nenhum intervalo exclui o zero. Entre o MoE
-# top-2 e o denso: Δ do denso −0,0596 ± 0,1641 (intervalo −0,1770 a +0,0578). A semente 4 mostra
-# por quê: a **base** dessa semente ficou presa no platô de ~3,1 nats até o passo 240 (loss final
-# 2,716, contra 2,226 a 2,310 nas outras sementes), então todo Δ da semente 4 é muito negativo
-# (−0,515 do denso, −0,511 da receita V3, −0,472 do compartilhado). Do outro lado, uma variante presa
-# no platô dá um Δ enorme e positivo (+0,680 da sigmoide na semente 0, +0,532 dos micro-lotes de 4 na
-# semente 1). A loss final com caracteres, neste orçamento, mede sobretudo **quando** o treino saiu do
-# platô (exercício 6), e isso varia mais com a semente do que com a chave. A receita DeepSeek-V3
-# inteira fica abaixo da base em 7 de 10 sementes, −0,0705 ± 0,1589 (intervalo −0,1841 a +0,0431):
-# **nenhuma diferença mensurável**.
+# top-2 e o denso: Δ do denso −0,0596 ± 0,1641 (intervalo −0,1770 a +0,0578; o denso fica abaixo da
+# base em 7 das 10 sementes). A semente 4 mostra por quê: a **base** dessa semente ficou presa no
+# platô de ~3,1 nats até o passo 240 (loss final 2,716, contra 2,226 a 2,310 nas outras sementes),
+# então o Δ da semente 4 é muito negativo para quem saiu cedo do platô (−0,515 do denso, −0,511 da
+# receita V3, −0,472 do compartilhado), mas pequeno ou positivo para as variantes que também ficaram
+# presas (sigmoide −0,071; loss por sequência +0,171, micro-lotes de 4 +0,073, lote global +0,090).
+# Do outro lado, uma variante presa no platô dá um Δ enorme e positivo (+0,680 da sigmoide na
+# semente 0, +0,532 dos micro-lotes de 4 na semente 1). A loss final com caracteres, neste
+# orçamento, mede sobretudo **quando** o treino saiu do platô (exercício 6), e isso varia mais com a
+# semente do que com a chave. A receita DeepSeek-V3 inteira fica abaixo da base em 7 de 10 sementes,
+# −0,0705 ± 0,1589 (intervalo −0,1841 a +0,0431): **nenhuma diferença mensurável**.
 #
 # **BPE português: menos platô, dois efeitos mensuráveis, ambos para pior.** O desvio do próprio
 # denso entre sementes é grande (0,1171), e até a vantagem da base sobre o denso não é mensurável:
@@ -655,11 +657,12 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # da base em 9 de 10 sementes — mensurável. A **receita DeepSeek-V3** também fica acima da base:
 # +0,0536 ± 0,0704, intervalo +0,0032 a +0,1040, em 7 de 10 sementes — mensurável pela regra, mas por
 # pouco (o tipo de resultado que, entre 10 comparações, o acaso também produz). A **1ª camada densa**
-# fica acima da base em 9 de 10 sementes, mas a semente 8 (−0,145) alarga o intervalo até −0,0127 a
-# +0,0923: **sem diferença mensurável**, um indício. Sigmoide, viés com α = 0, loss por sequência,
-# micro-lotes de 4, lote global e 1 compartilhado: **nenhuma diferença mensurável**. Em resumo:
-# nenhuma peça da receita, sozinha, ajuda de forma mensurável nesta escala; com BPE, os especialistas
-# finos e a receita inteira ficam mensuravelmente **acima** (piores que) a base.
+# fica acima da base em 9 de 10 sementes, mas a semente 8 (−0,145) puxa o intervalo para −0,0127 a
+# +0,0923: **nenhuma diferença mensurável** (9 de 10 é um indício, não uma medida). Sigmoide, viés
+# com α = 0, loss por sequência, micro-lotes de 4, lote global e 1 compartilhado: **nenhuma
+# diferença mensurável**. Em resumo: nenhuma peça da receita, sozinha, ajuda de forma mensurável
+# nesta escala; com BPE, os especialistas finos e a receita inteira ficam mensuravelmente **acima**
+# da base (são piores).
 #
 # **Lote global contra micro-lote.** A loss do lote global (4 micro-lotes de 4) menos a dos
 # micro-lotes de 4, semente a semente, tem média −0,0556 com caracteres (intervalo ± 0,1143; a
@@ -735,9 +738,10 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # global inteiro.
 # </details>
 #
-# **3. Especialistas finos.** Para o modelo deste capítulo (2 camadas, $C = 64$, vocabulário 96),
-# compare 8 × top-2, 32 × top-8 e 32 × top-7 + 1 compartilhado: largura de cada especialista,
-# parâmetros ativos e totais, número de combinações de especialistas por token.
+# **3. Especialistas finos.** Para o modelo da tabela da seção 3 (2 camadas, $C = 64$, vocabulário 96;
+# o de caracteres do experimento tem 126), compare 8 × top-2, 32 × top-8 e 32 × top-7 + 1
+# compartilhado: largura de cada especialista, parâmetros ativos e totais, número de combinações de
+# especialistas por token.
 #
 # <details><summary>Resposta medida</summary>
 #
@@ -771,7 +775,7 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # </details>
 #
 # **5. Quantas sementes?** Com o desvio-padrão da loss do denso entre sementes da grade registrada
-# ($\sigma$), quantas sementes por variante seriam precisas para que o erro-padrão de uma média de
+# ($\sigma$), quantas sementes por variante seriam necessárias para que o erro-padrão de uma média de
 # Δ, $\sigma\sqrt{2/n}$ (duas médias de $n$ sementes cada, sem parear), ficasse abaixo de 0,005
 # nats, em cada regime?
 #
@@ -781,10 +785,10 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # $\sigma\sqrt{2/n} < 0{,}005$ pede $n > 2(\sigma/0{,}005)^2$: 130 sementes com caracteres e 1 097
 # com BPE. Com as 10 sementes da grade, o erro-padrão de um Δ sem parear é 0,018 (caracteres) e
 # 0,052 (BPE). Parear pela semente (o mesmo início e os mesmos lotes para a base e a variante)
-# ajuda quando a variante muda pouco o treino — com BPE, o desvio dos Δ pareados de várias chaves
+# ajuda quando a variante muda pouco o treino — com BPE, o desvio dos Δ pareados de todas as chaves
 # (0,0249 a 0,0745) fica bem abaixo do desvio do próprio denso; quando a variante (ou a base) muda o
-# momento em que o modelo sai do platô, não ajuda (exercício 6): com caracteres, os Δ pareados
-# variam 0,1238 a 0,2260 entre sementes, mais que o próprio denso.
+# momento em que o modelo sai do platô, não ajuda (exercício 6): com caracteres, o desvio dos Δ
+# pareados entre sementes vai de 0,1238 a 0,2260, mais que o do próprio denso.
 # </details>
 #
 # **6. O platô dos caracteres.** Em `docs/results/06/one_switch.json`, ache para cada treino com
@@ -804,10 +808,12 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 # Dos 110 treinos com caracteres, 83 saem do platô até o passo 90 (10 no passo 60, 73 no 90) e
 # terminam entre 2,2006 e 2,3537; 14 saem no passo 120 e terminam entre 2,2701 e 2,3931; os outros
 # 13 saem do passo 150 em diante (ou nunca) e terminam entre 2,4389 e 2,9676 — entre eles a própria
-# **base** da semente 4 (passo 240, loss 2,7155), o que torna negativo todo Δ dessa semente, e a
-# sigmoide da semente 0, que nunca sai (2,9676). A loss final com caracteres, neste orçamento, mede
-# sobretudo **quando** o treino saiu do platô, e isso varia com a semente mais do que com a chave:
-# um Δ grande numa semente e pequeno noutra é isso, não um efeito da chave.
+# **base** da semente 4 (passo 240, loss 2,7155) e a sigmoide da semente 0, que nunca sai (2,9676).
+# A base presa deixa muito negativo o Δ da semente 4 das variantes que saíram cedo, mas não o da
+# sigmoide, da loss por sequência, dos micro-lotes de 4 e do lote global, que nessa semente também
+# só saem entre os passos 180 e 300. A loss final com caracteres, neste orçamento, mede sobretudo
+# **quando** o treino saiu do platô, e isso varia com a semente mais do que com a chave: um Δ grande
+# numa semente e pequeno noutra é isso, não um efeito da chave.
 # </details>
 #
 # ## O que você aprendeu
@@ -822,7 +828,7 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 #   com acumulação, uma pré-passagem sem gradiente faz isso exatamente (2 micro-lotes = 1 lote,
 #   2 processos = 1 processo, nos testes).
 # - **Medir uma chave de cada vez** exige saber o tamanho do ruído. Aqui a estimativa da loss (131 072
-#   tokens) tem erro-padrão de ~0,004–0,005 nats e uma diferença pareada ~0,001; o que domina é a
+#   tokens) tem erro-padrão de 0,0035–0,0050 nats e uma diferença pareada ~0,001; o que domina é a
 #   **semente**: o mesmo denso varia 0,0403 nats com caracteres e 0,1171 com BPE. Um efeito só é
 #   mensurável quando o intervalo de 95% da média sobre as sementes deixa o zero de fora.
 # - **Uma chave de cada vez**, 0,61 M tokens, 10 sementes: com caracteres, **nada** é mensurável — o
@@ -831,10 +837,11 @@ print(f"figuras e resultados em {out_rel}/ (one_switch.json, one_switch.png, cro
 #   ficou em −0,0705 ± 0,1589, nenhuma diferença mensurável. Com BPE, os finos 32×top-8 são
 #   mensuravelmente piores (+0,0874 ± 0,0711, intervalo +0,0365 a +0,1382) e a receita V3 também,
 #   por pouco (+0,0536 ± 0,0704, intervalo +0,0032 a +0,1040); a 1ª camada densa fica acima da base
-#   em 9 de 10 sementes, mas dentro do ruído; o resto, nenhuma diferença mensurável. Até o MoE contra
-#   o denso muda de sinal de uma semente para outra nos dois regimes. Mais sementes mudaram a
-#   conclusão de 3: uma semente em que o efeito some é dado, não exceção, e 10 sementes de modelos de
-#   100 a 160 mil parâmetros ativos continuam sendo um indício, não uma lei.
+#   em 9 de 10 sementes, mas sem diferença mensurável (o intervalo contém o zero); o resto, nenhuma
+#   diferença mensurável. Até o MoE contra o denso muda de sinal de uma semente para outra nos dois
+#   regimes. Mais sementes mudaram a conclusão tirada de 3: uma semente que destoa das outras (como a
+#   4, com caracteres) é um dado, não uma exceção a descartar, e 10 sementes de modelos de 100 a 160
+#   mil parâmetros ativos ainda dão indícios, não leis.
 # - **Lote global contra micro-lote**: nenhuma diferença mensurável na loss, e nenhum ganho
 #   mensurável de especialização nesta escala (16 sequências contra 4 por micro-lote); o único
 #   sinal que deixa o zero de fora (pelo token, BPE, camada 0, no limite) vai no sentido contrário

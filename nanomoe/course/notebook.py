@@ -26,7 +26,7 @@ CHAPTER_TIMES: dict[str, dict[str, str | None]] = {
     "03": {"cpu": "~13 min (shared with another notebook)", "gpu": None},
     "04": {"cpu": "~5 min", "gpu": None},
     "05": {"cpu": "~2.7 min (tiny GPT-2 stand-in)", "gpu": None},
-    "06": {"cpu": "~1 min (3 training runs; the 66-run grid is read from docs/results/06)", "gpu": None},
+    "06": {"cpu": "~1 min (3 training runs; the 220-run grid is read from docs/results/06)", "gpu": None},
     "07": {"cpu": "~3.5 min", "gpu": None},
     "08": {"cpu": "~2 min", "gpu": None},
 }

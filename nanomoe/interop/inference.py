@@ -39,7 +39,7 @@ from ..model import GPT
 from ..model import check_fits as model_check_fits
 from ..quantize import check_int8, quantize_model_int8
 from ..sampling import check_sampling_args
-from ..static_cache import StaticKVCache, compile_step, new_static_cache, static_stream
+from ..static_cache import StaticKVCache, compile_step, new_static_cache, static_stream, use_matvec_linears
 from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from ..training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from . import hf
@@ -246,6 +246,7 @@ def compile_for_generation(model: GPT) -> GPT:
     once per position ("automatic dynamic shapes"), so later tokens reuse the same graph. Worth it
     for long generations on a GPU; the compilation itself takes tens of seconds."""
     model.hidden_states = torch.compile(model.hidden_states)  # instance attribute shadows the method
+    use_matvec_linears(model)  # one-row products as reductions inside the compiled step (chapter 08)
     model.compiled_step = compile_step(weights_ref(model).device.type)  # the static cache's step (chapter 08)
     return model
 
