@@ -105,24 +105,25 @@ def compile_step(device_type: str = "cpu") -> Callable:
 
 
 class MatvecLinear(nn.Linear):
-    """An nn.Linear whose one-row product, inside `torch.compile` on CPU in fp32, is written as the
-    reduction it is: y_o = sum_i W_oi x_i. Inductor then generates one vectorized loop that streams
+    """An nn.Linear whose one-row product, inside `torch.compile` on CPU (fp32 or bf16), is written as
+    the reduction it is: y_o = sum_i W_oi x_i, summed in fp32 like the BLAS call it replaces. Inductor then generates one vectorized loop that streams
     W once, where the BLAS call it would otherwise make reads the (out, in) matrix more slowly for a
     single vector (chapter 08 measures both). gpt-fast gets the same effect on GPUs, where inductor
     itself rewrites matrix-vector products as reductions (its `mm` decomposition, with coordinate
     descent tuning). Eager calls, larger inputs and other dtypes/devices are a plain nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.compiler.is_compiling() and x.numel() == x.size(-1) and x.dtype == torch.float32
-                and x.device.type == "cpu"):
-            y = (x.unsqueeze(-2) * self.weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
+        if (torch.compiler.is_compiling() and x.numel() == x.size(-1) and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.bfloat16)):
+            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
+            y = y.to(x.dtype)
             return y if self.bias is None else y + self.bias
         return super().forward(x)
 
 
 def use_matvec_linears(model: nn.Module) -> nn.Module:
     """Make every nn.Linear of `model` a `MatvecLinear`, in place, sharing its parameters (tied
-    weights stay tied); returns the model. Changes nothing outside a compiled CPU fp32 decode step."""
+    weights stay tied); returns the model. Changes nothing outside a compiled one-token CPU step."""
     for module in model.modules():
         for name, child in module.named_children():
             if type(child) is nn.Linear:

@@ -62,7 +62,7 @@ if importlib.util.find_spec("nanomoe") is None:
                     f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
     importlib.invalidate_caches()
 
-from nanomoe.course.notebook import setup
+from nanomoe.course.notebook import setup, show_source
 
 device = setup("08", written_for=NANOMOE_REF)
 
@@ -96,7 +96,7 @@ from nanomoe.quantize import (
     quantize_model_int8,
     save_quantized,
 )
-from nanomoe.static_cache import compile_step, new_static_cache, static_generate
+from nanomoe.static_cache import MatvecLinear, compile_step, new_static_cache, static_generate, use_matvec_linears
 from nanomoe.training.cli import parse_args
 from nanomoe.training.train import TrainConfig, train
 
@@ -329,6 +329,40 @@ if args.compile:
 # faz isso. Por isso a qualidade da quantização, mais abaixo, é medida também em posições de texto
 # real.
 #
+# ### O produto matriz-vetor como redução
+#
+# Com lote 1, cada `nn.Linear` do passo é um produto matriz-vetor, $y_o = \sum_i W_{oi}\, x_i$: 2
+# FLOPs por peso lido. A chamada de BLAS que o `nn.Linear` faz (o MKL, na CPU) foi feita para
+# matriz × matriz; com um vetor só, ela lê a matriz `(out, in)` abaixo da banda (a seção 6 mede).
+# Escrito como o que é — multiplicar elemento a elemento e somar ao longo de `in` — o produto vira,
+# dentro do `torch.compile`, um laço vetorizado que o compilador (o *inductor*) gera e que lê cada
+# peso uma vez, em ordem. É o que `MatvecLinear` faz: fora da compilação é um `nn.Linear` comum;
+# dentro dela, com uma linha só, em fp32 e na CPU, devolve a redução. Com pesos int8, o mesmo laço
+# converte cada byte em float dentro da soma (`Int8Linear`), sem escrever uma cópia desquantizada.
+#
+# Um detalhe do compilador decide o resultado: por padrão o inductor embute uma conta barata (a
+# normalização da LayerNorm, a GELU) dentro do laço que a consome, e num produto matriz-vetor isso
+# refaria a LayerNorm inteira para **cada linha** de saída. Por isso `compile_step`, na CPU, pede
+# que cada resultado intermediário seja guardado uma vez (`realize_opcount_threshold=0`): num vetor
+# de 768 números, guardar não custa nada. Na GPU, o próprio inductor reescreve um produto
+# matriz-vetor como redução quando a busca por coordenadas (`coordinate_descent_tuning`, que o
+# gpt-fast liga) está ativa. Escrevemos a redução à mão e conferimos contra o `nn.Linear` e contra
+# o passo compilado do pacote:
+
+# %%
+W = small.lm_head.weight.detach()  # (V, C): the tied embedding, read as the output head
+v = torch.randn(1, W.size(1), generator=g)
+my_matvec = (v.unsqueeze(-2) * W).sum(-1)  # (1, 1, C) * (V, C) -> (1, V): y_o = sum_i W_oi v_i
+torch.testing.assert_close(my_matvec, F.linear(v, W))
+mv_small = use_matvec_linears(copy.deepcopy(small))  # every nn.Linear -> MatvecLinear, same tensors
+assert isinstance(mv_small.lm_head, MatvecLinear) and mv_small.lm_head.weight is mv_small.transformer.wte.weight
+if args.compile:
+    mv_tokens = static_generate(mv_small, prompt_ids, n_new, step=compile_step("cpu"))
+    assert torch.equal(mv_tokens, ref)
+    print(f"redução à mão = F.linear; passo compilado com MatvecLinear: os mesmos {n_new} tokens gulosos")
+show_source(MatvecLinear)
+
+# %% [markdown]
 # ## 5. Menos bytes por peso: bf16 e int8
 #
 # Se o tempo é de bytes, guardar cada peso em menos bytes é o ganho direto. bf16 usa 2 bytes. int8
@@ -466,6 +500,11 @@ runs = {
     "int8, cache estático": (lambda: static_generate(big_vars["int8 (ativações bf16)"], idx_big, n),
                              big_vars["int8 (ativações bf16)"]),
 }
+if args.compile:  # the one-token step compiled, each Linear a reduction (fp32; int8 with fp32 activations)
+    for name, m in (("fp32, compilado (reduções)", use_matvec_linears(copy.deepcopy(big))),
+                    ("int8 (ativ. fp32), compilado", big_vars["int8 (ativações fp32)"])):
+        step, cache = compile_step("cpu"), new_static_cache(m, 1, 8 + n)
+        runs[name] = (lambda m=m, step=step, cache=cache: static_generate(m, idx_big, n, cache=cache, step=step), m)
 times, bws = {k: [] for k in runs}, []
 with torch.no_grad():
     for f, _ in runs.values():
@@ -488,7 +527,7 @@ for k, (_, m) in runs.items():
 print(f"carga média durante a medida: {os.getloadavg()[0]:.1f}")
 
 # %%
-fig, ax = plt.subplots(figsize=(8, 4))
+fig, ax = plt.subplots(figsize=(10, 4.2))
 names = list(speed)
 xs = range(len(names))
 ax.bar([i - 0.2 for i in xs], [speed[k]["limit"] for k in names], width=0.4, label="limite (banda ÷ bytes)",
@@ -496,7 +535,7 @@ ax.bar([i - 0.2 for i in xs], [speed[k]["limit"] for k in names], width=0.4, lab
 ax.bar([i + 0.2 for i in xs], [speed[k]["tps"] for k in names], width=0.4, label="medido", color="#2a7")
 for i, k in enumerate(names):
     ax.text(i + 0.2, speed[k]["tps"], f"{speed[k]['tps'] / speed[k]['limit']:.0%}", ha="center", va="bottom")
-ax.set_xticks(list(xs), names, fontsize=8)
+ax.set_xticks(list(xs), names, fontsize=8, rotation=12, ha="right")
 ax.set_ylabel("tokens/s (lote 1)")
 ax.set_title(f"GPT-2 124M (pesos aleatórios), CPU {platform.machine()}, {torch.get_num_threads()} thread: "
              f"banda {bw_runs / 1e9:.1f} GB/s", fontsize=9)

@@ -92,8 +92,9 @@ def runners(args, ours: GPT, ref) -> dict:
                                                                  pad_token_id=0), ours)
     if args.compile:
         mv = use_matvec_linears(copy.deepcopy(ours))  # one-row products as fused reductions (compiled only)
+        mv16 = use_matvec_linears(bf16_copy(ours))
         i8_32 = quantize_model_int8(copy.deepcopy(ours))  # int8 weights, fp32 activations
-        for name, m in (("fp32", ours), ("bf16", b16), ("fp32 reductions", mv),
+        for name, m in (("fp32", ours), ("bf16", b16), ("fp32 reductions", mv), ("bf16 reductions", mv16),
                         ("int8 weights (fp32 activations), reductions", i8_32)):
             step, cache = compile_step("cpu"), new_static_cache(m, 1, T + n)
             t0 = time.perf_counter()

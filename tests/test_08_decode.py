@@ -133,6 +133,10 @@ def test_compiled_step_equals_eager_step():
     assert torch.equal(static_generate(mv, one, 12, step=mv_step), static_generate(model, one, 12))
     torch.testing.assert_close(_step_logits(mv, mv_step, one), _step_logits(model, decode_step, one),
                                atol=1e-4, rtol=1e-5)
+    b16 = model.to(torch.bfloat16)  # bf16 too (summed in fp32, like the BLAS call it replaces)
+    mv16, step16 = use_matvec_linears(copy.deepcopy(b16)), compile_step("cpu")
+    torch.testing.assert_close(_step_logits(mv16, step16, one), _step_logits(b16, decode_step, one),
+                               atol=0.1, rtol=1e-2)
 
 
 def test_matvec_linears_share_the_weights_and_change_nothing_eager():
