@@ -286,7 +286,7 @@ print(repr(tok.decode(ref[0].tolist())[:160]))
 #
 # `compile_step` entrega o passo de um token ao `torch.compile` (na GPU, no modo
 # `"reduce-overhead"`, que grava o passo como um CUDA graph e o repete com um só lançamento). A
-# primeira chamada compila (compilação e primeira geração: 13 s na execução de referência); as
+# primeira chamada compila (compilação e primeira geração: 7 s na execução de referência); as
 # seguintes reusam o mesmo grafo,
 # porque as formas nunca mudam. Conferimos que os tokens são os mesmos e medimos os dois.
 
@@ -317,13 +317,13 @@ if args.compile:
 # %% [markdown]
 # No modelo pequeno (0,72 milhão de parâmetros, 2,9 MB de pesos em fp32, cabe no cache L3 de 32 MiB da CPU
 # de referência) o passo não espera pela RAM: espera pelo Python e pelos lançamentos de dezenas de
-# operações pequenas, e é isso que a compilação corta (2,57× acima). No modelo grande, na CPU, o
-# passo espera pela memória e a compilação ajuda pouco e de modo instável: no benchmark
-# (`scripts/bench_08_decode.py`, que mede eager e compilado lado a lado, com a máquina sob carga
-# 8–11; `docs/benchmarks.md`) o passo compilado deu 1,1× o eager em fp32 e 1,4× em bf16, e numa
-# execução anterior empatou em bf16 e ficou abaixo do caminho eager em fp32;
-# na GPU, onde cada lançamento custa microssegundos e um passo tem centenas deles, os CUDA graphs
-# são o que o gpt-fast mostra valer a pena (não medido ainda aqui).
+# operações pequenas, e é isso que a compilação corta (2,74× acima). No modelo grande, na CPU, o
+# passo espera pela memória, e compilar o passo como ele é não ajuda: no benchmark
+# (`scripts/bench_08_decode.py`, que mede eager e compilado lado a lado; `docs/benchmarks.md`) o
+# passo compilado deu 22,3 tokens/s contra 23,0 do eager em fp32, porque o tempo está nas chamadas
+# do BLAS, que a compilação deixa como estão. O que ajuda é mudar a conta que o compilador vê (a
+# próxima subseção). Na GPU, onde cada lançamento custa microssegundos e um passo tem centenas deles,
+# os CUDA graphs são o que o gpt-fast mostra valer a pena (não medido ainda aqui).
 #
 # O texto guloso acima entra em laço: um modelo de caracteres pequeno, com loss de validação ~2,0,
 # faz isso. Por isso a qualidade da quantização, mais abaixo, é medida também em posições de texto
@@ -544,12 +544,19 @@ save_figure(fig, out_dir / "roofline_variants.png")
 
 # %% [markdown]
 # Leia a figura pelas razões: o limite dobra de fp32 para bf16 e quase dobra de novo para int8,
-# porque os bytes por passo caem na mesma proporção. A fração atingida depende dos kernels: na CPU
-# de referência do curso, o produto matriz-vetor fp32 do MKL com a matriz da cabeça (50 257 × 768,
-# guardada por linhas) lê bem abaixo da banda (o benchmark do capítulo 02, em `docs/benchmarks.md`,
-# já mediu isso), e o kernel int8 da CPU não chega perto da banda. O benchmark
-# (`scripts/bench_08_decode.py`) repete esta medida com mais rodadas, com o `generate` do
-# `transformers` ao lado e com os passos compilados.
+# porque os bytes por passo caem na mesma proporção. A fração atingida depende de como cada produto
+# matriz-vetor é feito. Sem compilar, o fp32 fica em 46% do limite: a chamada do MKL lê a matriz
+# abaixo da banda (a cabeça, 50 257 × 768 guardada por linhas, a ~11–12 GB/s no benchmark). O
+# passo compilado com as reduções lê quase à banda: 39,7 tokens/s, 79% do limite, ~1,7× o mesmo
+# modelo sem compilar. O int8 compilado (ativações fp32) fica em 49,2 tokens/s, só 25% do seu
+# limite, por um motivo que a figura esconde: aqui são só 16 tokens novos, e o *prefill* do prompt
+# (8 tokens) roda sem compilar — com ativações fp32 o pacote desquantiza e multiplica, o que custa
+# tanto quanto uma dezena de passos. O passo sozinho, sem o prefill, leva ~12 ms no benchmark, ~3,5×
+# menos que o passo fp32 sem compilar; com 32 tokens novos, o benchmark mede 3,26× o fp32 de hoje.
+# O int8 sem compilar, com ativações bf16 (o kernel `_weight_int8pack_mm`), fica em 23%. O benchmark
+# (`scripts/bench_08_decode.py`, números em `docs/benchmarks.md`) repete esta medida com mais
+# rodadas, com o `generate` do `transformers` ao lado e com o bf16 compilado com reduções (70% do
+# limite).
 #
 # ## 7. O lote: de limitado pela memória a limitado pela conta
 #
@@ -654,10 +661,10 @@ for sname in shapes:
 # não sorteia assim, e a curva muda com ele (não medido aqui).
 #
 # Um detalhe que a tabela acima mostra: o MoE é mais lento que o gêmeo denso mesmo com lote 1
-# (0,87× os tokens/s do denso na forma 124M, 0,45× na forma pequena, onde o passo espera pelos
+# (0,90× os tokens/s do denso na forma 124M, 0,44× na forma pequena, onde o passo espera pelos
 # lançamentos e não pela memória), porque o despacho (ordenar, juntar e espalhar os tokens, dois
 # `grouped_mm`) custa operações pequenas que o MLP denso não tem. Cada ponto é uma medida curta (4
-# passos na forma 124M); o benchmark, com mais rodadas, mediu na forma 124M 1,07× o tempo por token
+# passos na forma 124M); o benchmark, com mais rodadas, mediu na forma 124M 1,04× o tempo por token
 # do denso.
 
 # %%
@@ -688,8 +695,8 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 # <details><summary>Resposta</summary>
 #
 # Veja a linha `124M ... denso` da seção 7. Na execução de referência, tokens/s cresceu ~4× de
-# B = 1 a B = 8 (22 → 89, metade da proporção do lote, já com ruído: de B = 1 a B = 2 quase não
-# mudou) e só ~2,2× de B = 8 a B = 64 (89 → 195, com 8× mais tokens por passo): cada dobra do lote
+# B = 1 a B = 8 (23 → 96, metade da proporção do lote, já com ruído: de B = 1 a B = 2 quase não
+# mudou) e só ~2,1× de B = 8 a B = 64 (96 → 204, com 8× mais tokens por passo): cada dobra do lote
 # rendeu 1,7×, 1,5×, 1,3× e 1,1× em B = 8, 16, 32 e 64. A curva dobra por volta de B = 8: daí em
 # diante cada peso lido alimenta 2B FLOPs e a conta, não a memória, manda. O ponto
 # exato muda com a carga da máquina (cada ponto é uma medida curta), e numa GPU a virada vem muito
@@ -707,11 +714,13 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 # quantização dos pesos é a mesma nas duas, e a diferença — 2 tokens em 235,
 # meio ponto nas posições de validação, num só modelo — vem do arredondamento das ativações em bf16
 # (7 bits de mantissa guardados, 8 de precisão). A
-# segunda: as duas usam o mesmo kernel `_weight_int8pack_mm`, que na CPU é ~5× mais rápido com
-# ativações bf16 (a docstring de `int8_path` traz a medida). Desquantizar e multiplicar seria pior
-# ainda: lê 1 byte, escreve 4 e relê 4 por peso, mais tráfego que o próprio fp32, que só lê 4.
-# Experimente: troque `big_vars["int8 (ativações bf16)"]` por `big_vars["int8 (ativações fp32)"]`
-# na seção 6.
+# segunda depende de compilar. Sem compilar, com ativações bf16 roda o kernel `_weight_int8pack_mm`,
+# rápido na CPU; com ativações fp32 o mesmo kernel é muito mais lento (a docstring de `int8_path` traz
+# a medida), e o pacote desquantiza e multiplica: lê 1 byte, escreve 4 e relê 4 por peso, mais
+# tráfego que o próprio fp32, que só lê 4. Compilado, o passo de um token com ativações fp32 vira a
+# redução com a conversão dentro do laço, que lê só o byte de cada peso: é a variante int8 mais
+# rápida do benchmark (3,26× o fp32 de hoje) e, aqui, a que mais concorda com o fp32. Na seção 6
+# ela perde para o bf16 por causa do prefill sem compilar, que desquantiza.
 #
 # </details>
 #
@@ -734,13 +743,17 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 # - O KV cache estático guarda a posição num tensor: todo passo tem as mesmas formas, e o
 #   `torch.compile` (CUDA graphs na GPU) captura o passo inteiro. Gera os mesmos tokens que o
 #   cache do capítulo 02 e que a geração sem cache.
+# - Com lote 1, cada camada linear é um produto matriz-vetor. Escrito como redução dentro do
+#   `torch.compile` (e com cada resultado intermediário guardado uma vez, para a LayerNorm não ser
+#   refeita a cada linha de saída), ele lê os pesos quase à banda: 79% do limite em fp32 aqui, contra
+#   46% da chamada do BLAS; com pesos int8, a conversão entra no mesmo laço.
 # - bf16 corta os bytes pela metade; int8 com uma escala por canal de saída, de novo pela metade,
 #   com erro limitado por $s_o/2 \sum_i |x_i|$ e, no modelo treinado, concordância gulosa e
 #   perplexidade medidas acima.
 # - Com lote maior, os mesmos bytes rendem mais tokens até o processador virar o gargalo.
 # - Um MoE com lote 1 lê só os top-k especialistas: quase os mesmos bytes que o gêmeo denso de
-#   mesmos parâmetros ativos, mas o despacho custa tempo à parte (0,87× os tokens/s do denso na
-#   forma 124M aqui, 1,07× o tempo por token no benchmark). Com lote maior a união dos
+#   mesmos parâmetros ativos, mas o despacho custa tempo à parte (0,90× os tokens/s do denso na
+#   forma 124M aqui, 1,04× o tempo por token no benchmark). Com lote maior a união dos
 #   especialistas tocados cresce até todos, e os bytes
 #   por passo com ela.
 #

@@ -30,7 +30,7 @@ INDEX_DOC = "website/capitulos"
 TIME_WORDS = [("of training", "de treino"), ("for the whole notebook", "para o notebook inteiro"),
               ("tiny GPT-2 stand-in", "GPT-2 minúsculo substituto"), ("training runs", "treinos"),
               ("shared with another notebook", "dividindo a CPU com outro notebook"),
-              ("the 66-run grid is read from", "a grade de 66 treinos é lida de")]
+              ("the 220-run grid is read from", "a grade de 220 treinos é lida de")]
 
 
 @dataclass
