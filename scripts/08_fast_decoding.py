@@ -103,8 +103,8 @@ from nanomoe.training.train import TrainConfig, train
 # %% [markdown]
 # ## Parâmetros
 #
-# Execução de referência: ~2 min de relógio numa CPU de 2 núcleos compartilhada, com carga
-# média ~2 (1 thread); com a máquina mais disputada (carga 6–9) levou 5–6 min. Numa GPU, não medido
+# Execução de referência: ~2,5 min de relógio numa CPU de 2 núcleos compartilhada, com carga
+# média ~1 (1 thread); com a máquina mais disputada (carga 6–9) levou 5–6 min. Numa GPU, não medido
 # ainda. Como script:
 # `uv run -m scripts.08_fast_decoding`; `--quick` roda tudo em segundos (é o que os testes usam).
 # A forma "grande" é a do GPT-2 124M (12 camadas, C = 768, vocabulário 50 257) com pesos
@@ -167,7 +167,7 @@ print(f"banda de leitura: {bw_mine / 1e9:.1f} GB/s (nossa sonda), {bw / 1e9:.1f}
 # Numa máquina compartilhada as duas medidas variam de uma execução para outra (outros processos
 # disputam a mesma memória); o que importa é a ordem de grandeza, e usamos a do pacote daqui em
 # diante. Uma GPU entrega muito mais: a ficha técnica da NVIDIA anuncia mais de 3 TB/s para a H100
-# SXM, mais de cem vezes os 22,9 GB/s medidos acima. A conta abaixo é a mesma.
+# SXM, mais de cem vezes os 21,1 GB/s medidos acima. A conta abaixo é a mesma.
 #
 # ## 2. Bytes por token
 #
@@ -337,16 +337,17 @@ if args.compile:
 # Escrito como o que é — multiplicar elemento a elemento e somar ao longo de `in` — o produto vira,
 # dentro do `torch.compile`, um laço vetorizado que o compilador (o *inductor*) gera e que lê cada
 # peso uma vez, em ordem. É o que `MatvecLinear` faz: fora da compilação é um `nn.Linear` comum;
-# dentro dela, com uma linha só, em fp32 e na CPU, devolve a redução. Com pesos int8, o mesmo laço
-# converte cada byte em float dentro da soma (`Int8Linear`), sem escrever uma cópia desquantizada.
+# dentro dela, com uma linha só, em fp32 ou bf16 e na CPU, devolve a redução (somada em fp32). Com
+# pesos int8 e ativações fp32, o mesmo laço converte cada byte em float dentro da soma
+# (`Int8Linear`), sem escrever uma cópia desquantizada.
 #
 # Um detalhe do compilador decide o resultado: por padrão o inductor embute uma conta barata (a
 # normalização da LayerNorm, a GELU) dentro do laço que a consome, e num produto matriz-vetor isso
-# refaria a LayerNorm inteira para **cada linha** de saída. Por isso `compile_step`, na CPU, pede
-# que cada resultado intermediário seja guardado uma vez (`realize_opcount_threshold=0`): num vetor
-# de 768 números, guardar não custa nada. Na GPU, o próprio inductor reescreve um produto
-# matriz-vetor como redução quando a busca por coordenadas (`coordinate_descent_tuning`, que o
-# gpt-fast liga) está ativa. Escrevemos a redução à mão e conferimos contra o `nn.Linear` e contra
+# refaria essa conta, sobre o vetor inteiro, para **cada linha** de saída. Por isso `compile_step`,
+# na CPU, pede que cada resultado intermediário seja guardado uma vez
+# (`realize_opcount_threshold=0`): num vetor de 768 números, guardar não custa nada. Na GPU, o próprio inductor reescreve um produto
+# matriz-vetor como redução quando o ajuste por descida coordenada (`coordinate_descent_tuning`, que
+# o gpt-fast liga) está ativo. Escrevemos a redução à mão e conferimos contra o `nn.Linear` e contra
 # o passo compilado do pacote:
 
 # %%
@@ -398,8 +399,8 @@ print(f"kernels int8 nesta máquina: fp32 -> {int8_path('cpu', torch.float32)}, 
 # %% [markdown]
 # Na CPU, o kernel int8 do PyTorch (`torch._weight_int8pack_mm`) é bem mais rápido com ativações
 # bf16 do que com fp32 (a docstring de `int8_path` traz a medida); por isso a variante "int8" deste
-# capítulo guarda os pesos em int8 e calcula em bf16, como o gpt-fast faz na GPU. Onde o kernel não
-# existe, o pacote desquantiza a matriz e multiplica.
+# capítulo guarda os pesos em int8 e calcula em bf16, como o gpt-fast faz na GPU. Com ativações fp32
+# (e onde o kernel não existe), o pacote desquantiza a matriz e multiplica.
 #
 # ### Qualidade: concordância gulosa e perplexidade
 #
@@ -547,14 +548,16 @@ save_figure(fig, out_dir / "roofline_variants.png")
 # porque os bytes por passo caem na mesma proporção. A fração atingida depende de como cada produto
 # matriz-vetor é feito. Sem compilar, o fp32 fica em 46% do limite: a chamada do MKL lê a matriz
 # abaixo da banda (a cabeça, 50 257 × 768 guardada por linhas, a ~11–12 GB/s no benchmark). O
-# passo compilado com as reduções lê quase à banda: 39,7 tokens/s, 79% do limite, ~1,7× o mesmo
+# passo compilado com as reduções lê perto da banda: 39,7 tokens/s, 79% do limite, ~1,7× o mesmo
 # modelo sem compilar. O int8 compilado (ativações fp32) fica em 49,2 tokens/s, só 25% do seu
-# limite, por um motivo que a figura esconde: aqui são só 16 tokens novos, e o *prefill* do prompt
+# limite, em boa parte por um motivo que a figura esconde: aqui são só 16 tokens novos, e o *prefill* do prompt
 # (8 tokens) roda sem compilar — com ativações fp32 o pacote desquantiza e multiplica, o que custa
 # tanto quanto uma dezena de passos. O passo sozinho, sem o prefill, leva ~12 ms no benchmark, ~3,5×
-# menos que o passo fp32 sem compilar; com 32 tokens novos, o benchmark mede 3,26× o fp32 de hoje.
-# O int8 sem compilar, com ativações bf16 (o kernel `_weight_int8pack_mm`), fica em 23%. O benchmark
-# (`scripts/bench_08_decode.py`, números em `docs/benchmarks.md`) repete esta medida com mais
+# menos que o passo fp32 sem compilar, mas ainda cerca do dobro dos ~6 ms que a banda permitiria
+# (126 MB a 21 GB/s, a banda sondada nessa medida): mesmo sem o prefill, o int8 fica longe do
+# limite. Com 32 tokens novos, o benchmark mede 3,26× o caminho fp32 padrão (o cache do
+# capítulo 02). O int8 sem compilar, com ativações bf16 (o kernel `_weight_int8pack_mm`), fica em
+# 23%. O benchmark (`scripts/bench_08_decode.py`, números em `docs/benchmarks.md`) repete esta medida com mais
 # rodadas, com o `generate` do `transformers` ao lado e com o bf16 compilado com reduções (70% do
 # limite).
 #
@@ -695,10 +698,11 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 # <details><summary>Resposta</summary>
 #
 # Veja a linha `124M ... denso` da seção 7. Na execução de referência, tokens/s cresceu ~4× de
-# B = 1 a B = 8 (23 → 96, metade da proporção do lote, já com ruído: de B = 1 a B = 2 quase não
-# mudou) e só ~2,1× de B = 8 a B = 64 (96 → 204, com 8× mais tokens por passo): cada dobra do lote
-# rendeu 1,7×, 1,5×, 1,3× e 1,1× em B = 8, 16, 32 e 64. A curva dobra por volta de B = 8: daí em
-# diante cada peso lido alimenta 2B FLOPs e a conta, não a memória, manda. O ponto
+# B = 1 a B = 8 (23 → 96, metade da proporção do lote, já com ruído: de B = 1 a B = 2 mudou pouco,
+# 23 → 27) e só ~2,1× de B = 8 a B = 64 (96 → 204, com 8× mais tokens por passo): cada dobra do lote
+# rendeu 1,7×, 1,5×, 1,3× e 1,1× em B = 8, 16, 32 e 64. A curva dobra por volta de B = 8 (e já
+# crescia menos que B× antes): daí em diante cada peso lido alimenta 2B FLOPs, e a conta pesa cada
+# vez mais que a leitura dos pesos. O ponto
 # exato muda com a carga da máquina (cada ponto é uma medida curta), e numa GPU a virada vem muito
 # mais tarde: ela faz centenas de FLOPs por byte lido.
 #
@@ -711,16 +715,17 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 #
 # A tabela da seção 5 responde a primeira: com ativações fp32, 99,1% na geração gulosa e 99,4% nas
 # posições de validação; com ativações bf16, 98,3% e 98,9% (o bf16 sozinho dá 98,3% e 99,0%). A
-# quantização dos pesos é a mesma nas duas, e a diferença — 2 tokens em 235,
-# meio ponto nas posições de validação, num só modelo — vem do arredondamento das ativações em bf16
-# (7 bits de mantissa guardados, 8 de precisão). A
-# segunda depende de compilar. Sem compilar, com ativações bf16 roda o kernel `_weight_int8pack_mm`,
-# rápido na CPU; com ativações fp32 o mesmo kernel é muito mais lento (a docstring de `int8_path` traz
+# receita de quantização é a mesma nas duas, mas a variante bf16 quantiza os pesos já arredondados
+# para bf16 e guarda as escalas em bf16; a diferença — 2 tokens em 235, meio ponto nas posições de
+# validação, num só modelo — vem desses arredondamentos em bf16 (ativações, pesos e escalas; 7 bits
+# de mantissa guardados, 8 de precisão). A segunda depende de compilar. Sem compilar, com ativações
+# bf16 roda o kernel `_weight_int8pack_mm`, rápido na CPU; com ativações fp32 o mesmo kernel é muito mais lento (a docstring de `int8_path` traz
 # a medida), e o pacote desquantiza e multiplica: lê 1 byte, escreve 4 e relê 4 por peso, mais
 # tráfego que o próprio fp32, que só lê 4. Compilado, o passo de um token com ativações fp32 vira a
 # redução com a conversão dentro do laço, que lê só o byte de cada peso: é a variante int8 mais
-# rápida do benchmark (3,26× o fp32 de hoje) e, aqui, a que mais concorda com o fp32. Na seção 6
-# ela perde para o bf16 por causa do prefill sem compilar, que desquantiza.
+# rápida do benchmark (3,26× o caminho fp32 padrão) e, aqui, a que mais concorda com o fp32. Na
+# seção 6 ela também é a int8 mais rápida, mas por pouco (49,2 contra 46,6 tokens/s) e em só 25% do
+# seu limite, por causa do prefill sem compilar, que desquantiza.
 #
 # </details>
 #
@@ -744,9 +749,9 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 #   `torch.compile` (CUDA graphs na GPU) captura o passo inteiro. Gera os mesmos tokens que o
 #   cache do capítulo 02 e que a geração sem cache.
 # - Com lote 1, cada camada linear é um produto matriz-vetor. Escrito como redução dentro do
-#   `torch.compile` (e com cada resultado intermediário guardado uma vez, para a LayerNorm não ser
-#   refeita a cada linha de saída), ele lê os pesos quase à banda: 79% do limite em fp32 aqui, contra
-#   46% da chamada do BLAS; com pesos int8, a conversão entra no mesmo laço.
+#   `torch.compile` (e com cada resultado intermediário guardado uma vez, para a normalização da
+#   LayerNorm não ser refeita a cada linha de saída), ele lê os pesos perto da banda: 79% do limite
+#   em fp32 aqui, contra 46% da chamada do BLAS; com pesos int8, a conversão entra no mesmo laço.
 # - bf16 corta os bytes pela metade; int8 com uma escala por canal de saída, de novo pela metade,
 #   com erro limitado por $s_o/2 \sum_i |x_i|$ e, no modelo treinado, concordância gulosa e
 #   perplexidade medidas acima.

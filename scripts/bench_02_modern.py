@@ -261,6 +261,67 @@ def mb(b: float) -> str:
     return f"{b / 2**20:.2f} MiB"
 
 
+def report_training(args, res: dict, checks: list) -> None:
+    print("\n[1/5] training throughput, baseline vs modern at ~equal parameters ...", flush=True)
+    tr = res["training"] = bench_training(args)
+    for name in ("gpt2 (baseline)", "modern"):
+        r = tr[name]
+        print(f"  {name:16s} {r['params'] / 1e6:6.3f}M non-embedding params "
+              f"(mlp hidden {r['mlp_hidden']}, kv heads {r['kv_heads']}): "
+              f"{r['tokens_per_s']:,.0f} tok/s (median step {r['step_s'] * 1e3:.1f} ms)")
+    checks.append(("modern trains >= 0.9x baseline tokens/s", tr["ratio"] >= 0.9, f"{tr['ratio']:.2f}x"))
+
+
+def report_decode(args, res: dict, checks: list, vocabs: list[int]) -> None:
+    print("\n[2/5] decode time per token (modern preset, batch 1) ...", flush=True)
+    res["decode"] = {}
+    for V in vocabs:
+        dec = res["decode"][V] = bench_decode(args, V)
+        p_lo, p_hi = sorted(k for k in dec if isinstance(k, int))
+        print(f"  vocab {V}:")
+        for p in (p_lo, p_hi):
+            print(f"    position {p:5d}: cache {dec[p]['cache_ms']:7.3f} ms | no cache {dec[p]['no_cache_ms']:8.3f} ms")
+        r_cache = dec[p_hi]["cache_ms"] / dec[p_lo]["cache_ms"]
+        r_plain = dec[p_hi]["no_cache_ms"] / dec[p_lo]["no_cache_ms"]
+        print(f"    ratio {p_hi}/{p_lo}: cache {r_cache:.2f}x, no cache {r_plain:.2f}x; "
+              f"output layer alone {dec['lm_head_ms']:.3f} ms/token")
+        checks.append((f"V={V}: cached time/token at {p_hi} <= 1.5x at {p_lo}", r_cache <= 1.5, f"{r_cache:.2f}x"))
+
+
+def report_generate(args, res: dict, checks: list, vocabs: list[int]) -> None:
+    print(f"\n[3/5] generating {args.gen_tokens} tokens (greedy, 1-token prompt) ...", flush=True)
+    res["generate"] = {}
+    for V in vocabs:
+        gen = res["generate"][V] = bench_generate(args, V)
+        print(f"  vocab {V}: cache {gen['cache_s']:.2f} s ({gen['tokens'] / gen['cache_s']:,.0f} tok/s) | no cache "
+              f"{gen['no_cache_s']:.2f} s ({gen['tokens'] / gen['no_cache_s']:,.0f} tok/s) | "
+              f"speed-up {gen['speedup']:.1f}x"
+              f" | same tokens: {gen['same_tokens']}")
+        checks.append((f"V={V}: {args.gen_tokens} tokens >= 10x faster with the cache", gen["speedup"] >= 10,
+                       f"{gen['speedup']:.1f}x"))
+        checks.append((f"V={V}: cached and uncached greedy tokens identical", gen["same_tokens"],
+                       str(gen["same_tokens"])))
+
+
+def report_memory(args, res: dict, checks: list, sections: set) -> None:
+    print(f"\n[4/5] KV-cache bytes (batch 1, {args.block_size} positions, float32) ...")
+    cb = res["cache_bytes"] = cache_bytes(args) if "bytes" in sections else {}
+    base_b = next(iter(cb.values()), 1)
+    for name, b in cb.items():
+        print(f"  {name:22s} {mb(b):>10s}  ({base_b / b:.0f}x smaller than MHA)")
+    print(f"\n[5/5] peak memory during a {args.gen_tokens}-token generation (fresh processes) ...", flush=True)
+    mem = res["memory"] = bench_memory(args) if "memory" in sections else {"skipped": "not in --sections"}
+    if "skipped" in mem:
+        print("  skipped:", mem["skipped"])
+        return
+    c, n = mem["cache"], mem["nocache"]
+    print(f"  with cache:    RSS peak grows {mb(c['growth_bytes'])} (the cache itself: {mb(c['cache_bytes'])})")
+    print(f"  without cache: RSS peak grows {mb(n['growth_bytes'])}")
+    limit = c["cache_bytes"] + args.mem_margin_mb * 2**20
+    checks.append((f"memory growth with cache <= cache + {args.mem_margin_mb:g} MiB", c["growth_bytes"] <= limit,
+                   f"{mb(c['growth_bytes'])} vs {mb(limit)}"))
+
+
 def main() -> None:
     args = parse_args(DEFAULTS, quick=QUICK)
     torch.set_num_threads(args.threads)
@@ -274,64 +335,13 @@ def main() -> None:
           + (" (quick mode: tiny sizes, targets not checked)" if args.quick else ""))
     res: dict = {}
     checks: list[tuple[str, bool, str]] = []
-
     sections = set(args.sections.split(","))
-    if "train" in sections:
-        print("\n[1/5] training throughput, baseline vs modern at ~equal parameters ...", flush=True)
-        tr = res["training"] = bench_training(args)
-        for name in ("gpt2 (baseline)", "modern"):
-            r = tr[name]
-            print(f"  {name:16s} {r['params'] / 1e6:6.3f}M non-embedding params "
-                  f"(mlp hidden {r['mlp_hidden']}, kv heads {r['kv_heads']}): "
-                  f"{r['tokens_per_s']:,.0f} tok/s (median step {r['step_s'] * 1e3:.1f} ms)")
-        checks.append(("modern trains >= 0.9x baseline tokens/s", tr["ratio"] >= 0.9, f"{tr['ratio']:.2f}x"))
-
     vocabs = [int(v) for v in args.vocabs.split(",")]
-    print("\n[2/5] decode time per token (modern preset, batch 1) ...", flush=True)
-    res["decode"] = {}
-    for V in vocabs if "decode" in sections else []:
-        dec = res["decode"][V] = bench_decode(args, V)
-        p_lo, p_hi = sorted(k for k in dec if isinstance(k, int))
-        print(f"  vocab {V}:")
-        for p in (p_lo, p_hi):
-            print(f"    position {p:5d}: cache {dec[p]['cache_ms']:7.3f} ms | no cache {dec[p]['no_cache_ms']:8.3f} ms")
-        r_cache = dec[p_hi]["cache_ms"] / dec[p_lo]["cache_ms"]
-        r_plain = dec[p_hi]["no_cache_ms"] / dec[p_lo]["no_cache_ms"]
-        print(f"    ratio {p_hi}/{p_lo}: cache {r_cache:.2f}x, no cache {r_plain:.2f}x; "
-              f"output layer alone {dec['lm_head_ms']:.3f} ms/token")
-        checks.append((f"V={V}: cached time/token at {p_hi} <= 1.5x at {p_lo}", r_cache <= 1.5, f"{r_cache:.2f}x"))
-
-    print(f"\n[3/5] generating {args.gen_tokens} tokens (greedy, 1-token prompt) ...", flush=True)
-    res["generate"] = {}
-    for V in vocabs if "generate" in sections else []:
-        gen = res["generate"][V] = bench_generate(args, V)
-        print(f"  vocab {V}: cache {gen['cache_s']:.2f} s ({gen['tokens'] / gen['cache_s']:,.0f} tok/s) | no cache "
-              f"{gen['no_cache_s']:.2f} s ({gen['tokens'] / gen['no_cache_s']:,.0f} tok/s) | "
-              f"speed-up {gen['speedup']:.1f}x"
-              f" | same tokens: {gen['same_tokens']}")
-        checks.append((f"V={V}: {args.gen_tokens} tokens >= 10x faster with the cache", gen["speedup"] >= 10,
-                       f"{gen['speedup']:.1f}x"))
-        checks.append((f"V={V}: cached and uncached greedy tokens identical", gen["same_tokens"],
-                       str(gen["same_tokens"])))
-
-    print(f"\n[4/5] KV-cache bytes (batch 1, {args.block_size} positions, float32) ...")
-    cb = res["cache_bytes"] = cache_bytes(args) if "bytes" in sections else {}
-    base_b = next(iter(cb.values()), 1)
-    for name, b in cb.items():
-        print(f"  {name:22s} {mb(b):>10s}  ({base_b / b:.0f}x smaller than MHA)")
-
-    print(f"\n[5/5] peak memory during a {args.gen_tokens}-token generation (fresh processes) ...", flush=True)
-    mem = res["memory"] = bench_memory(args) if "memory" in sections else {"skipped": "not in --sections"}
-    if "skipped" in mem:
-        print("  skipped:", mem["skipped"])
-    else:
-        c, n = mem["cache"], mem["nocache"]
-        print(f"  with cache:    RSS peak grows {mb(c['growth_bytes'])} (the cache itself: {mb(c['cache_bytes'])})")
-        print(f"  without cache: RSS peak grows {mb(n['growth_bytes'])}")
-        limit = c["cache_bytes"] + args.mem_margin_mb * 2**20
-        checks.append((f"memory growth with cache <= cache + {args.mem_margin_mb:g} MiB", c["growth_bytes"] <= limit,
-                       f"{mb(c['growth_bytes'])} vs {mb(limit)}"))
-
+    if "train" in sections:
+        report_training(args, res, checks)
+    report_decode(args, res, checks, vocabs if "decode" in sections else [])
+    report_generate(args, res, checks, vocabs if "generate" in sections else [])
+    report_memory(args, res, checks, sections)
     print(f"\nsummary ({time.perf_counter() - t_start:.0f} s):")
     for what, ok, val in checks:
         print(f"  [{'ok' if ok else 'MISSED' if not args.quick else '--'}] {what}: {val}")
