@@ -105,12 +105,13 @@ def compile_step(device_type: str = "cpu") -> Callable:
 
 
 class MatvecLinear(nn.Linear):
-    """An nn.Linear whose one-row product, inside `torch.compile` on CPU (fp32 or bf16), is written as
-    the reduction it is: y_o = sum_i W_oi x_i, summed in fp32 like the BLAS call it replaces. Inductor then generates one vectorized loop that streams
-    W once, where the BLAS call it would otherwise make reads the (out, in) matrix more slowly for a
-    single vector (chapter 08 measures both). gpt-fast gets the same effect on GPUs, where inductor
-    itself rewrites matrix-vector products as reductions (its `mm` decomposition, with coordinate
-    descent tuning). Eager calls, larger inputs and other dtypes/devices are a plain nn.Linear."""
+    """An nn.Linear whose one-row product, inside `torch.compile` on CPU (fp32 or bf16), is written
+    as the reduction it is: y_o = sum_i W_oi x_i, summed in fp32 like the BLAS call it replaces.
+    Inductor then generates one vectorized loop that streams W once, where the BLAS call reads the
+    (out, in) matrix more slowly for a single vector (chapter 08 measures both). gpt-fast gets the
+    same effect on GPUs, where inductor itself rewrites matrix-vector products as reductions (its
+    `mm` decomposition, with coordinate descent tuning). Eager calls, larger inputs and other
+    dtypes/devices are a plain nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (torch.compiler.is_compiling() and x.numel() == x.size(-1) and x.device.type == "cpu"

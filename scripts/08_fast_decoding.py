@@ -345,7 +345,8 @@ if args.compile:
 # normalização da LayerNorm, a GELU) dentro do laço que a consome, e num produto matriz-vetor isso
 # refaria essa conta, sobre o vetor inteiro, para **cada linha** de saída. Por isso `compile_step`,
 # na CPU, pede que cada resultado intermediário seja guardado uma vez
-# (`realize_opcount_threshold=0`): num vetor de 768 números, guardar não custa nada. Na GPU, o próprio inductor reescreve um produto
+# (`realize_opcount_threshold=0`): num vetor de 768 números, guardar não custa nada. Na GPU, o
+# próprio inductor reescreve um produto
 # matriz-vetor como redução quando o ajuste por descida coordenada (`coordinate_descent_tuning`, que
 # o gpt-fast liga) está ativo. Escrevemos a redução à mão e conferimos contra o `nn.Linear` e contra
 # o passo compilado do pacote:
@@ -719,7 +720,8 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 # para bf16 e guarda as escalas em bf16; a diferença — 2 tokens em 235, meio ponto nas posições de
 # validação, num só modelo — vem desses arredondamentos em bf16 (ativações, pesos e escalas; 7 bits
 # de mantissa guardados, 8 de precisão). A segunda depende de compilar. Sem compilar, com ativações
-# bf16 roda o kernel `_weight_int8pack_mm`, rápido na CPU; com ativações fp32 o mesmo kernel é muito mais lento (a docstring de `int8_path` traz
+# bf16 roda o kernel `_weight_int8pack_mm`, rápido na CPU; com ativações fp32 o mesmo kernel é
+# muito mais lento (a docstring de `int8_path` traz
 # a medida), e o pacote desquantiza e multiplica: lê 1 byte, escreve 4 e relê 4 por peso, mais
 # tráfego que o próprio fp32, que só lê 4. Compilado, o passo de um token com ativações fp32 vira a
 # redução com a conversão dentro do laço, que lê só o byte de cada peso: é a variante int8 mais

@@ -176,8 +176,7 @@ def overfit_sequence(
     optimizer = model.configure_optimizers(weight_decay, lr, betas, device_type)
     scaler = torch.amp.GradScaler(device_type) if precision is not None and precision.use_scaler else None
     report_at = set(checkpoint_steps(epochs))
-    result = OverfitResult()
-    result.history.append({"step": 0})  # step 0: before any update
+    result = OverfitResult(history=[{"step": 0}])  # step 0: before any update
     _measure(model, seq, targets, precision, result.history[0], result, ())
     t0 = time.perf_counter()
     bar = tqdm(range(1, epochs + 1), desc="treino", disable=not progress, leave=False, mininterval=0.5)

@@ -475,11 +475,8 @@ def generate_text(
     device = weights_ref(model).device
     dtype = str(weights_ref(model).dtype).replace("torch.", "")
     cache: Optional[StaticKVCache] = new_static_cache(model, 1, T + max_new_tokens) if static and use_cache else None
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
+    generator = torch.Generator(device=device).manual_seed(int(seed)) if seed is not None else None
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-
     texts, conts = Generations(), []
     ttfts, decode_s = [], 0.0
     t_start = time.perf_counter()
