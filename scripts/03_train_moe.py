@@ -57,7 +57,7 @@ import importlib.util
 import subprocess
 import sys
 
-NANOMOE_REF = "v0.3.0"
+NANOMOE_REF = "v0.3.1"
 if importlib.util.find_spec("nanomoe") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
                     f"nanomoe @ git+https://github.com/sagui-nlp/nanomoe@{NANOMOE_REF}"], check=True)
