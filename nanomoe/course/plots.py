@@ -479,7 +479,7 @@ def plot_one_switch(
             ax.set_xlim(-lim, lim)
         ax.set_yticks(range(len(order)))
         ax.set_yticklabels(order)
-        ax.invert_yaxis()
+        ax.set_ylim(len(order) + 1.3, -0.6)  # first variant on top; a free band at the bottom for the legend
         decimal_comma_axis(ax, "x")
         ax.set_xlabel("Δ loss de validação contra a base (nats/token)")
         ax.set_title(name, fontsize=10)
