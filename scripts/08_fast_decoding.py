@@ -103,7 +103,7 @@ from nanomoe.training.train import TrainConfig, train
 # %% [markdown]
 # ## Parâmetros
 #
-# Execução de referência: ~2,5 min de relógio numa CPU de 2 núcleos compartilhada, com carga
+# Execução de referência: ~2 min de relógio numa CPU de 2 núcleos compartilhada, com carga
 # média ~1 (1 thread); com a máquina mais disputada (carga 6–9) levou 5–6 min. Numa GPU, não medido
 # ainda. Como script:
 # `uv run -m scripts.08_fast_decoding`; `--quick` roda tudo em segundos (é o que os testes usam).
@@ -167,7 +167,7 @@ print(f"banda de leitura: {bw_mine / 1e9:.1f} GB/s (nossa sonda), {bw / 1e9:.1f}
 # Numa máquina compartilhada as duas medidas variam de uma execução para outra (outros processos
 # disputam a mesma memória); o que importa é a ordem de grandeza, e usamos a do pacote daqui em
 # diante. Uma GPU entrega muito mais: a ficha técnica da NVIDIA anuncia mais de 3 TB/s para a H100
-# SXM, mais de cem vezes os 21,1 GB/s medidos acima. A conta abaixo é a mesma.
+# SXM, mais de cem vezes os 24,5 GB/s medidos acima. A conta abaixo é a mesma.
 #
 # ## 2. Bytes por token
 #
@@ -286,7 +286,8 @@ print(repr(tok.decode(ref[0].tolist())[:160]))
 #
 # `compile_step` entrega o passo de um token ao `torch.compile` (na GPU, no modo
 # `"reduce-overhead"`, que grava o passo como um CUDA graph e o repete com um só lançamento). A
-# primeira chamada compila (compilação e primeira geração: 7 s na execução de referência); as
+# primeira chamada compila (compilação e primeira geração: 2 s na execução de referência, com o cache de compilação do
+# PyTorch já preenchido por execuções anteriores; a primeira vez leva mais); as
 # seguintes reusam o mesmo grafo,
 # porque as formas nunca mudam. Conferimos que os tokens são os mesmos e medimos os dois.
 
@@ -317,7 +318,7 @@ if args.compile:
 # %% [markdown]
 # No modelo pequeno (0,72 milhão de parâmetros, 2,9 MB de pesos em fp32, cabe no cache L3 de 32 MiB da CPU
 # de referência) o passo não espera pela RAM: espera pelo Python e pelos lançamentos de dezenas de
-# operações pequenas, e é isso que a compilação corta (2,74× acima). No modelo grande, na CPU, o
+# operações pequenas, e é isso que a compilação corta (2,81× acima). No modelo grande, na CPU, o
 # passo espera pela memória, e compilar o passo como ele é não ajuda: no benchmark
 # (`scripts/bench_08_decode.py`, que mede eager e compilado lado a lado; `docs/benchmarks.md`) o
 # passo compilado deu 22,3 tokens/s contra 23,0 do eager em fp32, porque o tempo está nas chamadas
@@ -499,8 +500,8 @@ runs = {
     "fp32, cache do cap. 02": (lambda: big.generate(idx_big, n, temperature=0), big),
     "fp32, cache estático": (lambda: static_generate(big, idx_big, n), big),
     "bf16, cache estático": (lambda: static_generate(big_vars["bf16"], idx_big, n), big_vars["bf16"]),
-    "int8, cache estático": (lambda: static_generate(big_vars["int8 (ativações bf16)"], idx_big, n),
-                             big_vars["int8 (ativações bf16)"]),
+    "int8 (ativ. bf16), cache estático": (lambda: static_generate(big_vars["int8 (ativações bf16)"], idx_big, n),
+                                          big_vars["int8 (ativações bf16)"]),
 }
 if args.compile:  # the one-token step compiled, each Linear a reduction (fp32; int8 with fp32 activations)
     for name, m in (("fp32, compilado (reduções)", use_matvec_linears(copy.deepcopy(big))),
@@ -540,25 +541,25 @@ for i, k in enumerate(names):
 ax.set_xticks(list(xs), names, fontsize=8, rotation=12, ha="right")
 ax.set_ylabel("tokens/s (lote 1)")
 ax.set_title(f"GPT-2 124M (pesos aleatórios), CPU {platform.machine()}, {torch.get_num_threads()} thread: "
-             f"banda {bw_runs / 1e9:.1f} GB/s", fontsize=9)
+             f"banda {bw_runs / 1e9:.1f} GB/s".replace(".", ","), fontsize=9)
 ax.legend()
 save_figure(fig, out_dir / "roofline_variants.png")
 
 # %% [markdown]
 # Leia a figura pelas razões: o limite dobra de fp32 para bf16 e quase dobra de novo para int8,
 # porque os bytes por passo caem na mesma proporção. A fração atingida depende de como cada produto
-# matriz-vetor é feito. Sem compilar, o fp32 fica em 46% do limite: a chamada do MKL lê a matriz
+# matriz-vetor é feito. Sem compilar, o fp32 fica em 40% do limite: a chamada do MKL lê a matriz
 # abaixo da banda (a cabeça, 50 257 × 768 guardada por linhas, a ~11–12 GB/s no benchmark). O
-# passo compilado com as reduções lê perto da banda: 39,7 tokens/s, 79% do limite, ~1,7× o mesmo
-# modelo sem compilar. O int8 compilado (ativações fp32) fica em 49,2 tokens/s, só 25% do seu
+# passo compilado com as reduções lê perto da banda: 39,6 tokens/s, 70% do limite, ~1,7× o mesmo
+# modelo sem compilar. O int8 compilado (ativações fp32) fica em 55,7 tokens/s, só 25% do seu
 # limite, em boa parte por um motivo que a figura esconde: aqui são só 16 tokens novos, e o *prefill* do prompt
 # (8 tokens) roda sem compilar — com ativações fp32 o pacote desquantiza e multiplica, o que custa
 # tanto quanto uma dezena de passos. O passo sozinho, sem o prefill, leva ~12 ms no benchmark, ~3,5×
 # menos que o passo fp32 sem compilar, mas ainda cerca do dobro dos ~6 ms que a banda permitiria
-# (126 MB a 21 GB/s, a banda sondada nessa medida): mesmo sem o prefill, o int8 fica longe do
+# (126 MB a 21 GB/s, a banda sondada naquela medida): mesmo sem o prefill, o int8 fica longe do
 # limite. Com 32 tokens novos, o benchmark mede 3,26× o caminho fp32 padrão (o cache do
 # capítulo 02). O int8 sem compilar, com ativações bf16 (o kernel `_weight_int8pack_mm`), fica em
-# 23%. O benchmark (`scripts/bench_08_decode.py`, números em `docs/benchmarks.md`) repete esta medida com mais
+# 20%. O benchmark (`scripts/bench_08_decode.py`, números em `docs/benchmarks.md`) repete esta medida com mais
 # rodadas, com o `generate` do `transformers` ao lado e com o bf16 compilado com reduções (70% do
 # limite).
 #
@@ -664,10 +665,11 @@ for sname in shapes:
 # (capítulo 07). Com pesos aleatórios o roteador sorteia quase uniformemente; um roteador treinado
 # não sorteia assim, e a curva muda com ele (não medido aqui).
 #
-# Um detalhe que a tabela acima mostra: o MoE é mais lento que o gêmeo denso mesmo com lote 1
-# (0,90× os tokens/s do denso na forma 124M, 0,44× na forma pequena, onde o passo espera pelos
-# lançamentos e não pela memória), porque o despacho (ordenar, juntar e espalhar os tokens, dois
-# `grouped_mm`) custa operações pequenas que o MLP denso não tem. Cada ponto é uma medida curta (4
+# Um detalhe que a tabela acima mostra: com lote 1 o MoE não é mais rápido que o gêmeo denso, e na
+# forma pequena é bem mais lento (0,98× os tokens/s do denso na forma 124M, quase o mesmo; 0,44× na
+# forma pequena, onde o passo espera pelos lançamentos e não pela memória), porque o despacho
+# (ordenar, juntar e espalhar os tokens, dois `grouped_mm`) custa operações pequenas que o MLP denso
+# não tem. Cada ponto é uma medida curta (4
 # passos na forma 124M); o benchmark, com mais rodadas, mediu na forma 124M 1,04× o tempo por token
 # do denso.
 
@@ -699,9 +701,9 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 # <details><summary>Resposta</summary>
 #
 # Veja a linha `124M ... denso` da seção 7. Na execução de referência, tokens/s cresceu ~4× de
-# B = 1 a B = 8 (23 → 96, metade da proporção do lote, já com ruído: de B = 1 a B = 2 mudou pouco,
-# 23 → 27) e só ~2,1× de B = 8 a B = 64 (96 → 204, com 8× mais tokens por passo): cada dobra do lote
-# rendeu 1,7×, 1,5×, 1,3× e 1,1× em B = 8, 16, 32 e 64. A curva dobra por volta de B = 8 (e já
+# B = 1 a B = 8 (22 → 92, metade da proporção do lote, já com ruído: de B = 1 a B = 2 mudou pouco,
+# 22 → 27) e só ~2,2× de B = 8 a B = 64 (92 → 205, com 8× mais tokens por passo): cada dobra do lote
+# rendeu 1,7×, 1,4×, 1,3× e 1,2× em B = 8, 16, 32 e 64. A curva dobra por volta de B = 8 (e já
 # crescia menos que B× antes): daí em diante cada peso lido alimenta 2B FLOPs, e a conta pesa cada
 # vez mais que a leitura dos pesos. O ponto
 # exato muda com a carga da máquina (cada ponto é uma medida curta), e numa GPU a virada vem muito
@@ -726,7 +728,7 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 # tráfego que o próprio fp32, que só lê 4. Compilado, o passo de um token com ativações fp32 vira a
 # redução com a conversão dentro do laço, que lê só o byte de cada peso: é a variante int8 mais
 # rápida do benchmark (3,26× o caminho fp32 padrão) e, aqui, a que mais concorda com o fp32. Na
-# seção 6 ela também é a int8 mais rápida, mas por pouco (49,2 contra 46,6 tokens/s) e em só 25% do
+# seção 6 ela também é a int8 mais rápida (55,7 contra 44,7 tokens/s), mas em só 25% do
 # seu limite, por causa do prefill sem compilar, que desquantiza.
 #
 # </details>
@@ -752,14 +754,14 @@ print(f"tempo total do capítulo até aqui: {time.perf_counter() - T_START:.0f} 
 #   cache do capítulo 02 e que a geração sem cache.
 # - Com lote 1, cada camada linear é um produto matriz-vetor. Escrito como redução dentro do
 #   `torch.compile` (e com cada resultado intermediário guardado uma vez, para a normalização da
-#   LayerNorm não ser refeita a cada linha de saída), ele lê os pesos perto da banda: 79% do limite
-#   em fp32 aqui, contra 46% da chamada do BLAS; com pesos int8, a conversão entra no mesmo laço.
+#   LayerNorm não ser refeita a cada linha de saída), ele lê os pesos perto da banda: 70% do limite
+#   em fp32 aqui, contra 40% da chamada do BLAS; com pesos int8, a conversão entra no mesmo laço.
 # - bf16 corta os bytes pela metade; int8 com uma escala por canal de saída, de novo pela metade,
 #   com erro limitado por $s_o/2 \sum_i |x_i|$ e, no modelo treinado, concordância gulosa e
 #   perplexidade medidas acima.
 # - Com lote maior, os mesmos bytes rendem mais tokens até o processador virar o gargalo.
 # - Um MoE com lote 1 lê só os top-k especialistas: quase os mesmos bytes que o gêmeo denso de
-#   mesmos parâmetros ativos, mas o despacho custa tempo à parte (0,90× os tokens/s do denso na
+#   mesmos parâmetros ativos, mas o despacho custa tempo à parte (0,98× os tokens/s do denso na
 #   forma 124M aqui, 1,04× o tempo por token no benchmark). Com lote maior a união dos
 #   especialistas tocados cresce até todos, e os bytes
 #   por passo com ela.

@@ -28,7 +28,7 @@ CHAPTER_TIMES: dict[str, dict[str, str | None]] = {
     "05": {"cpu": "~2.7 min (tiny GPT-2 stand-in)", "gpu": None},
     "06": {"cpu": "~1 min (3 training runs; the 220-run grid is read from docs/results/06)", "gpu": None},
     "07": {"cpu": "~3.5 min", "gpu": None},
-    "08": {"cpu": "~2.5 min", "gpu": None},
+    "08": {"cpu": "~2 min", "gpu": None},
 }
 CPU_NAME = "2-core CPU"
 
