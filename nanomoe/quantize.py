@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .config import GPTConfig
 from .model import GPT
+from .static_cache import compiled_one_row, matvec_reduction
 
 QUANT_FORMAT = "nanomoe-int8-weight-only-v1"
 
@@ -111,11 +112,10 @@ class Int8Linear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.compiler.is_compiling() and x.numel() == x.size(-1) and x.dtype == torch.float32
-                and x.device.type == "cpu"):
+        if compiled_one_row(x, (torch.float32,)):
             # one row inside torch.compile: the reduction sum_i W8_oi x_i, with the int8 -> float
             # conversion fused into the loop, reads each weight byte once (as static_cache.MatvecLinear)
-            y = (x.unsqueeze(-2) * self.weight_int8.to(x.dtype)).sum(-1) * self.scales.to(x.dtype)
+            y = matvec_reduction(x, self.weight_int8) * self.scales.to(x.dtype)
         else:
             y = int8_matmul(x, self.weight_int8, self.scales)
         return y if self.bias is None else y + self.bias.to(y.dtype)

@@ -104,6 +104,19 @@ def compile_step(device_type: str = "cpu") -> Callable:
     return torch.compile(decode_step, dynamic=False, options={"realize_opcount_threshold": 0})
 
 
+def compiled_one_row(x: torch.Tensor, dtypes: tuple = (torch.float32, torch.bfloat16)) -> bool:
+    """True inside `torch.compile` for a single row x (..., in) on CPU in one of `dtypes`: the case
+    where a Linear is a matrix-vector product best written as a reduction (`matvec_reduction`)."""
+    return (torch.compiler.is_compiling() and x.numel() == x.size(-1) and x.device.type == "cpu"
+            and x.dtype in dtypes)
+
+
+def matvec_reduction(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., 1, in) row, w (out, in) of any dtype -> (..., out) in x's dtype: y_o = sum_i w_oi x_i,
+    summed in fp32. Under torch.compile the conversion of w fuses into one loop that reads w once."""
+    return (x.unsqueeze(-2).float() * w.float()).sum(-1).to(x.dtype)  # (..., 1, in) * (out, in) -> (..., out)
+
+
 class MatvecLinear(nn.Linear):
     """An nn.Linear whose one-row product, inside `torch.compile` on CPU (fp32 or bf16), is written
     as the reduction it is: y_o = sum_i W_oi x_i, summed in fp32 like the BLAS call it replaces.
@@ -114,10 +127,8 @@ class MatvecLinear(nn.Linear):
     dtypes/devices are a plain nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.compiler.is_compiling() and x.numel() == x.size(-1) and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.bfloat16)):
-            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
-            y = y.to(x.dtype)
+        if compiled_one_row(x):
+            y = matvec_reduction(x, self.weight)
             return y if self.bias is None else y + self.bias
         return super().forward(x)
 
