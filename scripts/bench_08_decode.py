@@ -31,6 +31,7 @@ import torch
 
 from nanomoe import GPT, gpt2_config, modern_config, moe_config
 from nanomoe.course.roofline import decode_bytes, measure_bandwidth, roofline_limit
+from nanomoe.interop.inference import to_inference_dtype
 from nanomoe.quantize import quantize_model_int8
 from nanomoe.static_cache import compile_step, new_static_cache, static_generate, use_matvec_linears
 from nanomoe.training.cli import parse_args
@@ -68,10 +69,7 @@ def gpt2_pair(args):
 
 
 def bf16_copy(model: GPT) -> GPT:
-    m = copy.deepcopy(model).to(torch.bfloat16)
-    if hasattr(m, "rope_cos"):  # RoPE tables stay fp32, as nanomoe.interop.inference does
-        m.rope_cos, m.rope_sin = m.rope_cos.float(), m.rope_sin.float()
-    return m
+    return to_inference_dtype(copy.deepcopy(model), torch.bfloat16)  # RoPE tables stay fp32
 
 
 def runners(args, ours: GPT, ref) -> dict:

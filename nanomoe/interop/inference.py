@@ -220,10 +220,7 @@ def load_model(
             f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}: "
             "they do not belong together"
         )
-    model.to(device=dev, dtype=dt).eval()
-    if dt != torch.float32 and hasattr(model, "rope_cos"):
-        # RoPE tables stay in fp32: positions near block_size need more than fp16's 11 bits.
-        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    to_inference_dtype(model.to(device=dev), dt).eval()
     if int8:
         quantize_model_int8(model)
     if compile:
@@ -235,6 +232,15 @@ def weights_ref(model: GPT) -> torch.Tensor:
     """A tensor with the model's device and compute dtype (an int8 model has no float wte.weight)."""
     head = model.lm_head
     return head.scales if hasattr(head, "scales") else head.weight
+
+
+def to_inference_dtype(model: GPT, dtype: torch.dtype) -> GPT:
+    """Cast `model`'s weights to `dtype` in place, keeping the RoPE tables in fp32 (positions near
+    block_size need more than fp16's 11 bits of mantissa); returns the model."""
+    model.to(dtype=dtype)
+    if dtype != torch.float32 and hasattr(model, "rope_cos"):
+        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    return model
 
 
 def compile_for_generation(model: GPT) -> GPT:
