@@ -269,7 +269,7 @@ def one_switch_panel(result: dict, ref: str = "base (MoE top-2)") -> dict:
     of the 95% interval of its mean, the dense model's seed standard deviation."""
     summary = {s["name"]: s for s in result["summary"]}
     return {"delta": {n: s["delta"] for n, s in summary.items() if n != ref},
-            "ci95": {n: ci95(s["delta"]) for n, s in summary.items() if n != ref},
+            "ci95": {n: s["delta_ci95"] for n, s in summary.items() if n != ref},
             "dense_sd": summary.get("denso", {}).get("val_sd")}
 
 
@@ -281,6 +281,12 @@ def one_switch_caption(result: dict) -> str:
     return (f"{runs[0]['val']['tokens']:,} tokens de validação por treino; erro-padrão (por blocos) da loss de um "
             f"treino {pt(min(se))}–{pt(max(se))}; desvio da loss do denso entre sementes "
             f"{pt(dense['val_sd'] if dense else None)}").replace(",", "\u2009", 1)
+
+
+def _paired_deltas(runs: dict, name: str, ref: str, seeds: Sequence[int]) -> list[tuple[int, float]]:
+    """(seed, val loss of `name` − val loss of `ref`) for the seeds both ran; runs: {(name, seed): record}."""
+    return [(s, runs[name, s]["val"]["mean"] - runs[ref, s]["val"]["mean"]) for s in seeds
+            if (name, s) in runs and (ref, s) in runs]
 
 
 def one_switch_table(result: dict, ref: str = "base (MoE top-2)") -> str:
@@ -299,8 +305,7 @@ def one_switch_table(result: dict, ref: str = "base (MoE top-2)") -> str:
             rows.append(f"| {n} (a loss, não Δ) | " + " ".join(pt(v, 3) for v in vals)
                         + f" | {pt(m)} ± {pt(sd)} | — | — | — |")
             continue
-        ds = [runs[n, s]["val"]["mean"] - runs[ref, s]["val"]["mean"] for s in seeds
-              if (n, s) in runs and (ref, s) in runs]
+        ds = [d for _, d in _paired_deltas(runs, n, ref, seeds)]
         m, sd = _mean_sd(ds)
         half = ci95(ds)
         ci = "—" if half is None else f"{pt(m - half, sign=True)} a {pt(m + half, sign=True)}"
@@ -338,13 +343,10 @@ def pair_line(result: dict, name: str, ref: str) -> str:
     """One line: Δ val loss of `name` against `ref` per seed (paired standard error in brackets), then
     the mean and the half width of its 95% interval."""
     runs = {(r["name"], r["seed"]): r for r in result["runs"]}
-    cells, ds = [], []
-    for s in sorted({s for _, s in runs}):
-        if (name, s) in runs and (ref, s) in runs:
-            d = runs[name, s]["val"]["mean"] - runs[ref, s]["val"]["mean"]
-            se = runs[name, s].get("paired", {}).get(ref, {}).get("se_blocks")
-            cells.append(f"semente {s}: {pt(d, sign=True)} (erro-padrão {pt(se)})")
-            ds.append(d)
+    pairs = _paired_deltas(runs, name, ref, sorted({s for _, s in runs}))
+    cells = [f"semente {s}: {pt(d, sign=True)} "
+             f"(erro-padrão {pt(runs[name, s].get('paired', {}).get(ref, {}).get('se_blocks'))})" for s, d in pairs]
+    ds = [d for _, d in pairs]
     return (f"{name} − {ref}: " + "; ".join(cells)
             + f"\nmédia {pt(_mean_sd(ds)[0], sign=True)}, IC 95% ± {pt(ci95(ds))}")
 
