@@ -549,8 +549,8 @@ def is_new_best(res: TrainResult, rec: dict) -> bool:
 # ---- the loop -------------------------------------------------------------------------------------
 
 
-def record_step(run: Run, log: RunLog, meters: dict, done: int, st: StepStats, dt: float) -> None:
-    """Count an applied step (`done` steps so far, `dt` seconds) in the result and the running meters."""
+def record_step(run: Run, log: RunLog, meters: dict, st: StepStats, dt: float) -> None:
+    """Count an applied step (that took `dt` seconds) in the result and the running meters."""
     res = run.result
     res.tokens += run.tokens_per_step
     res.train_time_s += dt
@@ -619,7 +619,7 @@ def train(
                 stop(run, log, why, step + 1, st.lr)
                 break
             apply_update(run, st)
-            record_step(run, log, meters, step + 1, st, time.perf_counter() - t0)
+            record_step(run, log, meters, st, time.perf_counter() - t0)
             if on_step is not None:
                 on_step(step + 1, run.raw, st)
             log_eval_save(run, log, meters, step + 1, st)
